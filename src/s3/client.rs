@@ -1,0 +1,343 @@
+//! The `ObjectClient` trait: one method per S3 operation, and the plain structs they take and
+//! return. The filesystem core depends on this trait only; [`super::http::S3Client`] speaks HTTP
+//! to a real server and [`super::mock::MockClient`] keeps objects in memory for fast tests.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::future::Future;
+use std::ops::Range;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt};
+
+use super::error::Result;
+
+/// One object of a listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectInfo {
+    pub key: String,
+    pub size: u64,
+    pub etag: String,
+    pub last_modified: SystemTime,
+    pub storage_class: Option<String>,
+}
+
+/// One page of ListObjectsV2. Keys and prefixes are decoded (the client asks for
+/// `encoding-type=url`, so any key survives the XML).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ListPage {
+    pub objects: Vec<ObjectInfo>,
+    pub common_prefixes: Vec<String>,
+    /// Set when the listing goes on: pass it back as `continuation_token`.
+    pub next_continuation_token: Option<String>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ListRequest<'a> {
+    pub prefix: &'a str,
+    pub delimiter: Option<&'a str>,
+    pub continuation_token: Option<&'a str>,
+    pub start_after: Option<&'a str>,
+    /// At most this many keys and prefixes (S3 caps it at 1,000).
+    pub max_keys: Option<u32>,
+}
+
+/// Server-side encryption asked for on writes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServerSideEncryption {
+    /// `AES256`: keys managed by S3.
+    S3Managed,
+    /// `aws:kms`, with the given key id or the bucket's default key.
+    Kms { key_id: Option<String> },
+}
+
+/// What a write stores besides the data.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ObjectAttributes {
+    pub content_type: Option<String>,
+    /// User metadata, names without the `x-amz-meta-` prefix, lowercase.
+    pub metadata: BTreeMap<String, String>,
+    pub storage_class: Option<String>,
+    pub sse: Option<ServerSideEncryption>,
+}
+
+/// HeadObject's answer, and the header part of GetObject's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectHead {
+    /// The whole object's size (not the range's).
+    pub size: u64,
+    pub etag: String,
+    pub last_modified: SystemTime,
+    pub content_type: Option<String>,
+    pub metadata: BTreeMap<String, String>,
+    pub storage_class: Option<String>,
+    pub sse: Option<ServerSideEncryption>,
+}
+
+/// The bytes of a GET, delivered as they arrive: a reader never holds more than the range it
+/// asked for, and can start on the first chunk before the last one is in.
+pub struct ObjectBody {
+    inner: BodySource,
+}
+
+type ChunkStream = Pin<Box<dyn Stream<Item = Result<Bytes>> + Send>>;
+
+enum BodySource {
+    Whole(Option<Bytes>),
+    Stream(ChunkStream),
+}
+
+impl ObjectBody {
+    pub fn from_bytes(bytes: Bytes) -> Self {
+        Self {
+            inner: BodySource::Whole(Some(bytes)),
+        }
+    }
+
+    pub fn from_stream(stream: impl Stream<Item = Result<Bytes>> + Send + 'static) -> Self {
+        Self {
+            inner: BodySource::Stream(Box::pin(stream)),
+        }
+    }
+
+    /// The next chunk, or `None` at the end.
+    pub async fn next_chunk(&mut self) -> Result<Option<Bytes>> {
+        match &mut self.inner {
+            BodySource::Whole(bytes) => Ok(bytes.take()),
+            BodySource::Stream(stream) => stream.next().await.transpose(),
+        }
+    }
+
+    /// All remaining bytes. `expected_len` sizes the buffer once.
+    pub async fn collect(mut self, expected_len: usize) -> Result<Bytes> {
+        if let BodySource::Whole(bytes) = &mut self.inner {
+            return Ok(bytes.take().unwrap_or_default());
+        }
+        let mut out = Vec::with_capacity(expected_len);
+        while let Some(chunk) = self.next_chunk().await? {
+            out.extend_from_slice(&chunk);
+        }
+        Ok(Bytes::from(out))
+    }
+}
+
+impl std::fmt::Debug for ObjectBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ObjectBody")
+    }
+}
+
+#[derive(Debug)]
+pub struct GetObjectOutput {
+    pub head: ObjectHead,
+    /// The byte range this body holds.
+    pub range: Range<u64>,
+    pub body: ObjectBody,
+}
+
+/// The data of a PUT or an UploadPart. Neither form copies the data: `Bytes` is shared, and a
+/// file region is read as it is sent (and read again if the request is retried).
+#[derive(Debug, Clone)]
+pub enum PutBody {
+    Bytes(Bytes),
+    File {
+        file: Arc<File>,
+        offset: u64,
+        len: u64,
+    },
+}
+
+impl PutBody {
+    pub fn len(&self) -> u64 {
+        match self {
+            PutBody::Bytes(b) => b.len() as u64,
+            PutBody::File { len, .. } => *len,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl From<Bytes> for PutBody {
+    fn from(b: Bytes) -> Self {
+        PutBody::Bytes(b)
+    }
+}
+
+impl From<Vec<u8>> for PutBody {
+    fn from(v: Vec<u8>) -> Self {
+        PutBody::Bytes(Bytes::from(v))
+    }
+}
+
+impl From<&'static str> for PutBody {
+    fn from(s: &'static str) -> Self {
+        PutBody::Bytes(Bytes::from_static(s.as_bytes()))
+    }
+}
+
+/// What CopyObject does with the metadata.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MetadataDirective {
+    /// Keep the source's metadata.
+    Copy,
+    /// Replace it with these attributes.
+    Replace(ObjectAttributes),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CompletedPart {
+    pub part_number: u32,
+    pub etag: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartInfo {
+    pub part_number: u32,
+    pub etag: String,
+    pub size: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ListPartsPage {
+    pub parts: Vec<PartInfo>,
+    /// Set when there are more parts: pass it back as `part_number_marker`.
+    pub next_part_number_marker: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UploadInfo {
+    pub key: String,
+    pub upload_id: String,
+    pub initiated: Option<SystemTime>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ListUploadsPage {
+    pub uploads: Vec<UploadInfo>,
+    /// Set when the listing goes on: `(key_marker, upload_id_marker)`.
+    pub next_marker: Option<(String, String)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeleteFailure {
+    pub key: String,
+    pub code: String,
+    pub message: String,
+}
+
+/// DeleteObjects' answer: what was deleted and what was not.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeleteObjectsOutput {
+    pub deleted: Vec<String>,
+    pub failed: Vec<DeleteFailure>,
+}
+
+/// S3 caps DeleteObjects at this many keys per request.
+pub const MAX_DELETE_KEYS: usize = 1000;
+
+/// One method per S3 operation on one bucket. Keys are plain (unencoded) strings.
+///
+/// Methods return `impl Future + Send` so the filesystem core can run them on any tokio
+/// worker; implementations write them as `async fn`.
+pub trait ObjectClient: Send + Sync + 'static {
+    fn bucket(&self) -> &str;
+
+    fn list_objects(&self, req: &ListRequest<'_>) -> impl Future<Output = Result<ListPage>> + Send;
+
+    fn head_object(&self, key: &str) -> impl Future<Output = Result<ObjectHead>> + Send;
+
+    /// A GET of `range` (the whole object when `None`). With `if_match`, S3 answers
+    /// PreconditionFailed if the object's ETag is no longer that one.
+    fn get_object(
+        &self,
+        key: &str,
+        range: Option<Range<u64>>,
+        if_match: Option<&str>,
+    ) -> impl Future<Output = Result<GetObjectOutput>> + Send;
+
+    /// Stores an object; returns its ETag.
+    fn put_object(
+        &self,
+        key: &str,
+        body: PutBody,
+        attrs: &ObjectAttributes,
+    ) -> impl Future<Output = Result<String>> + Send;
+
+    fn delete_object(&self, key: &str) -> impl Future<Output = Result<()>> + Send;
+
+    /// Deletes up to [`MAX_DELETE_KEYS`] keys in one request.
+    fn delete_objects(
+        &self,
+        keys: &[String],
+    ) -> impl Future<Output = Result<DeleteObjectsOutput>> + Send;
+
+    /// Server-side copy within the bucket; returns the new ETag.
+    fn copy_object(
+        &self,
+        source_key: &str,
+        dest_key: &str,
+        directive: &MetadataDirective,
+    ) -> impl Future<Output = Result<String>> + Send;
+
+    /// Returns the upload id.
+    fn create_multipart_upload(
+        &self,
+        key: &str,
+        attrs: &ObjectAttributes,
+    ) -> impl Future<Output = Result<String>> + Send;
+
+    /// Returns the part's ETag.
+    fn upload_part(
+        &self,
+        key: &str,
+        upload_id: &str,
+        part_number: u32,
+        body: PutBody,
+    ) -> impl Future<Output = Result<String>> + Send;
+
+    /// Copies `source_range` of `source_key` (all of it when `None`) into a part; returns the
+    /// part's ETag.
+    fn upload_part_copy(
+        &self,
+        key: &str,
+        upload_id: &str,
+        part_number: u32,
+        source_key: &str,
+        source_range: Option<Range<u64>>,
+    ) -> impl Future<Output = Result<String>> + Send;
+
+    /// Returns the object's ETag.
+    fn complete_multipart_upload(
+        &self,
+        key: &str,
+        upload_id: &str,
+        parts: &[CompletedPart],
+    ) -> impl Future<Output = Result<String>> + Send;
+
+    fn abort_multipart_upload(
+        &self,
+        key: &str,
+        upload_id: &str,
+    ) -> impl Future<Output = Result<()>> + Send;
+
+    fn list_parts(
+        &self,
+        key: &str,
+        upload_id: &str,
+        part_number_marker: Option<u32>,
+    ) -> impl Future<Output = Result<ListPartsPage>> + Send;
+
+    fn list_multipart_uploads(
+        &self,
+        prefix: &str,
+        marker: Option<(&str, &str)>,
+    ) -> impl Future<Output = Result<ListUploadsPage>> + Send;
+
+    fn head_bucket(&self) -> impl Future<Output = Result<()>> + Send;
+}

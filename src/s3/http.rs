@@ -1,0 +1,1059 @@
+//! [`S3Client`]: the [`ObjectClient`] that speaks HTTP to a real S3 endpoint with reqwest.
+//!
+//! Each operation builds a [`Request`] (method, key, query, headers, body), and
+//! [`S3Client::with_retries`] sends it: sign with the current time, send, turn any non-2xx answer
+//! (and a 200 whose body is an `<Error>` document) into a typed [`ClientError`], and retry what
+//! [`ClientError::is_transient`] allows, on the schedule of [`RetryPolicy`].
+//!
+//! Integrity: every body we send is covered by its SHA-256 in `x-amz-content-sha256`, which is
+//! part of the signature; the server recomputes it and refuses a body that changed on the way.
+//! On a machine with SHA extensions that costs about 1 CPU-second per 1.5-2 GiB (see
+//! `docs/ARCHITECTURE.md`), small next to the network, and it needs no extra header support from
+//! the server (CRC32C `x-amz-checksum-*` would be cheaper but is not implemented by every
+//! S3-compatible store). Anonymous requests carry a `Content-MD5` instead.
+//!
+//! Addressing: virtual-hosted (`bucket.host/key`) for AWS endpoints, path-style (`host/bucket/key`)
+//! for every other endpoint or when forced: S3-compatible stores rarely have per-bucket DNS.
+
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use base64::Engine as _;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use md5::{Digest as _, Md5};
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
+use reqwest::{Method, StatusCode, Url};
+use sha2::Sha256;
+use time::OffsetDateTime;
+
+use super::client::*;
+use super::credentials::Auth;
+use super::error::{ClientError, ErrorKind, Operation, Result};
+use super::retry::RetryPolicy;
+use super::sigv4::{self, SigningContext};
+use super::xml;
+
+/// How the bucket appears in request URLs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Addressing {
+    /// Virtual-hosted for AWS endpoints, path-style for others.
+    #[default]
+    Auto,
+    Path,
+    VirtualHosted,
+}
+
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    pub bucket: String,
+    /// `scheme://host[:port]`; `None` means AWS (`https://s3.<region>.amazonaws.com`).
+    pub endpoint_url: Option<String>,
+    pub region: String,
+    pub addressing: Addressing,
+    pub auth: Auth,
+    pub retry: RetryPolicy,
+    pub connect_timeout: Duration,
+    /// Longest wait for any single read of a response (headers or a body chunk).
+    pub read_timeout: Duration,
+    /// Idle connections kept per host; at least the number of concurrent requests wanted.
+    pub max_idle_connections: usize,
+}
+
+impl ClientConfig {
+    pub fn new(bucket: &str, region: &str, auth: Auth) -> Self {
+        Self {
+            bucket: bucket.to_string(),
+            endpoint_url: None,
+            region: region.to_string(),
+            addressing: Addressing::Auto,
+            auth,
+            retry: RetryPolicy::default(),
+            connect_timeout: Duration::from_secs(10),
+            read_timeout: Duration::from_secs(30),
+            max_idle_connections: 64,
+        }
+    }
+}
+
+/// Counters of the client's traffic, for stats and benchmarks.
+#[derive(Debug, Default)]
+pub struct ClientStats {
+    pub requests: AtomicU64,
+    pub retries: AtomicU64,
+    pub bytes_sent: AtomicU64,
+    pub bytes_received: AtomicU64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("endpoint URL {0:?} is not a valid http:// or https:// URL")]
+    BadEndpoint(String),
+    #[error("endpoint URL {0:?} has a path; give only scheme://host[:port]")]
+    EndpointWithPath(String),
+    #[error(
+        "bucket name {0:?} is not valid (3-63 characters: lowercase letters, digits, '.', '-')"
+    )]
+    BadBucket(String),
+    #[error("cannot build the HTTP client: {0}")]
+    Http(String),
+}
+
+/// Where requests go: scheme, host (with port when not the default) and the path prefix that
+/// names the bucket in path-style addressing.
+#[derive(Debug, Clone)]
+struct Endpoint {
+    scheme: String,
+    authority: String,
+    bucket_path: String,
+}
+
+impl Endpoint {
+    fn resolve(cfg: &ClientConfig) -> std::result::Result<Self, ConfigError> {
+        let raw = cfg
+            .endpoint_url
+            .clone()
+            .unwrap_or_else(|| format!("https://s3.{}.amazonaws.com", cfg.region));
+        let url = Url::parse(&raw).map_err(|_| ConfigError::BadEndpoint(raw.clone()))?;
+        if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+            return Err(ConfigError::BadEndpoint(raw));
+        }
+        if url.path() != "/" && !url.path().is_empty() {
+            return Err(ConfigError::EndpointWithPath(raw));
+        }
+        if !valid_bucket_name(&cfg.bucket) {
+            return Err(ConfigError::BadBucket(cfg.bucket.clone()));
+        }
+        let host = url.host_str().unwrap_or_default().to_string();
+        let is_aws = host.ends_with(".amazonaws.com") || host.ends_with(".amazonaws.com.cn");
+        let dns_safe = !cfg.bucket.contains('.') || url.scheme() == "http";
+        let virtual_hosted = match cfg.addressing {
+            Addressing::Path => false,
+            Addressing::VirtualHosted => true,
+            Addressing::Auto => is_aws && dns_safe,
+        };
+        let port = url.port().map(|p| format!(":{p}")).unwrap_or_default();
+        let (authority, bucket_path) = if virtual_hosted {
+            (format!("{}.{host}{port}", cfg.bucket), String::new())
+        } else {
+            (format!("{host}{port}"), format!("/{}", cfg.bucket))
+        };
+        Ok(Self {
+            scheme: url.scheme().to_string(),
+            authority,
+            bucket_path,
+        })
+    }
+
+    /// The wire path of `key` (or of the bucket when `None`).
+    fn path(&self, key: Option<&str>) -> String {
+        match key {
+            Some(k) => format!("{}/{}", self.bucket_path, sigv4::uri_encode_path(k)),
+            None if self.bucket_path.is_empty() => "/".to_string(),
+            None => self.bucket_path.clone(),
+        }
+    }
+}
+
+fn valid_bucket_name(b: &str) -> bool {
+    (3..=63).contains(&b.len())
+        && b.bytes()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'.' || c == b'-')
+        && b.as_bytes()[0].is_ascii_alphanumeric()
+}
+
+/// One request before signing.
+struct Request<'a> {
+    op: Operation,
+    method: Method,
+    key: Option<&'a str>,
+    query: Vec<(String, String)>,
+    headers: Vec<(String, String)>,
+    body: Option<PreparedBody>,
+}
+
+impl<'a> Request<'a> {
+    fn new(op: Operation, method: Method, key: Option<&'a str>) -> Self {
+        Self {
+            op,
+            method,
+            key,
+            query: Vec::new(),
+            headers: Vec::new(),
+            body: None,
+        }
+    }
+
+    fn query(mut self, k: &str, v: impl Into<String>) -> Self {
+        self.query.push((k.to_string(), v.into()));
+        self
+    }
+
+    fn header(mut self, k: &str, v: impl Into<String>) -> Self {
+        self.headers.push((k.to_string(), v.into()));
+        self
+    }
+
+    fn body(mut self, body: PreparedBody) -> Self {
+        self.body = Some(body);
+        self
+    }
+}
+
+/// A body with its digests computed once, outside the retry loop.
+#[derive(Clone)]
+struct PreparedBody {
+    data: PutBody,
+    sha256_hex: String,
+    md5_base64: Option<String>,
+}
+
+/// The HTTP client of one bucket.
+#[derive(Clone)]
+pub struct S3Client {
+    http: reqwest::Client,
+    cfg: Arc<ClientConfig>,
+    endpoint: Arc<Endpoint>,
+    stats: Arc<ClientStats>,
+}
+
+impl std::fmt::Debug for S3Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Client")
+            .field("bucket", &self.cfg.bucket)
+            .field("endpoint", &self.endpoint)
+            .finish()
+    }
+}
+
+impl S3Client {
+    pub fn new(cfg: ClientConfig) -> std::result::Result<Self, ConfigError> {
+        let endpoint = Endpoint::resolve(&cfg)?;
+        let http = reqwest::Client::builder()
+            .connect_timeout(cfg.connect_timeout)
+            .read_timeout(cfg.read_timeout)
+            .pool_max_idle_per_host(cfg.max_idle_connections)
+            .pool_idle_timeout(Duration::from_secs(50))
+            .tcp_nodelay(true)
+            .http1_only()
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!("s3mount/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| ConfigError::Http(e.to_string()))?;
+        Ok(Self {
+            http,
+            cfg: Arc::new(cfg),
+            endpoint: Arc::new(endpoint),
+            stats: Arc::new(ClientStats::default()),
+        })
+    }
+
+    pub fn config(&self) -> &ClientConfig {
+        &self.cfg
+    }
+
+    pub fn stats(&self) -> &ClientStats {
+        &self.stats
+    }
+
+    /// The base URL of the bucket, as requests address it.
+    pub fn bucket_url(&self) -> String {
+        format!(
+            "{}://{}{}",
+            self.endpoint.scheme,
+            self.endpoint.authority,
+            self.endpoint.path(None)
+        )
+    }
+
+    fn signing_context<'a>(&'a self, time: OffsetDateTime) -> Option<SigningContext<'a>> {
+        match &self.cfg.auth {
+            Auth::Signed(credentials) => Some(SigningContext {
+                credentials,
+                region: &self.cfg.region,
+                service: "s3",
+                time,
+            }),
+            Auth::Anonymous => None,
+        }
+    }
+
+    /// A presigned URL for `method` on `key`, valid for `expires` (at most 7 days) from `now`.
+    /// Anyone holding it can make that one request without credentials.
+    pub fn presigned_url(
+        &self,
+        method: &str,
+        key: &str,
+        expires: Duration,
+        now: OffsetDateTime,
+    ) -> std::result::Result<String, sigv4::PresignError> {
+        let path = self.endpoint.path(Some(key));
+        let Some(ctx) = self.signing_context(now) else {
+            return Ok(format!(
+                "{}://{}{path}",
+                self.endpoint.scheme, self.endpoint.authority
+            ));
+        };
+        let headers = vec![("host".to_string(), self.endpoint.authority.clone())];
+        let (query, _) = sigv4::presign(
+            method,
+            &path,
+            &[],
+            &headers,
+            sigv4::UNSIGNED_PAYLOAD,
+            expires,
+            &ctx,
+        )?;
+        Ok(format!(
+            "{}://{}{path}?{query}",
+            self.endpoint.scheme, self.endpoint.authority
+        ))
+    }
+
+    /// The URL and form fields of a browser upload form for this bucket. `None` for anonymous
+    /// clients, which have nothing to sign with.
+    pub fn post_policy_form(
+        &self,
+        policy: &sigv4::PostPolicy,
+        now: OffsetDateTime,
+    ) -> Option<(String, sigv4::PostPolicyFields)> {
+        let ctx = self.signing_context(now)?;
+        Some((self.bucket_url(), policy.sign(&ctx)))
+    }
+
+    async fn prepare(&self, data: PutBody) -> Result<PreparedBody> {
+        let anonymous = matches!(self.cfg.auth, Auth::Anonymous);
+        // Hashing 8 MiB takes milliseconds: keep it off the async workers.
+        let hashed = tokio::task::spawn_blocking(move || digest_body(data, anonymous))
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()))
+            .and_then(|r| r);
+        hashed.map_err(|e| {
+            ClientError::new(
+                Operation::PutObject,
+                &self.cfg.bucket,
+                None,
+                ErrorKind::InvalidRequest,
+            )
+            .with_message(format!("cannot read the data to upload: {e}"))
+        })
+    }
+
+    /// Sends `req` until it succeeds, fails for good, or the retry budget is spent. `read`
+    /// turns a successful response into the result; its errors are retried like the send's
+    /// (a body cut short, a 200 carrying `<Error>`).
+    async fn with_retries<T, F, Fut>(&self, req: &Request<'_>, read: F) -> Result<T>
+    where
+        F: Fn(reqwest::Response) -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        let start = Instant::now();
+        let mut backoff = self.cfg.retry.backoff();
+        loop {
+            let outcome = match self.send_once(req).await {
+                Ok(resp) => read(resp).await,
+                Err(e) => Err(e),
+            };
+            match outcome {
+                Ok(v) => return Ok(v),
+                Err(mut e) => {
+                    if e.is_transient() {
+                        if let Some(delay) = backoff.next_delay(start.elapsed()) {
+                            self.stats.retries.fetch_add(1, Ordering::Relaxed);
+                            tracing::warn!(error = %e, retry_in = ?delay, "transient S3 error, retrying");
+                            tokio::time::sleep(delay).await;
+                            continue;
+                        }
+                    }
+                    e.attempts = backoff.attempts();
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    fn error(&self, req: &Request<'_>, kind: ErrorKind) -> ClientError {
+        ClientError::new(req.op, &self.cfg.bucket, req.key, kind)
+    }
+
+    fn transport_error(&self, req: &Request<'_>, e: &reqwest::Error) -> ClientError {
+        let kind = if e.is_connect() {
+            ErrorKind::Connect
+        } else if e.is_timeout() {
+            ErrorKind::Timeout
+        } else {
+            ErrorKind::Transport
+        };
+        let mut message = e.to_string();
+        let mut source = std::error::Error::source(e);
+        while let Some(s) = source {
+            message.push_str(": ");
+            message.push_str(&s.to_string());
+            source = s.source();
+        }
+        self.error(req, kind).with_message(message)
+    }
+
+    async fn send_once(&self, req: &Request<'_>) -> Result<reqwest::Response> {
+        let path = self.endpoint.path(req.key);
+        let query = sigv4::canonical_query(&req.query);
+        let url_text = if query.is_empty() {
+            format!(
+                "{}://{}{path}",
+                self.endpoint.scheme, self.endpoint.authority
+            )
+        } else {
+            format!(
+                "{}://{}{path}?{query}",
+                self.endpoint.scheme, self.endpoint.authority
+            )
+        };
+        let url = Url::parse(&url_text).map_err(|e| {
+            self.error(req, ErrorKind::InvalidRequest)
+                .with_message(format!("cannot form a URL: {e}"))
+        })?;
+        if url.path() != path {
+            // The URL standard folds `.` and `..` segments, even encoded ones, so such a key
+            // cannot be addressed exactly; refusing beats touching another object.
+            return Err(self.error(req, ErrorKind::InvalidRequest).with_message(
+                "the key has a '.' or '..' path segment, which HTTP clients rewrite",
+            ));
+        }
+
+        let mut headers = req.headers.clone();
+        headers.push(("host".into(), self.endpoint.authority.clone()));
+        let payload_hash = req
+            .body
+            .as_ref()
+            .map(|b| b.sha256_hex.clone())
+            .unwrap_or_else(|| sigv4::EMPTY_SHA256.to_string());
+        match self.signing_context(OffsetDateTime::now_utc()) {
+            Some(ctx) => {
+                sigv4::sign_headers(
+                    req.method.as_str(),
+                    &path,
+                    &req.query,
+                    &mut headers,
+                    &payload_hash,
+                    &ctx,
+                );
+            }
+            None => {
+                if let Some(md5) = req.body.as_ref().and_then(|b| b.md5_base64.clone()) {
+                    headers.push(("content-md5".into(), md5));
+                }
+            }
+        }
+
+        let mut map = HeaderMap::with_capacity(headers.len() + 1);
+        for (k, v) in &headers {
+            if k == "host" {
+                continue; // reqwest writes the same value from the URL
+            }
+            let name = HeaderName::from_bytes(k.as_bytes());
+            let value = HeaderValue::from_str(v);
+            match (name, value) {
+                (Ok(n), Ok(v)) => {
+                    map.append(n, v);
+                }
+                _ => {
+                    return Err(self
+                        .error(req, ErrorKind::InvalidRequest)
+                        .with_message(format!(
+                        "header {k} has a value HTTP cannot carry (non-ASCII or control characters)"
+                    )))
+                }
+            }
+        }
+
+        let mut builder = self.http.request(req.method.clone(), url);
+        let body_len = req.body.as_ref().map_or(0, |b| b.data.len());
+        map.insert(reqwest::header::CONTENT_LENGTH, HeaderValue::from(body_len));
+        builder = builder.headers(map);
+        if let Some(body) = &req.body {
+            builder = builder.body(reqwest_body(&body.data));
+        }
+
+        self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        let started = Instant::now();
+        let resp = builder
+            .send()
+            .await
+            .map_err(|e| self.transport_error(req, &e))?;
+        self.stats.bytes_sent.fetch_add(body_len, Ordering::Relaxed);
+        let status = resp.status();
+        tracing::debug!(op = %req.op, key = req.key.unwrap_or(""), status = status.as_u16(),
+            ms = started.elapsed().as_millis() as u64, "S3 request");
+        if status.is_success() {
+            return Ok(resp);
+        }
+        Err(self.error_from_response(req, resp).await)
+    }
+
+    async fn error_from_response(&self, req: &Request<'_>, resp: reqwest::Response) -> ClientError {
+        let status = resp.status();
+        let bucket_region = resp
+            .headers()
+            .get("x-amz-bucket-region")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let header_request_id = header_string(resp.headers(), "x-amz-request-id");
+        let text = if req.method == Method::HEAD {
+            String::new()
+        } else {
+            resp.text().await.unwrap_or_default()
+        };
+        let doc = xml::parse(&text)
+            .ok()
+            .and_then(|root| xml::error_document(&root));
+        let mut err = match &doc {
+            Some(d) => self
+                .error(req, ErrorKind::from_code(&d.code))
+                .with_message(d.message.clone()),
+            None => self.error(req, ErrorKind::from_status(status.as_u16(), req.op)),
+        };
+        err.status = Some(status.as_u16());
+        err.request_id = doc.and_then(|d| d.request_id).or(header_request_id);
+        if let Some(region) = bucket_region.filter(|r| *r != self.cfg.region) {
+            err.kind = ErrorKind::WrongRegion;
+            err.message = format!("the bucket is in region {region}; use --region {region}");
+        }
+        err
+    }
+
+    /// For operations whose answer is an XML document: reads it, and treats an `<Error>` root
+    /// (S3 may send one with status 200 for Copy and CompleteMultipartUpload) as the error.
+    async fn xml_text(&self, req: &Request<'_>) -> Result<String> {
+        self.with_retries(req, |resp| async move {
+            let text = resp
+                .text()
+                .await
+                .map_err(|e| self.transport_error(req, &e))?;
+            self.stats
+                .bytes_received
+                .fetch_add(text.len() as u64, Ordering::Relaxed);
+            if let Some(doc) = xml::parse(&text).ok().and_then(|r| xml::error_document(&r)) {
+                let mut e = self
+                    .error(req, ErrorKind::from_code(&doc.code))
+                    .with_message(doc.message)
+                    .with_status(200);
+                e.request_id = doc.request_id;
+                return Err(e);
+            }
+            Ok(text)
+        })
+        .await
+    }
+
+    fn invalid_response(&self, req: &Request<'_>, what: impl std::fmt::Display) -> ClientError {
+        self.error(req, ErrorKind::InvalidResponse)
+            .with_message(what.to_string())
+    }
+
+    fn parse_xml<T>(
+        &self,
+        req: &Request<'_>,
+        parsed: std::result::Result<T, xml::XmlError>,
+    ) -> Result<T> {
+        parsed.map_err(|e| self.invalid_response(req, e))
+    }
+
+    /// Sends a request with no interesting answer body, retrying as needed; returns the
+    /// response headers.
+    async fn headers_of(&self, req: &Request<'_>) -> Result<HeaderMap> {
+        self.with_retries(req, |resp| async move {
+            let headers = resp.headers().clone();
+            // Drain so the connection can be reused.
+            let _ = resp.bytes().await;
+            Ok(headers)
+        })
+        .await
+    }
+
+    fn etag_header(&self, req: &Request<'_>, headers: &HeaderMap) -> Result<String> {
+        header_string(headers, "etag").ok_or_else(|| self.invalid_response(req, "no ETag header"))
+    }
+}
+
+fn digest_body(data: PutBody, with_md5: bool) -> std::io::Result<PreparedBody> {
+    let mut sha = Sha256::new();
+    let mut md5 = with_md5.then(Md5::new);
+    match &data {
+        PutBody::Bytes(b) => {
+            sha2::Digest::update(&mut sha, b);
+            if let Some(m) = md5.as_mut() {
+                m.update(b);
+            }
+        }
+        PutBody::File { file, offset, len } => {
+            let mut buf = vec![0u8; 1 << 20];
+            let mut pos = *offset;
+            let end = offset + len;
+            while pos < end {
+                let want = ((end - pos) as usize).min(buf.len());
+                let n = read_at(file, &mut buf[..want], pos)?;
+                sha2::Digest::update(&mut sha, &buf[..n]);
+                if let Some(m) = md5.as_mut() {
+                    m.update(&buf[..n]);
+                }
+                pos += n as u64;
+            }
+        }
+    }
+    Ok(PreparedBody {
+        data,
+        sha256_hex: hex::encode(sha2::Digest::finalize(sha)),
+        md5_base64: md5.map(|m| base64::engine::general_purpose::STANDARD.encode(m.finalize())),
+    })
+}
+
+/// Reads exactly `buf.len()` bytes at `pos`, or fails: a spool file shorter than its part is a
+/// bug we want to hear about, not a short upload.
+fn read_at(file: &std::fs::File, buf: &mut [u8], pos: u64) -> std::io::Result<usize> {
+    use std::os::unix::fs::FileExt;
+    file.read_exact_at(buf, pos)?;
+    Ok(buf.len())
+}
+
+fn reqwest_body(data: &PutBody) -> reqwest::Body {
+    match data {
+        PutBody::Bytes(b) => reqwest::Body::from(b.clone()),
+        PutBody::File { file, offset, len } => {
+            const CHUNK: u64 = 1 << 20;
+            let file = file.clone();
+            let end = offset + len;
+            let stream = futures_util::stream::unfold(*offset, move |pos| {
+                let file = file.clone();
+                async move {
+                    if pos >= end {
+                        return None;
+                    }
+                    let n = (end - pos).min(CHUNK) as usize;
+                    let read = tokio::task::spawn_blocking(move || {
+                        let mut buf = vec![0u8; n];
+                        read_at(&file, &mut buf, pos).map(|_| Bytes::from(buf))
+                    })
+                    .await
+                    .map_err(std::io::Error::other)
+                    .and_then(|r| r);
+                    Some((read, pos + n as u64))
+                }
+            });
+            reqwest::Body::wrap_stream(stream)
+        }
+    }
+}
+
+fn header_string(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+}
+
+fn attribute_headers<'a>(mut req: Request<'a>, attrs: &ObjectAttributes) -> Request<'a> {
+    if let Some(ct) = &attrs.content_type {
+        req = req.header("content-type", ct.clone());
+    }
+    for (k, v) in &attrs.metadata {
+        req = req.header(&format!("x-amz-meta-{}", k.to_ascii_lowercase()), v.clone());
+    }
+    if let Some(sc) = &attrs.storage_class {
+        req = req.header("x-amz-storage-class", sc.clone());
+    }
+    match &attrs.sse {
+        Some(ServerSideEncryption::S3Managed) => {
+            req = req.header("x-amz-server-side-encryption", "AES256");
+        }
+        Some(ServerSideEncryption::Kms { key_id }) => {
+            req = req.header("x-amz-server-side-encryption", "aws:kms");
+            if let Some(id) = key_id {
+                req = req.header("x-amz-server-side-encryption-aws-kms-key-id", id.clone());
+            }
+        }
+        None => {}
+    }
+    req
+}
+
+fn head_from_headers(headers: &HeaderMap, status: StatusCode) -> Option<(ObjectHead, Range<u64>)> {
+    let content_length: u64 = header_string(headers, "content-length")?.parse().ok()?;
+    let (range, size) = match header_string(headers, "content-range") {
+        Some(cr) if status == StatusCode::PARTIAL_CONTENT => parse_content_range(&cr)?,
+        _ => (0..content_length, content_length),
+    };
+    let metadata = headers
+        .iter()
+        .filter_map(|(k, v)| {
+            let name = k.as_str().strip_prefix("x-amz-meta-")?;
+            Some((
+                name.to_string(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            ))
+        })
+        .collect();
+    let sse = match header_string(headers, "x-amz-server-side-encryption").as_deref() {
+        Some("AES256") => Some(ServerSideEncryption::S3Managed),
+        Some("aws:kms") | Some("aws:kms:dsse") => Some(ServerSideEncryption::Kms {
+            key_id: header_string(headers, "x-amz-server-side-encryption-aws-kms-key-id"),
+        }),
+        _ => None,
+    };
+    let head = ObjectHead {
+        size,
+        etag: header_string(headers, "etag").unwrap_or_default(),
+        last_modified: header_string(headers, "last-modified")
+            .and_then(|t| httpdate::parse_http_date(&t).ok())
+            .unwrap_or(SystemTime::UNIX_EPOCH),
+        content_type: header_string(headers, "content-type"),
+        metadata,
+        storage_class: header_string(headers, "x-amz-storage-class"),
+        sse,
+    };
+    Some((head, range))
+}
+
+/// `bytes START-END/TOTAL` → (START..END+1, TOTAL).
+fn parse_content_range(value: &str) -> Option<(Range<u64>, u64)> {
+    let rest = value.trim().strip_prefix("bytes ")?;
+    let (span, total) = rest.split_once('/')?;
+    let (start, end) = span.split_once('-')?;
+    let start: u64 = start.parse().ok()?;
+    let end: u64 = end.parse().ok()?;
+    let total: u64 = total.parse().ok()?;
+    (start <= end && end < total).then_some((start..end + 1, total))
+}
+
+impl ObjectClient for S3Client {
+    fn bucket(&self) -> &str {
+        &self.cfg.bucket
+    }
+
+    async fn list_objects(&self, list: &ListRequest<'_>) -> Result<ListPage> {
+        let mut req = Request::new(Operation::ListObjectsV2, Method::GET, None)
+            .query("list-type", "2")
+            .query("encoding-type", "url")
+            .query("prefix", list.prefix);
+        if let Some(d) = list.delimiter {
+            req = req.query("delimiter", d);
+        }
+        if let Some(t) = list.continuation_token {
+            req = req.query("continuation-token", t);
+        }
+        if let Some(s) = list.start_after {
+            req = req.query("start-after", s);
+        }
+        if let Some(m) = list.max_keys {
+            req = req.query("max-keys", m.to_string());
+        }
+        let text = self.xml_text(&req).await?;
+        self.parse_xml(&req, xml::list_objects(&text, true))
+    }
+
+    async fn head_object(&self, key: &str) -> Result<ObjectHead> {
+        let req = Request::new(Operation::HeadObject, Method::HEAD, Some(key));
+        let headers = self.headers_of(&req).await?;
+        head_from_headers(&headers, StatusCode::OK)
+            .map(|(head, _)| head)
+            .ok_or_else(|| self.invalid_response(&req, "HEAD answer without Content-Length"))
+    }
+
+    async fn get_object(
+        &self,
+        key: &str,
+        range: Option<Range<u64>>,
+        if_match: Option<&str>,
+    ) -> Result<GetObjectOutput> {
+        let mut req = Request::new(Operation::GetObject, Method::GET, Some(key));
+        if let Some(r) = &range {
+            if r.is_empty() {
+                return Err(self
+                    .error(&req, ErrorKind::InvalidRequest)
+                    .with_message(format!("empty range {r:?}")));
+            }
+            req = req.header("range", format!("bytes={}-{}", r.start, r.end - 1));
+        }
+        if let Some(etag) = if_match {
+            req = req.header("if-match", etag.to_string());
+        }
+        let resp = self
+            .with_retries(&req, |resp| async move { Ok(resp) })
+            .await?;
+        let (head, body_range) = head_from_headers(resp.headers(), resp.status())
+            .ok_or_else(|| self.invalid_response(&req, "GET answer without Content-Length"))?;
+        let stats = self.stats.clone();
+        let make_err = {
+            let template = self.error(&req, ErrorKind::Transport);
+            move |e: reqwest::Error| {
+                let mut err = template.clone();
+                if e.is_timeout() {
+                    err.kind = ErrorKind::Timeout;
+                }
+                err.with_message(format!("reading the body: {e}"))
+            }
+        };
+        let stream = resp.bytes_stream().map(move |chunk| match chunk {
+            Ok(bytes) => {
+                stats
+                    .bytes_received
+                    .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                Ok(bytes)
+            }
+            Err(e) => Err(make_err(e)),
+        });
+        Ok(GetObjectOutput {
+            head,
+            range: body_range,
+            body: ObjectBody::from_stream(stream),
+        })
+    }
+
+    async fn put_object(
+        &self,
+        key: &str,
+        body: PutBody,
+        attrs: &ObjectAttributes,
+    ) -> Result<String> {
+        let body = self.prepare(body).await?;
+        let req = attribute_headers(
+            Request::new(Operation::PutObject, Method::PUT, Some(key)),
+            attrs,
+        )
+        .body(body);
+        let headers = self.headers_of(&req).await?;
+        self.etag_header(&req, &headers)
+    }
+
+    async fn delete_object(&self, key: &str) -> Result<()> {
+        let req = Request::new(Operation::DeleteObject, Method::DELETE, Some(key));
+        self.headers_of(&req).await.map(drop)
+    }
+
+    async fn delete_objects(&self, keys: &[String]) -> Result<DeleteObjectsOutput> {
+        let body = Bytes::from(xml::delete_objects_body(keys));
+        let md5 = base64::engine::general_purpose::STANDARD.encode(Md5::digest(&body));
+        let body = self.prepare(PutBody::Bytes(body)).await?;
+        let req = Request::new(Operation::DeleteObjects, Method::POST, None)
+            .query("delete", "")
+            .header("content-md5", md5)
+            .header("content-type", "application/xml")
+            .body(body);
+        let text = self.xml_text(&req).await?;
+        self.parse_xml(&req, xml::delete_objects_result(&text))
+    }
+
+    async fn copy_object(
+        &self,
+        source_key: &str,
+        dest_key: &str,
+        directive: &MetadataDirective,
+    ) -> Result<String> {
+        let source = format!(
+            "/{}/{}",
+            self.cfg.bucket,
+            sigv4::uri_encode_path(source_key)
+        );
+        let mut req = Request::new(Operation::CopyObject, Method::PUT, Some(dest_key))
+            .header("x-amz-copy-source", source);
+        req = match directive {
+            MetadataDirective::Copy => req.header("x-amz-metadata-directive", "COPY"),
+            MetadataDirective::Replace(attrs) => {
+                attribute_headers(req.header("x-amz-metadata-directive", "REPLACE"), attrs)
+            }
+        };
+        let text = self.xml_text(&req).await?;
+        self.parse_xml(&req, xml::etag_of(&text))
+    }
+
+    async fn create_multipart_upload(&self, key: &str, attrs: &ObjectAttributes) -> Result<String> {
+        let req = attribute_headers(
+            Request::new(Operation::CreateMultipartUpload, Method::POST, Some(key))
+                .query("uploads", ""),
+            attrs,
+        );
+        let text = self.xml_text(&req).await?;
+        self.parse_xml(&req, xml::initiate_multipart_upload(&text))
+    }
+
+    async fn upload_part(
+        &self,
+        key: &str,
+        upload_id: &str,
+        part_number: u32,
+        body: PutBody,
+    ) -> Result<String> {
+        let body = self.prepare(body).await?;
+        let req = Request::new(Operation::UploadPart, Method::PUT, Some(key))
+            .query("partNumber", part_number.to_string())
+            .query("uploadId", upload_id)
+            .body(body);
+        let headers = self.headers_of(&req).await?;
+        self.etag_header(&req, &headers)
+    }
+
+    async fn upload_part_copy(
+        &self,
+        key: &str,
+        upload_id: &str,
+        part_number: u32,
+        source_key: &str,
+        source_range: Option<Range<u64>>,
+    ) -> Result<String> {
+        let source = format!(
+            "/{}/{}",
+            self.cfg.bucket,
+            sigv4::uri_encode_path(source_key)
+        );
+        let mut req = Request::new(Operation::UploadPartCopy, Method::PUT, Some(key))
+            .query("partNumber", part_number.to_string())
+            .query("uploadId", upload_id)
+            .header("x-amz-copy-source", source);
+        if let Some(r) = source_range {
+            if r.is_empty() {
+                return Err(self
+                    .error(&req, ErrorKind::InvalidRequest)
+                    .with_message(format!("empty source range {r:?}")));
+            }
+            req = req.header(
+                "x-amz-copy-source-range",
+                format!("bytes={}-{}", r.start, r.end - 1),
+            );
+        }
+        let text = self.xml_text(&req).await?;
+        self.parse_xml(&req, xml::etag_of(&text))
+    }
+
+    async fn complete_multipart_upload(
+        &self,
+        key: &str,
+        upload_id: &str,
+        parts: &[CompletedPart],
+    ) -> Result<String> {
+        let body = self
+            .prepare(PutBody::Bytes(Bytes::from(
+                xml::complete_multipart_upload_body(parts),
+            )))
+            .await?;
+        let req = Request::new(Operation::CompleteMultipartUpload, Method::POST, Some(key))
+            .query("uploadId", upload_id)
+            .header("content-type", "application/xml")
+            .body(body);
+        let text = self.xml_text(&req).await?;
+        self.parse_xml(&req, xml::etag_of(&text))
+    }
+
+    async fn abort_multipart_upload(&self, key: &str, upload_id: &str) -> Result<()> {
+        let req = Request::new(Operation::AbortMultipartUpload, Method::DELETE, Some(key))
+            .query("uploadId", upload_id);
+        self.headers_of(&req).await.map(drop)
+    }
+
+    async fn list_parts(
+        &self,
+        key: &str,
+        upload_id: &str,
+        part_number_marker: Option<u32>,
+    ) -> Result<ListPartsPage> {
+        let mut req =
+            Request::new(Operation::ListParts, Method::GET, Some(key)).query("uploadId", upload_id);
+        if let Some(m) = part_number_marker {
+            req = req.query("part-number-marker", m.to_string());
+        }
+        let text = self.xml_text(&req).await?;
+        self.parse_xml(&req, xml::list_parts(&text))
+    }
+
+    async fn list_multipart_uploads(
+        &self,
+        prefix: &str,
+        marker: Option<(&str, &str)>,
+    ) -> Result<ListUploadsPage> {
+        let mut req = Request::new(Operation::ListMultipartUploads, Method::GET, None)
+            .query("uploads", "")
+            .query("encoding-type", "url")
+            .query("prefix", prefix);
+        if let Some((key_marker, upload_marker)) = marker {
+            req = req
+                .query("key-marker", key_marker)
+                .query("upload-id-marker", upload_marker);
+        }
+        let text = self.xml_text(&req).await?;
+        self.parse_xml(&req, xml::list_multipart_uploads(&text, true))
+    }
+
+    async fn head_bucket(&self) -> Result<()> {
+        let req = Request::new(Operation::HeadBucket, Method::HEAD, None);
+        self.headers_of(&req).await.map(drop)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(endpoint: Option<&str>, bucket: &str, addressing: Addressing) -> ClientConfig {
+        let mut c = ClientConfig::new(bucket, "eu-west-1", Auth::Anonymous);
+        c.endpoint_url = endpoint.map(str::to_string);
+        c.addressing = addressing;
+        c
+    }
+
+    #[test]
+    fn addressing_choices() {
+        let aws = Endpoint::resolve(&cfg(None, "my-bucket", Addressing::Auto)).unwrap();
+        assert_eq!(aws.authority, "my-bucket.s3.eu-west-1.amazonaws.com");
+        assert_eq!(aws.path(Some("a b/c")), "/a%20b/c");
+        assert_eq!(aws.path(None), "/");
+
+        let dotted = Endpoint::resolve(&cfg(None, "my.bucket", Addressing::Auto)).unwrap();
+        assert_eq!(dotted.authority, "s3.eu-west-1.amazonaws.com");
+        assert_eq!(dotted.path(Some("k")), "/my.bucket/k");
+
+        let local = Endpoint::resolve(&cfg(Some("http://127.0.0.1:3900"), "b-1", Addressing::Auto))
+            .unwrap();
+        assert_eq!(local.authority, "127.0.0.1:3900");
+        assert_eq!(local.path(None), "/b-1");
+        assert_eq!(local.path(Some("x")), "/b-1/x");
+
+        let forced = Endpoint::resolve(&cfg(
+            Some("https://minio.example:9000/"),
+            "bkt",
+            Addressing::VirtualHosted,
+        ))
+        .unwrap();
+        assert_eq!(forced.authority, "bkt.minio.example:9000");
+        let default_port = Endpoint::resolve(&cfg(
+            Some("https://minio.example:443"),
+            "bkt",
+            Addressing::Path,
+        ))
+        .unwrap();
+        assert_eq!(default_port.authority, "minio.example");
+    }
+
+    #[test]
+    fn bad_endpoints_and_buckets_are_refused() {
+        assert!(matches!(
+            Endpoint::resolve(&cfg(Some("ftp://x"), "bkt", Addressing::Auto)),
+            Err(ConfigError::BadEndpoint(_))
+        ));
+        assert!(matches!(
+            Endpoint::resolve(&cfg(Some("http://x/base"), "bkt", Addressing::Auto)),
+            Err(ConfigError::EndpointWithPath(_))
+        ));
+        assert!(matches!(
+            Endpoint::resolve(&cfg(None, "Bad_Bucket", Addressing::Auto)),
+            Err(ConfigError::BadBucket(_))
+        ));
+    }
+
+    #[test]
+    fn content_range_parsing() {
+        assert_eq!(parse_content_range("bytes 0-9/100"), Some((0..10, 100)));
+        assert_eq!(parse_content_range("bytes 5-4/100"), None);
+        assert_eq!(parse_content_range("bytes 0-100/100"), None);
+        assert_eq!(parse_content_range("bytes */100"), None);
+    }
+}

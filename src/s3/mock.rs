@@ -1,0 +1,518 @@
+//! [`MockClient`]: an in-memory [`ObjectClient`] for fast core tests.
+//!
+//! Objects live in a `BTreeMap` (so listings come out in key order, as from S3), with their
+//! ETags, times and metadata; multipart uploads keep their parts until completed or aborted.
+//! Every call is counted per operation, and [`MockClient::fail_next`] makes chosen calls fail,
+//! so tests can check both how much traffic a piece of the filesystem causes and how it behaves
+//! when S3 fails.
+//!
+//! The mock follows S3 where the filesystem relies on it: delimiter listings with common
+//! prefixes, continuation tokens, `If-Match` answered with PreconditionFailed, ranges clamped to
+//! the object, multipart ETags of the form `"<md5 of part md5s>-<parts>"`.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::SystemTime;
+
+use bytes::{Bytes, BytesMut};
+use md5::{Digest, Md5};
+
+use super::client::*;
+use super::error::{ClientError, ErrorKind, Operation, Result};
+
+#[derive(Debug, Clone)]
+pub struct MockObject {
+    pub data: Bytes,
+    pub etag: String,
+    pub last_modified: SystemTime,
+    pub attrs: ObjectAttributes,
+}
+
+#[derive(Debug, Default)]
+struct Upload {
+    key: String,
+    attrs: ObjectAttributes,
+    parts: BTreeMap<u32, (String, Bytes)>,
+}
+
+#[derive(Default)]
+struct State {
+    objects: BTreeMap<String, MockObject>,
+    uploads: BTreeMap<String, Upload>,
+    failures: HashMap<Operation, VecDeque<ErrorKind>>,
+}
+
+pub struct MockClient {
+    bucket: String,
+    state: Mutex<State>,
+    counts: Mutex<HashMap<Operation, u64>>,
+    next_id: AtomicU64,
+}
+
+fn quoted_md5(data: &[u8]) -> String {
+    format!("\"{}\"", hex::encode(Md5::digest(data)))
+}
+
+fn read_body(body: &PutBody) -> std::io::Result<Bytes> {
+    match body {
+        PutBody::Bytes(b) => Ok(b.clone()),
+        PutBody::File { file, offset, len } => {
+            use std::os::unix::fs::FileExt;
+            let mut buf = vec![0u8; *len as usize];
+            file.read_exact_at(&mut buf, *offset)?;
+            Ok(Bytes::from(buf))
+        }
+    }
+}
+
+impl MockClient {
+    pub fn new(bucket: &str) -> Self {
+        Self {
+            bucket: bucket.to_string(),
+            state: Mutex::new(State::default()),
+            counts: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A test that panicked while holding the lock has failed already; keep going for the rest.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Stores an object directly, without counting a call.
+    pub fn insert(&self, key: &str, data: impl Into<Bytes>) {
+        let data = data.into();
+        self.lock().objects.insert(
+            key.to_string(),
+            MockObject {
+                etag: quoted_md5(&data),
+                data,
+                last_modified: SystemTime::now(),
+                attrs: ObjectAttributes::default(),
+            },
+        );
+    }
+
+    pub fn object(&self, key: &str) -> Option<MockObject> {
+        self.lock().objects.get(key).cloned()
+    }
+
+    pub fn keys(&self) -> Vec<String> {
+        self.lock().objects.keys().cloned().collect()
+    }
+
+    /// Uploads begun and neither completed nor aborted.
+    pub fn open_uploads(&self) -> usize {
+        self.lock().uploads.len()
+    }
+
+    /// The next `times` calls of `op` fail with `kind`.
+    pub fn fail_next(&self, op: Operation, kind: ErrorKind, times: usize) {
+        let mut state = self.lock();
+        let queue = state.failures.entry(op).or_default();
+        queue.extend(std::iter::repeat_n(kind, times));
+    }
+
+    /// How many times `op` was called.
+    pub fn count(&self, op: Operation) -> u64 {
+        self.counts
+            .lock()
+            .map(|c| c.get(&op).copied().unwrap_or(0))
+            .unwrap_or(0)
+    }
+
+    fn err(&self, op: Operation, key: Option<&str>, kind: ErrorKind) -> ClientError {
+        let status = match kind {
+            ErrorKind::NoSuchKey | ErrorKind::NoSuchBucket | ErrorKind::NoSuchUpload => Some(404),
+            ErrorKind::PreconditionFailed => Some(412),
+            ErrorKind::AccessDenied => Some(403),
+            ErrorKind::InvalidRange => Some(416),
+            ErrorKind::SlowDown | ErrorKind::ServiceUnavailable => Some(503),
+            ErrorKind::InternalError => Some(500),
+            _ => None,
+        };
+        let mut e = ClientError::new(op, &self.bucket, key, kind);
+        e.status = status;
+        e
+    }
+
+    /// Counts the call and consumes one injected failure, if any.
+    fn enter(&self, op: Operation, key: Option<&str>) -> Result<()> {
+        if let Ok(mut c) = self.counts.lock() {
+            *c.entry(op).or_default() += 1;
+        }
+        let injected = self
+            .lock()
+            .failures
+            .get_mut(&op)
+            .and_then(VecDeque::pop_front);
+        match injected {
+            Some(kind) => Err(self.err(op, key, kind).with_message("injected failure")),
+            None => Ok(()),
+        }
+    }
+
+    fn new_id(&self) -> String {
+        format!("upload-{}", self.next_id.fetch_add(1, Ordering::Relaxed))
+    }
+
+    fn head_of(obj: &MockObject) -> ObjectHead {
+        ObjectHead {
+            size: obj.data.len() as u64,
+            etag: obj.etag.clone(),
+            last_modified: obj.last_modified,
+            content_type: obj.attrs.content_type.clone(),
+            metadata: obj.attrs.metadata.clone(),
+            storage_class: obj.attrs.storage_class.clone(),
+            sse: obj.attrs.sse.clone(),
+        }
+    }
+}
+
+impl ObjectClient for MockClient {
+    fn bucket(&self) -> &str {
+        &self.bucket
+    }
+
+    async fn list_objects(&self, req: &ListRequest<'_>) -> Result<ListPage> {
+        self.enter(Operation::ListObjectsV2, None)?;
+        let state = self.lock();
+        let max = req.max_keys.unwrap_or(1000).clamp(1, 1000) as usize;
+        let after = req.continuation_token.or(req.start_after).unwrap_or("");
+        let mut page = ListPage::default();
+        // The token is the last key or common prefix returned (S3's is opaque, ours readable):
+        // resuming skips every key up to it and every key under it when it is a prefix.
+        let mut last: Option<String> = None;
+        for (key, obj) in state.objects.range(req.prefix.to_string()..) {
+            if !key.starts_with(req.prefix) {
+                break;
+            }
+            if key.as_str() <= after {
+                continue;
+            }
+            let rest = &key[req.prefix.len()..];
+            let common = req.delimiter.and_then(|d| {
+                rest.find(d)
+                    .map(|i| format!("{}{}", req.prefix, &rest[..i + d.len()]))
+            });
+            if let Some(p) = &common {
+                if last.as_ref() == Some(p) || p == after {
+                    continue;
+                }
+            }
+            if page.objects.len() + page.common_prefixes.len() == max {
+                page.next_continuation_token = last;
+                break;
+            }
+            match common {
+                Some(p) => {
+                    last = Some(p.clone());
+                    page.common_prefixes.push(p);
+                }
+                None => {
+                    last = Some(key.clone());
+                    page.objects.push(ObjectInfo {
+                        key: key.clone(),
+                        size: obj.data.len() as u64,
+                        etag: obj.etag.clone(),
+                        last_modified: obj.last_modified,
+                        storage_class: obj.attrs.storage_class.clone(),
+                    });
+                }
+            }
+        }
+        Ok(page)
+    }
+
+    async fn head_object(&self, key: &str) -> Result<ObjectHead> {
+        self.enter(Operation::HeadObject, Some(key))?;
+        let state = self.lock();
+        let obj = state
+            .objects
+            .get(key)
+            .ok_or_else(|| self.err(Operation::HeadObject, Some(key), ErrorKind::NoSuchKey))?;
+        Ok(Self::head_of(obj))
+    }
+
+    async fn get_object(
+        &self,
+        key: &str,
+        range: Option<Range<u64>>,
+        if_match: Option<&str>,
+    ) -> Result<GetObjectOutput> {
+        let op = Operation::GetObject;
+        self.enter(op, Some(key))?;
+        let state = self.lock();
+        let obj = state
+            .objects
+            .get(key)
+            .ok_or_else(|| self.err(op, Some(key), ErrorKind::NoSuchKey))?;
+        if if_match.is_some_and(|etag| etag != obj.etag) {
+            return Err(self.err(op, Some(key), ErrorKind::PreconditionFailed));
+        }
+        let size = obj.data.len() as u64;
+        let range = match range {
+            Some(r) if r.start >= size || r.is_empty() => {
+                return Err(self.err(op, Some(key), ErrorKind::InvalidRange))
+            }
+            Some(r) => r.start..r.end.min(size),
+            None => 0..size,
+        };
+        let body = obj.data.slice(range.start as usize..range.end as usize);
+        Ok(GetObjectOutput {
+            head: Self::head_of(obj),
+            range,
+            body: ObjectBody::from_bytes(body),
+        })
+    }
+
+    async fn put_object(
+        &self,
+        key: &str,
+        body: PutBody,
+        attrs: &ObjectAttributes,
+    ) -> Result<String> {
+        let op = Operation::PutObject;
+        self.enter(op, Some(key))?;
+        let data = read_body(&body).map_err(|e| {
+            self.err(op, Some(key), ErrorKind::InvalidRequest)
+                .with_message(e.to_string())
+        })?;
+        let etag = quoted_md5(&data);
+        self.lock().objects.insert(
+            key.to_string(),
+            MockObject {
+                data,
+                etag: etag.clone(),
+                last_modified: SystemTime::now(),
+                attrs: attrs.clone(),
+            },
+        );
+        Ok(etag)
+    }
+
+    async fn delete_object(&self, key: &str) -> Result<()> {
+        self.enter(Operation::DeleteObject, Some(key))?;
+        self.lock().objects.remove(key);
+        Ok(())
+    }
+
+    async fn delete_objects(&self, keys: &[String]) -> Result<DeleteObjectsOutput> {
+        self.enter(Operation::DeleteObjects, None)?;
+        let mut state = self.lock();
+        let mut out = DeleteObjectsOutput::default();
+        for k in keys {
+            state.objects.remove(k);
+            out.deleted.push(k.clone());
+        }
+        Ok(out)
+    }
+
+    async fn copy_object(
+        &self,
+        source_key: &str,
+        dest_key: &str,
+        directive: &MetadataDirective,
+    ) -> Result<String> {
+        let op = Operation::CopyObject;
+        self.enter(op, Some(dest_key))?;
+        let mut state = self.lock();
+        let src = state
+            .objects
+            .get(source_key)
+            .cloned()
+            .ok_or_else(|| self.err(op, Some(source_key), ErrorKind::NoSuchKey))?;
+        let attrs = match directive {
+            MetadataDirective::Copy => src.attrs.clone(),
+            MetadataDirective::Replace(a) => a.clone(),
+        };
+        let obj = MockObject {
+            last_modified: SystemTime::now(),
+            attrs,
+            ..src
+        };
+        let etag = obj.etag.clone();
+        state.objects.insert(dest_key.to_string(), obj);
+        Ok(etag)
+    }
+
+    async fn create_multipart_upload(&self, key: &str, attrs: &ObjectAttributes) -> Result<String> {
+        self.enter(Operation::CreateMultipartUpload, Some(key))?;
+        let id = self.new_id();
+        self.lock().uploads.insert(
+            id.clone(),
+            Upload {
+                key: key.to_string(),
+                attrs: attrs.clone(),
+                parts: BTreeMap::new(),
+            },
+        );
+        Ok(id)
+    }
+
+    async fn upload_part(
+        &self,
+        key: &str,
+        upload_id: &str,
+        part_number: u32,
+        body: PutBody,
+    ) -> Result<String> {
+        let op = Operation::UploadPart;
+        self.enter(op, Some(key))?;
+        let data = read_body(&body).map_err(|e| {
+            self.err(op, Some(key), ErrorKind::InvalidRequest)
+                .with_message(e.to_string())
+        })?;
+        let etag = quoted_md5(&data);
+        let mut state = self.lock();
+        let upload = state
+            .uploads
+            .get_mut(upload_id)
+            .ok_or_else(|| self.err(op, Some(key), ErrorKind::NoSuchUpload))?;
+        upload.parts.insert(part_number, (etag.clone(), data));
+        Ok(etag)
+    }
+
+    async fn upload_part_copy(
+        &self,
+        key: &str,
+        upload_id: &str,
+        part_number: u32,
+        source_key: &str,
+        source_range: Option<Range<u64>>,
+    ) -> Result<String> {
+        let op = Operation::UploadPartCopy;
+        self.enter(op, Some(key))?;
+        let mut state = self.lock();
+        let src = state
+            .objects
+            .get(source_key)
+            .ok_or_else(|| self.err(op, Some(source_key), ErrorKind::NoSuchKey))?;
+        let size = src.data.len() as u64;
+        let range = source_range.unwrap_or(0..size);
+        if range.end > size || range.is_empty() {
+            return Err(self.err(op, Some(source_key), ErrorKind::InvalidRange));
+        }
+        let data = src.data.slice(range.start as usize..range.end as usize);
+        let etag = quoted_md5(&data);
+        let upload = state
+            .uploads
+            .get_mut(upload_id)
+            .ok_or_else(|| self.err(op, Some(key), ErrorKind::NoSuchUpload))?;
+        upload.parts.insert(part_number, (etag.clone(), data));
+        Ok(etag)
+    }
+
+    async fn complete_multipart_upload(
+        &self,
+        key: &str,
+        upload_id: &str,
+        parts: &[CompletedPart],
+    ) -> Result<String> {
+        let op = Operation::CompleteMultipartUpload;
+        self.enter(op, Some(key))?;
+        let mut state = self.lock();
+        let upload = state
+            .uploads
+            .remove(upload_id)
+            .ok_or_else(|| self.err(op, Some(key), ErrorKind::NoSuchUpload))?;
+        let mut data = BytesMut::new();
+        let mut md5s = Vec::new();
+        let mut previous = 0;
+        for p in parts {
+            match upload.parts.get(&p.part_number) {
+                Some((etag, bytes)) if *etag == p.etag && p.part_number > previous => {
+                    data.extend_from_slice(bytes);
+                    md5s.extend(hex::decode(etag.trim_matches('"')).unwrap_or_default());
+                    previous = p.part_number;
+                }
+                _ => {
+                    state.uploads.insert(upload_id.to_string(), upload);
+                    return Err(self.err(op, Some(key), ErrorKind::InvalidPart));
+                }
+            }
+        }
+        let etag = format!("\"{}-{}\"", hex::encode(Md5::digest(&md5s)), parts.len());
+        state.objects.insert(
+            upload.key.clone(),
+            MockObject {
+                data: data.freeze(),
+                etag: etag.clone(),
+                last_modified: SystemTime::now(),
+                attrs: upload.attrs,
+            },
+        );
+        Ok(etag)
+    }
+
+    async fn abort_multipart_upload(&self, key: &str, upload_id: &str) -> Result<()> {
+        let op = Operation::AbortMultipartUpload;
+        self.enter(op, Some(key))?;
+        self.lock()
+            .uploads
+            .remove(upload_id)
+            .map(drop)
+            .ok_or_else(|| self.err(op, Some(key), ErrorKind::NoSuchUpload))
+    }
+
+    async fn list_parts(
+        &self,
+        key: &str,
+        upload_id: &str,
+        part_number_marker: Option<u32>,
+    ) -> Result<ListPartsPage> {
+        let op = Operation::ListParts;
+        self.enter(op, Some(key))?;
+        let state = self.lock();
+        let upload = state
+            .uploads
+            .get(upload_id)
+            .ok_or_else(|| self.err(op, Some(key), ErrorKind::NoSuchUpload))?;
+        let parts = upload
+            .parts
+            .range(part_number_marker.unwrap_or(0) + 1..)
+            .map(|(n, (etag, data))| PartInfo {
+                part_number: *n,
+                etag: etag.clone(),
+                size: data.len() as u64,
+            })
+            .collect();
+        Ok(ListPartsPage {
+            parts,
+            next_part_number_marker: None,
+        })
+    }
+
+    async fn list_multipart_uploads(
+        &self,
+        prefix: &str,
+        marker: Option<(&str, &str)>,
+    ) -> Result<ListUploadsPage> {
+        self.enter(Operation::ListMultipartUploads, None)?;
+        let state = self.lock();
+        let uploads = state
+            .uploads
+            .iter()
+            .filter(|(id, u)| {
+                u.key.starts_with(prefix)
+                    && marker.is_none_or(|(k, i)| (u.key.as_str(), id.as_str()) > (k, i))
+            })
+            .map(|(id, u)| UploadInfo {
+                key: u.key.clone(),
+                upload_id: id.clone(),
+                initiated: None,
+            })
+            .collect();
+        Ok(ListUploadsPage {
+            uploads,
+            next_marker: None,
+        })
+    }
+
+    async fn head_bucket(&self) -> Result<()> {
+        self.enter(Operation::HeadBucket, None)
+    }
+}

@@ -1,0 +1,18 @@
+//! Everything that talks S3: the signer, credentials, the `ObjectClient` trait with its HTTP
+//! and in-memory implementations, XML, retries and errors. Nothing here knows about FUSE.
+
+pub mod client;
+pub mod credentials;
+pub mod error;
+pub mod http;
+pub mod mock;
+pub mod retry;
+pub mod sigv4;
+pub mod xml;
+
+pub use client::*;
+pub use credentials::{Auth, Credentials};
+pub use error::{ClientError, ErrorKind, Operation};
+pub use http::{Addressing, ClientConfig, S3Client};
+pub use mock::MockClient;
+pub use retry::RetryPolicy;

@@ -1,0 +1,369 @@
+//! XML in and out. Responses are read with quick-xml into a small element tree, then into the
+//! plain structs of [`super::client`]; request bodies (CompleteMultipartUpload, DeleteObjects)
+//! are written by hand with escaping. Parsers take `&str` and do no I/O.
+
+use std::time::SystemTime;
+
+use quick_xml::escape::escape;
+use quick_xml::events::Event;
+use quick_xml::Reader;
+
+use super::client::{
+    CompletedPart, DeleteFailure, DeleteObjectsOutput, ListPage, ListPartsPage, ListUploadsPage,
+    ObjectInfo, PartInfo, UploadInfo,
+};
+
+/// An XML element: its local name, its text and its children. Namespaces are dropped; S3
+/// documents do not depend on them.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Element {
+    pub name: String,
+    pub text: String,
+    pub children: Vec<Element>,
+}
+
+impl Element {
+    pub fn child(&self, name: &str) -> Option<&Element> {
+        self.children.iter().find(|c| c.name == name)
+    }
+
+    pub fn children<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a Element> + 'a {
+        self.children.iter().filter(move |c| c.name == name)
+    }
+
+    /// The text of the first child called `name`.
+    pub fn text_of(&self, name: &str) -> Option<&str> {
+        self.child(name).map(|c| c.text.as_str())
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("malformed XML: {0}")]
+pub struct XmlError(pub String);
+
+/// Parses a whole document into its root element.
+pub fn parse(text: &str) -> Result<Element, XmlError> {
+    let mut reader = Reader::from_str(text);
+    let mut stack: Vec<Element> = Vec::new();
+    loop {
+        match reader.read_event() {
+            Ok(Event::Start(e)) => stack.push(Element {
+                name: local_name(e.local_name().as_ref()),
+                ..Element::default()
+            }),
+            Ok(Event::Empty(e)) => {
+                let el = Element {
+                    name: local_name(e.local_name().as_ref()),
+                    ..Element::default()
+                };
+                match stack.last_mut() {
+                    Some(parent) => parent.children.push(el),
+                    None => return Ok(el),
+                }
+            }
+            Ok(Event::Text(t)) => {
+                if let Some(top) = stack.last_mut() {
+                    let s = t.unescape().map_err(|e| XmlError(e.to_string()))?;
+                    top.text.push_str(&s);
+                }
+            }
+            Ok(Event::CData(t)) => {
+                if let Some(top) = stack.last_mut() {
+                    top.text.push_str(&String::from_utf8_lossy(&t));
+                }
+            }
+            Ok(Event::End(_)) => {
+                let done = stack
+                    .pop()
+                    .ok_or_else(|| XmlError("unbalanced end tag".into()))?;
+                match stack.last_mut() {
+                    Some(parent) => parent.children.push(done),
+                    None => return Ok(done),
+                }
+            }
+            Ok(Event::Eof) => return Err(XmlError("no root element".into())),
+            Ok(_) => {}
+            Err(e) => return Err(XmlError(e.to_string())),
+        }
+    }
+}
+
+fn local_name(raw: &[u8]) -> String {
+    String::from_utf8_lossy(raw).into_owned()
+}
+
+/// An `<Error>` document: code, message, request id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ErrorDocument {
+    pub code: String,
+    pub message: String,
+    pub request_id: Option<String>,
+}
+
+/// Reads an `<Error>` document; `None` if `root` is something else.
+pub fn error_document(root: &Element) -> Option<ErrorDocument> {
+    (root.name == "Error").then(|| ErrorDocument {
+        code: root.text_of("Code").unwrap_or("").to_string(),
+        message: root.text_of("Message").unwrap_or("").to_string(),
+        request_id: root.text_of("RequestId").map(str::to_string),
+    })
+}
+
+/// Decodes a value sent under `encoding-type=url`. S3 writes spaces as `+` there (form style);
+/// a literal `+` arrives as `%2B`, so turning `+` into a space first is safe.
+pub fn url_decode(s: &str) -> String {
+    let spaced = s.replace('+', " ");
+    percent_encoding::percent_decode_str(&spaced)
+        .decode_utf8_lossy()
+        .into_owned()
+}
+
+fn required<'a>(el: &'a Element, name: &str) -> Result<&'a str, XmlError> {
+    el.text_of(name)
+        .ok_or_else(|| XmlError(format!("<{}> has no <{name}>", el.name)))
+}
+
+fn parse_number<T: std::str::FromStr>(el: &Element, name: &str) -> Result<T, XmlError> {
+    let text = required(el, name)?;
+    text.trim()
+        .parse()
+        .map_err(|_| XmlError(format!("<{name}> is not a number: {text:?}")))
+}
+
+/// ISO 8601 timestamps as S3 writes them in listings (`2009-10-12T17:50:30.000Z`).
+pub fn parse_timestamp(text: &str) -> Option<SystemTime> {
+    time::OffsetDateTime::parse(text.trim(), &time::format_description::well_known::Rfc3339)
+        .ok()
+        .map(SystemTime::from)
+}
+
+/// ListObjectsV2. `url_encoded` says whether the request asked for `encoding-type=url`.
+pub fn list_objects(text: &str, url_encoded: bool) -> Result<ListPage, XmlError> {
+    let root = parse(text)?;
+    let decode = |s: &str| {
+        if url_encoded {
+            url_decode(s)
+        } else {
+            s.to_string()
+        }
+    };
+    let mut page = ListPage::default();
+    for c in root.children("Contents") {
+        page.objects.push(ObjectInfo {
+            key: decode(required(c, "Key")?),
+            size: parse_number(c, "Size")?,
+            etag: c.text_of("ETag").unwrap_or("").to_string(),
+            last_modified: c
+                .text_of("LastModified")
+                .and_then(parse_timestamp)
+                .unwrap_or(SystemTime::UNIX_EPOCH),
+            storage_class: c.text_of("StorageClass").map(str::to_string),
+        });
+    }
+    for p in root.children("CommonPrefixes") {
+        page.common_prefixes.push(decode(required(p, "Prefix")?));
+    }
+    let truncated = root.text_of("IsTruncated") == Some("true");
+    page.next_continuation_token = root
+        .text_of("NextContinuationToken")
+        .filter(|t| truncated && !t.is_empty())
+        .map(str::to_string);
+    if truncated && page.next_continuation_token.is_none() {
+        return Err(XmlError(
+            "truncated listing without NextContinuationToken".into(),
+        ));
+    }
+    Ok(page)
+}
+
+pub fn initiate_multipart_upload(text: &str) -> Result<String, XmlError> {
+    Ok(required(&parse(text)?, "UploadId")?.to_string())
+}
+
+/// CopyObjectResult, CopyPartResult and CompleteMultipartUploadResult all carry an `<ETag>`.
+pub fn etag_of(text: &str) -> Result<String, XmlError> {
+    Ok(required(&parse(text)?, "ETag")?.to_string())
+}
+
+pub fn list_parts(text: &str) -> Result<ListPartsPage, XmlError> {
+    let root = parse(text)?;
+    let mut page = ListPartsPage::default();
+    for p in root.children("Part") {
+        page.parts.push(PartInfo {
+            part_number: parse_number(p, "PartNumber")?,
+            etag: required(p, "ETag")?.to_string(),
+            size: parse_number(p, "Size")?,
+        });
+    }
+    if root.text_of("IsTruncated") == Some("true") {
+        page.next_part_number_marker = Some(parse_number(&root, "NextPartNumberMarker")?);
+    }
+    Ok(page)
+}
+
+pub fn list_multipart_uploads(text: &str, url_encoded: bool) -> Result<ListUploadsPage, XmlError> {
+    let root = parse(text)?;
+    let decode = |s: &str| {
+        if url_encoded {
+            url_decode(s)
+        } else {
+            s.to_string()
+        }
+    };
+    let mut page = ListUploadsPage::default();
+    for u in root.children("Upload") {
+        page.uploads.push(UploadInfo {
+            key: decode(required(u, "Key")?),
+            upload_id: required(u, "UploadId")?.to_string(),
+            initiated: u.text_of("Initiated").and_then(parse_timestamp),
+        });
+    }
+    if root.text_of("IsTruncated") == Some("true") {
+        page.next_marker = Some((
+            decode(required(&root, "NextKeyMarker")?),
+            required(&root, "NextUploadIdMarker")?.to_string(),
+        ));
+    }
+    Ok(page)
+}
+
+pub fn delete_objects_result(text: &str) -> Result<DeleteObjectsOutput, XmlError> {
+    let root = parse(text)?;
+    let mut out = DeleteObjectsOutput::default();
+    for d in root.children("Deleted") {
+        out.deleted.push(required(d, "Key")?.to_string());
+    }
+    for e in root.children("Error") {
+        out.failed.push(DeleteFailure {
+            key: required(e, "Key")?.to_string(),
+            code: e.text_of("Code").unwrap_or("").to_string(),
+            message: e.text_of("Message").unwrap_or("").to_string(),
+        });
+    }
+    Ok(out)
+}
+
+pub fn complete_multipart_upload_body(parts: &[CompletedPart]) -> String {
+    let mut body = String::from("<CompleteMultipartUpload>");
+    for p in parts {
+        body.push_str(&format!(
+            "<Part><PartNumber>{}</PartNumber><ETag>{}</ETag></Part>",
+            p.part_number,
+            escape(p.etag.as_str())
+        ));
+    }
+    body.push_str("</CompleteMultipartUpload>");
+    body
+}
+
+pub fn delete_objects_body(keys: &[String]) -> String {
+    let mut body = String::from("<Delete><Quiet>false</Quiet>");
+    for k in keys {
+        body.push_str("<Object><Key>");
+        body.push_str(&escape_key(k));
+        body.push_str("</Key></Object>");
+    }
+    body.push_str("</Delete>");
+    body
+}
+
+/// Escapes a key for an XML body. Control characters cannot be written in XML 1.0 text at all,
+/// except as character references, which S3 accepts.
+fn escape_key(key: &str) -> String {
+    let mut out = String::with_capacity(key.len());
+    for c in key.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&apos;"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("&#{};", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listing_with_url_encoding() {
+        let xml = r#"<?xml version="1.0" encoding="UTF-8"?>
+<ListBucketResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/">
+  <Name>b</Name><Prefix>a%2F</Prefix><KeyCount>2</KeyCount><MaxKeys>1000</MaxKeys>
+  <EncodingType>url</EncodingType><IsTruncated>true</IsTruncated>
+  <Contents><Key>a/x+y%2Bz%26%3C</Key><LastModified>2009-10-12T17:50:30.000Z</LastModified>
+    <ETag>&quot;abc&quot;</ETag><Size>434234</Size><StorageClass>STANDARD</StorageClass></Contents>
+  <CommonPrefixes><Prefix>a/sub%20dir/</Prefix></CommonPrefixes>
+  <NextContinuationToken>tok==</NextContinuationToken>
+</ListBucketResult>"#;
+        let page = list_objects(xml, true).unwrap();
+        assert_eq!(page.objects.len(), 1);
+        assert_eq!(page.objects[0].key, "a/x y+z&<");
+        assert_eq!(page.objects[0].etag, "\"abc\"");
+        assert_eq!(page.objects[0].size, 434234);
+        assert_eq!(
+            page.objects[0].last_modified,
+            SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1255369830)
+        );
+        assert_eq!(page.common_prefixes, vec!["a/sub dir/".to_string()]);
+        assert_eq!(page.next_continuation_token.as_deref(), Some("tok=="));
+    }
+
+    #[test]
+    fn error_document_is_recognised() {
+        let root = parse(
+            "<Error><Code>NoSuchKey</Code><Message>gone</Message><RequestId>r1</RequestId></Error>",
+        )
+        .unwrap();
+        let e = error_document(&root).unwrap();
+        assert_eq!(e.code, "NoSuchKey");
+        assert_eq!(e.message, "gone");
+        assert_eq!(e.request_id.as_deref(), Some("r1"));
+        assert!(error_document(&parse("<ListBucketResult/>").unwrap()).is_none());
+    }
+
+    #[test]
+    fn bodies_escape_keys() {
+        let body = delete_objects_body(&["a&b<c>\"'".to_string(), "t\tab".to_string()]);
+        assert!(
+            body.contains("<Key>a&amp;b&lt;c&gt;&quot;&apos;</Key>"),
+            "{body}"
+        );
+        assert!(body.contains("<Key>t&#9;ab</Key>"), "{body}");
+        let root = parse(&body).unwrap();
+        let keys: Vec<_> = root
+            .children("Object")
+            .map(|o| o.text_of("Key").unwrap().to_string())
+            .collect();
+        assert_eq!(keys, vec!["a&b<c>\"'", "t\tab"]);
+    }
+
+    #[test]
+    fn truncated_parts_and_uploads() {
+        let parts = list_parts("<ListPartsResult><IsTruncated>true</IsTruncated><NextPartNumberMarker>2</NextPartNumberMarker><Part><PartNumber>1</PartNumber><ETag>\"e1\"</ETag><Size>5</Size></Part></ListPartsResult>").unwrap();
+        assert_eq!(parts.parts[0].size, 5);
+        assert_eq!(parts.next_part_number_marker, Some(2));
+        let ups = list_multipart_uploads("<ListMultipartUploadsResult><IsTruncated>false</IsTruncated><Upload><Key>a%20b</Key><UploadId>u1</UploadId></Upload></ListMultipartUploadsResult>", true).unwrap();
+        assert_eq!(ups.uploads[0].key, "a b");
+        assert_eq!(ups.next_marker, None);
+    }
+
+    #[test]
+    fn malformed_documents_are_errors() {
+        assert!(parse("<a><b></a>").is_err());
+        assert!(list_objects(
+            "<ListBucketResult><Contents><Size>1</Size></Contents></ListBucketResult>",
+            false
+        )
+        .is_err());
+        assert!(list_objects(
+            "<ListBucketResult><IsTruncated>true</IsTruncated></ListBucketResult>",
+            false
+        )
+        .is_err());
+    }
+}
