@@ -7,4 +7,5 @@
 //!
 //! See `docs/ARCHITECTURE.md` for the design.
 
+pub mod fs;
 pub mod s3;

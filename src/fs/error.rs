@@ -1,0 +1,118 @@
+//! The filesystem's errors and their one mapping to errno.
+//!
+//! Every error a FUSE callback can return goes through [`FsError::errno`], one exhaustive
+//! `match` with no wildcard arm: adding an error kind anywhere fails to compile until someone
+//! decides its errno. Errors that reach the user as EIO are logged with the request that
+//! failed and why (see [`FsError::log_if_unexpected`]).
+
+use crate::s3::{ClientError, ErrorKind};
+
+#[derive(Debug, thiserror::Error)]
+pub enum FsError {
+    #[error("no such file or directory")]
+    NotFound,
+    #[error("not a directory")]
+    NotADirectory,
+    #[error("is a directory")]
+    IsADirectory,
+    #[error("file name longer than 255 bytes")]
+    NameTooLong,
+    #[error("the mount is read-only")]
+    ReadOnly,
+    #[error("the object changed since it was opened")]
+    Stale,
+    #[error("invalid argument: {0}")]
+    Invalid(&'static str),
+    #[error("operation not supported: {0}")]
+    NotSupported(&'static str),
+    #[error("bad file handle")]
+    BadHandle,
+    #[error(transparent)]
+    S3(#[from] ClientError),
+}
+
+impl FsError {
+    pub fn errno(&self) -> i32 {
+        match self {
+            FsError::NotFound => libc::ENOENT,
+            FsError::NotADirectory => libc::ENOTDIR,
+            FsError::IsADirectory => libc::EISDIR,
+            FsError::NameTooLong => libc::ENAMETOOLONG,
+            FsError::ReadOnly => libc::EROFS,
+            FsError::Stale => libc::ESTALE,
+            FsError::Invalid(_) => libc::EINVAL,
+            FsError::NotSupported(_) => libc::ENOTSUP,
+            FsError::BadHandle => libc::EBADF,
+            FsError::S3(e) => match &e.kind {
+                ErrorKind::NoSuchKey => libc::ENOENT,
+                ErrorKind::PreconditionFailed => libc::ESTALE,
+                ErrorKind::AccessDenied
+                | ErrorKind::SignatureDoesNotMatch
+                | ErrorKind::InvalidAccessKeyId => libc::EACCES,
+                ErrorKind::InvalidRequest => libc::EINVAL,
+                ErrorKind::NoSuchBucket
+                | ErrorKind::NoSuchUpload
+                | ErrorKind::InvalidRange
+                | ErrorKind::InvalidPart
+                | ErrorKind::EntityTooSmall
+                | ErrorKind::SlowDown
+                | ErrorKind::InternalError
+                | ErrorKind::ServiceUnavailable
+                | ErrorKind::RequestTimeout
+                | ErrorKind::WrongRegion
+                | ErrorKind::Other(_)
+                | ErrorKind::Connect
+                | ErrorKind::Timeout
+                | ErrorKind::Transport
+                | ErrorKind::InvalidResponse => libc::EIO,
+            },
+        }
+    }
+
+    /// Logs errors the user cannot explain from the errno alone (EIO, EACCES): which request
+    /// failed and why. ENOENT and friends are normal answers and stay at debug level.
+    pub fn log_if_unexpected(&self, what: &str) {
+        match self.errno() {
+            libc::EIO | libc::EACCES => tracing::error!("{what}: {self}"),
+            libc::ESTALE => tracing::warn!("{what}: {self}"),
+            _ => tracing::debug!("{what}: {self}"),
+        }
+    }
+}
+
+/// Turns a client error into the filesystem's: a vanished key is ENOENT, a failed If-Match is
+/// ESTALE, everything else keeps its S3 detail for the log.
+pub fn from_client(e: ClientError) -> FsError {
+    match e.kind {
+        ErrorKind::NoSuchKey => FsError::NotFound,
+        ErrorKind::PreconditionFailed => FsError::Stale,
+        _ => FsError::S3(e),
+    }
+}
+
+pub type FsResult<T> = Result<T, FsError>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::s3::Operation;
+
+    #[test]
+    fn s3_errors_map_to_the_errno_a_user_expects() {
+        let mk = |kind| FsError::S3(ClientError::new(Operation::GetObject, "b", Some("k"), kind));
+        assert_eq!(mk(ErrorKind::AccessDenied).errno(), libc::EACCES);
+        assert_eq!(mk(ErrorKind::NoSuchKey).errno(), libc::ENOENT);
+        assert_eq!(mk(ErrorKind::PreconditionFailed).errno(), libc::ESTALE);
+        assert_eq!(mk(ErrorKind::Timeout).errno(), libc::EIO);
+        assert_eq!(mk(ErrorKind::Other("Weird".into())).errno(), libc::EIO);
+        let stale = from_client(ClientError::new(
+            Operation::GetObject,
+            "b",
+            None,
+            ErrorKind::PreconditionFailed,
+        ));
+        assert!(matches!(stale, FsError::Stale));
+        assert_eq!(FsError::ReadOnly.errno(), libc::EROFS);
+        assert_eq!(FsError::NameTooLong.errno(), libc::ENAMETOOLONG);
+    }
+}

@@ -1,0 +1,270 @@
+//! The inode table: numbers, names, keys and cached attributes.
+//!
+//! An inode's identity (number, parent, name, key, kind) never changes once made; if a name
+//! comes back as another kind (a file replaced by a directory), it gets a new inode and the old
+//! one lives on, unreachable by name, until the kernel forgets it. Cached attributes carry an
+//! expiry (the metadata TTL) and are refreshed by the core when stale.
+//!
+//! Keys: a file's key is the full object key (mount prefix included); a directory's key is its
+//! prefix with the trailing `/` (the root's is the mount prefix, possibly empty).
+//!
+//! Lock order: `InodeTable::tables`, then an inode's `state`; never the other way round.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+pub type Ino = u64;
+pub const ROOT_INO: Ino = 1;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    File,
+    Directory,
+    Symlink,
+}
+
+/// What S3 told us about an object or a directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stat {
+    pub size: u64,
+    pub mtime: SystemTime,
+    pub etag: Option<String>,
+    /// Permission bits from `x-amz-meta-mode`, when the object has them.
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+}
+
+impl Stat {
+    pub fn directory(mtime: SystemTime) -> Self {
+        Self {
+            size: 0,
+            mtime,
+            etag: None,
+            mode: None,
+            uid: None,
+            gid: None,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct InodeState {
+    pub stat: Stat,
+    pub expiry: Instant,
+    /// Lookups the kernel holds on this inode (FUSE's nlookup).
+    pub lookups: u64,
+}
+
+#[derive(Debug)]
+pub struct Inode {
+    pub ino: Ino,
+    pub parent: Ino,
+    pub name: String,
+    pub key: String,
+    pub kind: Kind,
+    pub state: Mutex<InodeState>,
+}
+
+impl Inode {
+    pub fn stat(&self) -> Stat {
+        self.lock().stat.clone()
+    }
+
+    pub fn is_fresh(&self) -> bool {
+        self.lock().expiry > Instant::now()
+    }
+
+    pub fn refresh(&self, stat: Stat, ttl: Duration) {
+        let mut s = self.lock();
+        s.stat = stat;
+        s.expiry = Instant::now() + ttl;
+    }
+
+    pub fn lock(&self) -> std::sync::MutexGuard<'_, InodeState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[derive(Default)]
+struct Tables {
+    by_ino: HashMap<Ino, Arc<Inode>>,
+    by_name: HashMap<(Ino, String), Ino>,
+}
+
+pub struct InodeTable {
+    tables: RwLock<Tables>,
+    next_ino: AtomicU64,
+}
+
+impl InodeTable {
+    pub fn new(root_key: &str) -> Self {
+        let root = Arc::new(Inode {
+            ino: ROOT_INO,
+            parent: ROOT_INO,
+            name: String::new(),
+            key: root_key.to_string(),
+            kind: Kind::Directory,
+            state: Mutex::new(InodeState {
+                stat: Stat::directory(SystemTime::now()),
+                // The root never expires: it exists as long as the mount does.
+                expiry: Instant::now() + Duration::from_secs(100 * 365 * 24 * 3600),
+                lookups: 1,
+            }),
+        });
+        let mut tables = Tables::default();
+        tables.by_ino.insert(ROOT_INO, root);
+        Self {
+            tables: RwLock::new(tables),
+            next_ino: AtomicU64::new(ROOT_INO + 1),
+        }
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Tables> {
+        self.tables.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Tables> {
+        self.tables.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn get(&self, ino: Ino) -> Option<Arc<Inode>> {
+        self.read().by_ino.get(&ino).cloned()
+    }
+
+    pub fn child(&self, parent: Ino, name: &str) -> Option<Arc<Inode>> {
+        let t = self.read();
+        t.by_name
+            .get(&(parent, name.to_string()))
+            .and_then(|ino| t.by_ino.get(ino))
+            .cloned()
+    }
+
+    /// Records that `parent/name` is `kind` with `stat`, valid for `ttl`. Reuses the inode when
+    /// the kind is unchanged, so the kernel's view stays stable across refreshes.
+    pub fn upsert(
+        &self,
+        parent: &Inode,
+        name: &str,
+        kind: Kind,
+        stat: Stat,
+        ttl: Duration,
+    ) -> Arc<Inode> {
+        if let Some(existing) = self.child(parent.ino, name).filter(|i| i.kind == kind) {
+            existing.refresh(stat, ttl);
+            return existing;
+        }
+        let key = match kind {
+            Kind::Directory => format!("{}{name}/", parent.key),
+            Kind::File | Kind::Symlink => format!("{}{name}", parent.key),
+        };
+        let ino = self.next_ino.fetch_add(1, Ordering::Relaxed);
+        let inode = Arc::new(Inode {
+            ino,
+            parent: parent.ino,
+            name: name.to_string(),
+            key,
+            kind,
+            state: Mutex::new(InodeState {
+                stat,
+                expiry: Instant::now() + ttl,
+                lookups: 0,
+            }),
+        });
+        let mut t = self.write();
+        t.by_name.insert((parent.ino, name.to_string()), ino);
+        t.by_ino.insert(ino, inode.clone());
+        inode
+    }
+
+    /// The name no longer exists (deleted out of band, found missing).
+    pub fn remove_name(&self, parent: Ino, name: &str) {
+        self.write().by_name.remove(&(parent, name.to_string()));
+    }
+
+    /// The kernel took one more reference (an entry reply).
+    pub fn add_lookup(&self, inode: &Inode) {
+        inode.lock().lookups += 1;
+    }
+
+    /// The kernel dropped `n` references; an inode nobody references any more is dropped, and
+    /// so is its name if the name still points to it.
+    pub fn forget(&self, ino: Ino, n: u64) {
+        if ino == ROOT_INO {
+            return;
+        }
+        let mut t = self.write();
+        let Some(inode) = t.by_ino.get(&ino).cloned() else {
+            return;
+        };
+        let gone = {
+            let mut s = inode.lock();
+            s.lookups = s.lookups.saturating_sub(n);
+            s.lookups == 0
+        };
+        if gone {
+            t.by_ino.remove(&ino);
+            let name_key = (inode.parent, inode.name.clone());
+            if t.by_name.get(&name_key) == Some(&ino) {
+                t.by_name.remove(&name_key);
+            }
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.read().by_ino.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stat(size: u64) -> Stat {
+        Stat {
+            size,
+            ..Stat::directory(SystemTime::UNIX_EPOCH)
+        }
+    }
+
+    #[test]
+    fn upsert_reuses_same_kind_and_replaces_other_kind() {
+        let t = InodeTable::new("pre/");
+        let root = t.get(ROOT_INO).unwrap();
+        let a = t.upsert(&root, "a", Kind::File, stat(1), Duration::from_secs(1));
+        assert_eq!(a.key, "pre/a");
+        let again = t.upsert(&root, "a", Kind::File, stat(2), Duration::from_secs(1));
+        assert_eq!(a.ino, again.ino);
+        assert_eq!(a.stat().size, 2);
+        let dir = t.upsert(&root, "a", Kind::Directory, stat(0), Duration::from_secs(1));
+        assert_ne!(dir.ino, a.ino);
+        assert_eq!(dir.key, "pre/a/");
+        assert_eq!(t.child(ROOT_INO, "a").unwrap().ino, dir.ino);
+        assert!(
+            t.get(a.ino).is_some(),
+            "the old inode lives until forgotten"
+        );
+    }
+
+    #[test]
+    fn forget_drops_unreferenced_inodes() {
+        let t = InodeTable::new("");
+        let root = t.get(ROOT_INO).unwrap();
+        let a = t.upsert(&root, "a", Kind::File, stat(1), Duration::from_secs(1));
+        t.add_lookup(&a);
+        t.add_lookup(&a);
+        t.forget(a.ino, 1);
+        assert!(t.get(a.ino).is_some());
+        t.forget(a.ino, 1);
+        assert!(t.get(a.ino).is_none());
+        assert!(t.child(ROOT_INO, "a").is_none());
+        t.forget(ROOT_INO, 100);
+        assert!(t.get(ROOT_INO).is_some(), "the root is never forgotten");
+    }
+}

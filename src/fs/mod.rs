@@ -1,0 +1,588 @@
+//! The filesystem core: [`S3Filesystem`], generic over [`ObjectClient`].
+//!
+//! It answers the questions FUSE asks (look up a name, list a directory, read a file) with S3
+//! requests and plain structs; it never sees fuser's reply types or HTTP, so it is tested over
+//! the in-memory mock without FUSE (`src/fuse.rs` is the thin adapter).
+//!
+//! **Names to keys.** A directory is a key prefix ending in `/`. It exists if any key starts with
+//! it: a zero-byte `dir/` marker object, or only deeper keys (an implicit directory). A lookup of
+//! `name` in a directory sends HeadObject on `prefix+name` and a one-key ListObjectsV2 on
+//! `prefix+name/` at the same time; if the listing finds anything, the name is a directory,
+//! which shadows a file of the same name. A directory listing is ListObjectsV2 with delimiter
+//! `/`, paged; its entries carry size and time from the listing, so `ls -l` of a large directory
+//! sends no HEAD per entry. Keys that cannot be file names (empty segments as in `a//b`, `.`,
+//! `..`, names over 255 bytes) are skipped with one warning each.
+//!
+//! **Caching.** Attributes, directory entries and negative lookups are kept for the metadata TTL
+//! (`--metadata-ttl`, default 1 s; 0 disables caching), and the kernel is told the same TTL.
+//! Objects changed by other clients are seen once it has passed.
+//!
+//! **Attributes.** Size and mtime come from S3 (`Last-Modified`); objects written by s3fs-fuse
+//! or by s3mount carry `x-amz-meta-mode`, `-uid`, `-gid` and `-mtime`, which win when present
+//! (they are read on lookup, which sends HeadObject; listings do not carry them).
+
+pub mod error;
+pub mod inode;
+pub mod read;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+
+use crate::s3::{ErrorKind, ListRequest, ObjectClient, ObjectHead};
+use error::{from_client, FsError, FsResult};
+use inode::{Ino, Inode, InodeTable, Kind, Stat, ROOT_INO};
+use read::{BlockCache, MemoryBudget, ReadConfig, ReadContext, ReadHandle};
+
+/// The longest file name Linux accepts.
+pub const MAX_NAME_LEN: usize = 255;
+/// The block size reported to `stat` and `statfs`.
+pub const BLOCK_SIZE: u32 = 4096;
+
+const S_IFMT: u32 = 0o170000;
+const S_IFLNK: u32 = 0o120000;
+
+#[derive(Debug, Clone)]
+pub struct FsConfig {
+    /// Key prefix of the mount's root: empty or ending in `/`.
+    pub prefix: String,
+    pub read_only: bool,
+    pub uid: u32,
+    pub gid: u32,
+    pub file_mode: u16,
+    pub dir_mode: u16,
+    pub metadata_ttl: Duration,
+    /// All read buffers together stay under this many bytes.
+    pub max_memory: u64,
+    pub read: ReadConfig,
+}
+
+impl Default for FsConfig {
+    fn default() -> Self {
+        Self {
+            prefix: String::new(),
+            read_only: false,
+            uid: 0,
+            gid: 0,
+            file_mode: 0o644,
+            dir_mode: 0o755,
+            metadata_ttl: Duration::from_secs(1),
+            max_memory: 256 * 1024 * 1024,
+            read: ReadConfig::default(),
+        }
+    }
+}
+
+/// Attributes as the kernel wants them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attr {
+    pub ino: Ino,
+    pub kind: Kind,
+    pub size: u64,
+    pub mtime: SystemTime,
+    /// Permission bits only (no file type).
+    pub perm: u16,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// One entry of a directory listing.
+#[derive(Debug, Clone)]
+pub struct DirEntry {
+    pub name: String,
+    pub attr: Attr,
+}
+
+/// What `statfs` reports: S3 has no capacity, so a large fixed size.
+#[derive(Debug, Clone, Copy)]
+pub struct Statfs {
+    pub blocks: u64,
+    pub bfree: u64,
+    pub files: u64,
+    pub ffree: u64,
+    pub bsize: u32,
+    pub namelen: u32,
+}
+
+/// Counters for `--debug` logs and benchmarks.
+#[derive(Debug, Default)]
+pub struct FsStats {
+    pub lookups: AtomicU64,
+    pub listings: AtomicU64,
+    pub reads: AtomicU64,
+    pub bytes_read: AtomicU64,
+}
+
+struct DirHandle {
+    entries: Vec<DirEntry>,
+}
+
+pub struct S3Filesystem<C> {
+    client: Arc<C>,
+    config: FsConfig,
+    inodes: InodeTable,
+    negative: Mutex<HashMap<(Ino, String), Instant>>,
+    files: Mutex<HashMap<u64, Arc<ReadHandle<C>>>>,
+    dirs: Mutex<HashMap<u64, Arc<DirHandle>>>,
+    next_handle: AtomicU64,
+    read_ctx: ReadContext<C>,
+    warned_names: Mutex<std::collections::HashSet<String>>,
+    stats: FsStats,
+    mounted_at: SystemTime,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Whether a key segment can be a file name here.
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name != "."
+        && name != ".."
+        && name.len() <= MAX_NAME_LEN
+        && !name.contains('\0')
+}
+
+fn parse_u32(value: Option<&String>) -> Option<u32> {
+    value.and_then(|v| v.trim().parse().ok())
+}
+
+/// `x-amz-meta-mtime`: seconds since the epoch, possibly with a fraction.
+fn parse_mtime(value: Option<&String>) -> Option<SystemTime> {
+    let v = value?.trim();
+    let (secs, frac) = v.split_once('.').unwrap_or((v, ""));
+    let secs: u64 = secs.parse().ok()?;
+    let nanos: u32 = if frac.is_empty() {
+        0
+    } else {
+        let digits: String = frac.chars().take(9).collect();
+        format!("{digits:0<9}").parse().ok()?
+    };
+    Some(SystemTime::UNIX_EPOCH + Duration::new(secs, nanos))
+}
+
+/// Attributes of an object from its HEAD: s3fs-style metadata wins over S3's own.
+fn stat_of_head(head: &ObjectHead) -> (Kind, Stat) {
+    let mode = parse_u32(head.metadata.get("mode"));
+    let kind = if mode.is_some_and(|m| m & S_IFMT == S_IFLNK) {
+        Kind::Symlink
+    } else {
+        Kind::File
+    };
+    let stat = Stat {
+        size: head.size,
+        mtime: parse_mtime(head.metadata.get("mtime")).unwrap_or(head.last_modified),
+        etag: Some(head.etag.clone()),
+        mode,
+        uid: parse_u32(head.metadata.get("uid")),
+        gid: parse_u32(head.metadata.get("gid")),
+    };
+    (kind, stat)
+}
+
+impl<C: ObjectClient> S3Filesystem<C> {
+    pub fn new(client: Arc<C>, mut config: FsConfig) -> Self {
+        if !config.prefix.is_empty() && !config.prefix.ends_with('/') {
+            config.prefix.push('/');
+        }
+        // One eighth of the memory for the random-read block cache, the rest for prefetch.
+        let cache_blocks = (config.max_memory / 8 / config.read.block_size.max(1)) as usize;
+        let read_ctx = ReadContext {
+            client: client.clone(),
+            budget: Arc::new(MemoryBudget::new(config.max_memory - config.max_memory / 8)),
+            blocks: Arc::new(BlockCache::new(cache_blocks)),
+            config: config.read.clone(),
+        };
+        Self {
+            inodes: InodeTable::new(&config.prefix),
+            client,
+            config,
+            negative: Mutex::new(HashMap::new()),
+            files: Mutex::new(HashMap::new()),
+            dirs: Mutex::new(HashMap::new()),
+            next_handle: AtomicU64::new(1),
+            read_ctx,
+            warned_names: Mutex::new(Default::default()),
+            stats: FsStats::default(),
+            mounted_at: SystemTime::now(),
+        }
+    }
+
+    pub fn config(&self) -> &FsConfig {
+        &self.config
+    }
+
+    pub fn stats(&self) -> &FsStats {
+        &self.stats
+    }
+
+    pub fn memory_in_use(&self) -> u64 {
+        self.read_ctx.budget.in_use_bytes()
+    }
+
+    pub fn ttl(&self) -> Duration {
+        self.config.metadata_ttl
+    }
+
+    fn inode(&self, ino: Ino) -> FsResult<Arc<Inode>> {
+        self.inodes.get(ino).ok_or(FsError::NotFound)
+    }
+
+    fn dir_inode(&self, ino: Ino) -> FsResult<Arc<Inode>> {
+        let inode = self.inode(ino)?;
+        if inode.kind != Kind::Directory {
+            return Err(FsError::NotADirectory);
+        }
+        Ok(inode)
+    }
+
+    pub fn attr_of(&self, inode: &Inode) -> Attr {
+        let stat = inode.stat();
+        let default_perm = match inode.kind {
+            Kind::Directory => self.config.dir_mode,
+            Kind::File => self.config.file_mode,
+            Kind::Symlink => 0o777,
+        };
+        Attr {
+            ino: inode.ino,
+            kind: inode.kind,
+            size: stat.size,
+            mtime: stat.mtime,
+            perm: stat.mode.map_or(default_perm, |m| (m & 0o7777) as u16),
+            uid: stat.uid.unwrap_or(self.config.uid),
+            gid: stat.gid.unwrap_or(self.config.gid),
+        }
+    }
+
+    fn warn_skipped(&self, key: &str) {
+        if lock(&self.warned_names).insert(key.to_string()) {
+            tracing::warn!(key, "skipping a key that cannot be a file name (empty segment, '.', '..' or over 255 bytes)");
+        }
+    }
+
+    /// Looks `name` up in `parent` and counts one kernel reference on the result.
+    pub async fn lookup(&self, parent: Ino, name: &str) -> FsResult<Attr> {
+        if name.len() > MAX_NAME_LEN {
+            return Err(FsError::NameTooLong);
+        }
+        let inode = self.resolve(parent, name).await?;
+        self.inodes.add_lookup(&inode);
+        Ok(self.attr_of(&inode))
+    }
+
+    async fn resolve(&self, parent: Ino, name: &str) -> FsResult<Arc<Inode>> {
+        let dir = self.dir_inode(parent)?;
+        if !valid_name(name) {
+            return Err(FsError::NotFound);
+        }
+        let ttl = self.config.metadata_ttl;
+        if let Some(child) = self.inodes.child(parent, name) {
+            if child.is_fresh() {
+                return Ok(child);
+            }
+        }
+        let neg_key = (parent, name.to_string());
+        if lock(&self.negative)
+            .get(&neg_key)
+            .is_some_and(|exp| *exp > Instant::now())
+        {
+            return Err(FsError::NotFound);
+        }
+        self.stats.lookups.fetch_add(1, Ordering::Relaxed);
+
+        let key = format!("{}{name}", dir.key);
+        let dir_prefix = format!("{key}/");
+        let listing = ListRequest {
+            prefix: &dir_prefix,
+            delimiter: Some("/"),
+            max_keys: Some(1),
+            ..Default::default()
+        };
+        let (head, list) = tokio::join!(
+            self.client.head_object(&key),
+            self.client.list_objects(&listing)
+        );
+        let list = list.map_err(from_client)?;
+        if !list.objects.is_empty() || !list.common_prefixes.is_empty() {
+            let mtime = list
+                .objects
+                .first()
+                .filter(|o| o.key == dir_prefix)
+                .map_or(self.mounted_at, |o| o.last_modified);
+            lock(&self.negative).remove(&neg_key);
+            return Ok(self.inodes.upsert(
+                &dir,
+                name,
+                Kind::Directory,
+                Stat::directory(mtime),
+                ttl,
+            ));
+        }
+        match head {
+            Ok(head) => {
+                let (kind, stat) = stat_of_head(&head);
+                lock(&self.negative).remove(&neg_key);
+                Ok(self.inodes.upsert(&dir, name, kind, stat, ttl))
+            }
+            Err(e) if e.kind == ErrorKind::NoSuchKey => {
+                self.inodes.remove_name(parent, name);
+                if !ttl.is_zero() {
+                    lock(&self.negative).insert(neg_key, Instant::now() + ttl);
+                }
+                Err(FsError::NotFound)
+            }
+            Err(e) => Err(from_client(e)),
+        }
+    }
+
+    pub fn forget(&self, ino: Ino, n: u64) {
+        self.inodes.forget(ino, n);
+    }
+
+    /// The kernel took a reference through a readdirplus entry.
+    pub fn entry_returned(&self, ino: Ino) {
+        if let Some(inode) = self.inodes.get(ino) {
+            self.inodes.add_lookup(&inode);
+        }
+    }
+
+    pub async fn getattr(&self, ino: Ino) -> FsResult<Attr> {
+        let inode = self.inode(ino)?;
+        if inode.is_fresh() || inode.kind == Kind::Directory {
+            if inode.kind == Kind::Directory && !inode.is_fresh() {
+                let stat = inode.stat();
+                inode.refresh(stat, self.config.metadata_ttl);
+            }
+            return Ok(self.attr_of(&inode));
+        }
+        match self.client.head_object(&inode.key).await {
+            Ok(head) => {
+                let (_, stat) = stat_of_head(&head);
+                inode.refresh(stat, self.config.metadata_ttl);
+                Ok(self.attr_of(&inode))
+            }
+            Err(e) => {
+                if e.kind == ErrorKind::NoSuchKey {
+                    self.inodes.remove_name(inode.parent, &inode.name);
+                }
+                Err(from_client(e))
+            }
+        }
+    }
+
+    /// Lists a directory whole (paged ListObjectsV2) and keeps the entries for `readdir`.
+    pub async fn opendir(&self, ino: Ino) -> FsResult<u64> {
+        let dir = self.dir_inode(ino)?;
+        let entries = self.list_dir(&dir).await?;
+        let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
+        lock(&self.dirs).insert(fh, Arc::new(DirHandle { entries }));
+        Ok(fh)
+    }
+
+    async fn list_dir(&self, dir: &Arc<Inode>) -> FsResult<Vec<DirEntry>> {
+        let ttl = self.config.metadata_ttl;
+        let mut found: BTreeMap<String, (Kind, Stat)> = BTreeMap::new();
+        let mut token: Option<String> = None;
+        loop {
+            self.stats.listings.fetch_add(1, Ordering::Relaxed);
+            let page = self
+                .client
+                .list_objects(&ListRequest {
+                    prefix: &dir.key,
+                    delimiter: Some("/"),
+                    continuation_token: token.as_deref(),
+                    ..Default::default()
+                })
+                .await
+                .map_err(from_client)?;
+            for obj in page.objects {
+                let name = &obj.key[dir.key.len()..];
+                if name.is_empty() {
+                    continue; // the directory's own marker
+                }
+                if !valid_name(name) {
+                    self.warn_skipped(&obj.key);
+                    continue;
+                }
+                let stat = Stat {
+                    size: obj.size,
+                    mtime: obj.last_modified,
+                    etag: Some(obj.etag),
+                    mode: None,
+                    uid: None,
+                    gid: None,
+                };
+                found.entry(name.to_string()).or_insert((Kind::File, stat));
+            }
+            for prefix in page.common_prefixes {
+                let name = prefix[dir.key.len()..].trim_end_matches('/');
+                if !valid_name(name) || prefix.len() - dir.key.len() != name.len() + 1 {
+                    self.warn_skipped(&prefix);
+                    continue;
+                }
+                // A directory shadows a file of the same name.
+                found.insert(
+                    name.to_string(),
+                    (Kind::Directory, Stat::directory(self.mounted_at)),
+                );
+            }
+            match page.next_continuation_token {
+                Some(t) => token = Some(t),
+                None => break,
+            }
+        }
+        let mut entries = Vec::with_capacity(found.len());
+        for (name, (kind, stat)) in found {
+            // Keep what a HEAD already told us (symlinks, s3fs metadata) while it is fresh and
+            // the object has not changed.
+            let known = self.inodes.child(dir.ino, &name).filter(|c| {
+                c.is_fresh()
+                    && (c.kind == kind || (kind == Kind::File && c.kind == Kind::Symlink))
+                    && c.stat().etag == stat.etag
+            });
+            let inode = match known {
+                Some(c) => c,
+                None => self.inodes.upsert(dir, &name, kind, stat, ttl),
+            };
+            entries.push(DirEntry {
+                name,
+                attr: self.attr_of(&inode),
+            });
+        }
+        Ok(entries)
+    }
+
+    /// Entries from `offset` on. Offsets: 0 is the start, `i + 1` follows entry `i`; `.` and
+    /// `..` come first.
+    pub fn readdir(&self, ino: Ino, fh: u64, offset: u64) -> FsResult<Vec<(u64, DirEntry)>> {
+        let dir = self.dir_inode(ino)?;
+        let handle = lock(&self.dirs)
+            .get(&fh)
+            .cloned()
+            .ok_or(FsError::BadHandle)?;
+        let parent_attr = self
+            .inodes
+            .get(dir.parent)
+            .map(|p| self.attr_of(&p))
+            .unwrap_or_else(|| self.attr_of(&dir));
+        let dots = [
+            DirEntry {
+                name: ".".into(),
+                attr: self.attr_of(&dir),
+            },
+            DirEntry {
+                name: "..".into(),
+                attr: parent_attr,
+            },
+        ];
+        Ok(dots
+            .into_iter()
+            .chain(handle.entries.iter().cloned())
+            .enumerate()
+            .skip(offset as usize)
+            .map(|(i, e)| (i as u64 + 1, e))
+            .collect())
+    }
+
+    pub fn releasedir(&self, fh: u64) {
+        lock(&self.dirs).remove(&fh);
+    }
+
+    /// Opens a file for reading, pinned to its current ETag.
+    pub async fn open(&self, ino: Ino, write: bool) -> FsResult<u64> {
+        let inode = self.inode(ino)?;
+        match inode.kind {
+            Kind::Directory => return Err(FsError::IsADirectory),
+            Kind::Symlink => return Err(FsError::Invalid("cannot open a symlink")),
+            Kind::File => {}
+        }
+        if write {
+            return Err(if self.config.read_only {
+                FsError::ReadOnly
+            } else {
+                FsError::NotSupported("writing files")
+            });
+        }
+        // Open always checks with S3, so a handle never starts on a stale version.
+        let head = self.client.head_object(&inode.key).await.map_err(|e| {
+            if e.kind == ErrorKind::NoSuchKey {
+                self.inodes.remove_name(inode.parent, &inode.name);
+            }
+            from_client(e)
+        })?;
+        let (_, stat) = stat_of_head(&head);
+        inode.refresh(stat, self.config.metadata_ttl);
+        let handle = ReadHandle::new(
+            inode.key.clone(),
+            head.etag,
+            head.size,
+            self.read_ctx.clone(),
+        );
+        let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
+        lock(&self.files).insert(fh, Arc::new(handle));
+        Ok(fh)
+    }
+
+    pub async fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Bytes> {
+        let handle = lock(&self.files)
+            .get(&fh)
+            .cloned()
+            .ok_or(FsError::BadHandle)?;
+        let data = handle.read(offset, size as u64).await?;
+        self.stats.reads.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .bytes_read
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
+        Ok(data)
+    }
+
+    pub fn release(&self, fh: u64) {
+        lock(&self.files).remove(&fh);
+    }
+
+    /// A symlink's target is its object's content (as s3fs-fuse stores it).
+    pub async fn readlink(&self, ino: Ino) -> FsResult<Vec<u8>> {
+        let inode = self.inode(ino)?;
+        if inode.kind != Kind::Symlink {
+            return Err(FsError::Invalid("not a symlink"));
+        }
+        let out = self
+            .client
+            .get_object(&inode.key, None, None)
+            .await
+            .map_err(from_client)?;
+        let len = out.head.size as usize;
+        Ok(out.body.collect(len).await.map_err(from_client)?.to_vec())
+    }
+
+    pub fn statfs(&self) -> Statfs {
+        Statfs {
+            blocks: 1 << 40,
+            bfree: 1 << 40,
+            files: 1 << 32,
+            ffree: 1 << 32,
+            bsize: BLOCK_SIZE,
+            namelen: MAX_NAME_LEN as u32,
+        }
+    }
+
+    /// Refuses every change on a read-only mount, and says which errno changes get otherwise.
+    pub fn refuse_change(&self, what: &'static str) -> FsError {
+        if self.config.read_only {
+            FsError::ReadOnly
+        } else {
+            FsError::NotSupported(what)
+        }
+    }
+
+    pub fn root_ino(&self) -> Ino {
+        ROOT_INO
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,535 @@
+//! Reading objects: the memory budget, the sequential prefetcher and the random-read block
+//! cache.
+//!
+//! **Prefetch.** A read handle keeps a queue of ranged GETs running ahead of the reader, each a
+//! tokio task. The window starts small (one request of `first_request` bytes) so a program
+//! that reads only a header does not pull megabytes, and each request is twice the size of the
+//! one before, up to `max_request`, with up to `requests_ahead` of them in flight: on a fast
+//! link several requests stream at once, which is what makes one reader go at the network's
+//! speed rather than one request's. A read at the expected offset keeps the window; a read
+//! anywhere inside the window (the kernel sends readahead slightly out of order) is served from
+//! it; a small backward seek is served from the last chunk consumed, which is kept for that;
+//! anything else is a seek, which drops the window and starts again small.
+//!
+//! **Random reads** (not at the expected offset) fetch only the aligned blocks that cover them,
+//! in one GET, and keep them in an LRU cache shared by all handles.
+//!
+//! **Memory.** Every prefetch request reserves its size from one [`MemoryBudget`] before it is
+//! sent and gives it back when its data has been consumed and dropped, so all readers together
+//! never hold more than `--max-memory` of prefetched data; a reader that finds the budget spent
+//! waits for room instead of growing memory.
+//!
+//! **Consistency.** Every GET carries `If-Match` with the ETag the handle opened; if the object
+//! is replaced, S3 answers 412 and the read fails with ESTALE instead of mixing two versions.
+
+use std::collections::VecDeque;
+use std::num::NonZeroUsize;
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
+
+use bytes::{Bytes, BytesMut};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinHandle;
+
+use super::error::{from_client, FsError, FsResult};
+use crate::s3::ObjectClient;
+
+/// The budget is counted in units of this size.
+const BUDGET_UNIT: u64 = 64 * 1024;
+
+/// One memory budget for every buffer of the mount.
+pub struct MemoryBudget {
+    semaphore: Arc<Semaphore>,
+    total_units: u32,
+}
+
+/// Memory held until dropped.
+pub struct Reservation {
+    _permit: OwnedSemaphorePermit,
+}
+
+impl MemoryBudget {
+    pub fn new(bytes: u64) -> Self {
+        let units = (bytes / BUDGET_UNIT).clamp(16, u32::MAX as u64) as u32;
+        Self {
+            semaphore: Arc::new(Semaphore::new(units as usize)),
+            total_units: units,
+        }
+    }
+
+    /// Waits until `bytes` fit in the budget. A request larger than the whole budget gets the
+    /// whole budget, so it still makes progress.
+    pub async fn reserve(&self, bytes: u64) -> Reservation {
+        let units = bytes
+            .div_ceil(BUDGET_UNIT)
+            .clamp(1, self.total_units as u64) as u32;
+        let permit = self
+            .semaphore
+            .clone()
+            .acquire_many_owned(units)
+            .await
+            .expect("the budget's semaphore is never closed");
+        Reservation { _permit: permit }
+    }
+
+    pub fn in_use_bytes(&self) -> u64 {
+        (self.total_units as u64 - self.semaphore.available_permits() as u64) * BUDGET_UNIT
+    }
+
+    pub fn total_bytes(&self) -> u64 {
+        self.total_units as u64 * BUDGET_UNIT
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ReadConfig {
+    pub first_request: u64,
+    pub max_request: u64,
+    pub requests_ahead: usize,
+    /// Alignment and size of random-read blocks.
+    pub block_size: u64,
+}
+
+impl Default for ReadConfig {
+    fn default() -> Self {
+        Self {
+            first_request: 256 * 1024,
+            max_request: 8 * 1024 * 1024,
+            requests_ahead: 4,
+            block_size: 128 * 1024,
+        }
+    }
+}
+
+type BlockKey = (String, String, u64);
+
+/// Blocks fetched by random reads, shared by all handles, keyed by (key, ETag, block index) so
+/// a replaced object never serves old blocks to a new handle.
+pub struct BlockCache {
+    blocks: Mutex<lru::LruCache<BlockKey, Bytes>>,
+}
+
+impl BlockCache {
+    pub fn new(capacity_blocks: usize) -> Self {
+        Self {
+            blocks: Mutex::new(lru::LruCache::new(
+                NonZeroUsize::new(capacity_blocks.max(1)).expect("at least one block"),
+            )),
+        }
+    }
+
+    fn get(&self, key: &BlockKey) -> Option<Bytes> {
+        self.blocks.lock().ok()?.get(key).cloned()
+    }
+
+    fn put(&self, key: BlockKey, data: Bytes) {
+        if let Ok(mut b) = self.blocks.lock() {
+            b.put(key, data);
+        }
+    }
+}
+
+type Fetch = JoinHandle<FsResult<(Bytes, Reservation)>>;
+
+enum ChunkData {
+    Pending(Fetch),
+    Ready(Bytes, Reservation),
+    /// Moved out of the window.
+    Retired,
+}
+
+struct Chunk {
+    range: Range<u64>,
+    data: ChunkData,
+}
+
+impl Chunk {
+    /// Waits for the chunk's data.
+    async fn ready(&mut self) -> FsResult<&Bytes> {
+        if let ChunkData::Pending(task) = &mut self.data {
+            let (bytes, reservation) = task
+                .await
+                .map_err(|_| FsError::Invalid("prefetch task ended unexpectedly"))??;
+            self.data = ChunkData::Ready(bytes, reservation);
+        }
+        match &self.data {
+            ChunkData::Ready(bytes, _) => Ok(bytes),
+            ChunkData::Pending(_) | ChunkData::Retired => Err(FsError::BadHandle),
+        }
+    }
+}
+
+impl Drop for Chunk {
+    fn drop(&mut self) {
+        if let ChunkData::Pending(task) = &self.data {
+            task.abort();
+        }
+    }
+}
+
+/// The state of one open file's reads.
+struct Prefetcher {
+    chunks: VecDeque<Chunk>,
+    next_request: u64,
+    /// Where a sequential reader reads next.
+    expected: u64,
+    /// The last chunk consumed, for small backward seeks; it keeps its memory reservation.
+    previous: Option<(u64, Bytes, Reservation)>,
+}
+
+/// What a read needs from the rest of the filesystem.
+pub struct ReadContext<C> {
+    pub client: Arc<C>,
+    pub budget: Arc<MemoryBudget>,
+    pub blocks: Arc<BlockCache>,
+    pub config: ReadConfig,
+}
+
+impl<C> Clone for ReadContext<C> {
+    fn clone(&self) -> Self {
+        Self {
+            client: self.client.clone(),
+            budget: self.budget.clone(),
+            blocks: self.blocks.clone(),
+            config: self.config.clone(),
+        }
+    }
+}
+
+/// An open file, pinned to the ETag it was opened with.
+pub struct ReadHandle<C> {
+    pub key: String,
+    pub etag: String,
+    pub size: u64,
+    ctx: ReadContext<C>,
+    state: tokio::sync::Mutex<Prefetcher>,
+}
+
+impl<C: ObjectClient> ReadHandle<C> {
+    pub fn new(key: String, etag: String, size: u64, ctx: ReadContext<C>) -> Self {
+        let first = ctx.config.first_request;
+        Self {
+            key,
+            etag,
+            size,
+            ctx,
+            state: tokio::sync::Mutex::new(Prefetcher {
+                chunks: VecDeque::new(),
+                next_request: first,
+                expected: 0,
+                previous: None,
+            }),
+        }
+    }
+
+    /// Reads up to `len` bytes at `offset` (fewer only at the end of the object).
+    pub async fn read(&self, offset: u64, len: u64) -> FsResult<Bytes> {
+        let end = offset.saturating_add(len).min(self.size);
+        if offset >= end {
+            return Ok(Bytes::new());
+        }
+        let mut p = self.state.lock().await;
+
+        if let Some((start, data, _)) = &p.previous {
+            let prev_end = start + data.len() as u64;
+            if *start <= offset && end <= prev_end {
+                return Ok(data.slice((offset - start) as usize..(end - start) as usize));
+            }
+        }
+        let in_window = p
+            .chunks
+            .front()
+            .zip(p.chunks.back())
+            .is_some_and(|(f, b)| f.range.start <= offset && offset < b.range.end);
+        if !in_window {
+            if offset != p.expected {
+                // A seek: drop the window, serve this read from blocks.
+                p.chunks.clear();
+                p.next_request = self.ctx.config.first_request;
+                p.expected = end;
+                drop(p);
+                return self.read_blocks(offset, end).await;
+            }
+            p.chunks.clear();
+            self.top_up(&mut p, offset);
+        }
+
+        let mut out: Option<BytesMut> = None;
+        let mut single: Option<Bytes> = None;
+        let mut pos = offset;
+        while pos < end {
+            // Chunks wholly before `pos` are done with.
+            while p.chunks.front().is_some_and(|c| c.range.end <= pos) {
+                Self::retire_front(&mut p);
+            }
+            if p.chunks.is_empty() {
+                self.top_up(&mut p, pos);
+            }
+            if p.chunks
+                .front()
+                .is_some_and(|c| matches!(c.data, ChunkData::Pending(_)))
+            {
+                // Its fetch may be waiting for memory: give back what the backward-seek
+                // buffer holds, or a small budget could wait on itself forever.
+                p.previous = None;
+            }
+            let chunk = p.chunks.front_mut().expect("topped up");
+            let (start, chunk_end) = (chunk.range.start, chunk.range.end);
+            let data = chunk.ready().await?.clone();
+            if data.len() as u64 != chunk_end - start {
+                return Err(FsError::Invalid("short read from S3"));
+            }
+            let from = (pos - start) as usize;
+            let to = (end.min(chunk_end) - start) as usize;
+            let piece = data.slice(from..to);
+            pos += piece.len() as u64;
+            match (&mut out, &single) {
+                (None, None) => single = Some(piece),
+                (None, Some(first)) => {
+                    let mut buf = BytesMut::with_capacity((end - offset) as usize);
+                    buf.extend_from_slice(first);
+                    buf.extend_from_slice(&piece);
+                    out = Some(buf);
+                }
+                (Some(buf), _) => buf.extend_from_slice(&piece),
+            }
+            if pos >= chunk_end {
+                Self::retire_front(&mut p);
+            }
+            self.top_up(&mut p, pos);
+        }
+        p.expected = end;
+        Ok(match out {
+            Some(buf) => buf.freeze(),
+            None => single.unwrap_or_default(),
+        })
+    }
+
+    /// Moves the front chunk out of the window, keeping its data for small backward seeks.
+    fn retire_front(p: &mut Prefetcher) {
+        if let Some(mut chunk) = p.chunks.pop_front() {
+            if let ChunkData::Ready(bytes, reservation) =
+                std::mem::replace(&mut chunk.data, ChunkData::Retired)
+            {
+                p.previous = Some((chunk.range.start, bytes, reservation));
+            }
+        }
+    }
+
+    /// Starts GETs until the window reaches `requests_ahead` requests past `pos`.
+    fn top_up(&self, p: &mut Prefetcher, pos: u64) {
+        let cfg = &self.ctx.config;
+        let mut next = p.chunks.back().map_or(pos, |c| c.range.end);
+        while p.chunks.len() < cfg.requests_ahead && next < self.size {
+            let range = next..(next + p.next_request).min(self.size);
+            next = range.end;
+            p.next_request = (p.next_request * 2).min(cfg.max_request);
+            let task = self.spawn_fetch(range.clone());
+            p.chunks.push_back(Chunk {
+                range,
+                data: ChunkData::Pending(task),
+            });
+        }
+    }
+
+    fn spawn_fetch(&self, range: Range<u64>) -> Fetch {
+        let ctx = self.ctx.clone();
+        let key = self.key.clone();
+        let etag = self.etag.clone();
+        tokio::spawn(async move {
+            let len = range.end - range.start;
+            let reservation = ctx.budget.reserve(len).await;
+            let bytes = fetch(&*ctx.client, &key, &etag, range).await?;
+            Ok((bytes, reservation))
+        })
+    }
+
+    /// A random read: the aligned blocks covering `offset..end`, from the cache or one GET.
+    async fn read_blocks(&self, offset: u64, end: u64) -> FsResult<Bytes> {
+        let bs = self.ctx.config.block_size;
+        let first = offset / bs;
+        let last = (end - 1) / bs;
+        let key_of = |b: u64| (self.key.clone(), self.etag.clone(), b);
+        let mut blocks: Vec<Option<Bytes>> = (first..=last)
+            .map(|b| self.ctx.blocks.get(&key_of(b)))
+            .collect();
+        if let (Some(lo), Some(hi)) = (
+            blocks.iter().position(Option::is_none),
+            blocks.iter().rposition(Option::is_none),
+        ) {
+            let span = (first + lo as u64) * bs..((first + hi as u64 + 1) * bs).min(self.size);
+            let _reservation = self.ctx.budget.reserve(span.end - span.start).await;
+            let data = fetch(&*self.ctx.client, &self.key, &self.etag, span.clone()).await?;
+            for i in lo..=hi {
+                let b = first + i as u64;
+                let from = (b * bs - span.start) as usize;
+                let to = (((b + 1) * bs).min(self.size) - span.start) as usize;
+                let block = data.slice(from..to);
+                self.ctx.blocks.put(key_of(b), block.clone());
+                blocks[i] = Some(block);
+            }
+        }
+        let mut out = BytesMut::with_capacity((end - offset) as usize);
+        for (i, block) in blocks.into_iter().enumerate() {
+            let block = block.expect("filled above");
+            let block_start = (first + i as u64) * bs;
+            let from = offset.saturating_sub(block_start) as usize;
+            let to = ((end - block_start) as usize).min(block.len());
+            out.extend_from_slice(&block[from..to]);
+        }
+        Ok(out.freeze())
+    }
+}
+
+/// One ranged GET pinned to `etag`, checked for length.
+async fn fetch<C: ObjectClient>(
+    client: &C,
+    key: &str,
+    etag: &str,
+    range: Range<u64>,
+) -> FsResult<Bytes> {
+    let len = (range.end - range.start) as usize;
+    let out = client
+        .get_object(key, Some(range), Some(etag))
+        .await
+        .map_err(from_client)?;
+    let bytes = out.body.collect(len).await.map_err(from_client)?;
+    if bytes.len() != len {
+        tracing::error!(
+            key,
+            expected = len,
+            got = bytes.len(),
+            "GET returned a short body"
+        );
+        return Err(FsError::Invalid("short read from S3"));
+    }
+    Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::s3::{MockClient, Operation};
+
+    fn handle(mock: Arc<MockClient>, size: usize, budget: u64) -> ReadHandle<MockClient> {
+        let data: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+        mock.insert("k", data);
+        let etag = mock.object("k").unwrap().etag;
+        let ctx = ReadContext {
+            client: mock,
+            budget: Arc::new(MemoryBudget::new(budget)),
+            blocks: Arc::new(BlockCache::new(16)),
+            config: ReadConfig {
+                first_request: 64 * 1024,
+                max_request: 256 * 1024,
+                requests_ahead: 3,
+                block_size: 16 * 1024,
+            },
+        };
+        ReadHandle::new("k".into(), etag, size as u64, ctx)
+    }
+
+    fn expected(offset: u64, len: u64, size: u64) -> Vec<u8> {
+        (offset..(offset + len).min(size))
+            .map(|i| (i % 251) as u8)
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn sequential_reads_prefetch_with_growing_requests() {
+        let mock = Arc::new(MockClient::new("b"));
+        let size = 3 * 1024 * 1024 + 7;
+        let h = handle(mock.clone(), size, 64 << 20);
+        let mut off = 0;
+        while off < size as u64 {
+            let got = h.read(off, 128 * 1024).await.unwrap();
+            assert_eq!(got, expected(off, 128 * 1024, size as u64), "at {off}");
+            off += got.len() as u64;
+        }
+        // 64K, 128K, then 256K requests: far fewer GETs than the 25 reads.
+        let gets = mock.count(Operation::GetObject);
+        assert!((13..=15).contains(&gets), "{gets} GETs");
+        assert!(h.read(size as u64, 10).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn small_backward_seek_and_out_of_order_reads_keep_the_window() {
+        let mock = Arc::new(MockClient::new("b"));
+        let size = 1024 * 1024;
+        let h = handle(mock.clone(), size, 64 << 20);
+        assert_eq!(
+            h.read(0, 4096).await.unwrap(),
+            expected(0, 4096, size as u64)
+        );
+        assert_eq!(
+            h.read(8192, 4096).await.unwrap(),
+            expected(8192, 4096, size as u64)
+        );
+        assert_eq!(
+            h.read(4096, 4096).await.unwrap(),
+            expected(4096, 4096, size as u64)
+        );
+        assert_eq!(
+            h.read(70_000, 100_000).await.unwrap(),
+            expected(70_000, 100_000, size as u64)
+        );
+        assert_eq!(
+            h.read(60_000, 1000).await.unwrap(),
+            expected(60_000, 1000, size as u64),
+            "backward within the last chunk"
+        );
+        let gets = mock.count(Operation::GetObject);
+        assert!(gets <= 4, "no extra GETs for in-window reads: {gets}");
+    }
+
+    #[tokio::test]
+    async fn random_reads_fetch_aligned_blocks_once() {
+        let mock = Arc::new(MockClient::new("b"));
+        let size = 1024 * 1024;
+        let h = handle(mock.clone(), size, 64 << 20);
+        let got = h.read(500_000, 4096).await.unwrap();
+        assert_eq!(got, expected(500_000, 4096, size as u64));
+        assert_eq!(mock.count(Operation::GetObject), 1);
+        // Inside the same 16 KiB block: from the cache.
+        let got = h.read(500_100, 100).await.unwrap();
+        assert_eq!(got, expected(500_100, 100, size as u64));
+        assert_eq!(mock.count(Operation::GetObject), 1);
+        let got = h.read(200_000, 40_000).await.unwrap();
+        assert_eq!(got, expected(200_000, 40_000, size as u64));
+        assert_eq!(
+            mock.count(Operation::GetObject),
+            2,
+            "one GET covers several blocks"
+        );
+    }
+
+    #[tokio::test]
+    async fn replaced_object_reads_fail_stale() {
+        let mock = Arc::new(MockClient::new("b"));
+        let h = handle(mock.clone(), 2_000_000, 64 << 20);
+        assert_eq!(h.read(0, 10).await.unwrap().len(), 10);
+        mock.insert("k", vec![9u8; 2_000_000]);
+        // Already prefetched: still the version the handle opened.
+        assert_eq!(h.read(10, 10).await.unwrap(), expected(10, 10, 2_000_000));
+        // Beyond the window: a new GET, refused by If-Match.
+        let err = h.read(1_500_000, 10).await.unwrap_err();
+        assert!(matches!(err, FsError::Stale), "{err:?}");
+        assert_eq!(err.errno(), libc::ESTALE);
+    }
+
+    #[tokio::test]
+    async fn budget_bounds_prefetch_memory() {
+        let mock = Arc::new(MockClient::new("b"));
+        let size = 4 * 1024 * 1024;
+        // A budget smaller than one window: readers wait for room but still finish.
+        let h = Arc::new(handle(mock.clone(), size, 1 << 20));
+        let budget = h.ctx.budget.clone();
+        let mut off = 0;
+        while off < size as u64 {
+            let got = h.read(off, 128 * 1024).await.unwrap();
+            assert!(budget.in_use_bytes() <= budget.total_bytes());
+            off += got.len() as u64;
+        }
+        assert_eq!(off, size as u64);
+    }
+}

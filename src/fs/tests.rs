@@ -1,0 +1,275 @@
+//! Core tests: the filesystem over the in-memory mock, no FUSE.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::*;
+use crate::s3::{MockClient, ObjectAttributes, ObjectClient, Operation, PutBody};
+
+fn fs_with(keys: &[&str], ttl: Duration) -> (Arc<MockClient>, S3Filesystem<MockClient>) {
+    let mock = Arc::new(MockClient::new("b"));
+    for k in keys {
+        mock.insert(k, format!("content of {k}"));
+    }
+    let config = FsConfig {
+        metadata_ttl: ttl,
+        uid: 1000,
+        gid: 1000,
+        ..FsConfig::default()
+    };
+    (mock.clone(), S3Filesystem::new(mock, config))
+}
+
+async fn names(fs: &S3Filesystem<MockClient>, ino: Ino) -> Vec<(String, Kind)> {
+    let fh = fs.opendir(ino).await.unwrap();
+    let entries = fs.readdir(ino, fh, 0).unwrap();
+    fs.releasedir(fh);
+    entries
+        .into_iter()
+        .skip(2)
+        .map(|(_, e)| (e.name, e.attr.kind))
+        .collect()
+}
+
+async fn path(fs: &S3Filesystem<MockClient>, p: &str) -> FsResult<Attr> {
+    let mut ino = ROOT_INO;
+    let mut attr = fs.getattr(ino).await?;
+    for part in p.split('/').filter(|s| !s.is_empty()) {
+        attr = fs.lookup(ino, part).await?;
+        ino = attr.ino;
+    }
+    Ok(attr)
+}
+
+#[tokio::test]
+async fn markers_implicit_directories_and_shadowing() {
+    let (_m, fs) = fs_with(
+        &[
+            "a.txt",
+            "marker/",
+            "implicit/deep/x",
+            "both",
+            "both/inner",
+            "bad//name",
+            "dots/../up",
+            "dots/./here",
+        ],
+        Duration::from_secs(1),
+    );
+    assert_eq!(
+        names(&fs, ROOT_INO).await,
+        vec![
+            ("a.txt".into(), Kind::File),
+            ("bad".into(), Kind::Directory),
+            ("both".into(), Kind::Directory),
+            ("dots".into(), Kind::Directory),
+            ("implicit".into(), Kind::Directory),
+            ("marker".into(), Kind::Directory),
+        ]
+    );
+    assert_eq!(
+        path(&fs, "both").await.unwrap().kind,
+        Kind::Directory,
+        "directory shadows file"
+    );
+    assert_eq!(path(&fs, "implicit/deep/x").await.unwrap().kind, Kind::File);
+    assert!(names(&fs, path(&fs, "marker").await.unwrap().ino)
+        .await
+        .is_empty());
+    // `bad//name` has an empty segment and `..`/`.` segments cannot be names: skipped.
+    assert!(names(&fs, path(&fs, "bad").await.unwrap().ino)
+        .await
+        .is_empty());
+    assert!(names(&fs, path(&fs, "dots").await.unwrap().ino)
+        .await
+        .is_empty());
+    assert!(matches!(path(&fs, "nope").await, Err(FsError::NotFound)));
+    let long = "x".repeat(256);
+    assert!(matches!(
+        fs.lookup(ROOT_INO, &long).await,
+        Err(FsError::NameTooLong)
+    ));
+    let file = path(&fs, "a.txt").await.unwrap();
+    assert!(matches!(
+        fs.lookup(file.ino, "x").await,
+        Err(FsError::NotADirectory)
+    ));
+}
+
+#[tokio::test]
+async fn large_directory_lists_without_head_per_entry() {
+    let keys: Vec<String> = (0..2500).map(|i| format!("big/f{i:05}")).collect();
+    let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+    let (mock, fs) = fs_with(&refs, Duration::from_secs(60));
+    let dir = path(&fs, "big").await.unwrap();
+    let heads_before = mock.count(Operation::HeadObject);
+    let listed = names(&fs, dir.ino).await;
+    assert_eq!(listed.len(), 2500);
+    assert_eq!(listed[0].0, "f00000");
+    assert_eq!(listed[2499].0, "f02499");
+    // What `ls -l` does next: a lookup and getattr per entry, all from the cache.
+    for (name, _) in &listed {
+        let a = fs.lookup(dir.ino, name).await.unwrap();
+        assert_eq!(a.size, format!("content of big/{name}").len() as u64);
+        fs.getattr(a.ino).await.unwrap();
+    }
+    assert_eq!(
+        mock.count(Operation::HeadObject),
+        heads_before,
+        "no HEAD per entry"
+    );
+    assert_eq!(
+        mock.count(Operation::ListObjectsV2),
+        1 + 3,
+        "lookup of big (1 list) + 3 pages"
+    );
+}
+
+#[tokio::test]
+async fn out_of_band_changes_show_after_the_ttl() {
+    let ttl = Duration::from_millis(200);
+    let (mock, fs) = fs_with(&["f"], ttl);
+    let a = path(&fs, "f").await.unwrap();
+    assert_eq!(a.size, "content of f".len() as u64);
+    assert!(matches!(path(&fs, "g").await, Err(FsError::NotFound)));
+
+    mock.insert("f", "changed, longer content");
+    mock.insert("g", "new");
+    // Within the TTL the cache answers (and the negative entry holds).
+    assert_eq!(
+        fs.getattr(a.ino).await.unwrap().size,
+        "content of f".len() as u64
+    );
+    assert!(matches!(path(&fs, "g").await, Err(FsError::NotFound)));
+    tokio::time::sleep(ttl + Duration::from_millis(50)).await;
+    assert_eq!(
+        fs.getattr(a.ino).await.unwrap().size,
+        "changed, longer content".len() as u64
+    );
+    assert_eq!(path(&fs, "g").await.unwrap().size, 3);
+
+    mock.delete_object("f").await.unwrap();
+    tokio::time::sleep(ttl + Duration::from_millis(50)).await;
+    assert!(matches!(fs.getattr(a.ino).await, Err(FsError::NotFound)));
+    assert!(matches!(path(&fs, "f").await, Err(FsError::NotFound)));
+}
+
+#[tokio::test]
+async fn zero_ttl_always_asks_s3() {
+    let (mock, fs) = fs_with(&["f"], Duration::ZERO);
+    path(&fs, "f").await.unwrap();
+    path(&fs, "f").await.unwrap();
+    assert_eq!(mock.count(Operation::HeadObject), 2);
+}
+
+#[tokio::test]
+async fn s3fs_metadata_and_symlinks() {
+    let (mock, fs) = fs_with(&[], Duration::from_secs(1));
+    let attrs = ObjectAttributes {
+        metadata: BTreeMap::from([
+            ("mode".to_string(), (0o100600u32).to_string()),
+            ("uid".to_string(), "42".to_string()),
+            ("gid".to_string(), "43".to_string()),
+            ("mtime".to_string(), "1500000000.5".to_string()),
+        ]),
+        ..Default::default()
+    };
+    mock.put_object("f", PutBody::from("x"), &attrs)
+        .await
+        .unwrap();
+    let link_attrs = ObjectAttributes {
+        metadata: BTreeMap::from([("mode".to_string(), (0o120777u32).to_string())]),
+        ..Default::default()
+    };
+    mock.put_object("l", PutBody::from("target/path"), &link_attrs)
+        .await
+        .unwrap();
+
+    let f = path(&fs, "f").await.unwrap();
+    assert_eq!((f.perm, f.uid, f.gid), (0o600, 42, 43));
+    assert_eq!(
+        f.mtime,
+        SystemTime::UNIX_EPOCH + Duration::new(1_500_000_000, 500_000_000)
+    );
+    let l = path(&fs, "l").await.unwrap();
+    assert_eq!(l.kind, Kind::Symlink);
+    assert_eq!(fs.readlink(l.ino).await.unwrap(), b"target/path");
+}
+
+#[tokio::test]
+async fn open_read_and_stale_handles() {
+    let (mock, fs) = fs_with(&[], Duration::from_secs(1));
+    let data: Vec<u8> = (0..300_000u32).map(|i| i as u8).collect();
+    mock.insert("f", data.clone());
+    let f = path(&fs, "f").await.unwrap();
+    let fh = fs.open(f.ino, false).await.unwrap();
+    assert_eq!(
+        &fs.read(fh, 1000, 5000).await.unwrap()[..],
+        &data[1000..6000]
+    );
+    mock.insert("f", vec![0u8; 300_000]);
+    let err = fs.read(fh, 200_000, 10).await.unwrap_err();
+    assert_eq!(err.errno(), libc::ESTALE);
+    fs.release(fh);
+    assert!(matches!(fs.read(fh, 0, 1).await, Err(FsError::BadHandle)));
+    // A new open sees the new version.
+    let fh = fs.open(f.ino, false).await.unwrap();
+    assert_eq!(&fs.read(fh, 200_000, 10).await.unwrap()[..], &[0u8; 10]);
+    let dir_err = fs.open(ROOT_INO, false).await.unwrap_err();
+    assert_eq!(dir_err.errno(), libc::EISDIR);
+}
+
+#[tokio::test]
+async fn read_only_mount_refuses_writes() {
+    let mock = Arc::new(MockClient::new("b"));
+    mock.insert("f", "x");
+    let fs = S3Filesystem::new(
+        mock,
+        FsConfig {
+            read_only: true,
+            ..FsConfig::default()
+        },
+    );
+    let f = path(&fs, "f").await.unwrap();
+    assert_eq!(fs.open(f.ino, true).await.unwrap_err().errno(), libc::EROFS);
+    assert_eq!(fs.refuse_change("mkdir").errno(), libc::EROFS);
+}
+
+#[tokio::test]
+async fn prefix_mount_sees_only_its_prefix() {
+    let mock = Arc::new(MockClient::new("b"));
+    for k in ["top", "pre/inside", "pre/sub/x", "prefix-sibling/y"] {
+        mock.insert(k, "v");
+    }
+    let fs = S3Filesystem::new(
+        mock,
+        FsConfig {
+            prefix: "pre".into(),
+            ..FsConfig::default()
+        },
+    );
+    assert_eq!(
+        names(&fs, ROOT_INO).await,
+        vec![
+            ("inside".into(), Kind::File),
+            ("sub".into(), Kind::Directory)
+        ]
+    );
+    assert!(matches!(path(&fs, "top").await, Err(FsError::NotFound)));
+}
+
+#[tokio::test]
+async fn s3_failures_surface_as_eio_with_the_request() {
+    let (mock, fs) = fs_with(&["f"], Duration::from_secs(1));
+    mock.fail_next(
+        Operation::ListObjectsV2,
+        crate::s3::ErrorKind::InternalError,
+        1,
+    );
+    let err = fs.opendir(ROOT_INO).await.unwrap_err();
+    assert_eq!(err.errno(), libc::EIO);
+    assert!(err.to_string().contains("ListObjectsV2"), "{err}");
+    mock.fail_next(Operation::HeadObject, crate::s3::ErrorKind::AccessDenied, 1);
+    assert_eq!(path(&fs, "f").await.unwrap_err().errno(), libc::EACCES);
+}
