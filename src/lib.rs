@@ -7,5 +7,8 @@
 //!
 //! See `docs/ARCHITECTURE.md` for the design.
 
+pub mod cli;
 pub mod fs;
+pub mod fuse;
+pub mod mount;
 pub mod s3;

@@ -260,8 +260,12 @@ async fn browser_post_policy_upload_with_curl() {
     let outside = format!("key={}elsewhere.txt", unique_prefix("post-outside"));
     let mut bad = refs.clone();
     bad[1] = &outside;
-    let (status, _) = curl(&bad);
-    assert_eq!(status, 403);
+    let (status, body) = curl(&bad);
+    // AWS answers 403 (AccessDenied: Invalid according to Policy), Garage 400: both refuse.
+    assert!(
+        matches!(status, 400 | 403),
+        "a key outside the policy is refused: {status} {body}"
+    );
     c.delete_object(&key).await.unwrap();
 }
 
@@ -367,11 +371,16 @@ async fn permanent_and_exhausted_failures_surface_clearly() {
     );
     assert_eq!(proxy.requests_seen(), 1, "not retried");
 
-    proxy.push(std::iter::repeat_n(Fault::Status(503, "SlowDown"), 10));
+    proxy.push(std::iter::repeat_n(Fault::Status(503, "SlowDown"), 5));
+    let before = proxy.requests_seen();
     let e = c.head_object(&key).await.unwrap_err();
     assert_eq!(e.attempts, 5, "{e}");
     assert!(e.to_string().contains("after 5 attempts"), "{e}");
-    assert_eq!(proxy.faults_left(), 5);
+    assert_eq!(
+        proxy.requests_seen() - before,
+        5,
+        "the retry budget is the limit"
+    );
 
     // CreateMultipartUpload is not idempotent: a connection lost after sending is not retried.
     proxy.push(std::iter::repeat_n(Fault::Reset, 10));

@@ -515,6 +515,14 @@ impl S3Client {
             None => self.error(req, ErrorKind::from_status(status.as_u16(), req.op)),
         };
         err.status = Some(status.as_u16());
+        // Some S3-compatible stores (Garage) report a bad signature as AccessDenied with an
+        // "Invalid signature" message; name it for what it is, so a user is told the secret
+        // is wrong rather than that a permission is missing.
+        if err.kind == ErrorKind::AccessDenied
+            && err.message.to_ascii_lowercase().contains("signature")
+        {
+            err.kind = ErrorKind::SignatureDoesNotMatch;
+        }
         err.request_id = doc.and_then(|d| d.request_id).or(header_request_id);
         if let Some(region) = bucket_region.filter(|r| *r != self.cfg.region) {
             err.kind = ErrorKind::WrongRegion;

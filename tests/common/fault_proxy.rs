@@ -22,8 +22,8 @@ pub enum Fault {
     Status(u16, &'static str),
     /// Close the connection after reading the request, without answering.
     Reset,
-    /// Forward, but replace a 200's body with an `<Error>` of this code (as S3 may do for
-    /// CopyObject and CompleteMultipartUpload).
+    /// Answer 200 with an `<Error>` body of this code, without forwarding, as S3 does when
+    /// CopyObject or CompleteMultipartUpload fails after the status line went out.
     ErrorIn200(&'static str),
 }
 
@@ -132,7 +132,8 @@ fn error_response(status: u16, code: &str) -> Vec<u8> {
         "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>{code}</Code><Message>injected by the test proxy</Message></Error>"
     );
     format!(
-        "HTTP/1.1 {status} Injected\r\nContent-Type: application/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "HTTP/1.1 {status} {}\r\nContent-Type: application/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        if status == 200 { "OK" } else { "Injected" },
         body.len()
     )
     .into_bytes()
@@ -151,26 +152,17 @@ async fn serve(
     let fault = plan.lock().unwrap().pop_front();
     match fault {
         Some(Fault::Status(status, code)) => conn.write_all(&error_response(status, code)).await?,
+        Some(Fault::ErrorIn200(code)) => conn.write_all(&error_response(200, code)).await?,
         Some(Fault::Reset) => {
             conn.set_linger(Some(std::time::Duration::ZERO))?;
             return Ok(());
         }
-        other => {
+        None => {
             let mut up = TcpStream::connect(upstream).await?;
             up.write_all(&with_connection_close(&request)).await?;
             let mut response = Vec::new();
             up.read_to_end(&mut response).await?;
-            let response = match other {
-                Some(Fault::ErrorIn200(code)) => {
-                    let mut r = error_response(200, code);
-                    // Keep the 200 status line of the real answer.
-                    let line_end = find(&r, b"\r\n").unwrap();
-                    r.splice(..line_end, b"HTTP/1.1 200 OK".iter().copied());
-                    r
-                }
-                _ => with_connection_close(&response),
-            };
-            conn.write_all(&response).await?;
+            conn.write_all(&with_connection_close(&response)).await?;
         }
     }
     conn.shutdown().await

@@ -1,0 +1,274 @@
+//! The command line: clap arguments, `-o` options in mount(8) style, and their validation into
+//! the settings the rest of the program uses. Every rejection is one line that says what to fix.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "s3mount",
+    version,
+    about = "Mount an S3 bucket as a directory",
+    after_help = "Credentials come from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY/AWS_SESSION_TOKEN, \
+                  or ~/.aws/credentials and ~/.aws/config (AWS_PROFILE or --profile). \
+                  Unmount with `umount MOUNTPOINT` or `fusermount3 -u MOUNTPOINT`."
+)]
+pub struct Cli {
+    /// The bucket, optionally with a key prefix to mount instead of the whole bucket.
+    #[arg(value_name = "BUCKET[:PREFIX]")]
+    pub bucket: String,
+
+    /// An existing empty directory to mount on.
+    pub mountpoint: PathBuf,
+
+    /// S3 endpoint, e.g. http://127.0.0.1:9000 (default: AWS, or AWS_ENDPOINT_URL).
+    #[arg(long, value_name = "URL")]
+    pub endpoint_url: Option<String>,
+
+    /// Region to sign for (default: AWS_REGION, AWS_DEFAULT_REGION, the profile's, or us-east-1).
+    #[arg(long)]
+    pub region: Option<String>,
+
+    /// Profile of ~/.aws/credentials and ~/.aws/config.
+    #[arg(long)]
+    pub profile: Option<String>,
+
+    /// Address the bucket as endpoint/bucket/key instead of bucket.endpoint/key.
+    #[arg(long)]
+    pub force_path_style: bool,
+
+    /// Send unsigned requests (public buckets); no credentials are looked for.
+    #[arg(long)]
+    pub no_sign_request: bool,
+
+    /// Mount only keys under this prefix (same as BUCKET:PREFIX).
+    #[arg(long)]
+    pub prefix: Option<String>,
+
+    /// Refuse every change with EROFS.
+    #[arg(long)]
+    pub read_only: bool,
+
+    /// Let other users access the mount (needs user_allow_other in /etc/fuse.conf for non-root).
+    #[arg(long)]
+    pub allow_other: bool,
+
+    /// Let root access the mount.
+    #[arg(long)]
+    pub allow_root: bool,
+
+    /// Owner of files without s3fs-style x-amz-meta-uid (default: the mounting user).
+    #[arg(long)]
+    pub uid: Option<u32>,
+
+    /// Group of files without x-amz-meta-gid (default: the mounting user's group).
+    #[arg(long)]
+    pub gid: Option<u32>,
+
+    /// Permission bits of files without x-amz-meta-mode, in octal.
+    #[arg(long, value_parser = parse_mode, default_value = "644")]
+    pub file_mode: u16,
+
+    /// Permission bits of directories, in octal.
+    #[arg(long, value_parser = parse_mode, default_value = "755")]
+    pub dir_mode: u16,
+
+    /// How long attributes, listings and negative lookups are cached, in seconds (0: never).
+    #[arg(long, value_parser = parse_seconds, default_value = "1", value_name = "SECONDS")]
+    pub metadata_ttl: Duration,
+
+    /// Memory for read-ahead and write buffers together, e.g. 256M or 1G.
+    #[arg(long, value_parser = parse_size, default_value = "256M", value_name = "SIZE")]
+    pub max_memory: u64,
+
+    /// Stay in the foreground (logs go to stderr).
+    #[arg(short, long)]
+    pub foreground: bool,
+
+    /// Log level: error, warn, info, debug or trace.
+    #[arg(long, default_value = "info")]
+    pub log_level: String,
+
+    /// Same as --log-level debug.
+    #[arg(long)]
+    pub debug: bool,
+
+    /// Where logs go when in the background (default: $XDG_STATE_HOME or ~/.local/state,
+    /// s3mount/BUCKET.log).
+    #[arg(long, value_name = "PATH")]
+    pub log_file: Option<PathBuf>,
+
+    /// Mount options, comma-separated, as mount(8) passes them: ro, rw, allow_other,
+    /// allow_root, uid=N, gid=N, file_mode=OCT, dir_mode=OCT, endpoint_url=URL, region=R,
+    /// profile=P, prefix=P, force_path_style, metadata_ttl=S, max_memory=SIZE, foreground.
+    #[arg(short = 'o', value_name = "OPTIONS", action = clap::ArgAction::Append)]
+    pub options: Vec<String>,
+}
+
+pub fn parse_mode(s: &str) -> Result<u16, String> {
+    u16::from_str_radix(s.trim_start_matches("0o"), 8)
+        .ok()
+        .filter(|m| *m <= 0o7777)
+        .ok_or_else(|| format!("{s:?} is not an octal mode like 644"))
+}
+
+pub fn parse_seconds(s: &str) -> Result<Duration, String> {
+    s.parse::<f64>()
+        .ok()
+        .filter(|v| v.is_finite() && *v >= 0.0)
+        .map(Duration::from_secs_f64)
+        .ok_or_else(|| format!("{s:?} is not a number of seconds"))
+}
+
+/// `1048576`, `512K`, `256M`, `1G`, `2GiB`, `64MB`: binary units throughout.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let digits_end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(digits_end);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size like 256M"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        "t" | "tb" | "tib" => 1 << 40,
+        _ => return Err(format!("{s:?} has an unknown unit (use K, M, G or T)")),
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+impl Cli {
+    /// Folds `-o` options and `BUCKET:PREFIX` into the fields. Options that mount(8) and
+    /// fstab pass for every filesystem (`dev`, `exec`, `_netdev`, ...) are accepted and ignored.
+    pub fn resolve(mut self) -> Result<Self, String> {
+        for group in std::mem::take(&mut self.options) {
+            for opt in group.split(',').filter(|o| !o.is_empty()) {
+                let (name, value) = match opt.split_once('=') {
+                    Some((n, v)) => (n, Some(v)),
+                    None => (opt, None),
+                };
+                let need = || {
+                    value.ok_or_else(|| format!("mount option {name} needs a value ({name}=...)"))
+                };
+                match name {
+                    "ro" => self.read_only = true,
+                    "rw" => self.read_only = false,
+                    "allow_other" => self.allow_other = true,
+                    "allow_root" => self.allow_root = true,
+                    "force_path_style" => self.force_path_style = true,
+                    "foreground" => self.foreground = true,
+                    "uid" => {
+                        self.uid = Some(need()?.parse().map_err(|_| {
+                            format!("uid={} is not a number", need().unwrap_or_default())
+                        })?)
+                    }
+                    "gid" => {
+                        self.gid = Some(need()?.parse().map_err(|_| {
+                            format!("gid={} is not a number", need().unwrap_or_default())
+                        })?)
+                    }
+                    "file_mode" => self.file_mode = parse_mode(need()?)?,
+                    "dir_mode" => self.dir_mode = parse_mode(need()?)?,
+                    "endpoint_url" | "endpoint" => self.endpoint_url = Some(need()?.to_string()),
+                    "region" => self.region = Some(need()?.to_string()),
+                    "profile" => self.profile = Some(need()?.to_string()),
+                    "prefix" => self.prefix = Some(need()?.to_string()),
+                    "metadata_ttl" => self.metadata_ttl = parse_seconds(need()?)?,
+                    "max_memory" => self.max_memory = parse_size(need()?)?,
+                    "dev" | "nodev" | "suid" | "nosuid" | "exec" | "noexec" | "auto" | "noauto"
+                    | "user" | "nouser" | "users" | "_netdev" | "nofail" | "defaults" | "atime"
+                    | "noatime" | "relatime" | "async" => {}
+                    other => {
+                        return Err(format!(
+                            "unknown mount option {other:?} (see s3mount --help)"
+                        ))
+                    }
+                }
+            }
+        }
+        if let Some((bucket, prefix)) = self.bucket.clone().split_once(':') {
+            if self.prefix.is_some() {
+                return Err(
+                    "give the prefix either as BUCKET:PREFIX or with --prefix, not both".into(),
+                );
+            }
+            self.bucket = bucket.to_string();
+            self.prefix = Some(prefix.to_string());
+        }
+        if let Some(p) = &mut self.prefix {
+            let trimmed = p.trim_start_matches('/').to_string();
+            *p = if trimmed.is_empty() || trimmed.ends_with('/') {
+                trimmed
+            } else {
+                format!("{trimmed}/")
+            };
+        }
+        if self.debug {
+            self.log_level = "debug".into();
+        }
+        if self.allow_other && self.allow_root {
+            return Err("--allow-other already includes root; give only one of --allow-other and --allow-root".into());
+        }
+        Ok(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cli(args: &[&str]) -> Result<Cli, String> {
+        let mut full = vec!["s3mount"];
+        full.extend_from_slice(args);
+        Cli::try_parse_from(full)
+            .map_err(|e| e.to_string())?
+            .resolve()
+    }
+
+    #[test]
+    fn bucket_prefix_and_options() {
+        let c = cli(&[
+            "b:data/x",
+            "/mnt",
+            "-o",
+            "ro,uid=5,file_mode=600,max_memory=1G,_netdev",
+            "-o",
+            "metadata_ttl=0.5",
+        ])
+        .unwrap();
+        assert_eq!(c.bucket, "b");
+        assert_eq!(c.prefix.as_deref(), Some("data/x/"));
+        assert!(c.read_only);
+        assert_eq!(c.uid, Some(5));
+        assert_eq!(c.file_mode, 0o600);
+        assert_eq!(c.max_memory, 1 << 30);
+        assert_eq!(c.metadata_ttl, Duration::from_millis(500));
+    }
+
+    #[test]
+    fn bad_values_are_one_line_errors() {
+        assert!(cli(&["b", "/m", "-o", "bogus"])
+            .unwrap_err()
+            .contains("unknown mount option"));
+        assert!(cli(&["b", "/m", "-o", "uid"])
+            .unwrap_err()
+            .contains("needs a value"));
+        assert!(cli(&["b:p", "/m", "--prefix", "q"])
+            .unwrap_err()
+            .contains("not both"));
+        assert!(cli(&["b", "/m", "--file-mode", "999"]).is_err());
+        assert!(cli(&["b", "/m", "--max-memory", "12Q"]).is_err());
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("512K"), Ok(512 << 10));
+        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
+        assert_eq!(parse_size("100"), Ok(100));
+    }
+}

@@ -1,0 +1,426 @@
+//! From a parsed command line to a running mount.
+//!
+//! Order matters: every check a user can fail (credentials found, endpoint reachable, bucket
+//! exists and is readable with these keys, mount point usable, `fusermount3` installed) runs
+//! first, in the foreground, and fails with one line that says what to fix. Only then does the
+//! process go to the background: the parent forks, the child mounts and reports back through a
+//! pipe, and the parent exits 0 only once the mount is really there (or prints the child's
+//! error and exits 1). SIGINT and SIGTERM unmount cleanly; `umount` and `fusermount3 -u` end the
+//! process too.
+
+use std::io::{Read, Write};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::cli::Cli;
+use crate::fs::{FsConfig, S3Filesystem};
+use crate::fuse::FuseAdapter;
+use crate::s3::credentials::{self, Auth, ProcessEnv};
+use crate::s3::{
+    Addressing, ClientConfig, ClientError, ErrorKind, ListRequest, ObjectClient, RetryPolicy,
+    S3Client,
+};
+
+/// A fatal start-up problem: one line for the user.
+#[derive(Debug)]
+pub struct StartError(pub String);
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+fn fail<T>(msg: impl Into<String>) -> Result<T, StartError> {
+    Err(StartError(msg.into()))
+}
+
+/// Everything the mount needs, resolved and checked.
+pub struct MountPlan {
+    pub client: ClientConfig,
+    pub fs: FsConfig,
+    pub mountpoint: PathBuf,
+    pub allow_other: bool,
+    pub allow_root: bool,
+    pub foreground: bool,
+    pub log_level: String,
+    pub log_file: Option<PathBuf>,
+    pub source: String,
+}
+
+/// Resolves credentials, region and endpoint, and checks the mount point. No network yet.
+pub fn plan(cli: Cli) -> Result<MountPlan, StartError> {
+    let settings = credentials::resolve(&ProcessEnv, cli.profile.as_deref())
+        .map_err(|e| StartError(e.to_string()))?;
+    let auth = if cli.no_sign_request {
+        Auth::Anonymous
+    } else {
+        match settings.credentials {
+            Some(c) => Auth::Signed(c),
+            None => {
+                return fail(
+                    "no AWS credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, add them to \
+                     ~/.aws/credentials (or use --profile), or pass --no-sign-request for a public bucket",
+                )
+            }
+        }
+    };
+    let region = cli
+        .region
+        .clone()
+        .or(settings.region)
+        .unwrap_or_else(|| "us-east-1".to_string());
+    let mut client = ClientConfig::new(&cli.bucket, &region, auth);
+    client.endpoint_url = cli.endpoint_url.clone().or(settings.endpoint_url);
+    if cli.force_path_style {
+        client.addressing = Addressing::Path;
+    }
+    client.max_idle_connections = 128;
+    check_mountpoint(&cli.mountpoint)?;
+
+    // SAFETY: getuid/getgid cannot fail and have no preconditions.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    let fs = FsConfig {
+        prefix: cli.prefix.clone().unwrap_or_default(),
+        read_only: cli.read_only,
+        uid: cli.uid.unwrap_or(uid),
+        gid: cli.gid.unwrap_or(gid),
+        file_mode: cli.file_mode,
+        dir_mode: cli.dir_mode,
+        metadata_ttl: cli.metadata_ttl,
+        max_memory: cli.max_memory,
+        ..FsConfig::default()
+    };
+    Ok(MountPlan {
+        source: format!("s3://{}/{}", cli.bucket, fs.prefix),
+        client,
+        fs,
+        mountpoint: cli.mountpoint,
+        allow_other: cli.allow_other,
+        allow_root: cli.allow_root,
+        foreground: cli.foreground,
+        log_level: cli.log_level,
+        log_file: cli.log_file,
+    })
+}
+
+fn check_mountpoint(path: &Path) -> Result<(), StartError> {
+    match std::fs::metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => fail(format!(
+            "mount point {} does not exist; create it with mkdir first",
+            path.display()
+        )),
+        Err(e) => fail(format!("cannot use mount point {}: {e}", path.display())),
+        Ok(m) if !m.is_dir() => fail(format!("mount point {} is not a directory", path.display())),
+        Ok(_) => {
+            let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+            let canonical = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+            let taken = mounts.lines().any(|l| {
+                l.split(' ').nth(1).map(unescape_mount_path).as_deref()
+                    == Some(canonical.to_string_lossy().as_ref())
+                    && l.split(' ').nth(2).is_some_and(|t| t.starts_with("fuse"))
+            });
+            if taken {
+                return fail(format!(
+                    "{} is already a FUSE mount; unmount it first",
+                    path.display()
+                ));
+            }
+            if !fusermount_installed() {
+                return fail(
+                    "fusermount3 was not found: install the fuse3 package (apt-get install fuse3)",
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+fn unescape_mount_path(p: &str) -> String {
+    p.replace("\\040", " ")
+        .replace("\\011", "\t")
+        .replace("\\012", "\n")
+        .replace("\\134", "\\")
+}
+
+fn fusermount_installed() -> bool {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .any(|dir| dir.join("fusermount3").is_file() || dir.join("fusermount").is_file())
+}
+
+/// What a failed bucket check means, in words a user can act on.
+pub fn explain(e: &ClientError, cfg: &ClientConfig) -> String {
+    let endpoint = cfg
+        .endpoint_url
+        .clone()
+        .unwrap_or_else(|| format!("https://s3.{}.amazonaws.com", cfg.region));
+    let key_id = match &cfg.auth {
+        Auth::Signed(c) => c.access_key_id().to_string(),
+        Auth::Anonymous => "(anonymous)".to_string(),
+    };
+    let bucket = &cfg.bucket;
+    match &e.kind {
+        ErrorKind::Connect => format!("cannot reach the S3 endpoint {endpoint}: {}; check --endpoint-url and that the server is running", short(&e.message)),
+        ErrorKind::Timeout => format!("the S3 endpoint {endpoint} did not answer in time; check --endpoint-url and the network"),
+        ErrorKind::NoSuchBucket => format!("bucket '{bucket}' does not exist at {endpoint}; check the bucket name (and --region)"),
+        ErrorKind::SignatureDoesNotMatch => format!("the secret access key for access key id {key_id} is wrong (the server says SignatureDoesNotMatch)"),
+        ErrorKind::InvalidAccessKeyId => format!("access key id {key_id} is not known to {endpoint}; check AWS_ACCESS_KEY_ID or the profile"),
+        ErrorKind::AccessDenied => format!("access to bucket '{bucket}' is denied for access key id {key_id}; it needs permission to list the bucket"),
+        ErrorKind::WrongRegion => format!("bucket '{bucket}' is in another region: {}", e.message),
+        _ => format!("checking bucket '{bucket}' at {endpoint} failed: {e}"),
+    }
+}
+
+fn short(message: &str) -> String {
+    // reqwest's chain ends with the OS error ("Connection refused (os error 111)"): the useful bit.
+    message.rsplit(": ").next().unwrap_or(message).to_string()
+}
+
+/// Lists one key of the mount's prefix with a short retry budget: proves the endpoint answers,
+/// the bucket exists and the credentials may read it.
+pub async fn check_bucket(cfg: &ClientConfig, prefix: &str) -> Result<(), StartError> {
+    let mut quick = cfg.clone();
+    quick.retry = RetryPolicy {
+        max_attempts: 3,
+        max_elapsed: Duration::from_secs(15),
+        ..RetryPolicy::default()
+    };
+    let client = S3Client::new(quick).map_err(|e| StartError(e.to_string()))?;
+    let listing = ListRequest {
+        prefix,
+        max_keys: Some(1),
+        ..Default::default()
+    };
+    client
+        .list_objects(&listing)
+        .await
+        .map(drop)
+        .map_err(|e| StartError(explain(&e, cfg)))
+}
+
+fn init_logging(level: &str, file: Option<&Path>) -> Result<(), StartError> {
+    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| format!("warn,s3mount={level}"));
+    let builder =
+        tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::new(filter));
+    match file {
+        Some(path) => {
+            if let Some(dir) = path.parent() {
+                let _ = std::fs::create_dir_all(dir);
+            }
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|e| StartError(format!("cannot open log file {}: {e}", path.display())))?;
+            builder.with_ansi(false).with_writer(Arc::new(f)).init();
+        }
+        None => builder.with_writer(std::io::stderr).init(),
+    }
+    Ok(())
+}
+
+fn default_log_file(bucket: &str) -> PathBuf {
+    let base = std::env::var_os("XDG_STATE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))
+        .unwrap_or_else(|| PathBuf::from("/tmp"));
+    base.join("s3mount").join(format!("{bucket}.log"))
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, StartError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .thread_name("s3mount-worker")
+        .enable_all()
+        .build()
+        .map_err(|e| StartError(format!("cannot start the async runtime: {e}")))
+}
+
+/// Runs the whole program; returns when the mount ends.
+pub fn run(cli: Cli) -> Result<(), StartError> {
+    let plan = plan(cli)?;
+    {
+        // The checks use their own runtime, dropped before forking: a process must not fork
+        // with runtime threads alive.
+        let rt = runtime()?;
+        rt.block_on(check_bucket(&plan.client, &plan.fs.prefix))?;
+    }
+    if plan.foreground {
+        init_logging(&plan.log_level, plan.log_file.as_deref())?;
+        return mount_and_serve(&plan, |_| {});
+    }
+    let log_file = plan
+        .log_file
+        .clone()
+        .unwrap_or_else(|| default_log_file(&plan.client.bucket));
+    daemonize(|report| {
+        if let Err(e) = init_logging(&plan.log_level, Some(&log_file)) {
+            report(Err(e.0.clone()));
+            return Err(e);
+        }
+        mount_and_serve(&plan, |result| report(result))
+    })
+}
+
+/// Forks; the child runs `child` and reports whether the mount came up through a pipe; the
+/// parent waits for that report and exits accordingly.
+fn daemonize(
+    child: impl FnOnce(&mut dyn FnMut(Result<(), String>)) -> Result<(), StartError>,
+) -> Result<(), StartError> {
+    let mut fds = [0i32; 2];
+    // SAFETY: fds is a valid array of two ints for pipe(2) to fill.
+    if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
+        return fail(format!("pipe: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: pipe(2) succeeded, so both descriptors are open and owned by nobody else.
+    let (read_end, write_end) =
+        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // SAFETY: no other threads run at this point (the check runtime was dropped).
+    match unsafe { libc::fork() } {
+        -1 => fail(format!("fork: {}", std::io::Error::last_os_error())),
+        0 => {
+            drop(read_end);
+            // SAFETY: setsid has no preconditions in a freshly forked child.
+            unsafe { libc::setsid() };
+            redirect_stdio();
+            let mut pipe = Some(std::fs::File::from(write_end));
+            let mut report = |result: Result<(), String>| {
+                if let Some(mut p) = pipe.take() {
+                    let msg = match result {
+                        Ok(()) => "OK".to_string(),
+                        Err(e) => e,
+                    };
+                    let _ = p.write_all(msg.as_bytes());
+                }
+            };
+            let outcome = child(&mut report);
+            if let Err(e) = &outcome {
+                report(Err(e.0.clone()));
+                tracing::error!("{e}");
+            }
+            std::process::exit(if outcome.is_ok() { 0 } else { 1 });
+        }
+        _parent => {
+            drop(write_end);
+            let mut msg = String::new();
+            let _ = std::fs::File::from(read_end).read_to_string(&mut msg);
+            match msg.as_str() {
+                "OK" => Ok(()),
+                "" => fail("the background process ended before mounting; see its log file"),
+                other => fail(other.to_string()),
+            }
+        }
+    }
+}
+
+fn redirect_stdio() {
+    if let Ok(null) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+    {
+        use std::os::fd::AsRawFd;
+        for fd in 0..3 {
+            // SAFETY: dup2 onto the standard descriptors, which this process owns.
+            unsafe { libc::dup2(null.as_raw_fd(), fd) };
+        }
+    }
+}
+
+fn mount_and_serve(
+    plan: &MountPlan,
+    mut mounted: impl FnMut(Result<(), String>),
+) -> Result<(), StartError> {
+    let rt = runtime()?;
+    let client =
+        Arc::new(S3Client::new(plan.client.clone()).map_err(|e| StartError(e.to_string()))?);
+    let fs = Arc::new(S3Filesystem::new(client.clone(), plan.fs.clone()));
+    let adapter = FuseAdapter::new(fs.clone(), rt.handle().clone());
+
+    let mut options = vec![
+        fuser::MountOption::FSName(plan.source.clone()),
+        fuser::MountOption::Subtype("s3mount".into()),
+        fuser::MountOption::DefaultPermissions,
+        fuser::MountOption::NoDev,
+        fuser::MountOption::NoSuid,
+    ];
+    if plan.fs.read_only {
+        options.push(fuser::MountOption::RO);
+    }
+    let mut config = fuser::Config::default();
+    config.mount_options = options;
+    config.acl = if plan.allow_other {
+        fuser::SessionACL::All
+    } else if plan.allow_root {
+        fuser::SessionACL::RootAndOwner
+    } else {
+        fuser::SessionACL::Owner
+    };
+    config.n_threads = Some(2);
+    config.clone_fd = true;
+
+    let mut session = match fuser::Session::new(adapter, &plan.mountpoint, &config) {
+        Ok(s) => s,
+        Err(e) => {
+            let msg = format!("cannot mount on {}: {e}", plan.mountpoint.display());
+            mounted(Err(msg.clone()));
+            return fail(msg);
+        }
+    };
+    tracing::info!(source = %plan.source, mountpoint = %plan.mountpoint.display(), "mounted");
+    mounted(Ok(()));
+
+    let mut unmounter = session.unmount_callable();
+    let mountpoint = plan.mountpoint.clone();
+    rt.spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut int), Ok(mut term)) = (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+        ) else {
+            return;
+        };
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!(mountpoint = %mountpoint.display(), "signal received, unmounting");
+        if let Err(e) = unmounter.unmount() {
+            tracing::error!("unmount failed: {e}");
+        }
+    });
+    let stats_fs = fs.clone();
+    let stats_client = client.clone();
+    rt.spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(60));
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            log_stats(&stats_fs, &stats_client);
+        }
+    });
+    let result = session.run();
+    log_stats(&fs, &client);
+    tracing::info!("unmounted");
+    result.map_err(|e| StartError(format!("the FUSE session ended with an error: {e}")))
+}
+
+fn log_stats(fs: &S3Filesystem<S3Client>, client: &S3Client) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let (f, c) = (fs.stats(), client.stats());
+    tracing::info!(
+        lookups = f.lookups.load(Relaxed),
+        listings = f.listings.load(Relaxed),
+        reads = f.reads.load(Relaxed),
+        bytes_read = f.bytes_read.load(Relaxed),
+        s3_requests = c.requests.load(Relaxed),
+        s3_retries = c.retries.load(Relaxed),
+        s3_bytes_received = c.bytes_received.load(Relaxed),
+        s3_bytes_sent = c.bytes_sent.load(Relaxed),
+        memory_in_use = fs.memory_in_use(),
+        "stats"
+    );
+}
