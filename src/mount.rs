@@ -271,8 +271,9 @@ fn daemonize(
     child: impl FnOnce(&mut dyn FnMut(Result<(), String>)) -> Result<(), StartError>,
 ) -> Result<(), StartError> {
     let mut fds = [0i32; 2];
-    // SAFETY: fds is a valid array of two ints for pipe(2) to fill.
-    if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
+    // SAFETY: fds is a valid array of two ints for pipe2(2) to fill.
+    // Close-on-exec: fusermount3, which the child runs to mount, must not hold the write end.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
         return fail(format!("pipe: {}", std::io::Error::last_os_error()));
     }
     // SAFETY: pipe(2) succeeded, so both descriptors are open and owned by nobody else.
@@ -371,6 +372,7 @@ fn mount_and_serve(
         }
     };
     tracing::info!(source = %plan.source, mountpoint = %plan.mountpoint.display(), "mounted");
+    raise_kernel_readahead(&plan.mountpoint);
     mounted(Ok(()));
 
     let mut unmounter = session.unmount_callable();
@@ -406,6 +408,41 @@ fn mount_and_serve(
     log_stats(&fs, &client);
     tracing::info!("unmounted");
     result.map_err(|e| StartError(format!("the FUSE session ended with an error: {e}")))
+}
+
+/// The kernel sends FUSE reads no larger than the mount's readahead window, 128 KiB by default,
+/// and fuser cannot ask for more at init. Each read costs a round trip through the kernel, so
+/// raise the window to 1 MiB through the mount's backing-device entry in sysfs (root only;
+/// without it reads still work, in smaller pieces).
+fn raise_kernel_readahead(mountpoint: &Path) {
+    // The device number comes from mountinfo: stat() on the mount point would ask this very
+    // process, whose session loop is not running yet.
+    let Some(dev) = mount_device(mountpoint) else {
+        tracing::info!("cannot find the mount in /proc/self/mountinfo; reads go in 128 KiB pieces");
+        return;
+    };
+    let path = format!("/sys/class/bdi/{dev}/read_ahead_kb");
+    match std::fs::write(&path, "1024") {
+        Ok(()) => tracing::debug!(path, "kernel readahead raised to 1 MiB"),
+        Err(e) => tracing::info!(
+            path,
+            "cannot raise the kernel readahead ({e}); reads go in 128 KiB pieces"
+        ),
+    }
+}
+
+/// `major:minor` of the mount at `mountpoint`, from the last matching line of mountinfo.
+fn mount_device(mountpoint: &Path) -> Option<String> {
+    let canonical = std::fs::canonicalize(mountpoint).unwrap_or_else(|_| mountpoint.to_path_buf());
+    let wanted = canonical.to_string_lossy();
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    info.lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split(' ').collect();
+            (fields.len() > 4 && unescape_mount_path(fields[4]) == wanted)
+                .then(|| fields[2].to_string())
+        })
+        .last()
 }
 
 fn log_stats(fs: &S3Filesystem<S3Client>, client: &S3Client) {

@@ -95,7 +95,7 @@ impl Default for ReadConfig {
         Self {
             first_request: 256 * 1024,
             max_request: 8 * 1024 * 1024,
-            requests_ahead: 4,
+            requests_ahead: 8,
             block_size: 128 * 1024,
         }
     }

@@ -13,6 +13,7 @@
 
 pub mod conformance;
 pub mod fault_proxy;
+pub mod mount;
 
 use s3mount::s3::{Addressing, Auth, ClientConfig, Credentials, S3Client};
 

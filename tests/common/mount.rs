@@ -1,0 +1,140 @@
+//! Mounting the real `s3mount` binary for a test, and always unmounting it afterwards.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use super::ServerEnv;
+
+/// A running `s3mount --foreground`. Dropping it unmounts (lazily if busy) and reaps the process,
+/// also when the test failed.
+pub struct Mounted {
+    pub dir: tempfile::TempDir,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Mounted {
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// What s3mount logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM and waits for the process to unmount and exit; returns its status.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        // SAFETY: kill(2) on the pid of a child we started and have not reaped.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let status = wait_with_timeout(&mut child, Duration::from_secs(20));
+        assert!(!is_mounted(self.path()), "SIGTERM unmounted the filesystem");
+        status
+    }
+}
+
+fn wait_with_timeout(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return status;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            return child.wait().expect("wait after kill");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            if is_mounted(self.dir.path()) {
+                let _ = Command::new("fusermount3")
+                    .arg("-u")
+                    .arg(self.dir.path())
+                    .status();
+                if is_mounted(self.dir.path()) {
+                    let _ = Command::new("fusermount3")
+                        .arg("-u")
+                        .arg("-z")
+                        .arg(self.dir.path())
+                        .status();
+                }
+            }
+            wait_with_timeout(&mut child, Duration::from_secs(10));
+        }
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+pub fn is_mounted(path: &Path) -> bool {
+    let canonical = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    std::fs::read_to_string("/proc/self/mounts")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split(' ').nth(1) == Some(canonical.to_string_lossy().as_ref()))
+}
+
+pub fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_s3mount")
+}
+
+/// The command with the server's endpoint and credentials, and nothing else of the caller's AWS
+/// environment.
+pub fn command(env: &ServerEnv) -> Command {
+    let mut cmd = Command::new(binary());
+    cmd.env_remove("AWS_PROFILE")
+        .env_remove("AWS_SESSION_TOKEN")
+        .env("AWS_ACCESS_KEY_ID", &env.access_key_id)
+        .env("AWS_SECRET_ACCESS_KEY", &env.secret_access_key)
+        .env("AWS_REGION", &env.region)
+        .env("AWS_ENDPOINT_URL", &env.endpoint)
+        .env("HOME", std::env::temp_dir());
+    cmd
+}
+
+/// Mounts `bucket_spec` (`bucket` or `bucket:prefix`) with `args`, waits until the mount is
+/// there, and returns its guard.
+pub fn mount(env: &ServerEnv, bucket_spec: &str, args: &[&str]) -> Mounted {
+    let dir = tempfile::Builder::new()
+        .prefix("s3mount-test-")
+        .tempdir()
+        .expect("mount point");
+    let log = dir.path().with_extension("log");
+    let mut cmd = command(env);
+    cmd.arg(bucket_spec)
+        .arg(dir.path())
+        .arg("--foreground")
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log file"));
+    let child = cmd.spawn().expect("start s3mount");
+    let mut m = Mounted {
+        dir,
+        child: Some(child),
+        log,
+    };
+    let start = Instant::now();
+    while !is_mounted(m.path()) {
+        if let Some(status) = m.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            panic!("s3mount exited with {status} before mounting:\n{}", m.log());
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "not mounted after 20 s:\n{}",
+            m.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    m
+}
+
+/// Runs s3mount in the background mode and returns its output: for mount-time error checks.
+pub fn run_to_exit(cmd: &mut Command) -> Output {
+    cmd.stdin(Stdio::null()).output().expect("run s3mount")
+}

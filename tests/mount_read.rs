@@ -1,0 +1,453 @@
+//! Browsing and reading through a real FUSE mount of the real test server.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::io::Read;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::mount::{command, mount, run_to_exit};
+use common::{conformance, pattern, sha256_hex, unique_prefix, ServerEnv};
+use s3mount::s3::*;
+
+async fn put(c: &S3Client, key: &str, data: impl Into<bytes::Bytes>) {
+    c.put_object(
+        key,
+        PutBody::Bytes(data.into()),
+        &ObjectAttributes::default(),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("put {key}: {e}"));
+}
+
+/// Every path under `root`, relative, directories with a trailing `/`.
+fn walk(root: &Path) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in
+            std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("read_dir {}: {e}", dir.display()))
+        {
+            let entry = entry.unwrap();
+            let rel = entry
+                .path()
+                .strip_prefix(root)
+                .unwrap()
+                .to_string_lossy()
+                .into_owned();
+            if entry.file_type().unwrap().is_dir() {
+                out.insert(format!("{rel}/"));
+                stack.push(entry.path());
+            } else {
+                out.insert(rel);
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn nested_trees_markers_and_implicit_directories() {
+    let env = ServerEnv::main();
+    let c = env.client();
+    let prefix = unique_prefix("tree");
+    for key in [
+        "a.txt",
+        "dir/b.txt",
+        "dir/sub/c.txt",
+        "implicit/only/deep.txt",
+        "marker/",
+        "empty-marker/",
+        "both",
+        "both/inner.txt",
+    ] {
+        put(
+            &c,
+            &format!("{prefix}{key}"),
+            format!("data:{key}").into_bytes(),
+        )
+        .await;
+    }
+    let m = mount(&env, &format!("{}:{prefix}", env.bucket), &[]);
+    let want: BTreeSet<String> = [
+        "a.txt",
+        "both/",
+        "both/inner.txt",
+        "dir/",
+        "dir/b.txt",
+        "dir/sub/",
+        "dir/sub/c.txt",
+        "empty-marker/",
+        "implicit/",
+        "implicit/only/",
+        "implicit/only/deep.txt",
+        "marker/",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    assert_eq!(walk(m.path()), want);
+    assert_eq!(
+        std::fs::read_to_string(m.path().join("dir/sub/c.txt")).unwrap(),
+        "data:dir/sub/c.txt"
+    );
+    let meta = std::fs::metadata(m.path().join("dir/b.txt")).unwrap();
+    assert_eq!(meta.len(), "data:dir/b.txt".len() as u64);
+    assert!(
+        std::fs::metadata(m.path().join("both")).unwrap().is_dir(),
+        "a directory shadows a file"
+    );
+    let err = std::fs::metadata(m.path().join("missing")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ENOENT));
+    let err = std::fs::read_dir(m.path().join("a.txt")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ENOTDIR));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn directory_of_1000_keys_is_complete_and_exact() {
+    let env = ServerEnv::main();
+    let c = Arc::new(env.client());
+    let prefix = unique_prefix("thousand");
+    let sem = Arc::new(tokio::sync::Semaphore::new(32));
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..1000 {
+        let (c, key, sem) = (c.clone(), format!("{prefix}f{i:04}"), sem.clone());
+        tasks.spawn(async move {
+            let _p = sem.acquire().await.unwrap();
+            put(&c, &key, format!("{i}").into_bytes()).await;
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.unwrap();
+    }
+    let m = mount(&env, &format!("{}:{prefix}", env.bucket), &[]);
+    let names: BTreeSet<String> = std::fs::read_dir(m.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    let want: BTreeSet<String> = (0..1000).map(|i| format!("f{i:04}")).collect();
+    assert_eq!(names, want);
+    for i in [0, 499, 999] {
+        assert_eq!(
+            std::fs::read_to_string(m.path().join(format!("f{i:04}"))).unwrap(),
+            i.to_string()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn awkward_names_list_and_read() {
+    let env = ServerEnv::main();
+    let c = env.client();
+    let prefix = unique_prefix("names");
+    for name in conformance::AWKWARD_NAMES {
+        put(
+            &c,
+            &format!("{prefix}{name}"),
+            format!("content:{name}").into_bytes(),
+        )
+        .await;
+    }
+    let m = mount(&env, &format!("{}:{prefix}", env.bucket), &[]);
+    let listed: BTreeSet<String> = std::fs::read_dir(m.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    let want: BTreeSet<String> = conformance::AWKWARD_NAMES
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    assert_eq!(listed, want);
+    for name in conformance::AWKWARD_NAMES {
+        assert_eq!(
+            std::fs::read_to_string(m.path().join(name)).unwrap(),
+            format!("content:{name}"),
+            "{name}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_gib_object_reads_back_exactly() {
+    const SIZE: usize = 1 << 30;
+    let env = ServerEnv::main();
+    let c = Arc::new(env.client());
+    let prefix = unique_prefix("gib");
+    let key = format!("{prefix}big.bin");
+    let data = bytes::Bytes::from(pattern(SIZE, 42));
+    let want = sha256_hex(&data);
+    let id = c
+        .create_multipart_upload(&key, &ObjectAttributes::default())
+        .await
+        .unwrap();
+    let mut tasks = tokio::task::JoinSet::new();
+    const PART: usize = 16 << 20;
+    for (i, start) in (0..SIZE).step_by(PART).enumerate() {
+        let (c, key, id, body) = (
+            c.clone(),
+            key.clone(),
+            id.clone(),
+            data.slice(start..start + PART),
+        );
+        tasks.spawn(async move {
+            let n = i as u32 + 1;
+            CompletedPart {
+                part_number: n,
+                etag: c
+                    .upload_part(&key, &id, n, PutBody::Bytes(body))
+                    .await
+                    .unwrap(),
+            }
+        });
+    }
+    let mut parts = Vec::new();
+    while let Some(p) = tasks.join_next().await {
+        parts.push(p.unwrap());
+    }
+    parts.sort_by_key(|p| p.part_number);
+    c.complete_multipart_upload(&key, &id, &parts)
+        .await
+        .unwrap();
+
+    let m = mount(&env, &format!("{}:{prefix}", env.bucket), &["--read-only"]);
+    let path = m.path().join("big.bin");
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("cat '{}' | sha256sum", path.display()))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        text.split_whitespace().next(),
+        Some(want.as_str()),
+        "sha256 of cat through the mount"
+    );
+
+    // Random preads, with the page cache dropped so they reach s3mount.
+    let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
+    let file = std::fs::File::open(&path).unwrap();
+    let mut rng = fastrand::Rng::with_seed(9);
+    for _ in 0..300 {
+        let len = rng.usize(1..300_000);
+        let off = rng.usize(0..SIZE - len);
+        let mut buf = vec![0u8; len];
+        file.read_exact_at(&mut buf, off as u64).unwrap();
+        assert!(buf == data[off..off + len], "pread of {len} bytes at {off}");
+    }
+    // The very end, and past it.
+    let mut tail = vec![0u8; 100];
+    assert_eq!(file.read_at(&mut tail, SIZE as u64 - 10).unwrap(), 10);
+    assert_eq!(&tail[..10], &data[SIZE - 10..]);
+    assert_eq!(file.read_at(&mut tail, SIZE as u64 + 5).unwrap(), 0);
+    drop(file);
+    drop(m);
+    c.delete_object(&key).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn out_of_band_changes_are_seen_after_the_ttl() {
+    let env = ServerEnv::main();
+    let c = env.client();
+    let prefix = unique_prefix("oob");
+    put(&c, &format!("{prefix}changing"), b"version one".to_vec()).await;
+    put(&c, &format!("{prefix}doomed"), b"soon gone".to_vec()).await;
+    let m = mount(
+        &env,
+        &format!("{}:{prefix}", env.bucket),
+        &["--metadata-ttl", "0.5"],
+    );
+    assert_eq!(
+        std::fs::read_to_string(m.path().join("changing")).unwrap(),
+        "version one"
+    );
+    assert!(std::fs::metadata(m.path().join("newcomer")).is_err());
+    assert!(std::fs::metadata(m.path().join("doomed")).is_ok());
+
+    put(
+        &c,
+        &format!("{prefix}changing"),
+        b"version two, longer".to_vec(),
+    )
+    .await;
+    put(&c, &format!("{prefix}newcomer"), b"hello".to_vec()).await;
+    c.delete_object(&format!("{prefix}doomed")).await.unwrap();
+    std::thread::sleep(Duration::from_millis(1200));
+
+    assert_eq!(
+        std::fs::read_to_string(m.path().join("changing")).unwrap(),
+        "version two, longer"
+    );
+    assert_eq!(
+        std::fs::read_to_string(m.path().join("newcomer")).unwrap(),
+        "hello"
+    );
+    assert_eq!(
+        std::fs::metadata(m.path().join("doomed"))
+            .unwrap_err()
+            .raw_os_error(),
+        Some(libc::ENOENT)
+    );
+    let names: BTreeSet<String> = std::fs::read_dir(m.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        BTreeSet::from(["changing".to_string(), "newcomer".to_string()])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn replaced_object_gives_estale_to_open_handles() {
+    let env = ServerEnv::main();
+    let c = env.client();
+    let prefix = unique_prefix("stale");
+    let key = format!("{prefix}f");
+    let size = 96 << 20;
+    put(&c, &key, pattern(size, 1)).await;
+    let m = mount(&env, &format!("{}:{prefix}", env.bucket), &["--read-only"]);
+    let mut file = std::fs::File::open(m.path().join("f")).unwrap();
+    let mut head = [0u8; 4096];
+    file.read_exact(&mut head).unwrap();
+    assert_eq!(&head[..], &pattern(size, 1)[..4096]);
+    put(&c, &key, pattern(size, 2)).await;
+    let mut buf = vec![0u8; 4096];
+    let err = file.read_exact_at(&mut buf, 80 << 20).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ESTALE), "{err}");
+    drop(file);
+    // A new open reads the new version.
+    let mut fresh = std::fs::File::open(m.path().join("f")).unwrap();
+    fresh.read_exact_at(&mut buf, 80 << 20).unwrap();
+    assert_eq!(&buf[..], &pattern(size, 2)[80 << 20..(80 << 20) + 4096]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn read_only_mount_refuses_changes_with_erofs() {
+    let env = ServerEnv::main();
+    let c = env.client();
+    let prefix = unique_prefix("ro");
+    put(&c, &format!("{prefix}f"), b"x".to_vec()).await;
+    let m = mount(&env, &format!("{}:{prefix}", env.bucket), &["--read-only"]);
+    let errno = |r: std::io::Result<()>| r.unwrap_err().raw_os_error();
+    assert_eq!(
+        errno(std::fs::write(m.path().join("new"), "x")),
+        Some(libc::EROFS)
+    );
+    assert_eq!(
+        errno(std::fs::create_dir(m.path().join("d"))),
+        Some(libc::EROFS)
+    );
+    assert_eq!(
+        errno(std::fs::remove_file(m.path().join("f"))),
+        Some(libc::EROFS)
+    );
+    assert_eq!(
+        errno(std::fs::rename(m.path().join("f"), m.path().join("g"))),
+        Some(libc::EROFS)
+    );
+    assert_eq!(std::fs::read_to_string(m.path().join("f")).unwrap(), "x");
+    let status = m.terminate();
+    assert!(status.success(), "SIGTERM ends s3mount cleanly: {status}");
+}
+
+fn start_error(mut cmd: std::process::Command) -> String {
+    let out = run_to_exit(&mut cmd);
+    assert_eq!(out.status.code(), Some(1), "exit status");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+    stderr
+}
+
+#[test]
+fn mount_time_errors_are_one_clear_line() {
+    let env = ServerEnv::main();
+    let dir = tempfile::tempdir().unwrap();
+
+    let mut cmd = command(&env);
+    cmd.env("AWS_SECRET_ACCESS_KEY", "definitely-wrong")
+        .arg(&env.bucket)
+        .arg(dir.path());
+    let e = start_error(cmd);
+    assert!(
+        e.contains("secret access key") && e.contains("wrong"),
+        "{e}"
+    );
+    assert!(
+        !e.contains("definitely-wrong"),
+        "no secret in messages: {e}"
+    );
+
+    let mut cmd = command(&env);
+    cmd.arg(format!("no-such-bucket-{:08x}", fastrand::u32(..)))
+        .arg(dir.path());
+    let e = start_error(cmd);
+    assert!(e.contains("does not exist") || e.contains("denied"), "{e}");
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut cmd = command(&env);
+    cmd.arg(&env.bucket)
+        .arg(dir.path())
+        .arg("--endpoint-url")
+        .arg(format!("http://127.0.0.1:{port}"));
+    let e = start_error(cmd);
+    assert!(
+        e.contains("cannot reach") && e.contains(&port.to_string()),
+        "{e}"
+    );
+
+    let mut cmd = command(&env);
+    cmd.arg(&env.bucket).arg(dir.path().join("nope"));
+    let e = start_error(cmd);
+    assert!(e.contains("does not exist") && e.contains("mkdir"), "{e}");
+
+    let file = dir.path().join("file");
+    std::fs::write(&file, "").unwrap();
+    let mut cmd = command(&env);
+    cmd.arg(&env.bucket).arg(&file);
+    assert!(start_error(cmd).contains("not a directory"));
+
+    let mut cmd = command(&env);
+    cmd.env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY")
+        .arg(&env.bucket)
+        .arg(dir.path());
+    assert!(start_error(cmd).contains("no AWS credentials"));
+}
+
+#[test]
+fn background_mode_returns_once_mounted() {
+    let env = ServerEnv::main();
+    let dir = tempfile::Builder::new()
+        .prefix("s3mount-test-")
+        .tempdir()
+        .unwrap();
+    let log = dir.path().with_extension("bg.log");
+    let mut cmd = command(&env);
+    cmd.arg(&env.bucket)
+        .arg(dir.path())
+        .arg("--log-file")
+        .arg(&log);
+    let out = run_to_exit(&mut cmd);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mounted = common::mount::is_mounted(dir.path());
+    let listed = std::fs::read_dir(dir.path()).map(|d| d.count());
+    let unmount = std::process::Command::new("umount")
+        .arg(dir.path())
+        .status()
+        .unwrap();
+    let _ = std::fs::remove_file(&log);
+    assert!(mounted, "mounted when the command returned");
+    assert!(listed.is_ok());
+    assert!(unmount.success(), "umount works");
+}
