@@ -261,7 +261,7 @@ pub fn run(cli: Cli) -> Result<(), StartError> {
             report(Err(e.0.clone()));
             return Err(e);
         }
-        mount_and_serve(&plan, |result| report(result))
+        mount_and_serve(&plan, report)
     })
 }
 
@@ -436,13 +436,11 @@ fn mount_device(mountpoint: &Path) -> Option<String> {
     let canonical = std::fs::canonicalize(mountpoint).unwrap_or_else(|_| mountpoint.to_path_buf());
     let wanted = canonical.to_string_lossy();
     let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    info.lines()
-        .filter_map(|line| {
-            let fields: Vec<&str> = line.split(' ').collect();
-            (fields.len() > 4 && unescape_mount_path(fields[4]) == wanted)
-                .then(|| fields[2].to_string())
-        })
-        .last()
+    info.lines().rev().find_map(|line| {
+        let fields: Vec<&str> = line.split(' ').collect();
+        (fields.len() > 4 && unescape_mount_path(fields[4]) == wanted)
+            .then(|| fields[2].to_string())
+    })
 }
 
 fn log_stats(fs: &S3Filesystem<S3Client>, client: &S3Client) {

@@ -319,7 +319,7 @@ async fn replaced_object_gives_estale_to_open_handles() {
     assert_eq!(err.raw_os_error(), Some(libc::ESTALE), "{err}");
     drop(file);
     // A new open reads the new version.
-    let mut fresh = std::fs::File::open(m.path().join("f")).unwrap();
+    let fresh = std::fs::File::open(m.path().join("f")).unwrap();
     fresh.read_exact_at(&mut buf, 80 << 20).unwrap();
     assert_eq!(&buf[..], &pattern(size, 2)[80 << 20..(80 << 20) + 4096]);
 }

@@ -39,25 +39,25 @@ fn decode(s: &str) -> String {
         .into_owned()
 }
 
+/// `request.txt` taken apart.
+struct ParsedRequest {
+    method: String,
+    path: String,
+    query: Vec<(String, String)>,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
 /// Parses `request.txt`: request line, headers (with obsolete line folding), blank line, body.
-fn parse_request(
-    text: &str,
-) -> (
-    String,
-    String,
-    Vec<(String, String)>,
-    Vec<(String, String)>,
-    Vec<u8>,
-) {
+fn parse_request(text: &str) -> ParsedRequest {
     let (head, body) = match text.find("\n\n") {
-        Some(i) => (&text[..i], text[i + 2..].as_bytes().to_vec()),
+        Some(i) => (&text[..i], text.as_bytes()[i + 2..].to_vec()),
         None => (text, Vec::new()),
     };
     let mut lines = head.lines();
     let request_line = lines.next().expect("request line");
     let method_end = request_line.find(' ').unwrap();
     let version_start = request_line.rfind(" HTTP/").unwrap();
-    let method = request_line[..method_end].to_string();
     let target = &request_line[method_end + 1..version_start];
     let (path, query_text) = target.split_once('?').unwrap_or((target, ""));
     let query = query_text
@@ -79,7 +79,13 @@ fn parse_request(
             headers.push((k.to_string(), v.to_string()));
         }
     }
-    (method, path.to_string(), query, headers, body)
+    ParsedRequest {
+        method: request_line[..method_end].to_string(),
+        path: path.to_string(),
+        query,
+        headers,
+        body,
+    }
 }
 
 fn load(dir: &Path) -> Case {
@@ -95,8 +101,13 @@ fn load(dir: &Path) -> Case {
         &time::format_description::well_known::Rfc3339,
     )
     .unwrap();
-    let (method, path, query, headers, body) =
-        parse_request(&std::fs::read_to_string(dir.join("request.txt")).unwrap());
+    let ParsedRequest {
+        method,
+        path,
+        query,
+        headers,
+        body,
+    } = parse_request(&std::fs::read_to_string(dir.join("request.txt")).unwrap());
     Case {
         name: dir.file_name().unwrap().to_string_lossy().into_owned(),
         dir: dir.to_path_buf(),

@@ -6,6 +6,7 @@
 //! - `get KEY [--sha256]`: downloads the whole object with parallel ranged GETs, the way the
 //!   mount's prefetcher does; prints `MiB/s` (and the SHA-256).
 //! - `first-byte KEY`: time to the first byte of a GET, in milliseconds.
+//! - `put-many PREFIX COUNT SIZE`: uploads COUNT objects of SIZE bytes, 64 at a time.
 //! - `delete-prefix PREFIX`: deletes every key under PREFIX.
 //!
 //! The server comes from S3MOUNT_TEST_ENDPOINT, S3MOUNT_TEST_BUCKET, S3MOUNT_TEST_REGION and
@@ -196,6 +197,37 @@ async fn run(args: Vec<String>) -> Result<(), String> {
                 .map_err(|e| e.to_string())?;
             out.body.next_chunk().await.map_err(|e| e.to_string())?;
             println!("{:.2} ms", started.elapsed().as_secs_f64() * 1000.0);
+        }
+        "put-many" => {
+            let prefix = arg(1)?;
+            let count: usize = arg(2)?.parse().map_err(|_| "COUNT is not a number")?;
+            let size = s3mount::cli::parse_size(&arg(3)?)? as usize;
+            let sem = Arc::new(tokio::sync::Semaphore::new(64));
+            let mut tasks = tokio::task::JoinSet::new();
+            for i in 0..count {
+                let permit = sem
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let (c, key) = (c.clone(), format!("{prefix}{i:06}"));
+                tasks.spawn(async move {
+                    let _permit = permit;
+                    c.put_object(
+                        &key,
+                        PutBody::Bytes(pattern_part(7, i as u64, size)),
+                        &ObjectAttributes::default(),
+                    )
+                    .await
+                });
+            }
+            while let Some(r) = tasks.join_next().await {
+                r.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
+            }
+            println!(
+                "{:.0} objects/s",
+                count as f64 / started.elapsed().as_secs_f64()
+            );
         }
         "delete-prefix" => {
             let prefix = arg(1)?;

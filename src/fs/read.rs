@@ -129,11 +129,63 @@ impl BlockCache {
     }
 }
 
-type Fetch = JoinHandle<FsResult<(Bytes, Reservation)>>;
+/// The body of one GET kept as the pieces it arrived in. Copying them into one buffer would cost
+/// a pass over every byte and large allocations that the allocator keeps around afterwards.
+#[derive(Clone, Default)]
+pub struct Segments {
+    parts: Vec<Bytes>,
+    /// Offset of each part within the body.
+    starts: Vec<u64>,
+    len: u64,
+}
+
+impl Segments {
+    fn push(&mut self, part: Bytes) {
+        if part.is_empty() {
+            return;
+        }
+        self.starts.push(self.len);
+        self.len += part.len() as u64;
+        self.parts.push(part);
+    }
+
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Bytes `from..to` of the body: shared, not copied, when they lie in one part.
+    pub fn slice(&self, from: u64, to: u64) -> Bytes {
+        if from >= to {
+            return Bytes::new();
+        }
+        let first = self.starts.partition_point(|s| *s <= from) - 1;
+        let part_end = self.starts[first] + self.parts[first].len() as u64;
+        if to <= part_end {
+            let base = self.starts[first];
+            return self.parts[first].slice((from - base) as usize..(to - base) as usize);
+        }
+        let mut out = BytesMut::with_capacity((to - from) as usize);
+        for (part, start) in self.parts[first..].iter().zip(&self.starts[first..]) {
+            if *start >= to {
+                break;
+            }
+            let a = from.saturating_sub(*start) as usize;
+            let b = ((to - start) as usize).min(part.len());
+            out.extend_from_slice(&part[a..b]);
+        }
+        out.freeze()
+    }
+}
+
+type Fetch = JoinHandle<FsResult<(Segments, Reservation)>>;
 
 enum ChunkData {
     Pending(Fetch),
-    Ready(Bytes, Reservation),
+    Ready(Segments, Reservation),
     /// Moved out of the window.
     Retired,
 }
@@ -145,7 +197,7 @@ struct Chunk {
 
 impl Chunk {
     /// Waits for the chunk's data.
-    async fn ready(&mut self) -> FsResult<&Bytes> {
+    async fn ready(&mut self) -> FsResult<&Segments> {
         if let ChunkData::Pending(task) = &mut self.data {
             let (bytes, reservation) = task
                 .await
@@ -174,7 +226,7 @@ struct Prefetcher {
     /// Where a sequential reader reads next.
     expected: u64,
     /// The last chunk consumed, for small backward seeks; it keeps its memory reservation.
-    previous: Option<(u64, Bytes, Reservation)>,
+    previous: Option<(u64, Segments, Reservation)>,
 }
 
 /// What a read needs from the rest of the filesystem.
@@ -231,9 +283,9 @@ impl<C: ObjectClient> ReadHandle<C> {
         let mut p = self.state.lock().await;
 
         if let Some((start, data, _)) = &p.previous {
-            let prev_end = start + data.len() as u64;
+            let prev_end = start + data.len();
             if *start <= offset && end <= prev_end {
-                return Ok(data.slice((offset - start) as usize..(end - start) as usize));
+                return Ok(data.slice(offset - start, end - start));
             }
         }
         let in_window = p
@@ -275,13 +327,10 @@ impl<C: ObjectClient> ReadHandle<C> {
             }
             let chunk = p.chunks.front_mut().expect("topped up");
             let (start, chunk_end) = (chunk.range.start, chunk.range.end);
-            let data = chunk.ready().await?.clone();
-            if data.len() as u64 != chunk_end - start {
-                return Err(FsError::Invalid("short read from S3"));
-            }
-            let from = (pos - start) as usize;
-            let to = (end.min(chunk_end) - start) as usize;
-            let piece = data.slice(from..to);
+            let piece = chunk
+                .ready()
+                .await?
+                .slice(pos - start, end.min(chunk_end) - start);
             pos += piece.len() as u64;
             match (&mut out, &single) {
                 (None, None) => single = Some(piece),
@@ -360,13 +409,13 @@ impl<C: ObjectClient> ReadHandle<C> {
             let span = (first + lo as u64) * bs..((first + hi as u64 + 1) * bs).min(self.size);
             let _reservation = self.ctx.budget.reserve(span.end - span.start).await;
             let data = fetch(&*self.ctx.client, &self.key, &self.etag, span.clone()).await?;
-            for i in lo..=hi {
+            for (i, slot) in blocks.iter_mut().enumerate().take(hi + 1).skip(lo) {
                 let b = first + i as u64;
-                let from = (b * bs - span.start) as usize;
-                let to = (((b + 1) * bs).min(self.size) - span.start) as usize;
-                let block = data.slice(from..to);
+                let from = b * bs - span.start;
+                let to = ((b + 1) * bs).min(self.size) - span.start;
+                let block = data.slice(from, to);
                 self.ctx.blocks.put(key_of(b), block.clone());
-                blocks[i] = Some(block);
+                *slot = Some(block);
             }
         }
         let mut out = BytesMut::with_capacity((end - offset) as usize);
@@ -387,23 +436,29 @@ async fn fetch<C: ObjectClient>(
     key: &str,
     etag: &str,
     range: Range<u64>,
-) -> FsResult<Bytes> {
-    let len = (range.end - range.start) as usize;
-    let out = client
+) -> FsResult<Segments> {
+    let len = range.end - range.start;
+    let mut out = client
         .get_object(key, Some(range), Some(etag))
         .await
         .map_err(from_client)?;
-    let bytes = out.body.collect(len).await.map_err(from_client)?;
-    if bytes.len() != len {
+    let mut body = Segments::default();
+    while let Some(part) = out.body.next_chunk().await.map_err(from_client)? {
+        body.push(part);
+        if body.len() > len {
+            break;
+        }
+    }
+    if body.len() != len {
         tracing::error!(
             key,
             expected = len,
-            got = bytes.len(),
-            "GET returned a short body"
+            got = body.len(),
+            "GET returned a body of the wrong length"
         );
         return Err(FsError::Invalid("short read from S3"));
     }
-    Ok(bytes)
+    Ok(body)
 }
 
 #[cfg(test)]
@@ -433,6 +488,20 @@ mod tests {
         (offset..(offset + len).min(size))
             .map(|i| (i % 251) as u8)
             .collect()
+    }
+
+    #[test]
+    fn segments_slice_within_and_across_parts() {
+        let mut s = Segments::default();
+        for part in [&b"abc"[..], b"", b"defg", b"h"] {
+            s.push(Bytes::copy_from_slice(part));
+        }
+        assert_eq!(s.len(), 8);
+        assert_eq!(&s.slice(0, 3)[..], b"abc");
+        assert_eq!(&s.slice(4, 6)[..], b"ef");
+        assert_eq!(&s.slice(2, 8)[..], b"cdefgh");
+        assert_eq!(&s.slice(7, 8)[..], b"h");
+        assert!(s.slice(5, 5).is_empty());
     }
 
     #[tokio::test]

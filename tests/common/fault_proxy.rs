@@ -154,7 +154,7 @@ async fn serve(
         Some(Fault::Status(status, code)) => conn.write_all(&error_response(status, code)).await?,
         Some(Fault::ErrorIn200(code)) => conn.write_all(&error_response(200, code)).await?,
         Some(Fault::Reset) => {
-            conn.set_linger(Some(std::time::Duration::ZERO))?;
+            conn.set_zero_linger()?;
             return Ok(());
         }
         None => {
