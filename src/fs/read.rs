@@ -76,6 +76,10 @@ impl MemoryBudget {
         (self.total_units as u64 - self.semaphore.available_permits() as u64) * BUDGET_UNIT
     }
 
+    pub fn available_bytes(&self) -> u64 {
+        self.semaphore.available_permits() as u64 * BUDGET_UNIT
+    }
+
     pub fn total_bytes(&self) -> u64 {
         self.total_units as u64 * BUDGET_UNIT
     }
@@ -88,6 +92,9 @@ pub struct ReadConfig {
     pub requests_ahead: usize,
     /// Alignment and size of random-read blocks.
     pub block_size: u64,
+    /// A read this close to where the reader was expected is sequential, not a seek: the
+    /// kernel keeps several readahead requests of up to 1 MiB in flight, in any order.
+    pub sequential_tolerance: u64,
 }
 
 impl Default for ReadConfig {
@@ -97,6 +104,7 @@ impl Default for ReadConfig {
             max_request: 8 * 1024 * 1024,
             requests_ahead: 8,
             block_size: 128 * 1024,
+            sequential_tolerance: 2 * 1024 * 1024,
         }
     }
 }
@@ -185,9 +193,11 @@ type Fetch = JoinHandle<FsResult<(Segments, Reservation)>>;
 
 enum ChunkData {
     Pending(Fetch),
-    Ready(Segments, Reservation),
-    /// Moved out of the window.
-    Retired,
+    /// The data, and the memory it holds until the chunk is dropped.
+    Ready {
+        data: Segments,
+        _memory: Reservation,
+    },
 }
 
 struct Chunk {
@@ -199,14 +209,17 @@ impl Chunk {
     /// Waits for the chunk's data.
     async fn ready(&mut self) -> FsResult<&Segments> {
         if let ChunkData::Pending(task) = &mut self.data {
-            let (bytes, reservation) = task
+            let (data, memory) = task
                 .await
                 .map_err(|_| FsError::Invalid("prefetch task ended unexpectedly"))??;
-            self.data = ChunkData::Ready(bytes, reservation);
+            self.data = ChunkData::Ready {
+                data,
+                _memory: memory,
+            };
         }
         match &self.data {
-            ChunkData::Ready(bytes, _) => Ok(bytes),
-            ChunkData::Pending(_) | ChunkData::Retired => Err(FsError::BadHandle),
+            ChunkData::Ready { data, .. } => Ok(data),
+            ChunkData::Pending(_) => Err(FsError::BadHandle),
         }
     }
 }
@@ -221,12 +234,12 @@ impl Drop for Chunk {
 
 /// The state of one open file's reads.
 struct Prefetcher {
+    /// Contiguous ranges in offset order: up to one request's worth already passed (kept for
+    /// small backward seeks and for kernel reads that arrive out of order), then the ones ahead.
     chunks: VecDeque<Chunk>,
     next_request: u64,
     /// Where a sequential reader reads next.
     expected: u64,
-    /// The last chunk consumed, for small backward seeks; it keeps its memory reservation.
-    previous: Option<(u64, Segments, Reservation)>,
 }
 
 /// What a read needs from the rest of the filesystem.
@@ -269,7 +282,6 @@ impl<C: ObjectClient> ReadHandle<C> {
                 chunks: VecDeque::new(),
                 next_request: first,
                 expected: 0,
-                previous: None,
             }),
         }
     }
@@ -281,51 +293,57 @@ impl<C: ObjectClient> ReadHandle<C> {
             return Ok(Bytes::new());
         }
         let mut p = self.state.lock().await;
-
-        if let Some((start, data, _)) = &p.previous {
-            let prev_end = start + data.len();
-            if *start <= offset && end <= prev_end {
-                return Ok(data.slice(offset - start, end - start));
-            }
-        }
+        let slack = self.ctx.config.max_request;
+        // Inside the window, or just past it: the kernel's readahead requests arrive slightly
+        // out of order, and none of them is a seek.
         let in_window = p
             .chunks
             .front()
             .zip(p.chunks.back())
-            .is_some_and(|(f, b)| f.range.start <= offset && offset < b.range.end);
+            .is_some_and(|(f, b)| f.range.start <= offset && offset < b.range.end + slack);
         if !in_window {
-            if offset != p.expected {
-                // A seek: drop the window, serve this read from blocks.
-                p.chunks.clear();
-                p.next_request = self.ctx.config.first_request;
+            p.chunks.clear();
+            p.next_request = self.ctx.config.first_request;
+            if offset.abs_diff(p.expected) > self.ctx.config.sequential_tolerance {
+                // A seek: serve it from blocks; prefetch starts again if reads continue here.
                 p.expected = end;
                 drop(p);
                 return self.read_blocks(offset, end).await;
             }
-            p.chunks.clear();
-            self.top_up(&mut p, offset);
+            // Near where the reader was expected: the kernel's first readahead requests may
+            // arrive in any order, so the window starts at the lower of the two.
+            let start = offset.min(p.expected);
+            self.top_up(&mut p, start);
         }
 
         let mut out: Option<BytesMut> = None;
         let mut single: Option<Bytes> = None;
         let mut pos = offset;
         while pos < end {
-            // Chunks wholly before `pos` are done with.
-            while p.chunks.front().is_some_and(|c| c.range.end <= pos) {
-                Self::retire_front(&mut p);
+            // Chunks a whole request behind the reader are done with.
+            while p.chunks.front().is_some_and(|c| c.range.end + slack <= pos) {
+                p.chunks.pop_front();
             }
-            if p.chunks.is_empty() {
-                self.top_up(&mut p, pos);
-            }
-            if p.chunks
-                .front()
-                .is_some_and(|c| matches!(c.data, ChunkData::Pending(_)))
+            self.top_up(&mut p, pos);
+            let Some(index) = p.chunks.iter().position(|c| c.range.contains(&pos)) else {
+                return Err(FsError::Invalid("prefetch window does not cover the read"));
+            };
+            let needed = &p.chunks[index];
+            if matches!(needed.data, ChunkData::Pending(_))
+                && self.ctx.budget.available_bytes() < needed.range.end - needed.range.start
             {
-                // Its fetch may be waiting for memory: give back what the backward-seek
-                // buffer holds, or a small budget could wait on itself forever.
-                p.previous = None;
+                // Its fetch may be waiting for memory: give back what is behind the reader, or
+                // a small budget could wait on itself forever.
+                while p.chunks.front().is_some_and(|c| c.range.end <= pos) {
+                    p.chunks.pop_front();
+                }
             }
-            let chunk = p.chunks.front_mut().expect("topped up");
+            let index = p
+                .chunks
+                .iter()
+                .position(|c| c.range.contains(&pos))
+                .expect("kept above");
+            let chunk = &mut p.chunks[index];
             let (start, chunk_end) = (chunk.range.start, chunk.range.end);
             let piece = chunk
                 .ready()
@@ -342,34 +360,21 @@ impl<C: ObjectClient> ReadHandle<C> {
                 }
                 (Some(buf), _) => buf.extend_from_slice(&piece),
             }
-            if pos >= chunk_end {
-                Self::retire_front(&mut p);
-            }
-            self.top_up(&mut p, pos);
         }
-        p.expected = end;
+        self.top_up(&mut p, pos);
+        p.expected = p.expected.max(end);
         Ok(match out {
             Some(buf) => buf.freeze(),
             None => single.unwrap_or_default(),
         })
     }
 
-    /// Moves the front chunk out of the window, keeping its data for small backward seeks.
-    fn retire_front(p: &mut Prefetcher) {
-        if let Some(mut chunk) = p.chunks.pop_front() {
-            if let ChunkData::Ready(bytes, reservation) =
-                std::mem::replace(&mut chunk.data, ChunkData::Retired)
-            {
-                p.previous = Some((chunk.range.start, bytes, reservation));
-            }
-        }
-    }
-
-    /// Starts GETs until the window reaches `requests_ahead` requests past `pos`.
+    /// Starts GETs until `requests_ahead` of them end past `pos`.
     fn top_up(&self, p: &mut Prefetcher, pos: u64) {
         let cfg = &self.ctx.config;
         let mut next = p.chunks.back().map_or(pos, |c| c.range.end);
-        while p.chunks.len() < cfg.requests_ahead && next < self.size {
+        let mut ahead = p.chunks.iter().filter(|c| c.range.end > pos).count();
+        while (ahead < cfg.requests_ahead || next <= pos) && next < self.size {
             let range = next..(next + p.next_request).min(self.size);
             next = range.end;
             p.next_request = (p.next_request * 2).min(cfg.max_request);
@@ -378,6 +383,7 @@ impl<C: ObjectClient> ReadHandle<C> {
                 range,
                 data: ChunkData::Pending(task),
             });
+            ahead += 1;
         }
     }
 
@@ -479,6 +485,7 @@ mod tests {
                 max_request: 256 * 1024,
                 requests_ahead: 3,
                 block_size: 16 * 1024,
+                sequential_tolerance: 256 * 1024,
             },
         };
         ReadHandle::new("k".into(), etag, size as u64, ctx)
@@ -526,29 +533,40 @@ mod tests {
         let mock = Arc::new(MockClient::new("b"));
         let size = 1024 * 1024;
         let h = handle(mock.clone(), size, 64 << 20);
-        assert_eq!(
-            h.read(0, 4096).await.unwrap(),
-            expected(0, 4096, size as u64)
-        );
-        assert_eq!(
-            h.read(8192, 4096).await.unwrap(),
-            expected(8192, 4096, size as u64)
-        );
-        assert_eq!(
-            h.read(4096, 4096).await.unwrap(),
-            expected(4096, 4096, size as u64)
-        );
-        assert_eq!(
-            h.read(70_000, 100_000).await.unwrap(),
-            expected(70_000, 100_000, size as u64)
-        );
-        assert_eq!(
-            h.read(60_000, 1000).await.unwrap(),
-            expected(60_000, 1000, size as u64),
-            "backward within the last chunk"
-        );
+        let check = |got: Bytes, off: u64, len: u64| {
+            assert_eq!(got, expected(off, len, size as u64), "at {off}")
+        };
+        check(h.read(0, 4096).await.unwrap(), 0, 4096);
+        check(h.read(8192, 4096).await.unwrap(), 8192, 4096);
+        check(h.read(70_000, 100_000).await.unwrap(), 70_000, 100_000);
         let gets = mock.count(Operation::GetObject);
-        assert!(gets <= 4, "no extra GETs for in-window reads: {gets}");
+        // Behind the reader, inside what the window still holds: no new GET.
+        check(h.read(4096, 4096).await.unwrap(), 4096, 4096);
+        check(h.read(60_000, 1000).await.unwrap(), 60_000, 1000);
+        assert_eq!(
+            mock.count(Operation::GetObject),
+            gets,
+            "no GETs for reads inside the window"
+        );
+    }
+
+    #[tokio::test]
+    async fn out_of_order_readahead_keeps_the_window() {
+        let mock = Arc::new(MockClient::new("b"));
+        let size = 4 * 1024 * 1024;
+        let h = handle(mock.clone(), size, 64 << 20);
+        let step = 128 * 1024;
+        let mut off = 0;
+        while off < size as u64 {
+            // The kernel's readahead: two requests in flight, the later one served first.
+            for o in [off + step, off] {
+                let got = h.read(o, step).await.unwrap();
+                assert_eq!(got, expected(o, step, size as u64), "at {o}");
+            }
+            off += 2 * step;
+        }
+        let gets = mock.count(Operation::GetObject);
+        assert!(gets <= 20, "the window was never dropped: {gets} GETs");
     }
 
     #[tokio::test]
@@ -559,15 +577,17 @@ mod tests {
         let got = h.read(500_000, 4096).await.unwrap();
         assert_eq!(got, expected(500_000, 4096, size as u64));
         assert_eq!(mock.count(Operation::GetObject), 1);
-        // Inside the same 16 KiB block: from the cache.
+        // Far from the first read, then back inside its 16 KiB block: from the cache.
+        let got = h.read(900_000, 100).await.unwrap();
+        assert_eq!(got, expected(900_000, 100, size as u64));
         let got = h.read(500_100, 100).await.unwrap();
         assert_eq!(got, expected(500_100, 100, size as u64));
-        assert_eq!(mock.count(Operation::GetObject), 1);
+        assert_eq!(mock.count(Operation::GetObject), 2);
         let got = h.read(200_000, 40_000).await.unwrap();
         assert_eq!(got, expected(200_000, 40_000, size as u64));
         assert_eq!(
             mock.count(Operation::GetObject),
-            2,
+            3,
             "one GET covers several blocks"
         );
     }

@@ -201,7 +201,9 @@ async fn s3fs_metadata_and_symlinks() {
 #[tokio::test]
 async fn open_read_and_stale_handles() {
     let (mock, fs) = fs_with(&[], Duration::from_secs(1));
-    let data: Vec<u8> = (0..300_000u32).map(|i| i as u8).collect();
+    // Larger than the first prefetch window (about 32 MiB), so a far read needs a new GET.
+    let size = 40 << 20;
+    let data: Vec<u8> = (0..size as u32).map(|i| (i % 251) as u8).collect();
     mock.insert("f", data.clone());
     let f = path(&fs, "f").await.unwrap();
     let fh = fs.open(f.ino, false).await.unwrap();
@@ -209,14 +211,19 @@ async fn open_read_and_stale_handles() {
         &fs.read(fh, 1000, 5000).await.unwrap()[..],
         &data[1000..6000]
     );
-    mock.insert("f", vec![0u8; 300_000]);
-    let err = fs.read(fh, 200_000, 10).await.unwrap_err();
+    mock.insert("f", vec![0u8; size]);
+    // Already fetched: still the version the handle opened.
+    assert_eq!(&fs.read(fh, 6000, 10).await.unwrap()[..], &data[6000..6010]);
+    let err = fs.read(fh, (38 << 20) as u64, 10).await.unwrap_err();
     assert_eq!(err.errno(), libc::ESTALE);
     fs.release(fh);
     assert!(matches!(fs.read(fh, 0, 1).await, Err(FsError::BadHandle)));
     // A new open sees the new version.
     let fh = fs.open(f.ino, false).await.unwrap();
-    assert_eq!(&fs.read(fh, 200_000, 10).await.unwrap()[..], &[0u8; 10]);
+    assert_eq!(
+        &fs.read(fh, (38 << 20) as u64, 10).await.unwrap()[..],
+        &[0u8; 10]
+    );
     let dir_err = fs.open(ROOT_INO, false).await.unwrap_err();
     assert_eq!(dir_err.errno(), libc::EISDIR);
 }
