@@ -37,6 +37,11 @@ impl<C: ObjectClient> FuseAdapter<C> {
         Self { fs, runtime }
     }
 
+    /// The errno for a change this mount does not make (EROFS when read-only).
+    fn refused(&self, what: &'static str) -> Errno {
+        errno(&self.fs.refuse_change(what), what)
+    }
+
     fn spawn<F>(&self, task: impl FnOnce(Arc<S3Filesystem<C>>) -> F)
     where
         F: Future<Output = ()> + Send + 'static,
@@ -142,7 +147,7 @@ impl<C: ObjectClient> Filesystem for FuseAdapter<C> {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        reply.error(errno(&self.fs.refuse_change("setattr"), "setattr"));
+        reply.error(self.refused("setattr"));
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
@@ -164,7 +169,7 @@ impl<C: ObjectClient> Filesystem for FuseAdapter<C> {
         _rdev: u32,
         reply: ReplyEntry,
     ) {
-        reply.error(errno(&self.fs.refuse_change("mknod"), "mknod"));
+        reply.error(self.refused("mknod"));
     }
 
     fn mkdir(
@@ -176,15 +181,15 @@ impl<C: ObjectClient> Filesystem for FuseAdapter<C> {
         _umask: u32,
         reply: ReplyEntry,
     ) {
-        reply.error(errno(&self.fs.refuse_change("mkdir"), "mkdir"));
+        reply.error(self.refused("mkdir"));
     }
 
     fn unlink(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        reply.error(errno(&self.fs.refuse_change("unlink"), "unlink"));
+        reply.error(self.refused("unlink"));
     }
 
     fn rmdir(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        reply.error(errno(&self.fs.refuse_change("rmdir"), "rmdir"));
+        reply.error(self.refused("rmdir"));
     }
 
     fn symlink(
@@ -195,7 +200,7 @@ impl<C: ObjectClient> Filesystem for FuseAdapter<C> {
         _target: &Path,
         reply: ReplyEntry,
     ) {
-        reply.error(errno(&self.fs.refuse_change("symlink"), "symlink"));
+        reply.error(self.refused("symlink"));
     }
 
     fn rename(
@@ -208,7 +213,7 @@ impl<C: ObjectClient> Filesystem for FuseAdapter<C> {
         _flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        reply.error(errno(&self.fs.refuse_change("rename"), "rename"));
+        reply.error(self.refused("rename"));
     }
 
     fn link(
@@ -219,7 +224,7 @@ impl<C: ObjectClient> Filesystem for FuseAdapter<C> {
         _newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        reply.error(errno(&self.fs.refuse_change("hard links"), "link"));
+        reply.error(self.refused("hard links"));
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
@@ -266,7 +271,7 @@ impl<C: ObjectClient> Filesystem for FuseAdapter<C> {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        reply.error(errno(&self.fs.refuse_change("write"), "write"));
+        reply.error(self.refused("write"));
     }
 
     fn flush(
@@ -421,6 +426,6 @@ impl<C: ObjectClient> Filesystem for FuseAdapter<C> {
         _flags: i32,
         reply: ReplyCreate,
     ) {
-        reply.error(errno(&self.fs.refuse_change("create"), "create"));
+        reply.error(self.refused("create"));
     }
 }

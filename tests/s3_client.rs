@@ -246,14 +246,7 @@ async fn browser_post_policy_upload_with_curl() {
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     let (status, body) = curl(&refs);
     assert!((200..300).contains(&status), "POST upload: {status} {body}");
-    let got = c
-        .get_object(&key, None, None)
-        .await
-        .unwrap()
-        .body
-        .collect(11)
-        .await
-        .unwrap();
+    let got = common::read_object(&c, &key, None).await;
     assert_eq!(&got[..], b"form upload");
 
     // The same form with a key outside the policy's prefix is refused.
@@ -313,14 +306,7 @@ async fn transient_failures_are_retried_until_success() {
         4
     );
     let direct = env.client();
-    let got = direct
-        .get_object(&key, None, None)
-        .await
-        .unwrap()
-        .body
-        .collect(8)
-        .await
-        .unwrap();
+    let got = common::read_object(&direct, &key, None).await;
     assert_eq!(&got[..], b"survived");
 
     // A 200 whose body is an <Error> counts as an error, and is retried.
@@ -345,14 +331,7 @@ async fn transient_failures_are_retried_until_success() {
     .await
     .unwrap();
     assert_eq!(proxy.requests_seen() - before, 2);
-    let got = direct
-        .get_object(&key, None, None)
-        .await
-        .unwrap()
-        .body
-        .collect(4)
-        .await
-        .unwrap();
+    let got = common::read_object(&direct, &key, None).await;
     assert_eq!(&got[..], b"part");
     direct.delete_object(&key).await.unwrap();
 }
@@ -408,14 +387,7 @@ async fn strict_server_checks_signature_and_payload_hash() {
     )
     .await
     .unwrap();
-    let got = c
-        .get_object(&key, Some(10..20), None)
-        .await
-        .unwrap()
-        .body
-        .collect(10)
-        .await
-        .unwrap();
+    let got = common::read_object(&c, &key, Some(10..20)).await;
     assert_eq!(&got[..], &common::pattern(100_000, 1)[10..20]);
 
     let mut cfg = env.config();
@@ -460,14 +432,7 @@ async fn strict_server_checks_signature_and_payload_hash() {
     // 400 XAmzContentSHA256Mismatch. Either way the body is refused; the client would retry a
     // 500 and resend the intact body.
     assert!(matches!(e.status, Some(400 | 403 | 500)), "{e}");
-    let still = c
-        .get_object(&key, Some(10..20), None)
-        .await
-        .unwrap()
-        .body
-        .collect(10)
-        .await
-        .unwrap();
+    let still = common::read_object(&c, &key, Some(10..20)).await;
     assert_eq!(
         &still[..],
         &got[..],

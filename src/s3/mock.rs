@@ -159,6 +159,25 @@ impl MockClient {
         format!("upload-{}", self.next_id.fetch_add(1, Ordering::Relaxed))
     }
 
+    /// Keeps `data` as part `part_number` of the upload; returns its ETag.
+    fn store_part(
+        &self,
+        op: Operation,
+        key: &str,
+        upload_id: &str,
+        part_number: u32,
+        data: Bytes,
+    ) -> Result<String> {
+        let etag = quoted_md5(&data);
+        let mut state = self.lock();
+        let upload = state
+            .uploads
+            .get_mut(upload_id)
+            .ok_or_else(|| self.err(op, Some(key), ErrorKind::NoSuchUpload))?;
+        upload.parts.insert(part_number, (etag.clone(), data));
+        Ok(etag)
+    }
+
     fn head_of(obj: &MockObject) -> ObjectHead {
         ObjectHead {
             size: obj.data.len() as u64,
@@ -366,14 +385,7 @@ impl ObjectClient for MockClient {
             self.err(op, Some(key), ErrorKind::InvalidRequest)
                 .with_message(e.to_string())
         })?;
-        let etag = quoted_md5(&data);
-        let mut state = self.lock();
-        let upload = state
-            .uploads
-            .get_mut(upload_id)
-            .ok_or_else(|| self.err(op, Some(key), ErrorKind::NoSuchUpload))?;
-        upload.parts.insert(part_number, (etag.clone(), data));
-        Ok(etag)
+        self.store_part(op, key, upload_id, part_number, data)
     }
 
     async fn upload_part_copy(
@@ -386,7 +398,7 @@ impl ObjectClient for MockClient {
     ) -> Result<String> {
         let op = Operation::UploadPartCopy;
         self.enter(op, Some(key))?;
-        let mut state = self.lock();
+        let state = self.lock();
         let src = state
             .objects
             .get(source_key)
@@ -397,13 +409,8 @@ impl ObjectClient for MockClient {
             return Err(self.err(op, Some(source_key), ErrorKind::InvalidRange));
         }
         let data = src.data.slice(range.start as usize..range.end as usize);
-        let etag = quoted_md5(&data);
-        let upload = state
-            .uploads
-            .get_mut(upload_id)
-            .ok_or_else(|| self.err(op, Some(key), ErrorKind::NoSuchUpload))?;
-        upload.parts.insert(part_number, (etag.clone(), data));
-        Ok(etag)
+        drop(state);
+        self.store_part(op, key, upload_id, part_number, data)
     }
 
     async fn complete_multipart_upload(

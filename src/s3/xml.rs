@@ -118,6 +118,15 @@ pub fn url_decode(s: &str) -> String {
         .into_owned()
 }
 
+/// A key or prefix as sent: URL-decoded when the request asked for `encoding-type=url`.
+fn decode_if(s: &str, url_encoded: bool) -> String {
+    if url_encoded {
+        url_decode(s)
+    } else {
+        s.to_string()
+    }
+}
+
 fn required<'a>(el: &'a Element, name: &str) -> Result<&'a str, XmlError> {
     el.text_of(name)
         .ok_or_else(|| XmlError(format!("<{}> has no <{name}>", el.name)))
@@ -140,13 +149,7 @@ pub fn parse_timestamp(text: &str) -> Option<SystemTime> {
 /// ListObjectsV2. `url_encoded` says whether the request asked for `encoding-type=url`.
 pub fn list_objects(text: &str, url_encoded: bool) -> Result<ListPage, XmlError> {
     let root = parse(text)?;
-    let decode = |s: &str| {
-        if url_encoded {
-            url_decode(s)
-        } else {
-            s.to_string()
-        }
-    };
+    let decode = |s: &str| decode_if(s, url_encoded);
     let mut page = ListPage::default();
     for c in root.children("Contents") {
         page.objects.push(ObjectInfo {
@@ -203,13 +206,7 @@ pub fn list_parts(text: &str) -> Result<ListPartsPage, XmlError> {
 
 pub fn list_multipart_uploads(text: &str, url_encoded: bool) -> Result<ListUploadsPage, XmlError> {
     let root = parse(text)?;
-    let decode = |s: &str| {
-        if url_encoded {
-            url_decode(s)
-        } else {
-            s.to_string()
-        }
-    };
+    let decode = |s: &str| decode_if(s, url_encoded);
     let mut page = ListUploadsPage::default();
     for u in root.children("Upload") {
         page.uploads.push(UploadInfo {

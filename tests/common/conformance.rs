@@ -10,9 +10,7 @@ use s3mount::s3::*;
 use super::{pattern, sha256_hex};
 
 async fn read_all<C: ObjectClient>(c: &C, key: &str) -> Bytes {
-    let out = c.get_object(key, None, None).await.expect("get");
-    let len = out.head.size as usize;
-    out.body.collect(len).await.expect("body")
+    super::read_object(c, key, None).await
 }
 
 /// Collects a whole listing, following continuation tokens; returns (keys, prefixes, pages).

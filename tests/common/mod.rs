@@ -100,6 +100,23 @@ pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
     v
 }
 
+/// The whole object (or `range` of it), read with the client.
+pub async fn read_object<C: s3mount::s3::ObjectClient>(
+    c: &C,
+    key: &str,
+    range: Option<std::ops::Range<u64>>,
+) -> bytes::Bytes {
+    let out = c
+        .get_object(key, range, None)
+        .await
+        .unwrap_or_else(|e| panic!("GET {key}: {e}"));
+    let len = (out.range.end - out.range.start) as usize;
+    out.body
+        .collect(len)
+        .await
+        .unwrap_or_else(|e| panic!("body of {key}: {e}"))
+}
+
 pub fn sha256_hex(data: &[u8]) -> String {
     s3mount::s3::sigv4::sha256_hex(data)
 }
