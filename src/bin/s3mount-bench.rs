@@ -8,6 +8,8 @@
 //! - `first-byte KEY`: time to the first byte of a GET, in milliseconds.
 //! - `put-many PREFIX COUNT SIZE`: uploads COUNT objects of SIZE bytes, 64 at a time.
 //! - `delete-prefix PREFIX`: deletes every key under PREFIX.
+//! - `hash-speed`: single-core throughput of the digests an upload can carry (SHA-256, which
+//!   the client signs, and MD5 for comparison); needs no server.
 //!
 //! The server comes from S3MOUNT_TEST_ENDPOINT, S3MOUNT_TEST_BUCKET, S3MOUNT_TEST_REGION and
 //! S3MOUNT_TEST_ACCESS_KEY_ID / S3MOUNT_TEST_SECRET_ACCESS_KEY (or AWS_ACCESS_KEY_ID /
@@ -150,7 +152,33 @@ async fn download(
     Ok((total, hasher.map(|h| hex::encode(h.finalize()))))
 }
 
+fn hash_speed() {
+    let data = pattern_part(3, 0, 256 << 20);
+    let time = |name: &str, f: &dyn Fn(&[u8])| {
+        let started = Instant::now();
+        for _ in 0..4 {
+            f(&data);
+        }
+        let secs = started.elapsed().as_secs_f64();
+        println!(
+            "{name}: {:.0} MiB/s per core ({:.2} CPU-s per GiB)",
+            1024.0 / secs,
+            secs
+        );
+    };
+    time("SHA-256", &|d| {
+        std::hint::black_box(sha2::Sha256::digest(d));
+    });
+    time("MD5", &|d| {
+        std::hint::black_box(md5::Md5::digest(d));
+    });
+}
+
 async fn run(args: Vec<String>) -> Result<(), String> {
+    if args.first().map(String::as_str) == Some("hash-speed") {
+        hash_speed();
+        return Ok(());
+    }
     let c = Arc::new(client()?);
     let arg = |i: usize| {
         args.get(i)
