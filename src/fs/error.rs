@@ -27,6 +27,16 @@ pub enum FsError {
     NotSupported(&'static str),
     #[error("bad file handle")]
     BadHandle,
+    #[error("file too large for S3 (over 10,000 parts)")]
+    FileTooLarge,
+    #[error("local spool file: {0}")]
+    Io(String),
+    #[error("directory not empty")]
+    NotEmpty,
+    #[error("file exists")]
+    Exists,
+    #[error("operation not permitted: {0}")]
+    NotPermitted(&'static str),
     #[error(transparent)]
     S3(#[from] ClientError),
 }
@@ -43,6 +53,11 @@ impl FsError {
             FsError::Invalid(_) => libc::EINVAL,
             FsError::NotSupported(_) => libc::ENOTSUP,
             FsError::BadHandle => libc::EBADF,
+            FsError::FileTooLarge => libc::EFBIG,
+            FsError::Io(_) => libc::EIO,
+            FsError::NotEmpty => libc::ENOTEMPTY,
+            FsError::Exists => libc::EEXIST,
+            FsError::NotPermitted(_) => libc::EPERM,
             FsError::S3(e) => match &e.kind {
                 ErrorKind::NoSuchKey => libc::ENOENT,
                 ErrorKind::PreconditionFailed => libc::ESTALE,

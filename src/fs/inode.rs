@@ -1,8 +1,9 @@
 //! The inode table: numbers, names, keys and cached attributes.
 //!
-//! An inode's identity (number, parent, name, key, kind) never changes once made; if a name
-//! comes back as another kind (a file replaced by a directory), it gets a new inode and the old
-//! one lives on, unreachable by name, until the kernel forgets it. Cached attributes carry an
+//! An inode's number and kind never change once made; if a name comes back as another kind (a
+//! file replaced by a directory), it gets a new inode and the old one lives on, unreachable by
+//! name, until the kernel forgets it. Its location (parent, name, key) changes only through
+//! [`InodeTable::rename`], because the kernel keeps the inode number across a rename. Cached attributes carry an
 //! expiry (the metadata TTL) and are refreshed by the core when stale.
 //!
 //! Keys: a file's key is the full object key (mount prefix included); a directory's key is its
@@ -58,17 +59,45 @@ pub struct InodeState {
     pub lookups: u64,
 }
 
-#[derive(Debug)]
-pub struct Inode {
-    pub ino: Ino,
+/// Where an inode is in the tree.
+#[derive(Debug, Clone)]
+pub struct Location {
     pub parent: Ino,
     pub name: String,
     pub key: String,
+}
+
+#[derive(Debug)]
+pub struct Inode {
+    pub ino: Ino,
     pub kind: Kind,
+    location: Mutex<Location>,
     pub state: Mutex<InodeState>,
 }
 
 impl Inode {
+    pub fn location(&self) -> Location {
+        self.location
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn key(&self) -> String {
+        self.location
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .key
+            .clone()
+    }
+
+    pub fn parent(&self) -> Ino {
+        self.location
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .parent
+    }
+
     pub fn stat(&self) -> Stat {
         self.lock().stat.clone()
     }
@@ -103,9 +132,11 @@ impl InodeTable {
     pub fn new(root_key: &str) -> Self {
         let root = Arc::new(Inode {
             ino: ROOT_INO,
-            parent: ROOT_INO,
-            name: String::new(),
-            key: root_key.to_string(),
+            location: Mutex::new(Location {
+                parent: ROOT_INO,
+                name: String::new(),
+                key: root_key.to_string(),
+            }),
             kind: Kind::Directory,
             state: Mutex::new(InodeState {
                 stat: Stat::directory(SystemTime::now()),
@@ -156,16 +187,15 @@ impl InodeTable {
             existing.refresh(stat, ttl);
             return existing;
         }
-        let key = match kind {
-            Kind::Directory => format!("{}{name}/", parent.key),
-            Kind::File | Kind::Symlink => format!("{}{name}", parent.key),
-        };
+        let key = child_key(&parent.key(), name, kind);
         let ino = self.next_ino.fetch_add(1, Ordering::Relaxed);
         let inode = Arc::new(Inode {
             ino,
-            parent: parent.ino,
-            name: name.to_string(),
-            key,
+            location: Mutex::new(Location {
+                parent: parent.ino,
+                name: name.to_string(),
+                key,
+            }),
             kind,
             state: Mutex::new(InodeState {
                 stat,
@@ -206,9 +236,40 @@ impl InodeTable {
         };
         if gone {
             t.by_ino.remove(&ino);
-            let name_key = (inode.parent, inode.name.clone());
+            let loc = inode.location();
+            let name_key = (loc.parent, loc.name);
             if t.by_name.get(&name_key) == Some(&ino) {
                 t.by_name.remove(&name_key);
+            }
+        }
+    }
+
+    /// Moves `inode` to `new_parent/new_name`; a directory's descendants get their new keys.
+    /// Whatever was at the new name before is no longer reachable by name.
+    pub fn rename(&self, inode: &Inode, new_parent: &Inode, new_name: &str) {
+        let mut t = self.write();
+        let old = inode.location();
+        let new_key = child_key(&new_parent.key(), new_name, inode.kind);
+        if t.by_name.get(&(old.parent, old.name.clone())) == Some(&inode.ino) {
+            t.by_name.remove(&(old.parent, old.name.clone()));
+        }
+        t.by_name
+            .insert((new_parent.ino, new_name.to_string()), inode.ino);
+        {
+            let mut loc = inode.location.lock().unwrap_or_else(|p| p.into_inner());
+            loc.parent = new_parent.ino;
+            loc.name = new_name.to_string();
+            loc.key = new_key.clone();
+        }
+        if inode.kind == Kind::Directory {
+            for other in t.by_ino.values() {
+                if other.ino == inode.ino {
+                    continue;
+                }
+                let mut loc = other.location.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(rest) = loc.key.strip_prefix(&old.key) {
+                    loc.key = format!("{new_key}{rest}");
+                }
             }
         }
     }
@@ -219,6 +280,14 @@ impl InodeTable {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+/// The key of `name` in the directory whose key is `parent_key`.
+pub fn child_key(parent_key: &str, name: &str, kind: Kind) -> String {
+    match kind {
+        Kind::Directory => format!("{parent_key}{name}/"),
+        Kind::File | Kind::Symlink => format!("{parent_key}{name}"),
     }
 }
 
@@ -238,18 +307,33 @@ mod tests {
         let t = InodeTable::new("pre/");
         let root = t.get(ROOT_INO).unwrap();
         let a = t.upsert(&root, "a", Kind::File, stat(1), Duration::from_secs(1));
-        assert_eq!(a.key, "pre/a");
+        assert_eq!(a.key(), "pre/a");
         let again = t.upsert(&root, "a", Kind::File, stat(2), Duration::from_secs(1));
         assert_eq!(a.ino, again.ino);
         assert_eq!(a.stat().size, 2);
         let dir = t.upsert(&root, "a", Kind::Directory, stat(0), Duration::from_secs(1));
         assert_ne!(dir.ino, a.ino);
-        assert_eq!(dir.key, "pre/a/");
+        assert_eq!(dir.key(), "pre/a/");
         assert_eq!(t.child(ROOT_INO, "a").unwrap().ino, dir.ino);
         assert!(
             t.get(a.ino).is_some(),
             "the old inode lives until forgotten"
         );
+    }
+
+    #[test]
+    fn rename_moves_descendant_keys() {
+        let t = InodeTable::new("");
+        let root = t.get(ROOT_INO).unwrap();
+        let d = t.upsert(&root, "d", Kind::Directory, stat(0), Duration::from_secs(1));
+        let f = t.upsert(&d, "f", Kind::File, stat(1), Duration::from_secs(1));
+        let e = t.upsert(&root, "e", Kind::Directory, stat(0), Duration::from_secs(1));
+        t.rename(&d, &e, "moved");
+        assert_eq!(d.key(), "e/moved/");
+        assert_eq!(f.key(), "e/moved/f");
+        assert!(t.child(ROOT_INO, "d").is_none());
+        assert_eq!(t.child(e.ino, "moved").unwrap().ino, d.ino);
+        assert_eq!(t.child(d.ino, "f").unwrap().ino, f.ino);
     }
 
     #[test]

@@ -24,6 +24,7 @@
 pub mod error;
 pub mod inode;
 pub mod read;
+pub mod write;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -294,7 +295,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
         }
         self.stats.lookups.fetch_add(1, Ordering::Relaxed);
 
-        let key = format!("{}{name}", dir.key);
+        let key = format!("{}{name}", dir.key());
         let dir_prefix = format!("{key}/");
         let listing = ListRequest {
             prefix: &dir_prefix,
@@ -359,7 +360,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
             }
             return Ok(self.attr_of(&inode));
         }
-        match self.client.head_object(&inode.key).await {
+        match self.client.head_object(&inode.key()).await {
             Ok(head) => {
                 let (_, stat) = stat_of_head(&head);
                 inode.refresh(stat, self.config.metadata_ttl);
@@ -367,7 +368,10 @@ impl<C: ObjectClient> S3Filesystem<C> {
             }
             Err(e) => {
                 if e.kind == ErrorKind::NoSuchKey {
-                    self.inodes.remove_name(inode.parent, &inode.name);
+                    {
+                        let loc = inode.location();
+                        self.inodes.remove_name(loc.parent, &loc.name);
+                    }
                 }
                 Err(from_client(e))
             }
@@ -387,12 +391,13 @@ impl<C: ObjectClient> S3Filesystem<C> {
         let ttl = self.config.metadata_ttl;
         let mut found: BTreeMap<String, (Kind, Stat)> = BTreeMap::new();
         let mut token: Option<String> = None;
+        let dir_key = dir.key();
         loop {
             self.stats.listings.fetch_add(1, Ordering::Relaxed);
             let page = self
                 .client
                 .list_objects(&ListRequest {
-                    prefix: &dir.key,
+                    prefix: &dir_key,
                     delimiter: Some("/"),
                     continuation_token: token.as_deref(),
                     ..Default::default()
@@ -400,7 +405,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
                 .await
                 .map_err(from_client)?;
             for obj in page.objects {
-                let name = &obj.key[dir.key.len()..];
+                let name = &obj.key[dir_key.len()..];
                 if name.is_empty() {
                     continue; // the directory's own marker
                 }
@@ -419,8 +424,8 @@ impl<C: ObjectClient> S3Filesystem<C> {
                 found.entry(name.to_string()).or_insert((Kind::File, stat));
             }
             for prefix in page.common_prefixes {
-                let name = prefix[dir.key.len()..].trim_end_matches('/');
-                if !valid_name(name) || prefix.len() - dir.key.len() != name.len() + 1 {
+                let name = prefix[dir_key.len()..].trim_end_matches('/');
+                if !valid_name(name) || prefix.len() - dir_key.len() != name.len() + 1 {
                     self.warn_skipped(&prefix);
                     continue;
                 }
@@ -466,7 +471,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
             .ok_or(FsError::BadHandle)?;
         let parent_attr = self
             .inodes
-            .get(dir.parent)
+            .get(dir.parent())
             .map(|p| self.attr_of(&p))
             .unwrap_or_else(|| self.attr_of(&dir));
         let dots = [
@@ -508,20 +513,18 @@ impl<C: ObjectClient> S3Filesystem<C> {
             });
         }
         // Open always checks with S3, so a handle never starts on a stale version.
-        let head = self.client.head_object(&inode.key).await.map_err(|e| {
+        let head = self.client.head_object(&inode.key()).await.map_err(|e| {
             if e.kind == ErrorKind::NoSuchKey {
-                self.inodes.remove_name(inode.parent, &inode.name);
+                {
+                    let loc = inode.location();
+                    self.inodes.remove_name(loc.parent, &loc.name);
+                }
             }
             from_client(e)
         })?;
         let (_, stat) = stat_of_head(&head);
         inode.refresh(stat, self.config.metadata_ttl);
-        let handle = ReadHandle::new(
-            inode.key.clone(),
-            head.etag,
-            head.size,
-            self.read_ctx.clone(),
-        );
+        let handle = ReadHandle::new(inode.key(), head.etag, head.size, self.read_ctx.clone());
         let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
         lock(&self.files).insert(fh, Arc::new(handle));
         Ok(fh)
@@ -552,7 +555,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
         }
         let out = self
             .client
-            .get_object(&inode.key, None, None)
+            .get_object(&inode.key(), None, None)
             .await
             .map_err(from_client)?;
         let len = out.head.size as usize;
