@@ -21,6 +21,7 @@ use fuser::{
 
 use crate::fs::error::FsError;
 use crate::fs::inode::Kind;
+use crate::fs::mutate::{Caller, SetAttr};
 use crate::fs::{Attr, S3Filesystem, BLOCK_SIZE};
 use crate::s3::ObjectClient;
 
@@ -35,11 +36,6 @@ pub struct FuseAdapter<C: ObjectClient> {
 impl<C: ObjectClient> FuseAdapter<C> {
     pub fn new(fs: Arc<S3Filesystem<C>>, runtime: tokio::runtime::Handle) -> Self {
         Self { fs, runtime }
-    }
-
-    /// The errno for a change this mount does not make (EROFS when read-only).
-    fn refused(&self, what: &'static str) -> Errno {
-        errno(&self.fs.refuse_change(what), what)
     }
 
     fn spawn<F>(&self, task: impl FnOnce(Arc<S3Filesystem<C>>) -> F)
@@ -80,6 +76,13 @@ fn file_attr(a: &Attr) -> FileAttr {
         rdev: 0,
         flags: 0,
         blksize: BLOCK_SIZE,
+    }
+}
+
+fn caller(req: &Request) -> Caller {
+    Caller {
+        uid: req.uid(),
+        gid: req.gid(),
     }
 }
 
@@ -132,13 +135,13 @@ impl<C: ObjectClient> Filesystem for FuseAdapter<C> {
     fn setattr(
         &self,
         _req: &Request,
-        _ino: INodeNo,
-        _mode: Option<u32>,
-        _uid: Option<u32>,
-        _gid: Option<u32>,
-        _size: Option<u64>,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
         _atime: Option<TimeOrNow>,
-        _mtime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
         _ctime: Option<SystemTime>,
         _fh: Option<FileHandle>,
         _crtime: Option<SystemTime>,
@@ -147,7 +150,22 @@ impl<C: ObjectClient> Filesystem for FuseAdapter<C> {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        reply.error(self.refused("setattr"));
+        let change = SetAttr {
+            mode,
+            uid,
+            gid,
+            size,
+            mtime: mtime.map(|t| match t {
+                TimeOrNow::SpecificTime(t) => t,
+                TimeOrNow::Now => SystemTime::now(),
+            }),
+        };
+        self.spawn(|fs| async move {
+            match fs.setattr(ino.0, change).await {
+                Ok(attr) => reply.attr(&fs.ttl(), &file_attr(&attr)),
+                Err(e) => reply.error(errno(&e, "setattr")),
+            }
+        });
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
@@ -161,59 +179,134 @@ impl<C: ObjectClient> Filesystem for FuseAdapter<C> {
 
     fn mknod(
         &self,
-        _req: &Request,
-        _parent: INodeNo,
-        _name: &OsStr,
-        _mode: u32,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
         _umask: u32,
         _rdev: u32,
         reply: ReplyEntry,
     ) {
-        reply.error(self.refused("mknod"));
+        if mode & libc::S_IFMT != libc::S_IFREG {
+            return reply.error(errno(
+                &FsError::NotSupported("device nodes, FIFOs and sockets"),
+                "mknod",
+            ));
+        }
+        let Some(name) = utf8(name) else {
+            return reply.error(Errno::EINVAL);
+        };
+        let caller = caller(req);
+        self.spawn(|fs| async move {
+            let made = async {
+                let (attr, fh) = fs.create(parent.0, &name, mode, caller).await?;
+                let flushed = fs.flush(fh).await;
+                fs.release_file(fh).await;
+                flushed.map(|()| attr)
+            };
+            match made.await {
+                Ok(attr) => reply.entry(&fs.ttl(), &file_attr(&attr), Generation(0)),
+                Err(e) => reply.error(errno(&e, "mknod")),
+            }
+        });
     }
 
     fn mkdir(
         &self,
-        _req: &Request,
-        _parent: INodeNo,
-        _name: &OsStr,
-        _mode: u32,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
         _umask: u32,
         reply: ReplyEntry,
     ) {
-        reply.error(self.refused("mkdir"));
+        let Some(name) = utf8(name) else {
+            return reply.error(Errno::EINVAL);
+        };
+        let caller = caller(req);
+        self.spawn(|fs| async move {
+            match fs.mkdir(parent.0, &name, mode, caller).await {
+                Ok(attr) => reply.entry(&fs.ttl(), &file_attr(&attr), Generation(0)),
+                Err(e) => reply.error(errno(&e, "mkdir")),
+            }
+        });
     }
 
-    fn unlink(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        reply.error(self.refused("unlink"));
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let Some(name) = utf8(name) else {
+            return reply.error(Errno::ENOENT);
+        };
+        self.spawn(|fs| async move {
+            match fs.unlink(parent.0, &name).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(&e, "unlink")),
+            }
+        });
     }
 
-    fn rmdir(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        reply.error(self.refused("rmdir"));
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let Some(name) = utf8(name) else {
+            return reply.error(Errno::ENOENT);
+        };
+        self.spawn(|fs| async move {
+            match fs.rmdir(parent.0, &name).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(&e, "rmdir")),
+            }
+        });
     }
 
     fn symlink(
         &self,
-        _req: &Request,
-        _parent: INodeNo,
-        _name: &OsStr,
-        _target: &Path,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        target: &Path,
         reply: ReplyEntry,
     ) {
-        reply.error(self.refused("symlink"));
+        let (Some(name), Some(target)) = (utf8(name), target.to_str().map(str::to_string)) else {
+            return reply.error(Errno::EINVAL);
+        };
+        let caller = caller(req);
+        self.spawn(|fs| async move {
+            match fs.symlink(parent.0, &name, &target, caller).await {
+                Ok(attr) => reply.entry(&fs.ttl(), &file_attr(&attr), Generation(0)),
+                Err(e) => reply.error(errno(&e, "symlink")),
+            }
+        });
     }
 
     fn rename(
         &self,
         _req: &Request,
-        _parent: INodeNo,
-        _name: &OsStr,
-        _newparent: INodeNo,
-        _newname: &OsStr,
-        _flags: RenameFlags,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        reply.error(self.refused("rename"));
+        let (Some(name), Some(newname)) = (utf8(name), utf8(newname)) else {
+            return reply.error(Errno::ENOENT);
+        };
+        if flags.contains(RenameFlags::RENAME_EXCHANGE)
+            || flags.contains(RenameFlags::RENAME_WHITEOUT)
+        {
+            return reply.error(errno(
+                &FsError::Invalid("RENAME_EXCHANGE and RENAME_WHITEOUT are not supported"),
+                "rename",
+            ));
+        }
+        let no_replace = flags.contains(RenameFlags::RENAME_NOREPLACE);
+        self.spawn(|fs| async move {
+            match fs
+                .rename(parent.0, &name, newparent.0, &newname, no_replace)
+                .await
+            {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(&e, "rename")),
+            }
+        });
     }
 
     fn link(
@@ -224,14 +317,14 @@ impl<C: ObjectClient> Filesystem for FuseAdapter<C> {
         _newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        reply.error(self.refused("hard links"));
+        reply.error(errno(&FsError::NotPermitted("hard links"), "link"));
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let write =
-            !matches!(flags.acc_mode(), OpenAccMode::O_RDONLY) || flags.0 & libc::O_TRUNC != 0;
+        let write = !matches!(flags.acc_mode(), OpenAccMode::O_RDONLY);
+        let truncate = flags.0 & libc::O_TRUNC != 0;
         self.spawn(|fs| async move {
-            match fs.open(ino.0, write).await {
+            match fs.open(ino.0, write, truncate).await {
                 // The page cache may keep data across opens only while the object is unchanged;
                 // open always checks the ETag, so keeping it is safe within one version.
                 Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
@@ -263,26 +356,37 @@ impl<C: ObjectClient> Filesystem for FuseAdapter<C> {
         &self,
         _req: &Request,
         _ino: INodeNo,
-        _fh: FileHandle,
-        _offset: u64,
-        _data: &[u8],
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
         _write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        reply.error(self.refused("write"));
+        let data = bytes::Bytes::copy_from_slice(data);
+        self.spawn(|fs| async move {
+            match fs.write(fh.0, offset, &data).await {
+                Ok(n) => reply.written(n),
+                Err(e) => reply.error(errno(&e, "write")),
+            }
+        });
     }
 
     fn flush(
         &self,
         _req: &Request,
         _ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        reply.ok();
+        self.spawn(|fs| async move {
+            match fs.flush(fh.0).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(&e, "close")),
+            }
+        });
     }
 
     fn release(
@@ -295,19 +399,26 @@ impl<C: ObjectClient> Filesystem for FuseAdapter<C> {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        self.fs.release(fh.0);
-        reply.ok();
+        self.spawn(|fs| async move {
+            fs.release_file(fh.0).await;
+            reply.ok();
+        });
     }
 
     fn fsync(
         &self,
         _req: &Request,
         _ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        reply.ok();
+        self.spawn(|fs| async move {
+            match fs.flush(fh.0).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(&e, "fsync")),
+            }
+        });
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -418,14 +529,29 @@ impl<C: ObjectClient> Filesystem for FuseAdapter<C> {
 
     fn create(
         &self,
-        _req: &Request,
-        _parent: INodeNo,
-        _name: &OsStr,
-        _mode: u32,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
         _umask: u32,
         _flags: i32,
         reply: ReplyCreate,
     ) {
-        reply.error(self.refused("create"));
+        let Some(name) = utf8(name) else {
+            return reply.error(Errno::EINVAL);
+        };
+        let caller = caller(req);
+        self.spawn(|fs| async move {
+            match fs.create(parent.0, &name, mode, caller).await {
+                Ok((attr, fh)) => reply.created(
+                    &fs.ttl(),
+                    &file_attr(&attr),
+                    Generation(0),
+                    FileHandle(fh),
+                    FopenFlags::empty(),
+                ),
+                Err(e) => reply.error(errno(&e, "create")),
+            }
+        });
     }
 }

@@ -23,6 +23,7 @@
 
 pub mod error;
 pub mod inode;
+pub mod mutate;
 pub mod read;
 pub mod write;
 
@@ -37,6 +38,7 @@ use crate::s3::{ErrorKind, ListRequest, ObjectClient, ObjectHead};
 use error::{from_client, FsError, FsResult};
 use inode::{Ino, Inode, InodeTable, Kind, Stat, ROOT_INO};
 use read::{BlockCache, MemoryBudget, ReadConfig, ReadContext, ReadHandle};
+use write::{WriteConfig, WriteHandle};
 
 /// The longest file name Linux accepts.
 pub const MAX_NAME_LEN: usize = 255;
@@ -59,6 +61,7 @@ pub struct FsConfig {
     /// All read buffers together stay under this many bytes.
     pub max_memory: u64,
     pub read: ReadConfig,
+    pub write: WriteConfig,
 }
 
 impl Default for FsConfig {
@@ -73,6 +76,7 @@ impl Default for FsConfig {
             metadata_ttl: Duration::from_secs(1),
             max_memory: 256 * 1024 * 1024,
             read: ReadConfig::default(),
+            write: WriteConfig::default(),
         }
     }
 }
@@ -121,12 +125,38 @@ struct DirHandle {
     entries: Vec<DirEntry>,
 }
 
+/// An inode's write handle and how many descriptors have it open.
+type SharedWriter<C> = (Arc<WriteHandle<C>>, usize);
+
+/// An open file: read handles pin an ETag; write handles share one spool per inode.
+pub(crate) enum OpenFile<C> {
+    Read(Arc<ReadHandle<C>>),
+    Write {
+        ino: Ino,
+        writer: Arc<WriteHandle<C>>,
+    },
+}
+
+impl<C> Clone for OpenFile<C> {
+    fn clone(&self) -> Self {
+        match self {
+            OpenFile::Read(h) => OpenFile::Read(h.clone()),
+            OpenFile::Write { ino, writer } => OpenFile::Write {
+                ino: *ino,
+                writer: writer.clone(),
+            },
+        }
+    }
+}
+
 pub struct S3Filesystem<C> {
     client: Arc<C>,
     config: FsConfig,
     inodes: InodeTable,
     negative: Mutex<HashMap<(Ino, String), Instant>>,
-    files: Mutex<HashMap<u64, Arc<ReadHandle<C>>>>,
+    files: Mutex<HashMap<u64, OpenFile<C>>>,
+    /// The write handle of each inode open for writing, with its count of opens.
+    writers: Mutex<HashMap<Ino, SharedWriter<C>>>,
     dirs: Mutex<HashMap<u64, Arc<DirHandle>>>,
     next_handle: AtomicU64,
     read_ctx: ReadContext<C>,
@@ -204,6 +234,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
             config,
             negative: Mutex::new(HashMap::new()),
             files: Mutex::new(HashMap::new()),
+            writers: Mutex::new(HashMap::new()),
             dirs: Mutex::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
             read_ctx,
@@ -353,7 +384,8 @@ impl<C: ObjectClient> S3Filesystem<C> {
 
     pub async fn getattr(&self, ino: Ino) -> FsResult<Attr> {
         let inode = self.inode(ino)?;
-        if inode.is_fresh() || inode.kind == Kind::Directory {
+        let being_written = lock(&self.writers).contains_key(&ino);
+        if being_written || inode.is_fresh() || inode.kind == Kind::Directory {
             if inode.kind == Kind::Directory && !inode.is_fresh() {
                 let stat = inode.stat();
                 inode.refresh(stat, self.config.metadata_ttl);
@@ -497,8 +529,9 @@ impl<C: ObjectClient> S3Filesystem<C> {
         lock(&self.dirs).remove(&fh);
     }
 
-    /// Opens a file for reading, pinned to its current ETag.
-    pub async fn open(&self, ino: Ino, write: bool) -> FsResult<u64> {
+    /// Opens a file: for reading, pinned to its current ETag; for writing (`write`), through
+    /// the inode's write handle, empty when `truncate`.
+    pub async fn open(&self, ino: Ino, write: bool, truncate: bool) -> FsResult<u64> {
         let inode = self.inode(ino)?;
         match inode.kind {
             Kind::Directory => return Err(FsError::IsADirectory),
@@ -506,11 +539,17 @@ impl<C: ObjectClient> S3Filesystem<C> {
             Kind::File => {}
         }
         if write {
-            return Err(if self.config.read_only {
-                FsError::ReadOnly
-            } else {
-                FsError::NotSupported("writing files")
-            });
+            return self.open_for_write(inode, truncate).await;
+        }
+        if lock(&self.writers).contains_key(&ino) {
+            // Being written through another descriptor: read what is being written.
+            let writer = lock(&self.writers).get(&ino).map(|(w, _)| w.clone());
+            if let Some(writer) = writer {
+                let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
+                lock(&self.writers).entry(ino).and_modify(|(_, n)| *n += 1);
+                lock(&self.files).insert(fh, OpenFile::Write { ino, writer });
+                return Ok(fh);
+            }
         }
         // Open always checks with S3, so a handle never starts on a stale version.
         let head = self.client.head_object(&inode.key()).await.map_err(|e| {
@@ -526,25 +565,24 @@ impl<C: ObjectClient> S3Filesystem<C> {
         inode.refresh(stat, self.config.metadata_ttl);
         let handle = ReadHandle::new(inode.key(), head.etag, head.size, self.read_ctx.clone());
         let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
-        lock(&self.files).insert(fh, Arc::new(handle));
+        lock(&self.files).insert(fh, OpenFile::Read(Arc::new(handle)));
         Ok(fh)
     }
 
     pub async fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Bytes> {
-        let handle = lock(&self.files)
+        let file = lock(&self.files)
             .get(&fh)
             .cloned()
             .ok_or(FsError::BadHandle)?;
-        let data = handle.read(offset, size as u64).await?;
+        let data = match file {
+            OpenFile::Read(handle) => handle.read(offset, size as u64).await?,
+            OpenFile::Write { writer, .. } => writer.read(offset, size as u64).await?,
+        };
         self.stats.reads.fetch_add(1, Ordering::Relaxed);
         self.stats
             .bytes_read
             .fetch_add(data.len() as u64, Ordering::Relaxed);
         Ok(data)
-    }
-
-    pub fn release(&self, fh: u64) {
-        lock(&self.files).remove(&fh);
     }
 
     /// A symlink's target is its object's content (as s3fs-fuse stores it).
@@ -570,15 +608,6 @@ impl<C: ObjectClient> S3Filesystem<C> {
             ffree: 1 << 32,
             bsize: BLOCK_SIZE,
             namelen: MAX_NAME_LEN as u32,
-        }
-    }
-
-    /// Refuses every change on a read-only mount, and says which errno changes get otherwise.
-    pub fn refuse_change(&self, what: &'static str) -> FsError {
-        if self.config.read_only {
-            FsError::ReadOnly
-        } else {
-            FsError::NotSupported(what)
         }
     }
 

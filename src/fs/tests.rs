@@ -206,7 +206,7 @@ async fn open_read_and_stale_handles() {
     let data: Vec<u8> = (0..size as u32).map(|i| (i % 251) as u8).collect();
     mock.insert("f", data.clone());
     let f = path(&fs, "f").await.unwrap();
-    let fh = fs.open(f.ino, false).await.unwrap();
+    let fh = fs.open(f.ino, false, false).await.unwrap();
     assert_eq!(
         &fs.read(fh, 1000, 5000).await.unwrap()[..],
         &data[1000..6000]
@@ -216,15 +216,15 @@ async fn open_read_and_stale_handles() {
     assert_eq!(&fs.read(fh, 6000, 10).await.unwrap()[..], &data[6000..6010]);
     let err = fs.read(fh, (38 << 20) as u64, 10).await.unwrap_err();
     assert_eq!(err.errno(), libc::ESTALE);
-    fs.release(fh);
+    fs.release_file(fh).await;
     assert!(matches!(fs.read(fh, 0, 1).await, Err(FsError::BadHandle)));
     // A new open sees the new version.
-    let fh = fs.open(f.ino, false).await.unwrap();
+    let fh = fs.open(f.ino, false, false).await.unwrap();
     assert_eq!(
         &fs.read(fh, (38 << 20) as u64, 10).await.unwrap()[..],
         &[0u8; 10]
     );
-    let dir_err = fs.open(ROOT_INO, false).await.unwrap_err();
+    let dir_err = fs.open(ROOT_INO, false, false).await.unwrap_err();
     assert_eq!(dir_err.errno(), libc::EISDIR);
 }
 
@@ -240,8 +240,36 @@ async fn read_only_mount_refuses_writes() {
         },
     );
     let f = path(&fs, "f").await.unwrap();
-    assert_eq!(fs.open(f.ino, true).await.unwrap_err().errno(), libc::EROFS);
-    assert_eq!(fs.refuse_change("mkdir").errno(), libc::EROFS);
+    assert_eq!(
+        fs.open(f.ino, true, false).await.unwrap_err().errno(),
+        libc::EROFS
+    );
+    let me = mutate::Caller { uid: 0, gid: 0 };
+    assert_eq!(
+        fs.mkdir(ROOT_INO, "d", 0o755, me)
+            .await
+            .unwrap_err()
+            .errno(),
+        libc::EROFS
+    );
+    assert_eq!(
+        fs.create(ROOT_INO, "n", 0o644, me)
+            .await
+            .unwrap_err()
+            .errno(),
+        libc::EROFS
+    );
+    assert_eq!(
+        fs.unlink(ROOT_INO, "f").await.unwrap_err().errno(),
+        libc::EROFS
+    );
+    assert_eq!(
+        fs.rename(ROOT_INO, "f", ROOT_INO, "g", false)
+            .await
+            .unwrap_err()
+            .errno(),
+        libc::EROFS
+    );
 }
 
 #[tokio::test]
@@ -280,4 +308,250 @@ async fn s3_failures_surface_as_eio_with_the_request() {
     assert!(err.to_string().contains("ListObjectsV2"), "{err}");
     mock.fail_next(Operation::HeadObject, crate::s3::ErrorKind::AccessDenied, 1);
     assert_eq!(path(&fs, "f").await.unwrap_err().errno(), libc::EACCES);
+}
+
+fn me() -> mutate::Caller {
+    mutate::Caller {
+        uid: 1000,
+        gid: 1000,
+    }
+}
+
+async fn meta(mock: &MockClient, key: &str) -> BTreeMap<String, String> {
+    mock.head_object(key).await.unwrap().metadata
+}
+
+#[tokio::test]
+async fn create_write_close_stores_object_with_s3fs_metadata() {
+    let (mock, fs) = fs_with(&[], Duration::from_secs(1));
+    let (attr, fh) = fs
+        .create(ROOT_INO, "new.txt", 0o100640, me())
+        .await
+        .unwrap();
+    assert_eq!(attr.perm, 0o640);
+    fs.write(fh, 0, b"hello ").await.unwrap();
+    fs.write(fh, 6, b"world").await.unwrap();
+    assert!(mock.object("new.txt").is_none(), "not visible before close");
+    fs.flush(fh).await.unwrap();
+    assert_eq!(&mock.object("new.txt").unwrap().data[..], b"hello world");
+    let m = meta(&mock, "new.txt").await;
+    assert_eq!(
+        m.get("mode").map(String::as_str),
+        Some("33184"),
+        "S_IFREG|0640 in decimal"
+    );
+    assert_eq!(m.get("uid").map(String::as_str), Some("1000"));
+    assert!(m.get("mtime").unwrap().parse::<u64>().is_ok());
+    fs.release_file(fh).await;
+    assert_eq!(fs.getattr(attr.ino).await.unwrap().size, 11);
+    assert_eq!(
+        fs.create(ROOT_INO, "new.txt", 0o644, me())
+            .await
+            .unwrap_err()
+            .errno(),
+        libc::EEXIST
+    );
+}
+
+#[tokio::test]
+async fn writes_through_a_duplicate_after_a_close_are_kept() {
+    let (mock, fs) = fs_with(&[], Duration::from_secs(1));
+    let (attr, fh) = fs.create(ROOT_INO, "f", 0o644, me()).await.unwrap();
+    let dup = fs.open(attr.ino, true, false).await.unwrap();
+    fs.write(fh, 0, b"first").await.unwrap();
+    fs.flush(fh).await.unwrap();
+    fs.release_file(fh).await;
+    fs.write(dup, 5, b" second").await.unwrap();
+    fs.flush(dup).await.unwrap();
+    fs.release_file(dup).await;
+    assert_eq!(&mock.object("f").unwrap().data[..], b"first second");
+}
+
+#[tokio::test]
+async fn open_existing_without_truncate_appends_and_overwrites() {
+    let (mock, fs) = fs_with(&[], Duration::from_secs(1));
+    mock.insert("f", "0123456789");
+    let f = path(&fs, "f").await.unwrap();
+    let fh = fs.open(f.ino, true, false).await.unwrap();
+    assert_eq!(&fs.read(fh, 0, 4).await.unwrap()[..], b"0123");
+    fs.write(fh, 10, b"AB").await.unwrap();
+    fs.write(fh, 2, b"xy").await.unwrap();
+    fs.flush(fh).await.unwrap();
+    fs.release_file(fh).await;
+    assert_eq!(&mock.object("f").unwrap().data[..], b"01xy456789AB");
+    let fh = fs.open(f.ino, true, true).await.unwrap();
+    fs.flush(fh).await.unwrap();
+    fs.release_file(fh).await;
+    assert!(mock.object("f").unwrap().data.is_empty(), "O_TRUNC empties");
+}
+
+#[tokio::test]
+async fn mkdir_rmdir_unlink_and_symlink() {
+    let (mock, fs) = fs_with(&["full/x"], Duration::from_secs(1));
+    let d = fs.mkdir(ROOT_INO, "d", 0o750, me()).await.unwrap();
+    assert_eq!((d.kind, d.perm), (Kind::Directory, 0o750));
+    assert!(
+        mock.object("d/").is_some(),
+        "a marker keeps the empty directory"
+    );
+    assert_eq!(
+        fs.mkdir(ROOT_INO, "d", 0o755, me())
+            .await
+            .unwrap_err()
+            .errno(),
+        libc::EEXIST
+    );
+    let full = path(&fs, "full").await.unwrap();
+    assert_eq!(
+        fs.rmdir(ROOT_INO, "full").await.unwrap_err().errno(),
+        libc::ENOTEMPTY
+    );
+    assert_eq!(
+        fs.unlink(ROOT_INO, "full").await.unwrap_err().errno(),
+        libc::EISDIR
+    );
+    assert_eq!(
+        fs.rmdir(full.ino, "x").await.unwrap_err().errno(),
+        libc::ENOTDIR
+    );
+    fs.unlink(full.ino, "x").await.unwrap();
+    assert!(mock.object("full/x").is_none());
+    fs.rmdir(ROOT_INO, "d").await.unwrap();
+    assert!(mock.object("d/").is_none());
+    assert!(matches!(path(&fs, "d").await, Err(FsError::NotFound)));
+
+    let l = fs
+        .symlink(ROOT_INO, "link", "../target", me())
+        .await
+        .unwrap();
+    assert_eq!(l.kind, Kind::Symlink);
+    assert_eq!(&mock.object("link").unwrap().data[..], b"../target");
+    assert_eq!(
+        meta(&mock, "link").await.get("mode").map(String::as_str),
+        Some("41471"),
+        "S_IFLNK|0777"
+    );
+    assert_eq!(fs.readlink(l.ino).await.unwrap(), b"../target");
+}
+
+#[tokio::test]
+async fn chmod_and_utimens_on_a_closed_file_use_copy_replace() {
+    let (mock, fs) = fs_with(&["f"], Duration::from_secs(1));
+    let f = path(&fs, "f").await.unwrap();
+    let when = SystemTime::UNIX_EPOCH + Duration::from_secs(1_600_000_000);
+    let change = mutate::SetAttr {
+        mode: Some(0o600),
+        mtime: Some(when),
+        ..Default::default()
+    };
+    let a = fs.setattr(f.ino, change).await.unwrap();
+    assert_eq!((a.perm, a.mtime), (0o600, when));
+    assert_eq!(mock.count(Operation::CopyObject), 1);
+    assert_eq!(
+        mock.count(Operation::PutObject),
+        0,
+        "the data was not uploaded again"
+    );
+    let m = meta(&mock, "f").await;
+    assert_eq!(m.get("mode").map(String::as_str), Some("33152"));
+    assert_eq!(m.get("mtime").map(String::as_str), Some("1600000000"));
+    assert_eq!(&mock.object("f").unwrap().data[..], b"content of f");
+    // Truncate a closed file.
+    let a = fs
+        .setattr(
+            f.ino,
+            mutate::SetAttr {
+                size: Some(3),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(a.size, 3);
+    assert_eq!(&mock.object("f").unwrap().data[..], b"con");
+    assert_eq!(
+        meta(&mock, "f").await.get("mode").map(String::as_str),
+        Some("33152"),
+        "metadata kept"
+    );
+}
+
+#[tokio::test]
+async fn rename_files_and_directories() {
+    let (mock, fs) = fs_with(
+        &["a", "dir/one", "dir/sub/two", "other"],
+        Duration::from_secs(1),
+    );
+    let a = path(&fs, "a").await.unwrap();
+    fs.rename(ROOT_INO, "a", ROOT_INO, "b", false)
+        .await
+        .unwrap();
+    assert!(mock.object("a").is_none());
+    assert_eq!(&mock.object("b").unwrap().data[..], b"content of a");
+    assert_eq!(
+        fs.getattr(a.ino).await.unwrap().ino,
+        a.ino,
+        "the inode follows the rename"
+    );
+    assert_eq!(
+        fs.rename(ROOT_INO, "b", ROOT_INO, "other", true)
+            .await
+            .unwrap_err()
+            .errno(),
+        libc::EEXIST
+    );
+    fs.rename(ROOT_INO, "b", ROOT_INO, "other", false)
+        .await
+        .unwrap();
+    assert_eq!(
+        &mock.object("other").unwrap().data[..],
+        b"content of a",
+        "replaced"
+    );
+
+    let sub = path(&fs, "dir/sub").await.unwrap();
+    fs.rename(ROOT_INO, "dir", ROOT_INO, "moved", false)
+        .await
+        .unwrap();
+    let mut keys = mock.keys();
+    keys.sort();
+    assert_eq!(keys, vec!["moved/one", "moved/sub/two", "other"]);
+    let two = fs.lookup(sub.ino, "two").await.unwrap();
+    let fh = fs.open(two.ino, false, false).await.unwrap();
+    assert_eq!(
+        &fs.read(fh, 0, 100).await.unwrap()[..],
+        b"content of dir/sub/two",
+        "descendants moved too"
+    );
+}
+
+#[tokio::test]
+async fn a_file_renamed_while_open_is_stored_at_its_new_name() {
+    let (mock, fs) = fs_with(&[], Duration::from_secs(1));
+    let (_, fh) = fs.create(ROOT_INO, "draft", 0o644, me()).await.unwrap();
+    fs.write(fh, 0, b"part one,").await.unwrap();
+    fs.rename(ROOT_INO, "draft", ROOT_INO, "final", false)
+        .await
+        .unwrap();
+    fs.write(fh, 9, b" part two").await.unwrap();
+    fs.flush(fh).await.unwrap();
+    fs.release_file(fh).await;
+    assert_eq!(
+        &mock.object("final").unwrap().data[..],
+        b"part one, part two"
+    );
+    assert!(mock.object("draft").is_none());
+}
+
+#[tokio::test]
+async fn failed_upload_makes_close_fail_and_leaves_nothing() {
+    let (mock, fs) = fs_with(&[], Duration::from_secs(1));
+    let (_, fh) = fs.create(ROOT_INO, "doomed", 0o644, me()).await.unwrap();
+    fs.write(fh, 0, b"data").await.unwrap();
+    // The close fails; the last release tries once more, and fails too.
+    mock.fail_next(Operation::PutObject, crate::s3::ErrorKind::InternalError, 2);
+    assert_eq!(fs.flush(fh).await.unwrap_err().errno(), libc::EIO);
+    fs.release_file(fh).await;
+    assert!(mock.object("doomed").is_none());
+    assert_eq!(mock.open_uploads(), 0);
 }

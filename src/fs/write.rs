@@ -143,6 +143,13 @@ pub struct WriteState {
     dirty: bool,
 }
 
+impl WriteState {
+    /// Something besides the data changed (metadata, the key): commit again.
+    pub fn touch(&mut self) {
+        self.dirty = true;
+    }
+}
+
 pub struct WriteHandle<C> {
     client: Arc<C>,
     config: WriteConfig,
@@ -183,6 +190,41 @@ impl<C: ObjectClient> WriteHandle<C> {
 
     pub async fn size(&self) -> u64 {
         self.state.lock().await.size
+    }
+
+    /// Puts existing content into the spool (opening a file without O_TRUNC): counted as
+    /// written, but starts no upload.
+    pub async fn load(&self, offset: u64, data: &[u8]) -> FsResult<()> {
+        let mut s = self.state.lock().await;
+        s.spool.write_all_at(data, offset).map_err(io_error)?;
+        let end = offset + data.len() as u64;
+        s.size = s.size.max(end);
+        let base = self.config.part_size;
+        if !data.is_empty() {
+            for part in part_index(offset, base)..=part_index(end - 1, base) {
+                let range = part_range(part, base);
+                s.coverage
+                    .add(part, offset.max(range.start)..end.min(range.end));
+            }
+        }
+        Ok(())
+    }
+
+    /// Nothing to commit until the next change.
+    pub async fn mark_clean(&self) {
+        self.state.lock().await.dirty = false;
+    }
+
+    /// Reads back from the spool (a file open for reading and writing).
+    pub async fn read(&self, offset: u64, len: u64) -> FsResult<bytes::Bytes> {
+        let s = self.state.lock().await;
+        let end = offset.saturating_add(len).min(s.size);
+        if offset >= end {
+            return Ok(bytes::Bytes::new());
+        }
+        let mut buf = vec![0u8; (end - offset) as usize];
+        s.spool.read_exact_at(&mut buf, offset).map_err(io_error)?;
+        Ok(bytes::Bytes::from(buf))
     }
 
     /// Writes `data` at `offset`; starts uploads of parts it completes.

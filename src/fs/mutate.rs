@@ -1,0 +1,724 @@
+//! Everything that changes the bucket: create, open for writing, write, flush/fsync/release,
+//! setattr (chmod, chown, utimens, truncate), mkdir, rmdir, unlink, symlink and rename.
+//!
+//! Writes go through [`super::write::WriteHandle`]: one per inode while any descriptor has it
+//! open for writing, shared by all of them, so two descriptors of one file write one spool and
+//! the last close leaves the complete file.
+//!
+//! Metadata is stored as s3fs-fuse stores it: `x-amz-meta-mode` (decimal, with the file-type
+//! bits), `-uid`, `-gid`, `-mtime` (seconds). On a file being written it goes into the upload; on
+//! a closed file it is applied with CopyObject REPLACE (the data stays on the server).
+//!
+//! Renames copy then delete: CopyObject for a file (UploadPartCopy in parts above 5 GiB), and
+//! every key under the prefix for a directory, 16 at a time. A file renamed while open for
+//! writing is committed at its new name.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+
+use super::error::{from_client, FsError, FsResult};
+use super::inode::{Ino, Inode, Kind, Stat};
+use super::write::WriteHandle;
+use super::{Attr, OpenFile, S3Filesystem};
+use crate::s3::{
+    CompletedPart, ErrorKind, ListRequest, MetadataDirective, ObjectAttributes, ObjectClient,
+    PutBody, MAX_DELETE_KEYS,
+};
+
+const S_IFREG: u32 = 0o100000;
+const S_IFDIR: u32 = 0o040000;
+const S_IFLNK: u32 = 0o120000;
+
+/// Objects up to this size are renamed with one CopyObject; above, with UploadPartCopy.
+const MAX_SINGLE_COPY: u64 = 5 << 30;
+/// Part size of multipart copies.
+const COPY_PART: u64 = 512 << 20;
+/// Keys copied at once in a directory rename.
+const RENAME_PARALLELISM: usize = 16;
+
+/// Who is asking, for the ownership of new entries.
+#[derive(Debug, Clone, Copy)]
+pub struct Caller {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// The changes of a `setattr`; `None` leaves a field as it is.
+#[derive(Debug, Clone, Default)]
+pub struct SetAttr {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub mtime: Option<SystemTime>,
+}
+
+fn unix_seconds(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// `x-amz-meta-*` as s3fs writes them.
+fn metadata(mode: u32, uid: u32, gid: u32, mtime: SystemTime) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("mode".to_string(), mode.to_string()),
+        ("uid".to_string(), uid.to_string()),
+        ("gid".to_string(), gid.to_string()),
+        ("mtime".to_string(), unix_seconds(mtime).to_string()),
+    ])
+}
+
+/// mtime with whole seconds, as it will read back from `x-amz-meta-mtime`.
+fn whole_seconds(t: SystemTime) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_secs(unix_seconds(t))
+}
+
+impl<C: ObjectClient> S3Filesystem<C> {
+    fn check_writable(&self) -> FsResult<()> {
+        if self.config.read_only {
+            Err(FsError::ReadOnly)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// The name must be new in `parent`; returns the parent.
+    async fn new_name(&self, parent: Ino, name: &str) -> FsResult<Arc<Inode>> {
+        self.check_writable()?;
+        if name.len() > super::MAX_NAME_LEN {
+            return Err(FsError::NameTooLong);
+        }
+        if !super::valid_name(name) {
+            return Err(FsError::Invalid("not a valid file name"));
+        }
+        let dir = self.dir_inode(parent)?;
+        match self.resolve(parent, name).await {
+            Ok(_) => Err(FsError::Exists),
+            Err(FsError::NotFound) => Ok(dir),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn forget_negative(&self, parent: Ino, name: &str) {
+        super::lock(&self.negative).remove(&(parent, name.to_string()));
+    }
+
+    fn attrs_for(&self, stat: &Stat, kind: Kind) -> ObjectAttributes {
+        let type_bits = match kind {
+            Kind::File => S_IFREG,
+            Kind::Directory => S_IFDIR,
+            Kind::Symlink => S_IFLNK,
+        };
+        let perm = stat.mode.map_or(
+            match kind {
+                Kind::Directory => self.config.dir_mode as u32,
+                Kind::File => self.config.file_mode as u32,
+                Kind::Symlink => 0o777,
+            },
+            |m| m & 0o7777,
+        );
+        ObjectAttributes {
+            metadata: metadata(
+                type_bits | perm,
+                stat.uid.unwrap_or(self.config.uid),
+                stat.gid.unwrap_or(self.config.gid),
+                stat.mtime,
+            ),
+            ..Default::default()
+        }
+    }
+
+    fn new_stat(mode: u32, caller: Caller) -> Stat {
+        Stat {
+            size: 0,
+            mtime: whole_seconds(SystemTime::now()),
+            etag: None,
+            mode: Some(mode & 0o7777),
+            uid: Some(caller.uid),
+            gid: Some(caller.gid),
+        }
+    }
+
+    /// The write handle of `inode`, made if this is the first writer.
+    fn writer_for(&self, inode: &Inode, attrs: ObjectAttributes) -> FsResult<Arc<WriteHandle<C>>> {
+        let mut writers = super::lock(&self.writers);
+        if let Some((w, opens)) = writers.get_mut(&inode.ino) {
+            *opens += 1;
+            return Ok(w.clone());
+        }
+        let w = Arc::new(WriteHandle::new(
+            self.client.clone(),
+            self.config.write.clone(),
+            inode.key(),
+            attrs,
+        )?);
+        writers.insert(inode.ino, (w.clone(), 1));
+        Ok(w)
+    }
+
+    fn register(&self, file: OpenFile<C>) -> u64 {
+        let fh = self
+            .next_handle
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        super::lock(&self.files).insert(fh, file);
+        fh
+    }
+
+    /// Creates an empty file and opens it for writing.
+    pub async fn create(
+        &self,
+        parent: Ino,
+        name: &str,
+        mode: u32,
+        caller: Caller,
+    ) -> FsResult<(Attr, u64)> {
+        let dir = self.new_name(parent, name).await?;
+        let stat = Self::new_stat(mode, caller);
+        let attrs = self.attrs_for(&stat, Kind::File);
+        let inode = self
+            .inodes
+            .upsert(&dir, name, Kind::File, stat, self.config.metadata_ttl);
+        self.forget_negative(parent, name);
+        self.inodes.add_lookup(&inode);
+        let writer = self.writer_for(&inode, attrs)?;
+        let fh = self.register(OpenFile::Write {
+            ino: inode.ino,
+            writer,
+        });
+        Ok((self.attr_of(&inode), fh))
+    }
+
+    /// Opens an existing file for writing. With `truncate` it starts empty; otherwise its
+    /// current content is fetched into the spool first.
+    pub(super) async fn open_for_write(&self, inode: Arc<Inode>, truncate: bool) -> FsResult<u64> {
+        self.check_writable()?;
+        let existing = super::lock(&self.writers)
+            .get(&inode.ino)
+            .map(|(w, _)| w.clone());
+        if let Some(w) = existing {
+            if truncate {
+                w.truncate(0).await?;
+            }
+            let writer = self.writer_for(&inode, ObjectAttributes::default())?;
+            return Ok(self.register(OpenFile::Write {
+                ino: inode.ino,
+                writer,
+            }));
+        }
+        let head = self
+            .client
+            .head_object(&inode.key())
+            .await
+            .map_err(from_client)?;
+        let (_, stat) = super::stat_of_head(&head);
+        let attrs = ObjectAttributes {
+            content_type: head.content_type.clone(),
+            ..self.attrs_for(&stat, Kind::File)
+        };
+        inode.refresh(stat, self.config.metadata_ttl);
+        let writer = self.writer_for(&inode, attrs)?;
+        if !truncate && head.size > 0 {
+            // Keep the current content: stream it into the spool.
+            let loaded = async {
+                let mut out = self
+                    .client
+                    .get_object(&inode.key(), None, Some(&head.etag))
+                    .await
+                    .map_err(from_client)?;
+                let mut offset = 0u64;
+                while let Some(chunk) = out.body.next_chunk().await.map_err(from_client)? {
+                    writer.load(offset, &chunk).await?;
+                    offset += chunk.len() as u64;
+                }
+                Ok::<_, FsError>(())
+            }
+            .await;
+            if let Err(e) = loaded {
+                self.drop_writer(inode.ino);
+                return Err(e);
+            }
+            writer.mark_clean().await;
+        } else if !truncate {
+            writer.mark_clean().await;
+        }
+        Ok(self.register(OpenFile::Write {
+            ino: inode.ino,
+            writer,
+        }))
+    }
+
+    fn drop_writer(&self, ino: Ino) -> Option<Arc<WriteHandle<C>>> {
+        let mut writers = super::lock(&self.writers);
+        let (w, opens) = writers.get_mut(&ino)?;
+        *opens -= 1;
+        let w = w.clone();
+        if *opens == 0 {
+            writers.remove(&ino);
+            return Some(w);
+        }
+        None
+    }
+
+    pub async fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
+        let file = super::lock(&self.files)
+            .get(&fh)
+            .cloned()
+            .ok_or(FsError::BadHandle)?;
+        let OpenFile::Write { ino, writer } = file else {
+            return Err(FsError::BadHandle);
+        };
+        let n = writer.write(offset, data).await?;
+        if let Some(inode) = self.inodes.get(ino) {
+            let size = writer.size().await;
+            let mut s = inode.lock();
+            s.stat.size = size;
+            s.stat.mtime = whole_seconds(SystemTime::now());
+        }
+        Ok(n)
+    }
+
+    /// Commits the file's data to S3 (flush and fsync): returns only once S3 has it.
+    pub async fn flush(&self, fh: u64) -> FsResult<()> {
+        let file = super::lock(&self.files)
+            .get(&fh)
+            .cloned()
+            .ok_or(FsError::BadHandle)?;
+        if let OpenFile::Write { ino, writer } = file {
+            self.commit(ino, &writer).await?;
+        }
+        Ok(())
+    }
+
+    async fn commit(&self, ino: Ino, writer: &WriteHandle<C>) -> FsResult<()> {
+        {
+            // The attributes as they are now (chmod or utimens while open) go into the upload.
+            let inode = self.inode(ino)?;
+            let stat = inode.stat();
+            let mut s = writer.state.lock().await;
+            let content_type = s.attrs.content_type.clone();
+            s.attrs = ObjectAttributes {
+                content_type,
+                ..self.attrs_for(&stat, inode.kind)
+            };
+            s.key = inode.key();
+        }
+        match writer.commit().await {
+            Ok(Some(etag)) => {
+                let size = writer.size().await;
+                if let Some(inode) = self.inodes.get(ino) {
+                    let mut s = inode.lock();
+                    s.stat.etag = Some(etag);
+                    s.stat.size = size;
+                }
+                Ok(())
+            }
+            Ok(None) => Ok(()),
+            Err(e) => {
+                let key = self.inodes.get(ino).map(|i| i.key()).unwrap_or_default();
+                tracing::error!(key, "could not store the file in S3: {e}");
+                Err(e)
+            }
+        }
+    }
+
+    /// Closes a handle; the last writer of a file commits what is left.
+    pub async fn release_file(&self, fh: u64) {
+        let file = super::lock(&self.files).remove(&fh);
+        if let Some(OpenFile::Write { ino, writer }) = file {
+            // A commit that failed at close is tried once more here; if it fails again the
+            // multipart upload is aborted (close already reported EIO).
+            if self.drop_writer(ino).is_some() && self.commit(ino, &writer).await.is_err() {
+                writer.discard().await;
+            }
+        }
+    }
+
+    pub async fn setattr(&self, ino: Ino, change: SetAttr) -> FsResult<Attr> {
+        let inode = self.inode(ino)?;
+        let only_times = change.mode.is_none()
+            && change.uid.is_none()
+            && change.gid.is_none()
+            && change.size.is_none();
+        if !only_times || change.mtime.is_some() {
+            self.check_writable()?;
+        }
+        if change.mode.is_none()
+            && change.uid.is_none()
+            && change.gid.is_none()
+            && change.size.is_none()
+            && change.mtime.is_none()
+        {
+            return self.getattr(ino).await; // atime only: S3 keeps no atime
+        }
+        let writer = super::lock(&self.writers).get(&ino).map(|(w, _)| w.clone());
+        if inode.kind == Kind::File && writer.is_none() {
+            // Bring the cached attributes up to date before changing them.
+            self.getattr(ino).await?;
+        }
+        {
+            let mut s = inode.lock();
+            if let Some(m) = change.mode {
+                s.stat.mode = Some(m & 0o7777);
+            }
+            if let Some(u) = change.uid {
+                s.stat.uid = Some(u);
+            }
+            if let Some(g) = change.gid {
+                s.stat.gid = Some(g);
+            }
+            if let Some(t) = change.mtime {
+                s.stat.mtime = whole_seconds(t);
+            }
+        }
+        match (inode.kind, writer) {
+            (Kind::File, Some(w)) => {
+                // Open for writing: everything goes into the upload at the next commit.
+                if let Some(size) = change.size {
+                    w.truncate(size).await?;
+                    inode.lock().stat.size = size;
+                }
+                w.state.lock().await.touch();
+            }
+            (Kind::File, None) => {
+                if let Some(size) = change.size {
+                    let fh = self.open_for_write(inode.clone(), size == 0).await?;
+                    let result = async {
+                        let file = super::lock(&self.files).get(&fh).cloned();
+                        if let Some(OpenFile::Write { writer, .. }) = file {
+                            writer.truncate(size).await?;
+                        }
+                        self.flush(fh).await
+                    }
+                    .await;
+                    self.release_file(fh).await;
+                    result?;
+                    inode.lock().stat.size = size;
+                } else {
+                    self.replace_metadata(&inode).await?;
+                }
+            }
+            (Kind::Directory, _) => {
+                let stat = inode.stat();
+                let attrs = self.attrs_for(&stat, Kind::Directory);
+                self.client
+                    .put_object(&inode.key(), PutBody::Bytes(Bytes::new()), &attrs)
+                    .await?;
+            }
+            (Kind::Symlink, _) => self.replace_metadata(&inode).await?,
+        }
+        Ok(self.attr_of(&inode))
+    }
+
+    /// Applies the inode's cached attributes to its object with CopyObject REPLACE.
+    async fn replace_metadata(&self, inode: &Inode) -> FsResult<()> {
+        let key = inode.key();
+        let head = self.client.head_object(&key).await.map_err(from_client)?;
+        let attrs = ObjectAttributes {
+            content_type: head.content_type,
+            storage_class: head.storage_class,
+            sse: head.sse,
+            ..self.attrs_for(&inode.stat(), inode.kind)
+        };
+        let etag = if head.size > MAX_SINGLE_COPY {
+            self.multipart_copy(&key, &key, head.size, &attrs).await?
+        } else {
+            self.client
+                .copy_object(&key, &key, &MetadataDirective::Replace(attrs))
+                .await?
+        };
+        inode.lock().stat.etag = Some(etag);
+        Ok(())
+    }
+
+    pub async fn mkdir(
+        &self,
+        parent: Ino,
+        name: &str,
+        mode: u32,
+        caller: Caller,
+    ) -> FsResult<Attr> {
+        let dir = self.new_name(parent, name).await?;
+        let stat = Self::new_stat(mode, caller);
+        let attrs = self.attrs_for(&stat, Kind::Directory);
+        let key = super::inode::child_key(&dir.key(), name, Kind::Directory);
+        self.client
+            .put_object(&key, PutBody::Bytes(Bytes::new()), &attrs)
+            .await?;
+        let inode = self
+            .inodes
+            .upsert(&dir, name, Kind::Directory, stat, self.config.metadata_ttl);
+        self.forget_negative(parent, name);
+        self.inodes.add_lookup(&inode);
+        Ok(self.attr_of(&inode))
+    }
+
+    pub async fn symlink(
+        &self,
+        parent: Ino,
+        name: &str,
+        target: &str,
+        caller: Caller,
+    ) -> FsResult<Attr> {
+        let dir = self.new_name(parent, name).await?;
+        let mut stat = Self::new_stat(0o777, caller);
+        stat.size = target.len() as u64;
+        let attrs = self.attrs_for(&stat, Kind::Symlink);
+        let key = super::inode::child_key(&dir.key(), name, Kind::Symlink);
+        let etag = self
+            .client
+            .put_object(
+                &key,
+                PutBody::Bytes(Bytes::copy_from_slice(target.as_bytes())),
+                &attrs,
+            )
+            .await?;
+        stat.etag = Some(etag);
+        let inode = self
+            .inodes
+            .upsert(&dir, name, Kind::Symlink, stat, self.config.metadata_ttl);
+        self.forget_negative(parent, name);
+        self.inodes.add_lookup(&inode);
+        Ok(self.attr_of(&inode))
+    }
+
+    pub async fn unlink(&self, parent: Ino, name: &str) -> FsResult<()> {
+        self.check_writable()?;
+        let inode = self.resolve(parent, name).await?;
+        if inode.kind == Kind::Directory {
+            return Err(FsError::IsADirectory);
+        }
+        self.client.delete_object(&inode.key()).await?;
+        self.inodes.remove_name(parent, name);
+        Ok(())
+    }
+
+    /// Whether the directory with key `prefix` has anything but its own marker.
+    async fn has_children(&self, prefix: &str) -> FsResult<bool> {
+        let page = self
+            .client
+            .list_objects(&ListRequest {
+                prefix,
+                max_keys: Some(2),
+                ..Default::default()
+            })
+            .await?;
+        Ok(page.objects.iter().any(|o| o.key != prefix) || !page.common_prefixes.is_empty())
+    }
+
+    pub async fn rmdir(&self, parent: Ino, name: &str) -> FsResult<()> {
+        self.check_writable()?;
+        let inode = self.resolve(parent, name).await?;
+        if inode.kind != Kind::Directory {
+            return Err(FsError::NotADirectory);
+        }
+        let key = inode.key();
+        if self.has_children(&key).await? {
+            return Err(FsError::NotEmpty);
+        }
+        self.client.delete_object(&key).await?;
+        self.inodes.remove_name(parent, name);
+        Ok(())
+    }
+
+    pub async fn rename(
+        &self,
+        parent: Ino,
+        name: &str,
+        new_parent: Ino,
+        new_name: &str,
+        no_replace: bool,
+    ) -> FsResult<()> {
+        self.check_writable()?;
+        if new_name.len() > super::MAX_NAME_LEN {
+            return Err(FsError::NameTooLong);
+        }
+        if !super::valid_name(new_name) {
+            return Err(FsError::Invalid("not a valid file name"));
+        }
+        let source = self.resolve(parent, name).await?;
+        let target_dir = self.dir_inode(new_parent)?;
+        match self.resolve(new_parent, new_name).await {
+            Ok(existing) => {
+                if no_replace {
+                    return Err(FsError::Exists);
+                }
+                if existing.ino == source.ino {
+                    return Ok(());
+                }
+                match (
+                    source.kind == Kind::Directory,
+                    existing.kind == Kind::Directory,
+                ) {
+                    (false, true) => return Err(FsError::IsADirectory),
+                    (true, false) => return Err(FsError::NotADirectory),
+                    (true, true) if self.has_children(&existing.key()).await? => {
+                        return Err(FsError::NotEmpty)
+                    }
+                    _ => {}
+                }
+            }
+            Err(FsError::NotFound) => {}
+            Err(e) => return Err(e),
+        }
+        if source.kind == Kind::Directory && target_dir.key().starts_with(&source.key()) {
+            return Err(FsError::Invalid("cannot move a directory into itself"));
+        }
+        let old_key = source.key();
+        let new_key = super::inode::child_key(&target_dir.key(), new_name, source.kind);
+        let writer = super::lock(&self.writers)
+            .get(&source.ino)
+            .map(|(w, _)| w.clone());
+        match (source.kind, writer) {
+            (Kind::Directory, _) => self.rename_prefix(&old_key, &new_key).await?,
+            (_, Some(w)) => {
+                // Open for writing: what S3 has (if anything) moves now, and the next commit
+                // writes the whole file at the new name.
+                if self.client.head_object(&old_key).await.is_ok() {
+                    self.copy_then_delete(&old_key, &new_key).await?;
+                }
+                let mut s = w.state.lock().await;
+                s.key = new_key.clone();
+                s.touch();
+            }
+            (_, None) => self.copy_then_delete(&old_key, &new_key).await?,
+        }
+        self.inodes.rename(&source, &target_dir, new_name);
+        self.forget_negative(new_parent, new_name);
+        super::lock(&self.negative).insert(
+            (parent, name.to_string()),
+            std::time::Instant::now() + self.config.metadata_ttl,
+        );
+        Ok(())
+    }
+
+    async fn copy_then_delete(&self, from: &str, to: &str) -> FsResult<()> {
+        let head = self.client.head_object(from).await.map_err(from_client)?;
+        if head.size > MAX_SINGLE_COPY {
+            let attrs = ObjectAttributes {
+                content_type: head.content_type.clone(),
+                metadata: head.metadata.clone(),
+                storage_class: head.storage_class.clone(),
+                sse: head.sse.clone(),
+            };
+            self.multipart_copy(from, to, head.size, &attrs).await?;
+        } else {
+            self.client
+                .copy_object(from, to, &MetadataDirective::Copy)
+                .await?;
+        }
+        self.client.delete_object(from).await?;
+        Ok(())
+    }
+
+    /// Copies `from` to `to` server-side in parts (objects over 5 GiB); returns the new ETag.
+    async fn multipart_copy(
+        &self,
+        from: &str,
+        to: &str,
+        size: u64,
+        attrs: &ObjectAttributes,
+    ) -> FsResult<String> {
+        let id = self.client.create_multipart_upload(to, attrs).await?;
+        let mut parts = Vec::new();
+        let mut start = 0;
+        let mut n = 1;
+        while start < size {
+            let end = (start + COPY_PART).min(size);
+            match self
+                .client
+                .upload_part_copy(to, &id, n, from, Some(start..end))
+                .await
+            {
+                Ok(etag) => parts.push(CompletedPart {
+                    part_number: n,
+                    etag,
+                }),
+                Err(e) => {
+                    let _ = self.client.abort_multipart_upload(to, &id).await;
+                    return Err(e.into());
+                }
+            }
+            start = end;
+            n += 1;
+        }
+        match self.client.complete_multipart_upload(to, &id, &parts).await {
+            Ok(etag) => Ok(etag),
+            Err(e) => {
+                let _ = self.client.abort_multipart_upload(to, &id).await;
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Moves every key under `from` (a directory prefix) to `to`: copies, 16 at a time, then
+    /// deletes in batches. The copies finish before any delete, so a failure leaves the
+    /// source whole.
+    async fn rename_prefix(&self, from: &str, to: &str) -> FsResult<()> {
+        let mut keys = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let page = self
+                .client
+                .list_objects(&ListRequest {
+                    prefix: from,
+                    continuation_token: token.as_deref(),
+                    ..Default::default()
+                })
+                .await?;
+            keys.extend(page.objects.into_iter().map(|o| o.key));
+            match page.next_continuation_token {
+                Some(t) => token = Some(t),
+                None => break,
+            }
+        }
+        let semaphore = Arc::new(tokio::sync::Semaphore::new(RENAME_PARALLELISM));
+        let copies = keys.iter().map(|key| {
+            let semaphore = semaphore.clone();
+            let target = format!("{to}{}", &key[from.len()..]);
+            async move {
+                let _permit = semaphore.acquire().await.expect("never closed");
+                self.client
+                    .copy_object(key, &target, &MetadataDirective::Copy)
+                    .await
+            }
+        });
+        for result in futures_util::future::join_all(copies).await {
+            result?;
+        }
+        if keys.is_empty() {
+            // An implicit directory with nothing in it cannot be: make the target exist.
+            self.client
+                .put_object(
+                    to,
+                    PutBody::Bytes(Bytes::new()),
+                    &ObjectAttributes::default(),
+                )
+                .await?;
+        }
+        for chunk in keys.chunks(MAX_DELETE_KEYS) {
+            let out = self.client.delete_objects(chunk).await?;
+            if let Some(f) = out.failed.first() {
+                tracing::error!(
+                    key = f.key,
+                    "rename: delete failed: {} {}",
+                    f.code,
+                    f.message
+                );
+                return Err(FsError::S3(
+                    crate::s3::ClientError::new(
+                        crate::s3::Operation::DeleteObjects,
+                        self.client.bucket(),
+                        Some(&f.key),
+                        ErrorKind::from_code(&f.code),
+                    )
+                    .with_message(f.message.clone()),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
