@@ -83,6 +83,18 @@ pub struct Cli {
     #[arg(long, value_parser = parse_size, default_value = "256M", value_name = "SIZE")]
     pub max_memory: u64,
 
+    /// Size of the first 1,000 parts of an upload (later parts grow), e.g. 8M.
+    #[arg(long, value_parser = parse_size, default_value = "8M", value_name = "SIZE")]
+    pub part_size: u64,
+
+    /// Part uploads in flight per file.
+    #[arg(long, default_value = "8", value_name = "N")]
+    pub upload_concurrency: usize,
+
+    /// Attempts per S3 request before its error is returned (the first included).
+    #[arg(long, default_value = "10", value_name = "N")]
+    pub retry_attempts: u32,
+
     /// Stay in the foreground (logs go to stderr).
     #[arg(short, long)]
     pub foreground: bool,
@@ -210,6 +222,12 @@ impl Cli {
         }
         if self.debug {
             self.log_level = "debug".into();
+        }
+        if self.part_size < 5 << 20 || self.part_size > 5 << 30 {
+            return Err("--part-size must be between 5M and 5G (S3's limits for a part)".into());
+        }
+        if self.upload_concurrency == 0 || self.retry_attempts == 0 {
+            return Err("--upload-concurrency and --retry-attempts must be at least 1".into());
         }
         if self.allow_other && self.allow_root {
             return Err("--allow-other already includes root; give only one of --allow-other and --allow-root".into());

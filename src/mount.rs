@@ -78,6 +78,7 @@ pub fn plan(cli: Cli) -> Result<MountPlan, StartError> {
         client.addressing = Addressing::Path;
     }
     client.max_idle_connections = 128;
+    client.retry.max_attempts = cli.retry_attempts;
     check_mountpoint(&cli.mountpoint)?;
 
     // SAFETY: getuid/getgid cannot fail and have no preconditions.
@@ -91,6 +92,14 @@ pub fn plan(cli: Cli) -> Result<MountPlan, StartError> {
         dir_mode: cli.dir_mode,
         metadata_ttl: cli.metadata_ttl,
         max_memory: cli.max_memory,
+        write: crate::fs::write::WriteConfig {
+            part_size: cli.part_size,
+            upload_concurrency: cli.upload_concurrency,
+        },
+        journal_dir: Some(journal_dir(
+            &cli.bucket,
+            cli.prefix.as_deref().unwrap_or(""),
+        )),
         ..FsConfig::default()
     };
     Ok(MountPlan {
@@ -222,12 +231,22 @@ fn init_logging(level: &str, file: Option<&Path>) -> Result<(), StartError> {
     Ok(())
 }
 
-fn default_log_file(bucket: &str) -> PathBuf {
-    let base = std::env::var_os("XDG_STATE_HOME")
+fn state_dir() -> PathBuf {
+    std::env::var_os("XDG_STATE_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))
-        .unwrap_or_else(|| PathBuf::from("/tmp"));
-    base.join("s3mount").join(format!("{bucket}.log"))
+        .unwrap_or_else(|| PathBuf::from("/tmp"))
+        .join("s3mount")
+}
+
+fn default_log_file(bucket: &str) -> PathBuf {
+    state_dir().join(format!("{bucket}.log"))
+}
+
+/// The upload journal of one bucket and prefix.
+fn journal_dir(bucket: &str, prefix: &str) -> PathBuf {
+    let tag = hex::encode(&<sha2::Sha256 as sha2::Digest>::digest(prefix.as_bytes())[..8]);
+    state_dir().join("uploads").join(format!("{bucket}-{tag}"))
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, StartError> {
@@ -339,6 +358,13 @@ fn mount_and_serve(
     let client =
         Arc::new(S3Client::new(plan.client.clone()).map_err(|e| StartError(e.to_string()))?);
     let fs = Arc::new(S3Filesystem::new(client.clone(), plan.fs.clone()));
+    let recovered = rt.block_on(fs.recover_uploads());
+    if recovered > 0 {
+        tracing::warn!(
+            recovered,
+            "aborted multipart uploads an earlier s3mount left unfinished"
+        );
+    }
     let adapter = FuseAdapter::new(fs.clone(), rt.handle().clone());
 
     let mut options = vec![

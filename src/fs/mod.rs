@@ -23,6 +23,7 @@
 
 pub mod error;
 pub mod inode;
+pub mod journal;
 pub mod mutate;
 pub mod read;
 pub mod write;
@@ -62,6 +63,8 @@ pub struct FsConfig {
     pub max_memory: u64,
     pub read: ReadConfig,
     pub write: WriteConfig,
+    /// Where the journal of uploads in progress lives; `None` keeps none.
+    pub journal_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for FsConfig {
@@ -77,6 +80,7 @@ impl Default for FsConfig {
             max_memory: 256 * 1024 * 1024,
             read: ReadConfig::default(),
             write: WriteConfig::default(),
+            journal_dir: None,
         }
     }
 }
@@ -160,6 +164,7 @@ pub struct S3Filesystem<C> {
     dirs: Mutex<HashMap<u64, Arc<DirHandle>>>,
     next_handle: AtomicU64,
     read_ctx: ReadContext<C>,
+    journal: Option<Arc<journal::UploadJournal>>,
     warned_names: Mutex<std::collections::HashSet<String>>,
     stats: FsStats,
     mounted_at: SystemTime,
@@ -228,7 +233,18 @@ impl<C: ObjectClient> S3Filesystem<C> {
             blocks: Arc::new(BlockCache::new(cache_blocks)),
             config: config.read.clone(),
         };
+        let journal =
+            config.journal_dir.clone().and_then(|dir| {
+                match journal::UploadJournal::open(dir.clone()) {
+                    Ok(j) => Some(Arc::new(j)),
+                    Err(e) => {
+                        tracing::warn!("no upload journal at {}: {e}", dir.display());
+                        None
+                    }
+                }
+            });
         Self {
+            journal,
             inodes: InodeTable::new(&config.prefix),
             client,
             config,
@@ -241,6 +257,14 @@ impl<C: ObjectClient> S3Filesystem<C> {
             warned_names: Mutex::new(Default::default()),
             stats: FsStats::default(),
             mounted_at: SystemTime::now(),
+        }
+    }
+
+    /// Aborts multipart uploads an earlier s3mount left unfinished; returns how many.
+    pub async fn recover_uploads(&self) -> usize {
+        match &self.journal {
+            Some(j) => j.recover(&*self.client).await,
+            None => 0,
         }
     }
 
@@ -340,19 +364,21 @@ impl<C: ObjectClient> S3Filesystem<C> {
         );
         let list = list.map_err(from_client)?;
         if !list.objects.is_empty() || !list.common_prefixes.is_empty() {
-            let mtime = list
-                .objects
-                .first()
-                .filter(|o| o.key == dir_prefix)
-                .map_or(self.mounted_at, |o| o.last_modified);
+            let marker = list.objects.first().filter(|o| o.key == dir_prefix);
+            let mut stat = Stat::directory(marker.map_or(self.mounted_at, |o| o.last_modified));
+            if marker.is_some() {
+                // The marker carries the directory's mode, owner and mtime (s3fs-style), if any.
+                if let Ok(head) = self.client.head_object(&dir_prefix).await {
+                    let (_, meta) = stat_of_head(&head);
+                    stat = Stat {
+                        size: 0,
+                        etag: None,
+                        ..meta
+                    };
+                }
+            }
             lock(&self.negative).remove(&neg_key);
-            return Ok(self.inodes.upsert(
-                &dir,
-                name,
-                Kind::Directory,
-                Stat::directory(mtime),
-                ttl,
-            ));
+            return Ok(self.inodes.upsert(&dir, name, Kind::Directory, stat, ttl));
         }
         match head {
             Ok(head) => {

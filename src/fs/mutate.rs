@@ -153,6 +153,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
         let w = Arc::new(WriteHandle::new(
             self.client.clone(),
             self.config.write.clone(),
+            self.journal.clone(),
             inode.key(),
             attrs,
         )?);

@@ -31,6 +31,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 
 use super::error::{FsError, FsResult};
+use super::journal::UploadJournal;
 use crate::s3::{ClientError, CompletedPart, ObjectAttributes, ObjectClient, PutBody};
 
 /// S3 allows at most this many parts.
@@ -153,6 +154,7 @@ impl WriteState {
 pub struct WriteHandle<C> {
     client: Arc<C>,
     config: WriteConfig,
+    journal: Option<Arc<UploadJournal>>,
     uploads: Arc<Semaphore>,
     pub state: tokio::sync::Mutex<WriteState>,
 }
@@ -167,12 +169,14 @@ impl<C: ObjectClient> WriteHandle<C> {
     pub fn new(
         client: Arc<C>,
         config: WriteConfig,
+        journal: Option<Arc<UploadJournal>>,
         key: String,
         attrs: ObjectAttributes,
     ) -> FsResult<Self> {
         let spool = tempfile::tempfile().map_err(io_error)?;
         Ok(Self {
             client,
+            journal,
             uploads: Arc::new(Semaphore::new(config.upload_concurrency.max(1))),
             config,
             state: tokio::sync::Mutex::new(WriteState {
@@ -254,7 +258,11 @@ impl<C: ObjectClient> WriteHandle<C> {
                 }
             }
             if s.coverage.is_full(part, &range) && range.end <= s.size {
-                self.start_part(&mut s, part).await?;
+                // The data is safe in the spool: if the upload cannot start now, the commit
+                // tries again and reports the failure to close/fsync.
+                if let Err(e) = self.start_part(&mut s, part).await {
+                    tracing::warn!("part {} of {} not uploaded yet: {e}", part + 1, s.key);
+                }
             }
         }
         // Back-pressure: do not let finished-but-not-uploaded parts pile up.
@@ -290,6 +298,9 @@ impl<C: ObjectClient> WriteHandle<C> {
                 .create_multipart_upload(&s.key, &s.attrs)
                 .await
                 .map_err(FsError::from)?;
+            if let Some(j) = &self.journal {
+                j.record(&s.key, &id);
+            }
             s.upload = Some(Upload {
                 key: s.key.clone(),
                 id,
@@ -348,7 +359,7 @@ impl<C: ObjectClient> WriteHandle<C> {
         let result = self.commit_locked(&mut s).await;
         if result.is_err() {
             if let Some(upload) = s.upload.take() {
-                abort(&*self.client, upload).await;
+                self.abort(upload).await;
             }
         }
         let etag = result?;
@@ -361,11 +372,11 @@ impl<C: ObjectClient> WriteHandle<C> {
         // A rename since the upload began: it cannot move, so start over at the new key.
         if s.upload.as_ref().is_some_and(|u| u.key != s.key) {
             let stale = s.upload.take().expect("checked");
-            abort(&*self.client, stale).await;
+            self.abort(stale).await;
         }
         if s.size <= base && s.upload.as_ref().is_none_or(|u| u.parts.is_empty()) {
             if let Some(unused) = s.upload.take() {
-                abort(&*self.client, unused).await;
+                self.abort(unused).await;
             }
             let body = PutBody::File {
                 file: s.spool.clone(),
@@ -414,9 +425,33 @@ impl<C: ObjectClient> WriteHandle<C> {
     pub async fn discard(&self) {
         let mut s = self.state.lock().await;
         if let Some(upload) = s.upload.take() {
-            abort(&*self.client, upload).await;
+            self.abort(upload).await;
         }
         s.dirty = false;
+    }
+
+    /// Aborts `upload`; the journal forgets it only once S3 has, so a later mount can retry.
+    async fn abort(&self, upload: Upload) {
+        for state in upload.parts.into_values() {
+            if let PartState::Uploading(task) = state {
+                task.abort();
+            }
+        }
+        match self
+            .client
+            .abort_multipart_upload(&upload.key, &upload.id)
+            .await
+        {
+            Ok(()) => {
+                if let Some(j) = &self.journal {
+                    j.remove(&upload.id);
+                }
+            }
+            Err(e) => tracing::warn!(
+                "could not abort multipart upload of {} (the next mount retries): {e}",
+                upload.key
+            ),
+        }
     }
 }
 
@@ -439,21 +474,6 @@ async fn settle(upload: &mut Upload, part: u64) -> FsResult<String> {
     };
     upload.parts.insert(part, PartState::Done(etag.clone()));
     Ok(etag)
-}
-
-async fn abort<C: ObjectClient>(client: &C, upload: Upload) {
-    for state in upload.parts.into_values() {
-        if let PartState::Uploading(task) = state {
-            task.abort();
-        }
-    }
-    if let Err(e) = client.abort_multipart_upload(&upload.key, &upload.id).await {
-        tracing::warn!(
-            "could not abort multipart upload {} of {}: {e}",
-            upload.id,
-            upload.key
-        );
-    }
 }
 
 #[cfg(test)]
@@ -484,7 +504,14 @@ mod tests {
             part_size: part,
             upload_concurrency: 2,
         };
-        WriteHandle::new(mock.clone(), cfg, "k".into(), ObjectAttributes::default()).unwrap()
+        WriteHandle::new(
+            mock.clone(),
+            cfg,
+            None,
+            "k".into(),
+            ObjectAttributes::default(),
+        )
+        .unwrap()
     }
 
     #[tokio::test]
