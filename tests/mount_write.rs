@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime};
 
 use common::fault_proxy::{Fault, FaultProxy};
 use common::mount::mount;
-use common::{pattern, read_object, sha256_hex, unique_prefix, ServerEnv};
+use common::{pattern, read_object, unique_prefix, ServerEnv};
 use s3mount::s3::*;
 
 fn run(cmd: &mut Command) -> String {
