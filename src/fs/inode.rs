@@ -57,6 +57,9 @@ pub struct InodeState {
     pub expiry: Instant,
     /// Lookups the kernel holds on this inode (FUSE's nlookup).
     pub lookups: u64,
+    /// The stat holds changes S3 does not have yet (a file being written, a chmod or utimens
+    /// waiting for the next commit): what S3 says must not overwrite them.
+    pub local_changes: bool,
 }
 
 /// Where an inode is in the tree.
@@ -106,9 +109,27 @@ impl Inode {
         self.lock().expiry > Instant::now()
     }
 
+    /// Takes what S3 says, unless the inode has changes S3 does not have yet.
     pub fn refresh(&self, stat: Stat, ttl: Duration) {
         let mut s = self.lock();
+        if !s.local_changes {
+            s.stat = stat;
+        }
+        s.expiry = Instant::now() + ttl;
+    }
+
+    /// The inode changed here; S3 learns of it at the next commit.
+    pub fn change_locally(&self, change: impl FnOnce(&mut Stat)) {
+        let mut s = self.lock();
+        change(&mut s.stat);
+        s.local_changes = true;
+    }
+
+    /// S3 now has exactly `stat` (a commit or a metadata copy just succeeded).
+    pub fn stored(&self, stat: Stat, ttl: Duration) {
+        let mut s = self.lock();
         s.stat = stat;
+        s.local_changes = false;
         s.expiry = Instant::now() + ttl;
     }
 
@@ -143,6 +164,7 @@ impl InodeTable {
                 // The root never expires: it exists as long as the mount does.
                 expiry: Instant::now() + Duration::from_secs(100 * 365 * 24 * 3600),
                 lookups: 1,
+                local_changes: false,
             }),
         });
         let mut tables = Tables::default();
@@ -201,6 +223,7 @@ impl InodeTable {
                 stat,
                 expiry: Instant::now() + ttl,
                 lookups: 0,
+                local_changes: false,
             }),
         });
         let mut t = self.write();

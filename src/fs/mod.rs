@@ -43,6 +43,10 @@ use write::{WriteConfig, WriteHandle};
 
 /// The longest file name Linux accepts.
 pub const MAX_NAME_LEN: usize = 255;
+/// Directories with at most this many entries get their files' s3fs metadata (HeadObject, in
+/// parallel) when listed; larger ones show the listing's attributes.
+pub const METADATA_LISTING_LIMIT: usize = 1000;
+const METADATA_HEADS_AT_ONCE: usize = 32;
 /// The block size reported to `stat` and `statfs`.
 pub const BLOCK_SIZE: u32 = 4096;
 
@@ -161,6 +165,8 @@ pub struct S3Filesystem<C> {
     files: Mutex<HashMap<u64, OpenFile<C>>>,
     /// The write handle of each inode open for writing, with its count of opens.
     writers: Mutex<HashMap<Ino, SharedWriter<C>>>,
+    /// One lock per inode that is being changed (see `mutate::hold`).
+    changing: Mutex<HashMap<Ino, Arc<tokio::sync::Mutex<()>>>>,
     dirs: Mutex<HashMap<u64, Arc<DirHandle>>>,
     next_handle: AtomicU64,
     read_ctx: ReadContext<C>,
@@ -251,6 +257,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
             negative: Mutex::new(HashMap::new()),
             files: Mutex::new(HashMap::new()),
             writers: Mutex::new(HashMap::new()),
+            changing: Mutex::new(HashMap::new()),
             dirs: Mutex::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
             read_ctx,
@@ -336,7 +343,15 @@ impl<C: ObjectClient> S3Filesystem<C> {
             return Err(FsError::NotFound);
         }
         let ttl = self.config.metadata_ttl;
+        // Refreshing a known inode waits for changes of it under way (a commit, a setattr), or
+        // an older version read from S3 could overwrite what they just set.
+        let mut _held = None;
         if let Some(child) = self.inodes.child(parent, name) {
+            // A file open for writing is what we say it is: S3 has an older version, if any.
+            if child.is_fresh() || lock(&self.writers).contains_key(&child.ino) {
+                return Ok(child);
+            }
+            _held = Some(self.hold(child.ino).await);
             if child.is_fresh() {
                 return Ok(child);
             }
@@ -399,6 +414,9 @@ impl<C: ObjectClient> S3Filesystem<C> {
 
     pub fn forget(&self, ino: Ino, n: u64) {
         self.inodes.forget(ino, n);
+        if self.inodes.get(ino).is_none() {
+            lock(&self.changing).remove(&ino);
+        }
     }
 
     /// The kernel took a reference through a readdirplus entry.
@@ -418,11 +436,22 @@ impl<C: ObjectClient> S3Filesystem<C> {
             }
             return Ok(self.attr_of(&inode));
         }
+        // Not while a change of this inode is under way: a HEAD sent before it could land
+        // after it and put the old attributes back.
+        let _held = self.hold(ino).await;
+        if inode.is_fresh() {
+            return Ok(self.attr_of(&inode));
+        }
+        self.refresh_from_s3(&inode).await
+    }
+
+    /// HEADs the object and caches what it says; the caller holds the inode (see `hold`).
+    async fn refresh_from_s3(&self, inode: &Inode) -> FsResult<Attr> {
         match self.client.head_object(&inode.key()).await {
             Ok(head) => {
                 let (_, stat) = stat_of_head(&head);
                 inode.refresh(stat, self.config.metadata_ttl);
-                Ok(self.attr_of(&inode))
+                Ok(self.attr_of(inode))
             }
             Err(e) => {
                 if e.kind == ErrorKind::NoSuchKey {
@@ -498,19 +527,54 @@ impl<C: ObjectClient> S3Filesystem<C> {
                 None => break,
             }
         }
-        let mut entries = Vec::with_capacity(found.len());
+        // Listings carry no user metadata (s3fs mode, owner, mtime). Keep what a HEAD already
+        // told us while the object is unchanged; in directories small enough, ask for the
+        // rest now, in parallel, so `stat` after `readdir` (rsync, ls -l) shows the stored
+        // mode and mtime. Large directories keep the listing's attributes: no HEAD per entry.
+        let mut heads_needed = Vec::new();
+        let mut resolved: Vec<(String, Kind, Stat)> = Vec::with_capacity(found.len());
         for (name, (kind, stat)) in found {
-            // Keep what a HEAD already told us (symlinks, s3fs metadata) while it is fresh and
-            // the object has not changed.
             let known = self.inodes.child(dir.ino, &name).filter(|c| {
-                c.is_fresh()
-                    && (c.kind == kind || (kind == Kind::File && c.kind == Kind::Symlink))
-                    && c.stat().etag == stat.etag
+                let same_object = (c.kind == kind
+                    || (kind == Kind::File && c.kind == Kind::Symlink))
+                    && c.stat().etag == stat.etag;
+                same_object || lock(&self.writers).contains_key(&c.ino)
             });
-            let inode = match known {
-                Some(c) => c,
-                None => self.inodes.upsert(dir, &name, kind, stat, ttl),
-            };
+            match known {
+                Some(c) => resolved.push((name, c.kind, c.stat())),
+                None => {
+                    if kind == Kind::File {
+                        heads_needed.push(resolved.len());
+                    }
+                    resolved.push((name, kind, stat));
+                }
+            }
+        }
+        if !heads_needed.is_empty() && resolved.len() <= METADATA_LISTING_LIMIT {
+            use futures_util::StreamExt;
+            let requests: Vec<_> = heads_needed
+                .iter()
+                .map(|&i| {
+                    let (client, key) =
+                        (self.client.clone(), format!("{dir_key}{}", resolved[i].0));
+                    async move { client.head_object(&key).await }
+                })
+                .collect();
+            let heads: Vec<_> = futures_util::stream::iter(requests)
+                .buffered(METADATA_HEADS_AT_ONCE)
+                .collect()
+                .await;
+            for (i, head) in heads_needed.iter().zip(heads) {
+                if let Ok(head) = head {
+                    let (kind, stat) = stat_of_head(&head);
+                    resolved[*i].1 = kind;
+                    resolved[*i].2 = stat;
+                }
+            }
+        }
+        let mut entries = Vec::with_capacity(resolved.len());
+        for (name, kind, stat) in resolved {
+            let inode = self.inodes.upsert(dir, &name, kind, stat, ttl);
             entries.push(DirEntry {
                 name,
                 attr: self.attr_of(&inode),

@@ -275,11 +275,19 @@ impl<C: ObjectClient> S3Filesystem<C> {
         let n = writer.write(offset, data).await?;
         if let Some(inode) = self.inodes.get(ino) {
             let size = writer.size().await;
-            let mut s = inode.lock();
-            s.stat.size = size;
-            s.stat.mtime = whole_seconds(SystemTime::now());
+            inode.change_locally(|s| {
+                s.size = size;
+                s.mtime = whole_seconds(SystemTime::now());
+            });
         }
         Ok(n)
+    }
+
+    /// Changes to one inode (commit, setattr, rename) happen one at a time: a close's commit
+    /// and a utimens right after it must not overtake each other.
+    pub(super) async fn hold(&self, ino: Ino) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = super::lock(&self.changing).entry(ino).or_default().clone();
+        lock.lock_owned().await
     }
 
     /// Commits the file's data to S3 (flush and fsync): returns only once S3 has it.
@@ -289,6 +297,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
             .cloned()
             .ok_or(FsError::BadHandle)?;
         if let OpenFile::Write { ino, writer } = file {
+            let _held = self.hold(ino).await;
             self.commit(ino, &writer).await?;
         }
         Ok(())
@@ -309,11 +318,16 @@ impl<C: ObjectClient> S3Filesystem<C> {
         }
         match writer.commit().await {
             Ok(Some(etag)) => {
+                tracing::debug!(ino, etag, "committed");
                 let size = writer.size().await;
                 if let Some(inode) = self.inodes.get(ino) {
-                    let mut s = inode.lock();
-                    s.stat.etag = Some(etag);
-                    s.stat.size = size;
+                    // What S3 has now is exactly what the inode says: fresh for a full TTL.
+                    let stat = Stat {
+                        etag: Some(etag),
+                        size,
+                        ..inode.stat()
+                    };
+                    inode.stored(stat, self.config.metadata_ttl);
                 }
                 Ok(())
             }
@@ -328,18 +342,41 @@ impl<C: ObjectClient> S3Filesystem<C> {
 
     /// Closes a handle; the last writer of a file commits what is left.
     pub async fn release_file(&self, fh: u64) {
+        let ino = match super::lock(&self.files).get(&fh) {
+            Some(OpenFile::Write { ino, .. }) => Some(*ino),
+            _ => None,
+        };
+        match ino {
+            Some(ino) => {
+                let _held = self.hold(ino).await;
+                self.release_held(fh).await;
+            }
+            None => {
+                super::lock(&self.files).remove(&fh);
+            }
+        }
+    }
+
+    async fn release_held(&self, fh: u64) {
         let file = super::lock(&self.files).remove(&fh);
         if let Some(OpenFile::Write { ino, writer }) = file {
             // A commit that failed at close is tried once more here; if it fails again the
             // multipart upload is aborted (close already reported EIO).
             if self.drop_writer(ino).is_some() && self.commit(ino, &writer).await.is_err() {
                 writer.discard().await;
+                // What S3 has is the truth again: forget the changes it never got.
+                if let Some(inode) = self.inodes.get(ino) {
+                    let stat = inode.stat();
+                    inode.stored(stat, Duration::ZERO);
+                }
             }
         }
     }
 
     pub async fn setattr(&self, ino: Ino, change: SetAttr) -> FsResult<Attr> {
         let inode = self.inode(ino)?;
+        let _held = self.hold(ino).await;
+        tracing::debug!(key = inode.key(), ?change, "setattr");
         let only_times = change.mode.is_none()
             && change.uid.is_none()
             && change.gid.is_none()
@@ -353,27 +390,28 @@ impl<C: ObjectClient> S3Filesystem<C> {
             && change.size.is_none()
             && change.mtime.is_none()
         {
-            return self.getattr(ino).await; // atime only: S3 keeps no atime
+            return Ok(self.attr_of(&inode)); // atime only: S3 keeps no atime
         }
         let writer = super::lock(&self.writers).get(&ino).map(|(w, _)| w.clone());
-        if inode.kind == Kind::File && writer.is_none() {
+        if inode.kind == Kind::File && writer.is_none() && !inode.is_fresh() {
             // Bring the cached attributes up to date before changing them.
-            self.getattr(ino).await?;
+            self.refresh_from_s3(&inode).await?;
         }
         {
-            let mut s = inode.lock();
-            if let Some(m) = change.mode {
-                s.stat.mode = Some(m & 0o7777);
-            }
-            if let Some(u) = change.uid {
-                s.stat.uid = Some(u);
-            }
-            if let Some(g) = change.gid {
-                s.stat.gid = Some(g);
-            }
-            if let Some(t) = change.mtime {
-                s.stat.mtime = whole_seconds(t);
-            }
+            inode.change_locally(|s| {
+                if let Some(m) = change.mode {
+                    s.mode = Some(m & 0o7777);
+                }
+                if let Some(u) = change.uid {
+                    s.uid = Some(u);
+                }
+                if let Some(g) = change.gid {
+                    s.gid = Some(g);
+                }
+                if let Some(t) = change.mtime {
+                    s.mtime = whole_seconds(t);
+                }
+            });
         }
         match (inode.kind, writer) {
             (Kind::File, Some(w)) => {
@@ -387,15 +425,17 @@ impl<C: ObjectClient> S3Filesystem<C> {
             (Kind::File, None) => {
                 if let Some(size) = change.size {
                     let fh = self.open_for_write(inode.clone(), size == 0).await?;
+                    // This inode is held already: commit and release without taking it again.
                     let result = async {
                         let file = super::lock(&self.files).get(&fh).cloned();
                         if let Some(OpenFile::Write { writer, .. }) = file {
                             writer.truncate(size).await?;
+                            self.commit(ino, &writer).await?;
                         }
-                        self.flush(fh).await
+                        Ok::<_, FsError>(())
                     }
                     .await;
-                    self.release_file(fh).await;
+                    self.release_held(fh).await;
                     result?;
                     inode.lock().stat.size = size;
                 } else {
@@ -417,6 +457,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
     /// Applies the inode's cached attributes to its object with CopyObject REPLACE.
     async fn replace_metadata(&self, inode: &Inode) -> FsResult<()> {
         let key = inode.key();
+        tracing::debug!(key, mtime = ?inode.stat().mtime, "copy replace");
         let head = self.client.head_object(&key).await.map_err(from_client)?;
         let attrs = ObjectAttributes {
             content_type: head.content_type,
@@ -431,7 +472,11 @@ impl<C: ObjectClient> S3Filesystem<C> {
                 .copy_object(&key, &key, &MetadataDirective::Replace(attrs))
                 .await?
         };
-        inode.lock().stat.etag = Some(etag);
+        let stat = Stat {
+            etag: Some(etag),
+            ..inode.stat()
+        };
+        inode.stored(stat, self.config.metadata_ttl);
         Ok(())
     }
 
@@ -568,6 +613,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
         if source.kind == Kind::Directory && target_dir.key().starts_with(&source.key()) {
             return Err(FsError::Invalid("cannot move a directory into itself"));
         }
+        let _held = self.hold(source.ino).await;
         let old_key = source.key();
         let new_key = super::inode::child_key(&target_dir.key(), new_name, source.kind);
         let writer = super::lock(&self.writers)

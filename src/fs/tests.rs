@@ -555,3 +555,46 @@ async fn failed_upload_makes_close_fail_and_leaves_nothing() {
     assert!(mock.object("doomed").is_none());
     assert_eq!(mock.open_uploads(), 0);
 }
+
+#[tokio::test]
+async fn small_directory_listings_carry_s3fs_metadata() {
+    let (mock, fs) = fs_with(&[], Duration::from_secs(1));
+    let attrs = ObjectAttributes {
+        metadata: BTreeMap::from([
+            ("mode".to_string(), (0o100600u32).to_string()),
+            ("mtime".to_string(), "1500000000".to_string()),
+        ]),
+        ..Default::default()
+    };
+    mock.put_object("d/f", PutBody::from("x"), &attrs)
+        .await
+        .unwrap();
+    mock.put_object(
+        "d/l",
+        PutBody::from("f"),
+        &ObjectAttributes {
+            metadata: BTreeMap::from([("mode".to_string(), (0o120777u32).to_string())]),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let d = path(&fs, "d").await.unwrap();
+    let fh = fs.opendir(d.ino).await.unwrap();
+    let entries = fs.readdir(d.ino, fh, 2).unwrap();
+    let f = &entries.iter().find(|(_, e)| e.name == "f").unwrap().1.attr;
+    assert_eq!(
+        (f.perm, f.mtime),
+        (
+            0o600,
+            SystemTime::UNIX_EPOCH + Duration::from_secs(1_500_000_000)
+        )
+    );
+    let l = &entries.iter().find(|(_, e)| e.name == "l").unwrap().1.attr;
+    assert_eq!(l.kind, Kind::Symlink);
+    let heads = mock.count(Operation::HeadObject);
+    // Listing again: the object is unchanged, so what HEAD said is kept without asking again.
+    let fh = fs.opendir(d.ino).await.unwrap();
+    assert_eq!(fs.readdir(d.ino, fh, 2).unwrap().len(), 2);
+    assert_eq!(mock.count(Operation::HeadObject), heads);
+}
