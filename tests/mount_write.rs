@@ -286,6 +286,17 @@ async fn rsync_twice_transfers_nothing_the_second_time() {
         .arg(format!("{}/", src.display()))
         .arg(&dst));
     assert_eq!(std::fs::read(dst.join("d1/e1/f1.bin")).unwrap(), b"changed");
+    // After a remount too, nothing needs sending: mode and mtime come back from S3.
+    drop(m);
+    let m = mount(&env, &format!("{}:{prefix}", env.bucket), &[]);
+    let stats = run(Command::new("rsync")
+        .args(["-a", "--stats"])
+        .arg(format!("{}/", src.display()))
+        .arg(m.path().join("copy")));
+    assert!(
+        stats.contains("Number of regular files transferred: 0"),
+        "after a remount:\n{stats}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
