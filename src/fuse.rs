@@ -19,7 +19,7 @@ use fuser::{
     ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
-use crate::fs::error::FsError;
+use crate::fs::error::{FsError, FsResult};
 use crate::fs::inode::Kind;
 use crate::fs::mutate::{Caller, SetAttr};
 use crate::fs::{Attr, S3Filesystem, BLOCK_SIZE};
@@ -49,6 +49,14 @@ impl<C: ObjectClient> FuseAdapter<C> {
 fn errno(e: &FsError, what: &str) -> Errno {
     e.log_if_unexpected(what);
     Errno::from_i32(e.errno())
+}
+
+/// Replies to an entry-making request (lookup, mkdir, symlink, mknod).
+fn reply_entry(reply: ReplyEntry, ttl: std::time::Duration, result: FsResult<Attr>, what: &str) {
+    match result {
+        Ok(attr) => reply.entry(&ttl, &file_attr(&attr), Generation(0)),
+        Err(e) => reply.error(errno(&e, what)),
+    }
 }
 
 fn file_type(kind: Kind) -> FileType {
@@ -112,10 +120,12 @@ impl<C: ObjectClient> Filesystem for FuseAdapter<C> {
             return reply.error(Errno::ENOENT);
         };
         self.spawn(|fs| async move {
-            match fs.lookup(parent.0, &name).await {
-                Ok(attr) => reply.entry(&fs.ttl(), &file_attr(&attr), Generation(0)),
-                Err(e) => reply.error(errno(&e, &format!("lookup {name:?}"))),
-            }
+            reply_entry(
+                reply,
+                fs.ttl(),
+                fs.lookup(parent.0, &name).await,
+                &format!("lookup {name:?}"),
+            )
         });
     }
 
@@ -204,10 +214,7 @@ impl<C: ObjectClient> Filesystem for FuseAdapter<C> {
                 fs.release_file(fh).await;
                 flushed.map(|()| attr)
             };
-            match made.await {
-                Ok(attr) => reply.entry(&fs.ttl(), &file_attr(&attr), Generation(0)),
-                Err(e) => reply.error(errno(&e, "mknod")),
-            }
+            reply_entry(reply, fs.ttl(), made.await, "mknod")
         });
     }
 
@@ -225,10 +232,12 @@ impl<C: ObjectClient> Filesystem for FuseAdapter<C> {
         };
         let caller = caller(req);
         self.spawn(|fs| async move {
-            match fs.mkdir(parent.0, &name, mode, caller).await {
-                Ok(attr) => reply.entry(&fs.ttl(), &file_attr(&attr), Generation(0)),
-                Err(e) => reply.error(errno(&e, "mkdir")),
-            }
+            reply_entry(
+                reply,
+                fs.ttl(),
+                fs.mkdir(parent.0, &name, mode, caller).await,
+                "mkdir",
+            )
         });
     }
 
@@ -269,10 +278,12 @@ impl<C: ObjectClient> Filesystem for FuseAdapter<C> {
         };
         let caller = caller(req);
         self.spawn(|fs| async move {
-            match fs.symlink(parent.0, &name, &target, caller).await {
-                Ok(attr) => reply.entry(&fs.ttl(), &file_attr(&attr), Generation(0)),
-                Err(e) => reply.error(errno(&e, "symlink")),
-            }
+            reply_entry(
+                reply,
+                fs.ttl(),
+                fs.symlink(parent.0, &name, &target, caller).await,
+                "symlink",
+            )
         });
     }
 

@@ -370,6 +370,7 @@ async fn fio_random_writes_verify() {
             "--verify=crc32c",
             "--do_verify=1",
             "--ioengine=psync",
+            "--verify_state_save=0",
             "--direct=0",
             "--randrepeat=1",
         ])
