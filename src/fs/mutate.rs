@@ -103,6 +103,17 @@ impl<C: ObjectClient> S3Filesystem<C> {
         }
     }
 
+    /// Records a new entry made here: in the inode table, no longer negative, and referenced
+    /// once by the kernel (the entry reply that follows).
+    fn enter_new(&self, dir: &Inode, name: &str, kind: Kind, stat: Stat) -> Arc<Inode> {
+        let inode = self
+            .inodes
+            .upsert(dir, name, kind, stat, self.config.metadata_ttl);
+        self.forget_negative(dir.ino, name);
+        self.inodes.add_lookup(&inode);
+        inode
+    }
+
     fn forget_negative(&self, parent: Ino, name: &str) {
         super::lock(&self.negative).remove(&(parent, name.to_string()));
     }
@@ -180,11 +191,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
         let dir = self.new_name(parent, name).await?;
         let stat = Self::new_stat(mode, caller);
         let attrs = self.attrs_for(&stat, Kind::File);
-        let inode = self
-            .inodes
-            .upsert(&dir, name, Kind::File, stat, self.config.metadata_ttl);
-        self.forget_negative(parent, name);
-        self.inodes.add_lookup(&inode);
+        let inode = self.enter_new(&dir, name, Kind::File, stat);
         let writer = self.writer_for(&inode, attrs)?;
         let fh = self.register(OpenFile::Write {
             ino: inode.ino,
@@ -494,11 +501,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
         self.client
             .put_object(&key, PutBody::Bytes(Bytes::new()), &attrs)
             .await?;
-        let inode = self
-            .inodes
-            .upsert(&dir, name, Kind::Directory, stat, self.config.metadata_ttl);
-        self.forget_negative(parent, name);
-        self.inodes.add_lookup(&inode);
+        let inode = self.enter_new(&dir, name, Kind::Directory, stat);
         Ok(self.attr_of(&inode))
     }
 
@@ -523,11 +526,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
             )
             .await?;
         stat.etag = Some(etag);
-        let inode = self
-            .inodes
-            .upsert(&dir, name, Kind::Symlink, stat, self.config.metadata_ttl);
-        self.forget_negative(parent, name);
-        self.inodes.add_lookup(&inode);
+        let inode = self.enter_new(&dir, name, Kind::Symlink, stat);
         Ok(self.attr_of(&inode))
     }
 
