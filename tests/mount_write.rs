@@ -271,8 +271,9 @@ async fn rsync_twice_transfers_nothing_the_second_time() {
         .arg("--no-dereference")
         .arg(&src)
         .arg(&dst));
+    // --itemize-changes names each file sent and why, should one be.
     let stats = run(Command::new("rsync")
-        .args(["-a", "--stats"])
+        .args(["-a", "--stats", "--itemize-changes"])
         .arg(format!("{}/", src.display()))
         .arg(&dst));
     assert!(
@@ -290,7 +291,7 @@ async fn rsync_twice_transfers_nothing_the_second_time() {
     drop(m);
     let m = mount(&env, &format!("{}:{prefix}", env.bucket), &[]);
     let stats = run(Command::new("rsync")
-        .args(["-a", "--stats"])
+        .args(["-a", "--stats", "--itemize-changes"])
         .arg(format!("{}/", src.display()))
         .arg(m.path().join("copy")));
     assert!(

@@ -67,6 +67,18 @@ impl Drop for Mounted {
             }
             wait_with_timeout(&mut child, Duration::from_secs(10));
         }
+        if std::thread::panicking() {
+            // The test failed: what the mount said is the first thing to read.
+            let log = self.log();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(60)..];
+            eprintln!(
+                "--- last {} lines of the s3mount log of {} ---\n{}",
+                tail.len(),
+                self.dir.path().display(),
+                tail.join("\n")
+            );
+        }
         let _ = std::fs::remove_file(&self.log);
     }
 }
