@@ -226,7 +226,14 @@ fn init_logging(level: &str, file: Option<&Path>) -> Result<(), StartError> {
                 .map_err(|e| StartError(format!("cannot open log file {}: {e}", path.display())))?;
             builder.with_ansi(false).with_writer(Arc::new(f)).init();
         }
-        None => builder.with_writer(std::io::stderr).init(),
+        None => {
+            // Colours only on a terminal: a redirected log stays plain text.
+            use std::io::IsTerminal;
+            builder
+                .with_ansi(std::io::stderr().is_terminal())
+                .with_writer(std::io::stderr)
+                .init()
+        }
     }
     Ok(())
 }

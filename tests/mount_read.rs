@@ -349,7 +349,7 @@ async fn read_only_mount_refuses_changes_with_erofs() {
         Some(libc::EROFS)
     );
     assert_eq!(std::fs::read_to_string(m.path().join("f")).unwrap(), "x");
-    let status = m.terminate();
+    let (status, _) = m.terminate();
     assert!(status.success(), "SIGTERM ends s3mount cleanly: {status}");
 }
 

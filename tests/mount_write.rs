@@ -77,6 +77,80 @@ async fn cp_of_a_large_file_in_and_out() {
     assert!(c.head_object(&format!("{prefix}big.bin")).await.is_err());
 }
 
+/// The number after `name=` in the last `stats` line of a mount log.
+fn last_stat(log: &str, name: &str) -> u64 {
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.contains(" stats "))
+        .unwrap_or_else(|| panic!("no stats line in the log:\n{log}"));
+    let at = line
+        .find(&format!(" {name}="))
+        .unwrap_or_else(|| panic!("no {name} in {line}"));
+    line[at + name.len() + 2..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn changing_one_byte_of_a_large_file_moves_one_part() {
+    let env = ServerEnv::main();
+    let c = env.client();
+    let prefix = unique_prefix("onebyte");
+    let key = format!("{prefix}big.bin");
+    let work = tempfile::tempdir().unwrap();
+    let local = work.path().join("big.bin");
+    {
+        let mut f = std::fs::File::create(&local).unwrap();
+        for i in 0..8u64 {
+            f.write_all(&pattern(32 << 20, i)).unwrap();
+        }
+    }
+    let file = std::sync::Arc::new(std::fs::File::open(&local).unwrap());
+    let body = PutBody::File {
+        file,
+        offset: 0,
+        len: 256 << 20,
+    };
+    c.put_object(&key, body, &ObjectAttributes::default())
+        .await
+        .unwrap();
+    // The same byte changed in the local copy and, in place, through the mount.
+    let at = 100_000_007u64;
+    let change = |path: &Path| {
+        let mut f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+        f.seek(SeekFrom::Start(at)).unwrap();
+        f.write_all(b"!").unwrap();
+    };
+    change(&local);
+    let m = mount(&env, &format!("{}:{prefix}", env.bucket), &[]);
+    change(&m.path().join("big.bin"));
+    let (status, log) = m.terminate();
+    assert!(status.success());
+    let sent = last_stat(&log, "s3_bytes_sent");
+    let received = last_stat(&log, "s3_bytes_received");
+    assert!(
+        sent < 16 << 20 && received < 16 << 20,
+        "one 8 MiB part each way, not 256 MiB: sent {sent}, received {received}"
+    );
+    let head = c.head_object(&key).await.unwrap();
+    assert_eq!(head.size, 256 << 20);
+    assert!(
+        head.etag.contains('-'),
+        "assembled from parts: {}",
+        head.etag
+    );
+    let back = read_object(&c, &key, None).await;
+    assert_eq!(
+        common::sha256_hex(&back),
+        sha256_file(&local),
+        "exactly the local file with the same byte changed"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn namespace_operations() {
     let env = ServerEnv::main();

@@ -24,8 +24,8 @@ use super::inode::{Ino, Inode, Kind, Stat};
 use super::write::WriteHandle;
 use super::{Attr, OpenFile, S3Filesystem};
 use crate::s3::{
-    CompletedPart, ErrorKind, ListRequest, MetadataDirective, ObjectAttributes, ObjectClient,
-    PutBody, MAX_DELETE_KEYS,
+    CompletedPart, CopySource, ErrorKind, ListRequest, MetadataDirective, ObjectAttributes,
+    ObjectClient, PutBody, MAX_DELETE_KEYS,
 };
 
 const S_IFREG: u32 = 0o100000;
@@ -165,6 +165,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
             self.client.clone(),
             self.config.write.clone(),
             self.journal.clone(),
+            self.read_ctx.budget.clone(),
             inode.key(),
             attrs,
         )?);
@@ -200,8 +201,8 @@ impl<C: ObjectClient> S3Filesystem<C> {
         Ok((self.attr_of(&inode), fh))
     }
 
-    /// Opens an existing file for writing. With `truncate` it starts empty; otherwise its
-    /// current content is fetched into the spool first.
+    /// Opens an existing file for writing. With `truncate` it starts empty; otherwise it
+    /// starts from the stored object, fetched or copied server-side only as needed.
     pub(super) async fn open_for_write(&self, inode: Arc<Inode>, truncate: bool) -> FsResult<u64> {
         self.check_writable()?;
         let existing = super::lock(&self.writers)
@@ -229,29 +230,8 @@ impl<C: ObjectClient> S3Filesystem<C> {
         };
         inode.refresh(stat, self.config.metadata_ttl);
         let writer = self.writer_for(&inode, attrs)?;
-        if !truncate && head.size > 0 {
-            // Keep the current content: stream it into the spool.
-            let loaded = async {
-                let mut out = self
-                    .client
-                    .get_object(&inode.key(), None, Some(&head.etag))
-                    .await
-                    .map_err(from_client)?;
-                let mut offset = 0u64;
-                while let Some(chunk) = out.body.next_chunk().await.map_err(from_client)? {
-                    writer.load(offset, &chunk).await?;
-                    offset += chunk.len() as u64;
-                }
-                Ok::<_, FsError>(())
-            }
-            .await;
-            if let Err(e) = loaded {
-                self.drop_writer(inode.ino);
-                return Err(e);
-            }
-            writer.mark_clean().await;
-        } else if !truncate {
-            writer.mark_clean().await;
+        if !truncate {
+            writer.start_from(head.etag.clone(), head.size).await?;
         }
         Ok(self.register(OpenFile::Write {
             ino: inode.ino,
@@ -623,14 +603,20 @@ impl<C: ObjectClient> S3Filesystem<C> {
             (_, Some(w)) => {
                 // Open for writing: what S3 has (if anything) moves now, and the next commit
                 // writes the whole file at the new name.
-                if self.client.head_object(&old_key).await.is_ok() {
-                    self.copy_then_delete(&old_key, &new_key).await?;
-                }
+                let moved = match self.client.head_object(&old_key).await {
+                    Ok(_) => Some(self.copy_then_delete(&old_key, &new_key).await?),
+                    Err(_) => None,
+                };
                 let mut s = w.state.lock().await;
+                if let Some((old_etag, new_etag)) = moved {
+                    s.base_moved(&old_key, &old_etag, &new_key, new_etag);
+                }
                 s.key = new_key.clone();
                 s.touch();
             }
-            (_, None) => self.copy_then_delete(&old_key, &new_key).await?,
+            (_, None) => {
+                self.copy_then_delete(&old_key, &new_key).await?;
+            }
         }
         self.inodes.rename(&source, &target_dir, new_name);
         self.forget_negative(new_parent, new_name);
@@ -641,23 +627,24 @@ impl<C: ObjectClient> S3Filesystem<C> {
         Ok(())
     }
 
-    async fn copy_then_delete(&self, from: &str, to: &str) -> FsResult<()> {
+    /// Moves one object; returns its ETag before and the copy's ETag.
+    async fn copy_then_delete(&self, from: &str, to: &str) -> FsResult<(String, String)> {
         let head = self.client.head_object(from).await.map_err(from_client)?;
-        if head.size > MAX_SINGLE_COPY {
+        let new_etag = if head.size > MAX_SINGLE_COPY {
             let attrs = ObjectAttributes {
                 content_type: head.content_type.clone(),
                 metadata: head.metadata.clone(),
                 storage_class: head.storage_class.clone(),
                 sse: head.sse.clone(),
             };
-            self.multipart_copy(from, to, head.size, &attrs).await?;
+            self.multipart_copy(from, to, head.size, &attrs).await?
         } else {
             self.client
                 .copy_object(from, to, &MetadataDirective::Copy)
-                .await?;
-        }
+                .await?
+        };
         self.client.delete_object(from).await?;
-        Ok(())
+        Ok((head.etag, new_etag))
     }
 
     /// Copies `from` to `to` server-side in parts (objects over 5 GiB); returns the new ETag.
@@ -676,7 +663,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
             let end = (start + COPY_PART).min(size);
             match self
                 .client
-                .upload_part_copy(to, &id, n, from, Some(start..end))
+                .upload_part_copy(to, &id, n, CopySource::range(from, start..end))
                 .await
             {
                 Ok(etag) => parts.push(CompletedPart {

@@ -544,6 +544,23 @@ async fn a_file_renamed_while_open_is_stored_at_its_new_name() {
 }
 
 #[tokio::test]
+async fn an_existing_file_renamed_while_open_keeps_its_unwritten_bytes() {
+    let (mock, fs) = fs_with(&[], Duration::from_secs(1));
+    mock.insert("old", "0123456789");
+    let f = path(&fs, "old").await.unwrap();
+    let fh = fs.open(f.ino, true, false).await.unwrap();
+    fs.write(fh, 0, b"ab").await.unwrap();
+    fs.rename(ROOT_INO, "old", ROOT_INO, "new", false)
+        .await
+        .unwrap();
+    fs.write(fh, 8, b"yz").await.unwrap();
+    fs.flush(fh).await.unwrap();
+    fs.release_file(fh).await;
+    assert_eq!(&mock.object("new").unwrap().data[..], b"ab234567yz");
+    assert!(mock.object("old").is_none());
+}
+
+#[tokio::test]
 async fn failed_upload_makes_close_fail_and_leaves_nothing() {
     let (mock, fs) = fs_with(&[], Duration::from_secs(1));
     let (_, fh) = fs.create(ROOT_INO, "doomed", 0o644, me()).await.unwrap();

@@ -19,6 +19,17 @@
 //! descriptor) make the handle dirty again, and the next commit uploads the whole file again,
 //! so the last close always leaves the complete file.
 //!
+//! **Changing an existing object.** A file opened without O_TRUNC starts from its object (the
+//! *base*, pinned by ETag) without downloading it: the spool is a hole of the object's size.
+//! Bytes not written yet are fetched from the base only where needed: a read of them, or a part
+//! that is partly written (its other bytes must go up with it). A part nobody wrote is copied
+//! server-side (UploadPartCopy), so changing one byte of a 10 GiB file moves one part over the
+//! network, not 10 GiB. If the object changes underneath, the fetch or copy fails with ESTALE
+//! instead of mixing two versions. After each commit the new object becomes the base.
+//!
+//! **Memory.** Each part upload in flight holds its read buffers inside the filesystem's memory
+//! budget (shared with reads); when the budget is full, uploads and so the writer wait.
+//!
 //! **Metadata.** Mode, owner and mtime go into the upload itself as `x-amz-meta-*`, in the
 //! format s3fs-fuse uses.
 
@@ -30,14 +41,20 @@ use std::sync::Arc;
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 
-use super::error::{FsError, FsResult};
+use super::error::{from_client, FsError, FsResult};
 use super::journal::UploadJournal;
-use crate::s3::{ClientError, CompletedPart, ObjectAttributes, ObjectClient, PutBody};
+use super::read::MemoryBudget;
+use crate::s3::{ClientError, CompletedPart, CopySource, ObjectAttributes, ObjectClient, PutBody};
 
 /// S3 allows at most this many parts.
 pub const MAX_PARTS: u64 = 10_000;
 /// Parts of one size before the size doubles.
 const PARTS_PER_SIZE: u64 = 1_000;
+/// Reads through a write handle fetch missing base bytes in aligned blocks of this size.
+const FILL_BLOCK: u64 = 1 << 20;
+/// What one part upload in flight holds in memory: the hashing buffer and the body chunks
+/// being sent.
+const PART_UPLOAD_MEMORY: u64 = 3 << 20;
 
 #[derive(Debug, Clone)]
 pub struct WriteConfig {
@@ -115,6 +132,32 @@ impl Coverage {
         *ranges = merged;
     }
 
+    /// The bytes of `range` (inside part `part`) not written or fetched yet.
+    fn missing(&self, part: u64, range: Range<u64>) -> Vec<Range<u64>> {
+        let mut out = Vec::new();
+        let mut pos = range.start;
+        for r in self.parts.get(&part).into_iter().flatten() {
+            if r.end <= pos {
+                continue;
+            }
+            if r.start >= range.end {
+                break;
+            }
+            if r.start > pos {
+                out.push(pos..r.start);
+            }
+            pos = pos.max(r.end);
+        }
+        if pos < range.end {
+            out.push(pos..range.end);
+        }
+        out
+    }
+
+    fn untouched(&self, part: u64) -> bool {
+        self.parts.get(&part).is_none_or(|r| r.is_empty())
+    }
+
     fn is_full(&self, part: u64, range: &Range<u64>) -> bool {
         self.parts
             .get(&part)
@@ -133,13 +176,24 @@ impl Coverage {
     }
 }
 
+/// The stored object a handle's unwritten bytes come from.
+struct Base {
+    key: String,
+    etag: String,
+    /// Bytes `0..len` of the file not written yet are the object's; past it they are zeros
+    /// (a truncation shortens it).
+    len: u64,
+}
+
 pub struct WriteState {
     /// Where the object goes; a rename while open changes it.
     pub key: String,
     pub size: u64,
     pub attrs: ObjectAttributes,
     spool: Arc<std::fs::File>,
+    /// Which bytes the spool holds (written, or fetched from the base).
     coverage: Coverage,
+    base: Option<Base>,
     upload: Option<Upload>,
     dirty: bool,
 }
@@ -149,6 +203,19 @@ impl WriteState {
     pub fn touch(&mut self) {
         self.dirty = true;
     }
+
+    /// The object at `from` with ETag `etag` was copied to `to` as `new_etag` (a rename while
+    /// open): unwritten bytes now come from there.
+    pub fn base_moved(&mut self, from: &str, etag: &str, to: &str, new_etag: String) {
+        if let Some(base) = self
+            .base
+            .as_mut()
+            .filter(|b| b.key == from && b.etag == etag)
+        {
+            base.key = to.to_string();
+            base.etag = new_etag;
+        }
+    }
 }
 
 pub struct WriteHandle<C> {
@@ -156,6 +223,7 @@ pub struct WriteHandle<C> {
     config: WriteConfig,
     journal: Option<Arc<UploadJournal>>,
     uploads: Arc<Semaphore>,
+    budget: Arc<MemoryBudget>,
     pub state: tokio::sync::Mutex<WriteState>,
 }
 
@@ -170,6 +238,7 @@ impl<C: ObjectClient> WriteHandle<C> {
         client: Arc<C>,
         config: WriteConfig,
         journal: Option<Arc<UploadJournal>>,
+        budget: Arc<MemoryBudget>,
         key: String,
         attrs: ObjectAttributes,
     ) -> FsResult<Self> {
@@ -177,6 +246,7 @@ impl<C: ObjectClient> WriteHandle<C> {
         Ok(Self {
             client,
             journal,
+            budget,
             uploads: Arc::new(Semaphore::new(config.upload_concurrency.max(1))),
             config,
             state: tokio::sync::Mutex::new(WriteState {
@@ -185,6 +255,7 @@ impl<C: ObjectClient> WriteHandle<C> {
                 attrs,
                 spool: Arc::new(spool),
                 coverage: Coverage::default(),
+                base: None,
                 upload: None,
                 // A new file exists once committed, even when nothing is written to it.
                 dirty: true,
@@ -196,39 +267,85 @@ impl<C: ObjectClient> WriteHandle<C> {
         self.state.lock().await.size
     }
 
-    /// Puts existing content into the spool (opening a file without O_TRUNC): counted as
-    /// written, but starts no upload.
-    pub async fn load(&self, offset: u64, data: &[u8]) -> FsResult<()> {
+    /// Starts from the stored object (opening without O_TRUNC): `size` bytes with ETag `etag`,
+    /// fetched or copied only as needed. Nothing to commit until something changes.
+    pub async fn start_from(&self, etag: String, size: u64) -> FsResult<()> {
         let mut s = self.state.lock().await;
-        s.spool.write_all_at(data, offset).map_err(io_error)?;
-        let end = offset + data.len() as u64;
-        s.size = s.size.max(end);
-        let base = self.config.part_size;
-        if !data.is_empty() {
-            for part in part_index(offset, base)..=part_index(end - 1, base) {
-                let range = part_range(part, base);
-                s.coverage
-                    .add(part, offset.max(range.start)..end.min(range.end));
-            }
-        }
+        s.spool.set_len(size).map_err(io_error)?;
+        s.size = size;
+        s.coverage = Coverage::default();
+        s.base = Some(Base {
+            key: s.key.clone(),
+            etag,
+            len: size,
+        });
+        s.dirty = false;
         Ok(())
     }
 
-    /// Nothing to commit until the next change.
-    pub async fn mark_clean(&self) {
-        self.state.lock().await.dirty = false;
-    }
-
-    /// Reads back from the spool (a file open for reading and writing).
+    /// Reads back from the spool (a file open for reading and writing), fetching bytes of the
+    /// base not there yet.
     pub async fn read(&self, offset: u64, len: u64) -> FsResult<bytes::Bytes> {
-        let s = self.state.lock().await;
+        let mut s = self.state.lock().await;
         let end = offset.saturating_add(len).min(s.size);
         if offset >= end {
             return Ok(bytes::Bytes::new());
         }
+        let block = offset - offset % FILL_BLOCK..end.div_ceil(FILL_BLOCK) * FILL_BLOCK;
+        self.fill(&mut s, block).await?;
         let mut buf = vec![0u8; (end - offset) as usize];
         s.spool.read_exact_at(&mut buf, offset).map_err(io_error)?;
         Ok(bytes::Bytes::from(buf))
+    }
+
+    /// Fetches the bytes of `range` that the spool lacks and the base has.
+    async fn fill(&self, s: &mut WriteState, range: Range<u64>) -> FsResult<()> {
+        let Some(base) = s.base.as_ref() else {
+            return Ok(());
+        };
+        let range = range.start..range.end.min(base.len);
+        if range.is_empty() {
+            return Ok(());
+        }
+        let part_size = self.config.part_size;
+        // Missing pieces, merged across part boundaries: one GET each.
+        let mut missing: Vec<Range<u64>> = Vec::new();
+        for part in part_index(range.start, part_size)..=part_index(range.end - 1, part_size) {
+            let p = part_range(part, part_size);
+            for m in s
+                .coverage
+                .missing(part, range.start.max(p.start)..range.end.min(p.end))
+            {
+                match missing.last_mut() {
+                    Some(last) if last.end == m.start => last.end = m.end,
+                    _ => missing.push(m),
+                }
+            }
+        }
+        for m in missing {
+            let mut out = self
+                .client
+                .get_object(&base.key, Some(m.clone()), Some(&base.etag))
+                .await
+                .map_err(from_client)?;
+            let mut pos = m.start;
+            while let Some(chunk) = out.body.next_chunk().await.map_err(from_client)? {
+                s.spool.write_all_at(&chunk, pos).map_err(io_error)?;
+                pos += chunk.len() as u64;
+            }
+            if pos != m.end {
+                tracing::error!(
+                    key = base.key,
+                    "expected bytes {m:?} of the object, got up to {pos}"
+                );
+                return Err(FsError::Io("object shorter than its size".into()));
+            }
+            for part in part_index(m.start, part_size)..=part_index(m.end - 1, part_size) {
+                let p = part_range(part, part_size);
+                s.coverage.add(part, m.start.max(p.start)..m.end.min(p.end));
+            }
+        }
+        Ok(())
     }
 
     /// Writes `data` at `offset`; starts uploads of parts it completes.
@@ -276,6 +393,9 @@ impl<C: ObjectClient> WriteHandle<C> {
         s.spool.set_len(size).map_err(io_error)?;
         s.size = size;
         s.coverage.truncate(size);
+        if let Some(base) = s.base.as_mut() {
+            base.len = base.len.min(size);
+        }
         s.dirty = true;
         let base = self.config.part_size;
         if let Some(upload) = s.upload.as_mut() {
@@ -291,7 +411,8 @@ impl<C: ObjectClient> WriteHandle<C> {
         Ok(())
     }
 
-    async fn start_part(&self, s: &mut WriteState, part: u64) -> FsResult<()> {
+    /// The multipart upload of the handle, created on first use.
+    async fn upload<'a>(&self, s: &'a mut WriteState) -> FsResult<&'a mut Upload> {
         if s.upload.is_none() {
             let id = self
                 .client
@@ -307,26 +428,68 @@ impl<C: ObjectClient> WriteHandle<C> {
                 parts: BTreeMap::new(),
             });
         }
+        Ok(s.upload.as_mut().expect("created above"))
+    }
+
+    /// Starts uploading part `part` from the spool.
+    async fn start_part(&self, s: &mut WriteState, part: u64) -> FsResult<()> {
         let range = part_range(part, self.config.part_size);
-        let len = range.end.min(s.size) - range.start;
-        let upload = s.upload.as_mut().expect("created above");
+        let body = PutBody::File {
+            file: s.spool.clone(),
+            offset: range.start,
+            len: range.end.min(s.size) - range.start,
+        };
+        let upload = self.upload(s).await?;
+        let (client, key, id, sem, budget) = (
+            self.client.clone(),
+            upload.key.clone(),
+            upload.id.clone(),
+            self.uploads.clone(),
+            self.budget.clone(),
+        );
+        let task = tokio::spawn(async move {
+            let _permit = sem.acquire_owned().await.expect("never closed");
+            let _memory = budget.reserve(PART_UPLOAD_MEMORY).await;
+            client.upload_part(&key, &id, part as u32 + 1, body).await
+        });
+        upload.parts.insert(part, PartState::Uploading(task));
+        Ok(())
+    }
+
+    /// Starts copying part `part`, unchanged, from the base object server-side.
+    async fn start_copy(&self, s: &mut WriteState, part: u64) -> FsResult<()> {
+        let range = part_range(part, self.config.part_size);
+        let range = range.start..range.end.min(s.size);
+        let base = s.base.as_ref().expect("only parts of the base are copied");
+        let (source, etag) = (base.key.clone(), base.etag.clone());
+        let upload = self.upload(s).await?;
         let (client, key, id, sem) = (
             self.client.clone(),
             upload.key.clone(),
             upload.id.clone(),
             self.uploads.clone(),
         );
-        let body = PutBody::File {
-            file: s.spool.clone(),
-            offset: range.start,
-            len,
-        };
         let task = tokio::spawn(async move {
             let _permit = sem.acquire_owned().await.expect("never closed");
-            client.upload_part(&key, &id, part as u32 + 1, body).await
+            let source = CopySource {
+                key: &source,
+                range: Some((range.start, range.end)),
+                if_match: Some(&etag),
+            };
+            client
+                .upload_part_copy(&key, &id, part as u32 + 1, source)
+                .await
         });
         upload.parts.insert(part, PartState::Uploading(task));
         Ok(())
+    }
+
+    /// Part `part` holds nothing new and lies within the base: it can be copied server-side.
+    fn copyable(&self, s: &WriteState, part: u64) -> bool {
+        let range = part_range(part, self.config.part_size);
+        s.base
+            .as_ref()
+            .is_some_and(|b| range.end.min(s.size) <= b.len && s.coverage.untouched(part))
     }
 
     async fn wait_for_room(&self, s: &mut WriteState) -> FsResult<()> {
@@ -364,6 +527,13 @@ impl<C: ObjectClient> WriteHandle<C> {
         }
         let etag = result?;
         s.dirty = false;
+        // S3 has all of it now: the new object is where unwritten bytes come from.
+        s.coverage = Coverage::default();
+        s.base = Some(Base {
+            key: s.key.clone(),
+            etag: etag.clone(),
+            len: s.size,
+        });
         Ok(Some(etag))
     }
 
@@ -378,6 +548,7 @@ impl<C: ObjectClient> WriteHandle<C> {
             if let Some(unused) = s.upload.take() {
                 self.abort(unused).await;
             }
+            self.fill(s, 0..s.size).await?;
             let body = PutBody::File {
                 file: s.spool.clone(),
                 offset: 0,
@@ -395,7 +566,14 @@ impl<C: ObjectClient> WriteHandle<C> {
                 .upload
                 .as_ref()
                 .is_none_or(|u| !u.parts.contains_key(&part));
-            if missing {
+            if !missing {
+                continue;
+            }
+            if self.copyable(s, part) {
+                self.start_copy(s, part).await?;
+            } else {
+                let range = part_range(part, base);
+                self.fill(s, range.start..range.end.min(s.size)).await?;
                 self.start_part(s, part).await?;
             }
         }
@@ -508,6 +686,7 @@ mod tests {
             mock.clone(),
             cfg,
             None,
+            Arc::new(MemoryBudget::new(64 << 20)),
             "k".into(),
             ObjectAttributes::default(),
         )
@@ -600,5 +779,109 @@ mod tests {
             "the hole reads as zeros"
         );
         assert_eq!(&got[3000..], b"end");
+    }
+
+    /// The handle of an existing object `k` of `len` pattern bytes, opened without O_TRUNC.
+    async fn existing(
+        mock: &Arc<MockClient>,
+        part: u64,
+        len: usize,
+    ) -> (WriteHandle<MockClient>, Vec<u8>) {
+        let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+        mock.insert("k", data.clone());
+        let h = handle(mock, part);
+        let etag = mock.object("k").unwrap().etag;
+        h.start_from(etag, len as u64).await.unwrap();
+        (h, data)
+    }
+
+    #[tokio::test]
+    async fn one_changed_byte_moves_one_part_and_copies_the_rest() {
+        let mock = Arc::new(MockClient::new("b"));
+        let (h, mut data) = existing(&mock, 1000, 10_500).await;
+        assert!(
+            h.commit().await.unwrap().is_none(),
+            "opening changes nothing"
+        );
+        h.write(4321, b"X").await.unwrap();
+        h.commit().await.unwrap();
+        data[4321] = b'X';
+        assert_eq!(&mock.object("k").unwrap().data[..], &data[..]);
+        assert_eq!(mock.count(Operation::UploadPartCopy), 10, "unchanged parts");
+        assert_eq!(mock.count(Operation::UploadPart), 1, "the changed part");
+        let (sent, received) = mock.bytes_moved();
+        assert_eq!(
+            (sent, received),
+            (1000, 999),
+            "only the changed part crossed the network"
+        );
+        assert_eq!(mock.open_uploads(), 0);
+    }
+
+    #[tokio::test]
+    async fn reads_through_the_handle_see_base_and_writes() {
+        let mock = Arc::new(MockClient::new("b"));
+        let (h, data) = existing(&mock, 1000, 5000).await;
+        h.write(1500, b"new").await.unwrap();
+        let got = h.read(1490, 20).await.unwrap();
+        assert_eq!(&got[..10], &data[1490..1500]);
+        assert_eq!(&got[10..13], b"new");
+        assert_eq!(&got[13..], &data[1503..1510]);
+        assert_eq!(
+            h.read(4990, 100).await.unwrap().len(),
+            10,
+            "ends at the size"
+        );
+    }
+
+    #[tokio::test]
+    async fn truncate_and_extend_an_existing_object() {
+        let mock = Arc::new(MockClient::new("b"));
+        let (h, data) = existing(&mock, 1000, 5000).await;
+        h.truncate(2500).await.unwrap();
+        h.truncate(3200).await.unwrap();
+        h.write(3200, b"tail").await.unwrap();
+        h.commit().await.unwrap();
+        let got = mock.object("k").unwrap().data;
+        assert_eq!(got.len(), 3204);
+        assert_eq!(&got[..2500], &data[..2500]);
+        assert!(
+            got[2500..3200].iter().all(|b| *b == 0),
+            "cut bytes do not come back"
+        );
+        assert_eq!(&got[3200..], b"tail");
+        assert_eq!(mock.count(Operation::UploadPartCopy), 2, "parts 1 and 2");
+    }
+
+    #[tokio::test]
+    async fn object_replaced_underneath_fails_with_estale_and_leaves_it_alone() {
+        let mock = Arc::new(MockClient::new("b"));
+        let (h, _) = existing(&mock, 1000, 5000).await;
+        h.write(10, b"mine").await.unwrap();
+        mock.insert("k", "someone else's");
+        let err = h.commit().await.unwrap_err();
+        assert_eq!(err.errno(), libc::ESTALE);
+        assert_eq!(&mock.object("k").unwrap().data[..], b"someone else's");
+        assert_eq!(mock.open_uploads(), 0);
+    }
+
+    #[tokio::test]
+    async fn after_a_commit_the_new_object_is_the_base() {
+        let mock = Arc::new(MockClient::new("b"));
+        let h = handle(&mock, 1000);
+        let data: Vec<u8> = (0..4000u32).map(|i| (i % 7) as u8).collect();
+        h.write(0, &data).await.unwrap();
+        h.commit().await.unwrap();
+        let copies = mock.count(Operation::UploadPartCopy);
+        h.write(3999, b"Z").await.unwrap();
+        h.commit().await.unwrap();
+        let got = mock.object("k").unwrap().data;
+        assert_eq!(&got[..3999], &data[..3999]);
+        assert_eq!(got[3999], b'Z');
+        assert_eq!(
+            mock.count(Operation::UploadPartCopy) - copies,
+            3,
+            "the unchanged parts are copied, not sent again"
+        );
     }
 }

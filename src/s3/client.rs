@@ -190,6 +190,26 @@ pub enum MetadataDirective {
     Replace(ObjectAttributes),
 }
 
+/// What UploadPartCopy copies: `range` of `key` (all of it when `None`), only while its ETag
+/// is still `if_match` when that is given.
+#[derive(Debug, Clone, Copy)]
+pub struct CopySource<'a> {
+    pub key: &'a str,
+    pub range: Option<(u64, u64)>,
+    pub if_match: Option<&'a str>,
+}
+
+impl<'a> CopySource<'a> {
+    /// Bytes `range` of `key`, whatever its version.
+    pub fn range(key: &'a str, range: Range<u64>) -> Self {
+        Self {
+            key,
+            range: Some((range.start, range.end)),
+            if_match: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CompletedPart {
     pub part_number: u32,
@@ -301,15 +321,14 @@ pub trait ObjectClient: Send + Sync + 'static {
         body: PutBody,
     ) -> impl Future<Output = Result<String>> + Send;
 
-    /// Copies `source_range` of `source_key` (all of it when `None`) into a part; returns the
-    /// part's ETag.
+    /// Copies `source` into a part; returns the part's ETag. PreconditionFailed when the source
+    /// no longer has the ETag it must have.
     fn upload_part_copy(
         &self,
         key: &str,
         upload_id: &str,
         part_number: u32,
-        source_key: &str,
-        source_range: Option<Range<u64>>,
+        source: CopySource<'_>,
     ) -> impl Future<Output = Result<String>> + Send;
 
     /// Returns the object's ETag.

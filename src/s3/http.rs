@@ -906,28 +906,30 @@ impl ObjectClient for S3Client {
         key: &str,
         upload_id: &str,
         part_number: u32,
-        source_key: &str,
-        source_range: Option<Range<u64>>,
+        source: CopySource<'_>,
     ) -> Result<String> {
-        let source = format!(
+        let path = format!(
             "/{}/{}",
             self.cfg.bucket,
-            sigv4::uri_encode_path(source_key)
+            sigv4::uri_encode_path(source.key)
         );
         let mut req = Request::new(Operation::UploadPartCopy, Method::PUT, Some(key))
             .query("partNumber", part_number.to_string())
             .query("uploadId", upload_id)
-            .header("x-amz-copy-source", source);
-        if let Some(r) = source_range {
-            if r.is_empty() {
+            .header("x-amz-copy-source", path);
+        if let Some((start, end)) = source.range {
+            if start >= end {
                 return Err(self
                     .error(&req, ErrorKind::InvalidRequest)
-                    .with_message(format!("empty source range {r:?}")));
+                    .with_message(format!("empty source range {start}..{end}")));
             }
             req = req.header(
                 "x-amz-copy-source-range",
-                format!("bytes={}-{}", r.start, r.end - 1),
+                format!("bytes={start}-{}", end - 1),
             );
+        }
+        if let Some(etag) = source.if_match {
+            req = req.header("x-amz-copy-source-if-match", etag.to_string());
         }
         let text = self.xml_text(&req).await?;
         self.parse_xml(&req, xml::etag_of(&text))

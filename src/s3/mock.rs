@@ -49,6 +49,8 @@ pub struct MockClient {
     state: Mutex<State>,
     counts: Mutex<HashMap<Operation, u64>>,
     next_id: AtomicU64,
+    bytes_sent: AtomicU64,
+    bytes_received: AtomicU64,
 }
 
 fn quoted_md5(data: &[u8]) -> String {
@@ -74,6 +76,8 @@ impl MockClient {
             state: Mutex::new(State::default()),
             counts: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
+            bytes_sent: AtomicU64::new(0),
+            bytes_received: AtomicU64::new(0),
         }
     }
 
@@ -114,6 +118,15 @@ impl MockClient {
         let mut state = self.lock();
         let queue = state.failures.entry(op).or_default();
         queue.extend(std::iter::repeat_n(kind, times));
+    }
+
+    /// Body bytes uploaded to the mock (PutObject, UploadPart) and downloaded from it
+    /// (GetObject): what would cross the network.
+    pub fn bytes_moved(&self) -> (u64, u64) {
+        (
+            self.bytes_sent.load(Ordering::Relaxed),
+            self.bytes_received.load(Ordering::Relaxed),
+        )
     }
 
     /// How many times `op` was called.
@@ -281,6 +294,8 @@ impl ObjectClient for MockClient {
             None => 0..size,
         };
         let body = obj.data.slice(range.start as usize..range.end as usize);
+        self.bytes_received
+            .fetch_add(body.len() as u64, Ordering::Relaxed);
         Ok(GetObjectOutput {
             head: Self::head_of(obj),
             range,
@@ -300,6 +315,8 @@ impl ObjectClient for MockClient {
             self.err(op, Some(key), ErrorKind::InvalidRequest)
                 .with_message(e.to_string())
         })?;
+        self.bytes_sent
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
         let etag = quoted_md5(&data);
         self.lock().objects.insert(
             key.to_string(),
@@ -385,6 +402,8 @@ impl ObjectClient for MockClient {
             self.err(op, Some(key), ErrorKind::InvalidRequest)
                 .with_message(e.to_string())
         })?;
+        self.bytes_sent
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
         self.store_part(op, key, upload_id, part_number, data)
     }
 
@@ -393,20 +412,22 @@ impl ObjectClient for MockClient {
         key: &str,
         upload_id: &str,
         part_number: u32,
-        source_key: &str,
-        source_range: Option<Range<u64>>,
+        source: CopySource<'_>,
     ) -> Result<String> {
         let op = Operation::UploadPartCopy;
         self.enter(op, Some(key))?;
         let state = self.lock();
         let src = state
             .objects
-            .get(source_key)
-            .ok_or_else(|| self.err(op, Some(source_key), ErrorKind::NoSuchKey))?;
+            .get(source.key)
+            .ok_or_else(|| self.err(op, Some(source.key), ErrorKind::NoSuchKey))?;
+        if source.if_match.is_some_and(|etag| etag != src.etag) {
+            return Err(self.err(op, Some(source.key), ErrorKind::PreconditionFailed));
+        }
         let size = src.data.len() as u64;
-        let range = source_range.unwrap_or(0..size);
+        let range = source.range.map_or(0..size, |(start, end)| start..end);
         if range.end > size || range.is_empty() {
-            return Err(self.err(op, Some(source_key), ErrorKind::InvalidRange));
+            return Err(self.err(op, Some(source.key), ErrorKind::InvalidRange));
         }
         let data = src.data.slice(range.start as usize..range.end as usize);
         drop(state);

@@ -317,11 +317,16 @@ pub async fn multipart_roundtrip<C: ObjectClient>(c: Arc<C>, prefix: &str) {
         .unwrap();
     let split = 6 * MIB as u64;
     let e1 = c
-        .upload_part_copy(&copy_key, &id2, 1, &key, Some(0..split))
+        .upload_part_copy(&copy_key, &id2, 1, CopySource::range(&key, 0..split))
         .await
         .unwrap();
     let e2 = c
-        .upload_part_copy(&copy_key, &id2, 2, &key, Some(split..data.len() as u64))
+        .upload_part_copy(
+            &copy_key,
+            &id2,
+            2,
+            CopySource::range(&key, split..data.len() as u64),
+        )
         .await
         .unwrap();
     c.complete_multipart_upload(

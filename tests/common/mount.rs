@@ -24,14 +24,15 @@ impl Mounted {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// Sends SIGTERM and waits for the process to unmount and exit; returns its status.
-    pub fn terminate(mut self) -> std::process::ExitStatus {
+    /// Sends SIGTERM and waits for the process to unmount and exit; returns its status and
+    /// everything it logged.
+    pub fn terminate(mut self) -> (std::process::ExitStatus, String) {
         let mut child = self.child.take().expect("running");
         // SAFETY: kill(2) on the pid of a child we started and have not reaped.
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
         let status = wait_with_timeout(&mut child, Duration::from_secs(20));
         assert!(!is_mounted(self.path()), "SIGTERM unmounted the filesystem");
-        status
+        (status, self.log())
     }
 }
 
