@@ -22,7 +22,7 @@ use fuser::{
 use crate::fs::error::{FsError, FsResult};
 use crate::fs::inode::Kind;
 use crate::fs::mutate::{Caller, SetAttr};
-use crate::fs::{Attr, S3Filesystem, BLOCK_SIZE};
+use crate::fs::{Attr, S3Filesystem};
 use crate::s3::ObjectClient;
 
 /// Largest read and write the kernel sends us (it asks for at most this much readahead too).
@@ -83,7 +83,9 @@ fn file_attr(a: &Attr) -> FileAttr {
         gid: a.gid,
         rdev: 0,
         flags: 0,
-        blksize: BLOCK_SIZE,
+        // The preferred I/O size: cp, cat and friends size their buffers by it, and one
+        // large write is one FUSE request instead of eight.
+        blksize: MAX_IO,
     }
 }
 

@@ -27,8 +27,15 @@
 //! network, not 10 GiB. If the object changes underneath, the fetch or copy fails with ESTALE
 //! instead of mixing two versions. After each commit the new object becomes the base.
 //!
-//! **Memory.** Each part upload in flight holds its read buffers inside the filesystem's memory
-//! budget (shared with reads); when the budget is full, uploads and so the writer wait.
+//! **Sequential writes skip the page cache.** Copying into a buffered spool costs more CPU than
+//! anything else on the write path (measured: 4.4 CPU-s per 2 GiB here, against 0.6 s for
+//! O_DIRECT). So a part written from its first byte onwards, in order (what cp, rsync and dd
+//! do), is gathered in an aligned memory buffer instead; once full it goes to the spool with
+//! O_DIRECT (kept for reads back and re-uploads) and is uploaded, and hashed, from memory. Any
+//! other write pattern spills the buffer into the spool and goes on there.
+//!
+//! **Memory.** Part buffers and each part upload in flight hold memory from the filesystem's
+//! budget (shared with reads); when the budget is full, the writer waits.
 //!
 //! **Metadata.** Mode, owner and mtime go into the upload itself as `x-amz-meta-*`, in the
 //! format s3fs-fuse uses.
@@ -43,7 +50,7 @@ use tokio::task::JoinHandle;
 
 use super::error::{from_client, FsError, FsResult};
 use super::journal::UploadJournal;
-use super::read::MemoryBudget;
+use super::read::{MemoryBudget, Reservation};
 use crate::s3::{ClientError, CompletedPart, CopySource, ObjectAttributes, ObjectClient, PutBody};
 
 /// S3 allows at most this many parts.
@@ -52,9 +59,58 @@ pub const MAX_PARTS: u64 = 10_000;
 const PARTS_PER_SIZE: u64 = 1_000;
 /// Reads through a write handle fetch missing base bytes in aligned blocks of this size.
 const FILL_BLOCK: u64 = 1 << 20;
-/// What one part upload in flight holds in memory: the hashing buffer and the body chunks
+/// What one part upload from the spool holds in memory: the hashing buffer and the body chunks
 /// being sent.
 const PART_UPLOAD_MEMORY: u64 = 3 << 20;
+/// Alignment of buffers and offsets for O_DIRECT.
+const DIRECT_ALIGN: usize = 4096;
+
+/// A part being written in order from its first byte, held in memory until it is full.
+struct Filling {
+    part: u64,
+    /// `pad` bytes of alignment, then the part's data.
+    buf: Vec<u8>,
+    pad: usize,
+    memory: Reservation,
+}
+
+impl Filling {
+    fn new(part: u64, capacity: usize, memory: Reservation) -> Self {
+        let mut buf: Vec<u8> = Vec::with_capacity(capacity + DIRECT_ALIGN);
+        let pad = buf.as_ptr().align_offset(DIRECT_ALIGN);
+        buf.resize(pad, 0);
+        Self {
+            part,
+            buf,
+            pad,
+            memory,
+        }
+    }
+
+    fn len(&self) -> u64 {
+        (self.buf.len() - self.pad) as u64
+    }
+
+    fn into_parts(self) -> (u64, bytes::Bytes, Reservation) {
+        let pad = self.pad;
+        (
+            self.part,
+            bytes::Bytes::from(self.buf).slice(pad..),
+            self.memory,
+        )
+    }
+}
+
+/// A second descriptor of the spool with O_DIRECT, when the file system allows it.
+fn open_direct(spool: &std::fs::File) -> Option<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::io::AsRawFd;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(format!("/proc/self/fd/{}", spool.as_raw_fd()))
+        .ok()
+}
 
 #[derive(Debug, Clone)]
 pub struct WriteConfig {
@@ -191,8 +247,14 @@ pub struct WriteState {
     pub size: u64,
     pub attrs: ObjectAttributes,
     spool: Arc<std::fs::File>,
+    /// The spool opened with O_DIRECT, for whole aligned parts.
+    direct: Option<Arc<std::fs::File>>,
+    /// Parts held in memory on their way into the spool; awaited before the spool is read.
+    spooling: Vec<tokio::task::JoinHandle<std::io::Result<()>>>,
     /// Which bytes the spool holds (written, or fetched from the base).
     coverage: Coverage,
+    /// The part being written in order, not in the spool yet.
+    filling: Option<Filling>,
     base: Option<Base>,
     upload: Option<Upload>,
     dirty: bool,
@@ -243,6 +305,7 @@ impl<C: ObjectClient> WriteHandle<C> {
         attrs: ObjectAttributes,
     ) -> FsResult<Self> {
         let spool = tempfile::tempfile().map_err(io_error)?;
+        let direct = open_direct(&spool).map(Arc::new);
         Ok(Self {
             client,
             journal,
@@ -254,7 +317,10 @@ impl<C: ObjectClient> WriteHandle<C> {
                 size: 0,
                 attrs,
                 spool: Arc::new(spool),
+                direct,
+                spooling: Vec::new(),
                 coverage: Coverage::default(),
+                filling: None,
                 base: None,
                 upload: None,
                 // A new file exists once committed, even when nothing is written to it.
@@ -287,6 +353,7 @@ impl<C: ObjectClient> WriteHandle<C> {
     /// base not there yet.
     pub async fn read(&self, offset: u64, len: u64) -> FsResult<bytes::Bytes> {
         let mut s = self.state.lock().await;
+        self.spill(&mut s).await?;
         let end = offset.saturating_add(len).min(s.size);
         if offset >= end {
             return Ok(bytes::Bytes::new());
@@ -354,27 +421,36 @@ impl<C: ObjectClient> WriteHandle<C> {
             .checked_add(data.len() as u64)
             .filter(|e| *e <= part_range(MAX_PARTS - 1, self.config.part_size).end)
             .ok_or(FsError::FileTooLarge)?;
-        let mut s = self.state.lock().await;
-        s.spool.write_all_at(data, offset).map_err(io_error)?;
-        s.size = s.size.max(end);
-        s.dirty = true;
         if data.is_empty() {
             return Ok(0);
         }
+        let mut s = self.state.lock().await;
+        s.dirty = true;
         let base = self.config.part_size;
-        let first = part_index(offset, base);
-        let last = part_index(end - 1, base);
-        for part in first..=last {
+        for part in part_index(offset, base)..=part_index(end - 1, base) {
             let range = part_range(part, base);
-            s.coverage
-                .add(part, offset.max(range.start)..end.min(range.end));
+            let piece = offset.max(range.start)..end.min(range.end);
+            let bytes = &data[(piece.start - offset) as usize..(piece.end - offset) as usize];
             // Rewritten after upload: it goes up again.
             if let Some(upload) = s.upload.as_mut() {
                 if let Some(PartState::Uploading(task)) = upload.parts.remove(&part) {
                     task.abort();
                 }
             }
-            if s.coverage.is_full(part, &range) && range.end <= s.size {
+            if !self.gather(&mut s, part, piece.start, bytes).await {
+                if s.filling.as_ref().is_some_and(|f| f.part == part) {
+                    self.spill(&mut s).await?;
+                }
+                // Nothing may land in the spool under a write still on its way.
+                self.spooled(&mut s).await?;
+                s.spool.write_all_at(bytes, piece.start).map_err(io_error)?;
+                s.coverage.add(part, piece.clone());
+            }
+            s.size = s.size.max(piece.end);
+            let gathered = s.filling.as_ref().is_some_and(|f| f.part == part);
+            if gathered && s.filling.as_ref().map(Filling::len) == Some(range.end - range.start) {
+                self.seal(&mut s).await?;
+            } else if !gathered && s.coverage.is_full(part, &range) && range.end <= s.size {
                 // The data is safe in the spool: if the upload cannot start now, the commit
                 // tries again and reports the failure to close/fsync.
                 if let Err(e) = self.start_part(&mut s, part).await {
@@ -387,9 +463,112 @@ impl<C: ObjectClient> WriteHandle<C> {
         Ok(data.len() as u32)
     }
 
+    /// Adds `bytes` at `offset` of `part` to the part held in memory, or starts holding the
+    /// part when this write is its first byte. False when this write is not sequential.
+    async fn gather(&self, s: &mut WriteState, part: u64, offset: u64, bytes: &[u8]) -> bool {
+        let range = part_range(part, self.config.part_size);
+        if let Some(f) = s.filling.as_mut().filter(|f| f.part == part) {
+            if range.start + f.len() == offset {
+                f.buf.extend_from_slice(bytes);
+                return true;
+            }
+            return false;
+        }
+        if offset != range.start || !s.coverage.untouched(part) {
+            return false;
+        }
+        // A part left unfinished (the writer moved on) goes to the spool first.
+        if self.spill(s).await.is_err() {
+            return false;
+        }
+        let capacity = range.end - range.start;
+        let memory = self.budget.reserve(capacity).await;
+        let mut f = Filling::new(part, capacity as usize, memory);
+        f.buf.extend_from_slice(bytes);
+        s.filling = Some(f);
+        true
+    }
+
+    /// Moves the part held in memory to the spool, unfinished (a non-sequential write, a read,
+    /// a truncation), and waits until everything on its way there has arrived.
+    async fn spill(&self, s: &mut WriteState) -> FsResult<()> {
+        if let Some(f) = s.filling.take() {
+            let (part, data, _memory) = f.into_parts();
+            self.to_spool(s, part, data.clone());
+        }
+        self.spooled(s).await
+    }
+
+    /// Waits for the spool writes under way; the spool is complete afterwards.
+    async fn spooled(&self, s: &mut WriteState) -> FsResult<()> {
+        for task in std::mem::take(&mut s.spooling) {
+            match task.await {
+                Ok(result) => result.map_err(io_error)?,
+                Err(e) => return Err(FsError::Io(format!("spool write task: {e}"))),
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts writing part `part` (from its first byte) into the spool, off the writer's path:
+    /// with O_DIRECT when aligned, else buffered. The coverage counts it at once; readers of
+    /// the spool wait for it (`spooled`).
+    fn to_spool(&self, s: &mut WriteState, part: u64, data: bytes::Bytes) {
+        let start = part_range(part, self.config.part_size).start;
+        s.coverage.add(part, start..start + data.len() as u64);
+        let aligned = start % DIRECT_ALIGN as u64 == 0
+            && data.len() % DIRECT_ALIGN == 0
+            && data.as_ptr().align_offset(DIRECT_ALIGN) == 0;
+        let direct = s.direct.clone().filter(|_| aligned);
+        let spool = s.spool.clone();
+        s.spooling.push(tokio::task::spawn_blocking(move || {
+            if let Some(direct) = direct {
+                match direct.write_all_at(&data, start) {
+                    Ok(()) => return Ok(()),
+                    // Some file systems refuse O_DIRECT; buffered writes still work.
+                    Err(e) => tracing::debug!("O_DIRECT spool write refused ({e}); buffered"),
+                }
+            }
+            spool.write_all_at(&data, start)
+        }));
+    }
+
+    /// The part held in memory is complete (full, or the file's last): starts its copy into
+    /// the spool, and returns its data and memory for the upload.
+    async fn settle_filling(
+        &self,
+        s: &mut WriteState,
+    ) -> FsResult<Option<(u64, bytes::Bytes, Reservation)>> {
+        let Some(f) = s.filling.take() else {
+            return Ok(None);
+        };
+        // Do not let spool writes pile up behind a slow disk.
+        if s.spooling.len() >= 4 {
+            self.spooled(s).await?;
+        }
+        let (part, data, memory) = f.into_parts();
+        self.to_spool(s, part, data.clone());
+        Ok(Some((part, data, memory)))
+    }
+
+    /// A full part held in memory: into the spool, and up from memory.
+    async fn seal(&self, s: &mut WriteState) -> FsResult<()> {
+        if let Some((part, data, memory)) = self.settle_filling(s).await? {
+            let key = s.key.clone();
+            match self.upload(s).await {
+                Ok(upload) => self.spawn_upload(upload, part, PutBody::Bytes(data), Some(memory)),
+                // The data is safe in the spool: the commit tries again and reports the
+                // failure to close/fsync.
+                Err(e) => tracing::warn!("part {} of {key} not uploaded yet: {e}", part + 1),
+            }
+        }
+        Ok(())
+    }
+
     /// Changes the size (truncate or extend with zeros).
     pub async fn truncate(&self, size: u64) -> FsResult<()> {
         let mut s = self.state.lock().await;
+        self.spill(&mut s).await?;
         s.spool.set_len(size).map_err(io_error)?;
         s.size = size;
         s.coverage.truncate(size);
@@ -440,6 +619,17 @@ impl<C: ObjectClient> WriteHandle<C> {
             len: range.end.min(s.size) - range.start,
         };
         let upload = self.upload(s).await?;
+        self.spawn_upload(upload, part, body, None);
+        Ok(())
+    }
+
+    fn spawn_upload(
+        &self,
+        upload: &mut Upload,
+        part: u64,
+        body: PutBody,
+        memory: Option<Reservation>,
+    ) {
         let (client, key, id, sem, budget) = (
             self.client.clone(),
             upload.key.clone(),
@@ -449,11 +639,13 @@ impl<C: ObjectClient> WriteHandle<C> {
         );
         let task = tokio::spawn(async move {
             let _permit = sem.acquire_owned().await.expect("never closed");
-            let _memory = budget.reserve(PART_UPLOAD_MEMORY).await;
+            let _memory = match memory {
+                Some(m) => m,
+                None => budget.reserve(PART_UPLOAD_MEMORY).await,
+            };
             client.upload_part(&key, &id, part as u32 + 1, body).await
         });
         upload.parts.insert(part, PartState::Uploading(task));
-        Ok(())
     }
 
     /// Starts copying part `part`, unchanged, from the base object server-side.
@@ -493,7 +685,9 @@ impl<C: ObjectClient> WriteHandle<C> {
     }
 
     async fn wait_for_room(&self, s: &mut WriteState) -> FsResult<()> {
-        let limit = 2 * self.config.upload_concurrency.max(1);
+        // Parts written in memory wait here with their buffers: keep just enough queued to
+        // keep every upload slot busy.
+        let limit = self.config.upload_concurrency.max(1) + 2;
         let Some(upload) = s.upload.as_mut() else {
             return Ok(());
         };
@@ -544,15 +738,33 @@ impl<C: ObjectClient> WriteHandle<C> {
             let stale = s.upload.take().expect("checked");
             self.abort(stale).await;
         }
+        // A last part written in order goes up from memory; anything else held there moves to
+        // the spool first.
+        let mut in_memory = match &s.filling {
+            Some(f) if part_range(f.part, base).start + f.len() == s.size => {
+                self.settle_filling(s).await?
+            }
+            _ => {
+                self.spill(s).await?;
+                None
+            }
+        };
+        // The spool is read from here on (fills, part uploads, retries).
+        self.spooled(s).await?;
         if s.size <= base && s.upload.as_ref().is_none_or(|u| u.parts.is_empty()) {
             if let Some(unused) = s.upload.take() {
                 self.abort(unused).await;
             }
-            self.fill(s, 0..s.size).await?;
-            let body = PutBody::File {
-                file: s.spool.clone(),
-                offset: 0,
-                len: s.size,
+            let body = match in_memory {
+                Some((_, data, _memory)) => PutBody::Bytes(data),
+                None => {
+                    self.fill(s, 0..s.size).await?;
+                    PutBody::File {
+                        file: s.spool.clone(),
+                        offset: 0,
+                        len: s.size,
+                    }
+                }
             };
             return self
                 .client
@@ -569,7 +781,11 @@ impl<C: ObjectClient> WriteHandle<C> {
             if !missing {
                 continue;
             }
-            if self.copyable(s, part) {
+            if in_memory.as_ref().is_some_and(|(p, _, _)| *p == part) {
+                let (_, data, memory) = in_memory.take().expect("checked");
+                let upload = self.upload(s).await?;
+                self.spawn_upload(upload, part, PutBody::Bytes(data), Some(memory));
+            } else if self.copyable(s, part) {
                 self.start_copy(s, part).await?;
             } else {
                 let range = part_range(part, base);
@@ -602,6 +818,8 @@ impl<C: ObjectClient> WriteHandle<C> {
     /// Gives up: aborts any multipart upload (on release of a handle whose commit failed).
     pub async fn discard(&self) {
         let mut s = self.state.lock().await;
+        s.filling = None;
+        let _ = self.spooled(&mut s).await;
         if let Some(upload) = s.upload.take() {
             self.abort(upload).await;
         }
@@ -883,5 +1101,46 @@ mod tests {
             3,
             "the unchanged parts are copied, not sent again"
         );
+    }
+
+    #[tokio::test]
+    async fn sequential_parts_go_up_from_memory_and_stay_readable() {
+        let mock = Arc::new(MockClient::new("b"));
+        // 8 KiB parts: aligned, so whole parts go to the spool with O_DIRECT where allowed.
+        let h = handle(&mock, 8192);
+        let data: Vec<u8> = (0..30_000u32).map(|i| (i % 253) as u8).collect();
+        for chunk in data.chunks(1000) {
+            let at = chunk.as_ptr() as usize - data.as_ptr() as usize;
+            h.write(at as u64, chunk).await.unwrap();
+        }
+        tokio::task::yield_now().await;
+        assert!(
+            mock.count(Operation::UploadPart) >= 1,
+            "parts went up while writing"
+        );
+        // Read back through the handle: the spool has every byte, held or sealed.
+        assert_eq!(&h.read(8000, 500).await.unwrap()[..], &data[8000..8500]);
+        assert_eq!(&h.read(29_000, 5000).await.unwrap()[..], &data[29_000..]);
+        // A rewrite of a part already uploaded from memory.
+        h.write(100, b"again").await.unwrap();
+        h.commit().await.unwrap();
+        let mut want = data.clone();
+        want[100..105].copy_from_slice(b"again");
+        assert_eq!(&mock.object("k").unwrap().data[..], &want[..]);
+        assert_eq!(mock.open_uploads(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_small_file_written_in_order_is_one_put_from_memory() {
+        let mock = Arc::new(MockClient::new("b"));
+        let h = handle(&mock, 8192);
+        h.write(0, b"abc").await.unwrap();
+        h.write(3, b"def").await.unwrap();
+        h.commit().await.unwrap();
+        assert_eq!(&mock.object("k").unwrap().data[..], b"abcdef");
+        // Committed again after one more write: the held copy was kept in the spool.
+        h.write(6, b"g").await.unwrap();
+        h.commit().await.unwrap();
+        assert_eq!(&mock.object("k").unwrap().data[..], b"abcdefg");
     }
 }
