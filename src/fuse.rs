@@ -377,6 +377,10 @@ impl<C: ObjectClient> Filesystem for FuseAdapter<C> {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        // A sequential write into memory needs no task (nor a copy of the data for one).
+        if let Some(n) = self.fs.write_now(fh.0, offset, data) {
+            return reply.written(n);
+        }
         let data = bytes::Bytes::copy_from_slice(data);
         self.spawn(|fs| async move {
             match fs.write(fh.0, offset, &data).await {

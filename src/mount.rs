@@ -265,8 +265,21 @@ fn runtime() -> Result<tokio::runtime::Runtime, StartError> {
         .map_err(|e| StartError(format!("cannot start the async runtime: {e}")))
 }
 
+/// Large buffers (read segments, part buffers) are allocated by one thread and freed by
+/// another; glibc's default raises its mmap threshold after the first such free and then serves
+/// them from per-thread arenas that fragment and never shrink (measured: peak RSS 260 MiB for
+/// a 2 GiB copy with 90 MiB of buffers live). A fixed 1 MiB threshold maps and unmaps them, so
+/// RSS follows the memory budget.
+fn bound_allocator() {
+    // SAFETY: mallopt only changes allocator tunables; called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+    }
+}
+
 /// Runs the whole program; returns when the mount ends.
 pub fn run(cli: Cli) -> Result<(), StartError> {
+    bound_allocator();
     let plan = plan(cli)?;
     {
         // The checks use their own runtime, dropped before forking: a process must not fork

@@ -260,14 +260,30 @@ impl<C: ObjectClient> S3Filesystem<C> {
             return Err(FsError::BadHandle);
         };
         let n = writer.write(offset, data).await?;
+        let size = writer.size().await;
+        self.written(ino, size);
+        Ok(n)
+    }
+
+    /// The common case of a sequential writer, done at once without waiting for anything:
+    /// `Some` when `data` was taken, `None` when the write must go the full (async) way.
+    pub fn write_now(&self, fh: u64, offset: u64, data: &[u8]) -> Option<u32> {
+        let (ino, writer) = match super::lock(&self.files).get(&fh) {
+            Some(OpenFile::Write { ino, writer }) => (*ino, writer.clone()),
+            _ => return None,
+        };
+        let size = writer.append_now(offset, data)?;
+        self.written(ino, size);
+        Some(data.len() as u32)
+    }
+
+    fn written(&self, ino: Ino, size: u64) {
         if let Some(inode) = self.inodes.get(ino) {
-            let size = writer.size().await;
             inode.change_locally(|s| {
                 s.size = size;
                 s.mtime = whole_seconds(SystemTime::now());
             });
         }
-        Ok(n)
     }
 
     /// Changes to one inode (commit, setattr, rename) happen one at a time: a close's commit

@@ -43,7 +43,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
@@ -65,39 +65,77 @@ const PART_UPLOAD_MEMORY: u64 = 3 << 20;
 /// Alignment of buffers and offsets for O_DIRECT.
 const DIRECT_ALIGN: usize = 4096;
 
+/// Part buffers kept for reuse. Mapping fresh memory for every part costs a page fault per
+/// 4 KiB (measured: 1.6 CPU-s more per 2 GiB written); a few free buffers avoid that in the
+/// steady state of a long copy, and bound what stays mapped when writing stops.
+static FREE_BUFFERS: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+const FREE_BUFFERS_KEPT: usize = 4;
+
+/// An empty buffer of at least `capacity` bytes, reused when one of a similar size is free.
+fn take_buffer(capacity: usize) -> Vec<u8> {
+    let mut free = FREE_BUFFERS.lock().unwrap_or_else(|p| p.into_inner());
+    match free
+        .iter()
+        .position(|b| b.capacity() >= capacity && b.capacity() <= 2 * capacity)
+    {
+        Some(i) => free.swap_remove(i),
+        None => Vec::with_capacity(capacity),
+    }
+}
+
+/// A part's data: `pad` bytes of alignment, then the data. Goes back to the free buffers when
+/// the last `Bytes` of it is dropped.
+struct PartBuffer {
+    buf: Vec<u8>,
+    pad: usize,
+}
+
+impl AsRef<[u8]> for PartBuffer {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf[self.pad..]
+    }
+}
+
+impl Drop for PartBuffer {
+    fn drop(&mut self) {
+        let mut buf = std::mem::take(&mut self.buf);
+        buf.clear();
+        let mut free = FREE_BUFFERS.lock().unwrap_or_else(|p| p.into_inner());
+        if free.len() < FREE_BUFFERS_KEPT {
+            free.push(buf);
+        }
+    }
+}
+
 /// A part being written in order from its first byte, held in memory until it is full.
 struct Filling {
     part: u64,
-    /// `pad` bytes of alignment, then the part's data.
-    buf: Vec<u8>,
-    pad: usize,
+    data: PartBuffer,
     memory: Reservation,
 }
 
 impl Filling {
     fn new(part: u64, capacity: usize, memory: Reservation) -> Self {
-        let mut buf: Vec<u8> = Vec::with_capacity(capacity + DIRECT_ALIGN);
+        let mut buf = take_buffer(capacity + DIRECT_ALIGN);
         let pad = buf.as_ptr().align_offset(DIRECT_ALIGN);
         buf.resize(pad, 0);
         Self {
             part,
-            buf,
-            pad,
+            data: PartBuffer { buf, pad },
             memory,
         }
     }
 
     fn len(&self) -> u64 {
-        (self.buf.len() - self.pad) as u64
+        (self.data.buf.len() - self.data.pad) as u64
+    }
+
+    fn push(&mut self, bytes: &[u8]) {
+        self.data.buf.extend_from_slice(bytes);
     }
 
     fn into_parts(self) -> (u64, bytes::Bytes, Reservation) {
-        let pad = self.pad;
-        (
-            self.part,
-            bytes::Bytes::from(self.buf).slice(pad..),
-            self.memory,
-        )
+        (self.part, bytes::Bytes::from_owner(self.data), self.memory)
     }
 }
 
@@ -463,13 +501,30 @@ impl<C: ObjectClient> WriteHandle<C> {
         Ok(data.len() as u32)
     }
 
+    /// Appends `data` to the part held in memory when that is all a write needs (it continues
+    /// the part and does not complete it) and the handle is not busy; returns the new size.
+    /// Everything else is left to `write`.
+    pub fn append_now(&self, offset: u64, data: &[u8]) -> Option<u64> {
+        let mut s = self.state.try_lock().ok()?;
+        let f = s.filling.as_mut()?;
+        let range = part_range(f.part, self.config.part_size);
+        let end = offset.checked_add(data.len() as u64)?;
+        if data.is_empty() || range.start + f.len() != offset || end >= range.end {
+            return None;
+        }
+        f.push(data);
+        s.size = s.size.max(end);
+        s.dirty = true;
+        Some(s.size)
+    }
+
     /// Adds `bytes` at `offset` of `part` to the part held in memory, or starts holding the
     /// part when this write is its first byte. False when this write is not sequential.
     async fn gather(&self, s: &mut WriteState, part: u64, offset: u64, bytes: &[u8]) -> bool {
         let range = part_range(part, self.config.part_size);
         if let Some(f) = s.filling.as_mut().filter(|f| f.part == part) {
             if range.start + f.len() == offset {
-                f.buf.extend_from_slice(bytes);
+                f.push(bytes);
                 return true;
             }
             return false;
@@ -484,7 +539,7 @@ impl<C: ObjectClient> WriteHandle<C> {
         let capacity = range.end - range.start;
         let memory = self.budget.reserve(capacity).await;
         let mut f = Filling::new(part, capacity as usize, memory);
-        f.buf.extend_from_slice(bytes);
+        f.push(bytes);
         s.filling = Some(f);
         true
     }
@@ -494,7 +549,7 @@ impl<C: ObjectClient> WriteHandle<C> {
     async fn spill(&self, s: &mut WriteState) -> FsResult<()> {
         if let Some(f) = s.filling.take() {
             let (part, data, _memory) = f.into_parts();
-            self.to_spool(s, part, data.clone());
+            self.to_spool(s, part, data);
         }
         self.spooled(s).await
     }
