@@ -55,6 +55,8 @@ use crate::s3::{ClientError, CompletedPart, CopySource, ObjectAttributes, Object
 
 /// S3 allows at most this many parts.
 pub const MAX_PARTS: u64 = 10_000;
+/// The largest part S3 accepts, and so the largest range one UploadPartCopy copies.
+const MAX_COPY_PART: u64 = 5 << 30;
 /// Parts of one size before the size doubles.
 const PARTS_PER_SIZE: u64 = 1_000;
 /// Reads through a write handle fetch missing base bytes in aligned blocks of this size.
@@ -704,9 +706,9 @@ impl<C: ObjectClient> WriteHandle<C> {
     }
 
     /// Starts copying part `part`, unchanged, from the base object server-side.
-    async fn start_copy(&self, s: &mut WriteState, part: u64) -> FsResult<()> {
-        let range = part_range(part, self.config.part_size);
-        let range = range.start..range.end.min(s.size);
+    /// The copy may cover the following parts too (`range` ends where they end): it goes up
+    /// as part `part` alone, and they are left out of the object's part list.
+    async fn start_copy(&self, s: &mut WriteState, part: u64, range: Range<u64>) -> FsResult<()> {
         let base = s.base.as_ref().expect("only parts of the base are copied");
         let (source, etag) = (base.key.clone(), base.etag.clone());
         let upload = self.upload(s).await?;
@@ -828,12 +830,15 @@ impl<C: ObjectClient> WriteHandle<C> {
                 .map_err(FsError::from);
         }
         let last = part_index(s.size.max(1) - 1, base);
-        for part in 0..=last {
-            let missing = s
-                .upload
+        let missing = |s: &WriteState, part: u64| {
+            s.upload
                 .as_ref()
-                .is_none_or(|u| !u.parts.contains_key(&part));
-            if !missing {
+                .is_none_or(|u| !u.parts.contains_key(&part))
+        };
+        let mut part = 0;
+        while part <= last {
+            if !missing(s, part) {
+                part += 1;
                 continue;
             }
             if in_memory.as_ref().is_some_and(|(p, _, _)| *p == part) {
@@ -841,16 +846,31 @@ impl<C: ObjectClient> WriteHandle<C> {
                 let upload = self.upload(s).await?;
                 self.spawn_upload(upload, part, PutBody::Bytes(data), Some(memory));
             } else if self.copyable(s, part) {
-                self.start_copy(s, part).await?;
+                // A run of unchanged parts is one copy, up to S3's 5 GiB per part: part
+                // numbers need not be consecutive, so the run's other numbers go unused.
+                let start = part_range(part, base).start;
+                let mut through = part;
+                while through < last
+                    && missing(s, through + 1)
+                    && self.copyable(s, through + 1)
+                    && part_range(through + 1, base).end - start <= MAX_COPY_PART
+                {
+                    through += 1;
+                }
+                let end = part_range(through, base).end.min(s.size);
+                self.start_copy(s, part, start..end).await?;
+                part = through;
             } else {
                 let range = part_range(part, base);
                 self.fill(s, range.start..range.end.min(s.size)).await?;
                 self.start_part(s, part).await?;
             }
+            part += 1;
         }
         let upload = s.upload.as_mut().expect("started above");
-        let mut completed = Vec::with_capacity(last as usize + 1);
-        for part in 0..=last {
+        let numbers: Vec<u64> = upload.parts.keys().copied().collect();
+        let mut completed = Vec::with_capacity(numbers.len());
+        for part in numbers {
             completed.push(CompletedPart {
                 part_number: part as u32 + 1,
                 etag: settle(upload, part).await?,
@@ -1080,7 +1100,11 @@ mod tests {
         h.commit().await.unwrap();
         data[4321] = b'X';
         assert_eq!(&mock.object("k").unwrap().data[..], &data[..]);
-        assert_eq!(mock.count(Operation::UploadPartCopy), 10, "unchanged parts");
+        assert_eq!(
+            mock.count(Operation::UploadPartCopy),
+            2,
+            "the unchanged parts before and after, one copy each"
+        );
         assert_eq!(mock.count(Operation::UploadPart), 1, "the changed part");
         let (sent, received) = mock.bytes_moved();
         assert_eq!(
@@ -1123,7 +1147,7 @@ mod tests {
             "cut bytes do not come back"
         );
         assert_eq!(&got[3200..], b"tail");
-        assert_eq!(mock.count(Operation::UploadPartCopy), 2, "parts 1 and 2");
+        assert_eq!(mock.count(Operation::UploadPartCopy), 1, "parts 1 and 2 in one copy");
     }
 
     #[tokio::test]
@@ -1153,7 +1177,7 @@ mod tests {
         assert_eq!(got[3999], b'Z');
         assert_eq!(
             mock.count(Operation::UploadPartCopy) - copies,
-            3,
+            1,
             "the unchanged parts are copied, not sent again"
         );
     }
