@@ -21,7 +21,7 @@ use bytes::Bytes;
 
 use super::error::{from_client, FsError, FsResult};
 use super::inode::{Ino, Inode, Kind, Stat};
-use super::write::WriteHandle;
+use super::write::{WriteHandle, MAX_COPY_PART};
 use super::{Attr, OpenFile, S3Filesystem};
 use crate::s3::{
     CompletedPart, CopySource, ErrorKind, ListRequest, MetadataDirective, ObjectAttributes,
@@ -34,8 +34,6 @@ const S_IFLNK: u32 = 0o120000;
 
 /// Objects up to this size are renamed with one CopyObject; above, with UploadPartCopy.
 const MAX_SINGLE_COPY: u64 = 5 << 30;
-/// Part size of multipart copies.
-const COPY_PART: u64 = 512 << 20;
 /// Keys copied at once in a directory rename.
 const RENAME_PARALLELISM: usize = 16;
 
@@ -676,7 +674,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
         let mut start = 0;
         let mut n = 1;
         while start < size {
-            let end = (start + COPY_PART).min(size);
+            let end = (start + MAX_COPY_PART).min(size);
             match self
                 .client
                 .upload_part_copy(to, &id, n, CopySource::range(from, start..end))

@@ -55,8 +55,9 @@ use crate::s3::{ClientError, CompletedPart, CopySource, ObjectAttributes, Object
 
 /// S3 allows at most this many parts.
 pub const MAX_PARTS: u64 = 10_000;
-/// The largest part S3 accepts, and so the largest range one UploadPartCopy copies.
-const MAX_COPY_PART: u64 = 5 << 30;
+/// The most one UploadPartCopy copies. S3 allows 5 GiB, but a server copying that much sends
+/// nothing for longer than the read timeout (Garage: over 30 s for 5 GiB).
+pub const MAX_COPY_PART: u64 = 512 << 20;
 /// Parts of one size before the size doubles.
 const PARTS_PER_SIZE: u64 = 1_000;
 /// Reads through a write handle fetch missing base bytes in aligned blocks of this size.
@@ -407,6 +408,8 @@ impl<C: ObjectClient> WriteHandle<C> {
 
     /// Fetches the bytes of `range` that the spool lacks and the base has.
     async fn fill(&self, s: &mut WriteState, range: Range<u64>) -> FsResult<()> {
+        // Reading the spool (here and in the uploads that follow) needs what is on its way.
+        self.spooled(s).await?;
         let Some(base) = s.base.as_ref() else {
             return Ok(());
         };
@@ -669,6 +672,7 @@ impl<C: ObjectClient> WriteHandle<C> {
 
     /// Starts uploading part `part` from the spool.
     async fn start_part(&self, s: &mut WriteState, part: u64) -> FsResult<()> {
+        self.spooled(s).await?;
         let range = part_range(part, self.config.part_size);
         let body = PutBody::File {
             file: s.spool.clone(),
@@ -806,8 +810,6 @@ impl<C: ObjectClient> WriteHandle<C> {
                 None
             }
         };
-        // The spool is read from here on (fills, part uploads, retries).
-        self.spooled(s).await?;
         if s.size <= base && s.upload.as_ref().is_none_or(|u| u.parts.is_empty()) {
             if let Some(unused) = s.upload.take() {
                 self.abort(unused).await;
@@ -846,8 +848,8 @@ impl<C: ObjectClient> WriteHandle<C> {
                 let upload = self.upload(s).await?;
                 self.spawn_upload(upload, part, PutBody::Bytes(data), Some(memory));
             } else if self.copyable(s, part) {
-                // A run of unchanged parts is one copy, up to S3's 5 GiB per part: part
-                // numbers need not be consecutive, so the run's other numbers go unused.
+                // A run of unchanged parts is one copy, up to MAX_COPY_PART: part numbers
+                // need not be consecutive, so the run's other numbers go unused.
                 let start = part_range(part, base).start;
                 let mut through = part;
                 while through < last
@@ -1147,7 +1149,11 @@ mod tests {
             "cut bytes do not come back"
         );
         assert_eq!(&got[3200..], b"tail");
-        assert_eq!(mock.count(Operation::UploadPartCopy), 1, "parts 1 and 2 in one copy");
+        assert_eq!(
+            mock.count(Operation::UploadPartCopy),
+            1,
+            "parts 1 and 2 in one copy"
+        );
     }
 
     #[tokio::test]
