@@ -110,6 +110,16 @@ impl Drop for PartBuffer {
     }
 }
 
+/// What a part upload holds in memory while it runs.
+enum PartMemory {
+    /// The buffer the part is sent from, reserved when it was filled.
+    Held(Reservation),
+    /// Buffers for reading it from the spool, reserved when the upload starts.
+    Reserve(u64),
+    /// A server-side copy: nothing.
+    None,
+}
+
 /// A part being written in order from its first byte, held in memory until it is full.
 struct Filling {
     part: u64,
@@ -691,6 +701,19 @@ impl<C: ObjectClient> WriteHandle<C> {
         body: PutBody,
         memory: Option<Reservation>,
     ) {
+        let memory = memory.map_or(PartMemory::Reserve(PART_UPLOAD_MEMORY), PartMemory::Held);
+        self.spawn_part(upload, part, memory, move |client, key, id| async move {
+            client.upload_part(&key, &id, part as u32 + 1, body).await
+        });
+    }
+
+    /// Starts a task that sends part `part` with `send` (given the client, key and upload id)
+    /// once an upload slot and its memory are there.
+    fn spawn_part<F, Fut>(&self, upload: &mut Upload, part: u64, memory: PartMemory, send: F)
+    where
+        F: FnOnce(Arc<C>, String, String) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Result<String, ClientError>> + Send,
+    {
         let (client, key, id, sem, budget) = (
             self.client.clone(),
             upload.key.clone(),
@@ -701,10 +724,11 @@ impl<C: ObjectClient> WriteHandle<C> {
         let task = tokio::spawn(async move {
             let _permit = sem.acquire_owned().await.expect("never closed");
             let _memory = match memory {
-                Some(m) => m,
-                None => budget.reserve(PART_UPLOAD_MEMORY).await,
+                PartMemory::Held(m) => Some(m),
+                PartMemory::Reserve(bytes) => Some(budget.reserve(bytes).await),
+                PartMemory::None => None,
             };
-            client.upload_part(&key, &id, part as u32 + 1, body).await
+            send(client, key, id).await
         });
         upload.parts.insert(part, PartState::Uploading(task));
     }
@@ -716,24 +740,21 @@ impl<C: ObjectClient> WriteHandle<C> {
         let base = s.base.as_ref().expect("only parts of the base are copied");
         let (source, etag) = (base.key.clone(), base.etag.clone());
         let upload = self.upload(s).await?;
-        let (client, key, id, sem) = (
-            self.client.clone(),
-            upload.key.clone(),
-            upload.id.clone(),
-            self.uploads.clone(),
+        self.spawn_part(
+            upload,
+            part,
+            PartMemory::None,
+            move |client, key, id| async move {
+                let source = CopySource {
+                    key: &source,
+                    range: Some((range.start, range.end)),
+                    if_match: Some(&etag),
+                };
+                client
+                    .upload_part_copy(&key, &id, part as u32 + 1, source)
+                    .await
+            },
         );
-        let task = tokio::spawn(async move {
-            let _permit = sem.acquire_owned().await.expect("never closed");
-            let source = CopySource {
-                key: &source,
-                range: Some((range.start, range.end)),
-                if_match: Some(&etag),
-            };
-            client
-                .upload_part_copy(&key, &id, part as u32 + 1, source)
-                .await
-        });
-        upload.parts.insert(part, PartState::Uploading(task));
         Ok(())
     }
 

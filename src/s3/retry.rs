@@ -137,8 +137,12 @@ mod tests {
             max_delay: Duration::from_secs(1),
             max_elapsed: Duration::from_secs(1000),
         };
+        // The jitter is random: a fixed seed (fastrand's generator is per thread, and so per
+        // test) makes the run repeatable; an unlucky draw must not fail the build.
+        fastrand::seed(7);
         let mut b = policy.backoff();
         let delays: Vec<_> = std::iter::from_fn(|| b.next_delay(Duration::ZERO)).collect();
+        assert!(delays.iter().all(|d| *d <= policy.max_delay), "capped");
         let late_max = delays[30..].iter().max().unwrap();
         assert!(*late_max > Duration::from_millis(300), "{delays:?}");
     }
