@@ -83,6 +83,11 @@ pub struct Cli {
     #[arg(long, value_parser = parse_size, default_value = "256M", value_name = "SIZE")]
     pub max_memory: u64,
 
+    /// Objects up to this size that are read at random are fetched whole, in the background,
+    /// into a local temporary file that serves their reads until closed (0: never).
+    #[arg(long, value_parser = parse_size, default_value = "2G", value_name = "SIZE")]
+    pub local_copy_max: u64,
+
     /// Size of the first 1,000 parts of an upload (later parts grow), e.g. 8M.
     #[arg(long, value_parser = parse_size, default_value = "8M", value_name = "SIZE")]
     pub part_size: u64,

@@ -357,6 +357,13 @@ impl<C: ObjectClient> Filesystem for FuseAdapter<C> {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        // Data already on local disk needs no task.
+        if let Some(read) = self.fs.read_now(fh.0, offset, size) {
+            return match read {
+                Ok(data) => reply.data(&data),
+                Err(e) => reply.error(errno(&e, "read")),
+            };
+        }
         self.spawn(|fs| async move {
             match fs.read(fh.0, offset, size).await {
                 Ok(data) => reply.data(&data),

@@ -92,6 +92,10 @@ pub fn plan(cli: Cli) -> Result<MountPlan, StartError> {
         dir_mode: cli.dir_mode,
         metadata_ttl: cli.metadata_ttl,
         max_memory: cli.max_memory,
+        read: crate::fs::read::ReadConfig {
+            local_copy_max: cli.local_copy_max,
+            ..Default::default()
+        },
         write: crate::fs::write::WriteConfig {
             part_size: cli.part_size,
             upload_concurrency: cli.upload_concurrency,
@@ -100,7 +104,6 @@ pub fn plan(cli: Cli) -> Result<MountPlan, StartError> {
             &cli.bucket,
             cli.prefix.as_deref().unwrap_or(""),
         )),
-        ..FsConfig::default()
     };
     Ok(MountPlan {
         source: format!("s3://{}/{}", cli.bucket, fs.prefix),

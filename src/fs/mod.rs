@@ -24,6 +24,7 @@
 pub mod error;
 pub mod inode;
 pub mod journal;
+pub mod local_copy;
 pub mod mutate;
 pub mod read;
 pub mod write;
@@ -668,11 +669,28 @@ impl<C: ObjectClient> S3Filesystem<C> {
             OpenFile::Read(handle) => handle.read(offset, size as u64).await?,
             OpenFile::Write { writer, .. } => writer.read(offset, size as u64).await?,
         };
+        self.count_read(&data);
+        Ok(data)
+    }
+
+    /// A read that needs no waiting (data already on local disk), or `None`.
+    pub fn read_now(&self, fh: u64, offset: u64, size: u32) -> Option<FsResult<Bytes>> {
+        let handle = match lock(&self.files).get(&fh) {
+            Some(OpenFile::Read(handle)) => handle.clone(),
+            _ => return None,
+        };
+        let data = handle.read_now(offset, size as u64)?;
+        if let Ok(data) = &data {
+            self.count_read(data);
+        }
+        Some(data)
+    }
+
+    fn count_read(&self, data: &Bytes) {
         self.stats.reads.fetch_add(1, Ordering::Relaxed);
         self.stats
             .bytes_read
             .fetch_add(data.len() as u64, Ordering::Relaxed);
-        Ok(data)
     }
 
     /// A symlink's target is its object's content (as s3fs-fuse stores it).

@@ -11,8 +11,10 @@
 //! it; a small backward seek is served from the last chunk consumed, which is kept for that;
 //! anything else is a seek, which drops the window and starts again small.
 //!
-//! **Random reads** (not at the expected offset) fetch only the aligned blocks that cover them,
-//! in one GET, and keep them in an LRU cache shared by all handles.
+//! **Random reads** (not at the expected offset) of an object up to `local_copy_max` switch the
+//! handle to a local copy on disk that fills in the background (see [`super::local_copy`]);
+//! in larger objects they fetch only the aligned blocks that cover them, in one GET, and keep
+//! them in an LRU cache shared by all handles.
 //!
 //! **Memory.** Every prefetch request reserves its size from one [`MemoryBudget`] before it is
 //! sent and gives it back when its data has been consumed and dropped, so all readers together
@@ -32,6 +34,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
 use super::error::{from_client, FsError, FsResult};
+use super::local_copy::LocalCopy;
 use crate::s3::ObjectClient;
 
 /// The budget is counted in units of this size.
@@ -95,6 +98,13 @@ pub struct ReadConfig {
     /// A read this close to where the reader was expected is sequential, not a seek: the
     /// kernel keeps several readahead requests of up to 1 MiB in flight, in any order.
     pub sequential_tolerance: u64,
+    /// Objects up to this size that are read at random get a local copy (0: never).
+    pub local_copy_max: u64,
+    /// Unit of a local copy's bookkeeping, and the least a read fetches into it.
+    pub local_chunk: u64,
+    /// Size of each background GET filling a local copy, and how many run at once.
+    pub fill_request: u64,
+    pub fill_requests: usize,
 }
 
 impl Default for ReadConfig {
@@ -105,6 +115,10 @@ impl Default for ReadConfig {
             requests_ahead: 8,
             block_size: 128 * 1024,
             sequential_tolerance: 2 * 1024 * 1024,
+            local_copy_max: 2 << 30,
+            local_chunk: 1024 * 1024,
+            fill_request: 8 * 1024 * 1024,
+            fill_requests: 4,
         }
     }
 }
@@ -163,6 +177,10 @@ impl Segments {
 
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    pub fn parts(&self) -> &[Bytes] {
+        &self.parts
     }
 
     /// Bytes `from..to` of the body: shared, not copied, when they lie in one part.
@@ -268,6 +286,8 @@ pub struct ReadHandle<C> {
     pub size: u64,
     ctx: ReadContext<C>,
     state: tokio::sync::Mutex<Prefetcher>,
+    /// Set once reads turn random: from then on every read is served from it.
+    local: Mutex<Option<Arc<LocalCopy<C>>>>,
 }
 
 impl<C: ObjectClient> ReadHandle<C> {
@@ -283,7 +303,47 @@ impl<C: ObjectClient> ReadHandle<C> {
                 next_request: first,
                 expected: 0,
             }),
+            local: Mutex::new(None),
         }
+    }
+
+    fn local_copy(&self) -> Option<Arc<LocalCopy<C>>> {
+        self.local.lock().ok()?.clone()
+    }
+
+    /// The handle's local copy, started now if the object is small enough for one.
+    fn start_local_copy(&self) -> Option<Arc<LocalCopy<C>>> {
+        let cfg = &self.ctx.config;
+        if self.size > cfg.local_copy_max || self.size <= cfg.block_size {
+            return None;
+        }
+        let mut local = self.local.lock().ok()?;
+        if local.is_none() {
+            let copy = LocalCopy::start(
+                self.key.clone(),
+                self.etag.clone(),
+                self.size,
+                self.ctx.clone(),
+            );
+            match copy {
+                Ok(copy) => {
+                    tracing::debug!(key = self.key, "random reads: filling a local copy");
+                    *local = Some(Arc::new(copy));
+                }
+                // Logged where it happened; reads go on with blocks from S3.
+                Err(_) => return None,
+            }
+        }
+        local.clone()
+    }
+
+    /// A read served from the local copy without waiting, if it can be (`None` otherwise).
+    pub fn read_now(&self, offset: u64, len: u64) -> Option<FsResult<Bytes>> {
+        let end = offset.saturating_add(len).min(self.size);
+        if offset >= end {
+            return None;
+        }
+        self.local_copy()?.read_now(offset, end)
     }
 
     /// Reads up to `len` bytes at `offset` (fewer only at the end of the object).
@@ -291,6 +351,9 @@ impl<C: ObjectClient> ReadHandle<C> {
         let end = offset.saturating_add(len).min(self.size);
         if offset >= end {
             return Ok(Bytes::new());
+        }
+        if let Some(local) = self.local_copy() {
+            return local.read(offset, end).await;
         }
         let mut p = self.state.lock().await;
         let slack = self.ctx.config.max_request;
@@ -305,9 +368,13 @@ impl<C: ObjectClient> ReadHandle<C> {
             p.chunks.clear();
             p.next_request = self.ctx.config.first_request;
             if offset.abs_diff(p.expected) > self.ctx.config.sequential_tolerance {
-                // A seek: serve it from blocks; prefetch starts again if reads continue here.
+                // A seek: serve it from a local copy, or from blocks; in the second case
+                // prefetch starts again if reads continue here.
                 p.expected = end;
                 drop(p);
+                if let Some(local) = self.start_local_copy() {
+                    return local.read(offset, end).await;
+                }
                 return self.read_blocks(offset, end).await;
             }
             // Near where the reader was expected: the kernel's first readahead requests may
@@ -437,7 +504,7 @@ impl<C: ObjectClient> ReadHandle<C> {
 }
 
 /// One ranged GET pinned to `etag`, checked for length.
-async fn fetch<C: ObjectClient>(
+pub(super) async fn fetch<C: ObjectClient>(
     client: &C,
     key: &str,
     etag: &str,
@@ -486,6 +553,10 @@ mod tests {
                 requests_ahead: 3,
                 block_size: 16 * 1024,
                 sequential_tolerance: 256 * 1024,
+                local_copy_max: 0,
+                local_chunk: 64 * 1024,
+                fill_request: 128 * 1024,
+                fill_requests: 2,
             },
         };
         ReadHandle::new("k".into(), etag, size as u64, ctx)
@@ -590,6 +661,73 @@ mod tests {
             3,
             "one GET covers several blocks"
         );
+    }
+
+    fn with_local_copy(mut h: ReadHandle<MockClient>) -> ReadHandle<MockClient> {
+        h.ctx.config.local_copy_max = 1 << 30;
+        h
+    }
+
+    async fn wait_until_complete(h: &ReadHandle<MockClient>) {
+        for _ in 0..500 {
+            if h.local_copy().is_some_and(|l| l.complete()) {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        panic!("the local copy never completed");
+    }
+
+    #[tokio::test]
+    async fn random_reads_fill_a_local_copy_once() {
+        let mock = Arc::new(MockClient::new("b"));
+        let size = 3 * 1024 * 1024 + 5;
+        // A budget of two fill requests: the fill waits for room, still finishes.
+        let h = with_local_copy(handle(mock.clone(), size, 256 * 1024));
+        let received = |m: &MockClient| m.bytes_moved().1;
+        let before = received(&mock);
+        // A seek far into the file: served at once, from a chunk fetched for it.
+        let got = h.read(2_000_000, 4096).await.unwrap();
+        assert_eq!(got, expected(2_000_000, 4096, size as u64));
+        wait_until_complete(&h).await;
+        let (gets, fetched) = (mock.count(Operation::GetObject), received(&mock) - before);
+        assert_eq!(fetched, size as u64, "every byte fetched exactly once");
+        // Reads anywhere, across chunk boundaries and up to the end: no more GETs.
+        for (off, len) in [
+            (0, 10),
+            (65_530, 20),
+            (size as u64 - 3, 100),
+            (1_000_000, 300_000),
+        ] {
+            assert_eq!(
+                h.read(off, len).await.unwrap(),
+                expected(off, len, size as u64)
+            );
+        }
+        assert_eq!(mock.count(Operation::GetObject), gets);
+        assert!(h.ctx.budget.in_use_bytes() == 0, "fetch memory given back");
+    }
+
+    #[tokio::test]
+    async fn local_copy_of_a_replaced_object_fails_stale() {
+        let mock = Arc::new(MockClient::new("b"));
+        let size = 4 * 1024 * 1024;
+        // One fill request at a time, so the object is replaced before the copy is complete.
+        let mut h = with_local_copy(handle(mock.clone(), size, 64 << 20));
+        h.ctx.config.fill_requests = 1;
+        let got = h.read(3_000_000, 10).await.unwrap();
+        assert_eq!(got, expected(3_000_000, 10, size as u64));
+        mock.insert("k", vec![9u8; size]);
+        // Whatever was fetched before is the old version; the rest fails, never mixes.
+        let mut stale = 0;
+        for off in (0..size as u64).step_by(100_000) {
+            match h.read(off, 10).await {
+                Ok(got) => assert_eq!(got, expected(off, 10, size as u64), "at {off}"),
+                Err(FsError::Stale) => stale += 1,
+                Err(e) => panic!("{e:?}"),
+            }
+        }
+        assert!(stale > 0, "some reads needed the replaced object");
     }
 
     #[tokio::test]
