@@ -448,7 +448,10 @@ impl<C: ObjectClient> Filesystem for FuseAdapter<C> {
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         self.spawn(|fs| async move {
             match fs.opendir(ino.0).await {
-                Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+                Ok(fh) => {
+                    reply.opened(FileHandle(fh), FopenFlags::empty());
+                    fs.prefetch_subdirectories(fh);
+                }
                 Err(e) => reply.error(errno(&e, "opendir")),
             }
         });

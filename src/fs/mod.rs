@@ -35,6 +35,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
+use futures_util::FutureExt;
 
 use crate::s3::{ErrorKind, ListRequest, ObjectClient, ObjectHead};
 use error::{from_client, FsError, FsResult};
@@ -131,8 +132,20 @@ pub struct FsStats {
 }
 
 struct DirHandle {
-    entries: Vec<DirEntry>,
+    entries: Arc<Vec<DirEntry>>,
 }
+
+/// A listing started ahead of its `opendir` (see [`S3Filesystem::prefetch_subdirectories`]):
+/// when it was started, and its entries once done (`None` if it failed).
+type PrefetchedListing = (
+    Instant,
+    futures_util::future::Shared<
+        futures_util::future::BoxFuture<'static, Option<Arc<Vec<DirEntry>>>>,
+    >,
+);
+
+/// Subdirectories whose listings one `opendir` starts ahead.
+const SUBDIRECTORIES_PREFETCHED: usize = 8;
 
 /// An inode's write handle and how many descriptors have it open.
 type SharedWriter<C> = (Arc<WriteHandle<C>>, usize);
@@ -169,6 +182,8 @@ pub struct S3Filesystem<C> {
     /// One lock per inode that is being changed (see `mutate::hold`).
     changing: Mutex<HashMap<Ino, Arc<tokio::sync::Mutex<()>>>>,
     dirs: Mutex<HashMap<u64, Arc<DirHandle>>>,
+    /// Listings of subdirectories started ahead, each used by at most one `opendir`.
+    prefetched: Mutex<HashMap<Ino, PrefetchedListing>>,
     next_handle: AtomicU64,
     read_ctx: ReadContext<C>,
     journal: Option<Arc<journal::UploadJournal>>,
@@ -260,6 +275,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
             writers: Mutex::new(HashMap::new()),
             changing: Mutex::new(HashMap::new()),
             dirs: Mutex::new(HashMap::new()),
+            prefetched: Mutex::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
             read_ctx,
             warned_names: Mutex::new(Default::default()),
@@ -466,13 +482,66 @@ impl<C: ObjectClient> S3Filesystem<C> {
         }
     }
 
-    /// Lists a directory whole (paged ListObjectsV2) and keeps the entries for `readdir`.
+    /// Lists a directory whole (paged ListObjectsV2) and keeps the entries for `readdir`. A
+    /// listing prefetched less than the metadata TTL ago is used instead, once.
     pub async fn opendir(&self, ino: Ino) -> FsResult<u64> {
         let dir = self.dir_inode(ino)?;
-        let entries = self.list_dir(&dir).await?;
+        let prefetched = lock(&self.prefetched).remove(&ino);
+        let mut entries = None;
+        if let Some((started, listing)) = prefetched {
+            if let Some(listed) = listing.await {
+                if started.elapsed() < self.config.metadata_ttl {
+                    entries = Some(listed);
+                }
+            }
+        }
+        let entries = match entries {
+            Some(entries) => entries,
+            None => Arc::new(self.list_dir(&dir).await?),
+        };
         let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
         lock(&self.dirs).insert(fh, Arc::new(DirHandle { entries }));
         Ok(fh)
+    }
+
+    /// Starts listing the first subdirectories of directory handle `fh` in the background:
+    /// programs that walk a tree (find, du, rsync, ls -R) open them next, one after another,
+    /// and would otherwise wait for one listing at a time.
+    pub fn prefetch_subdirectories(self: &Arc<Self>, fh: u64)
+    where
+        C: 'static,
+    {
+        if self.config.metadata_ttl.is_zero() {
+            return;
+        }
+        let Some(handle) = lock(&self.dirs).get(&fh).cloned() else {
+            return;
+        };
+        let mut prefetched = lock(&self.prefetched);
+        // Listings nobody opened in time are no use any more.
+        let ttl = self.config.metadata_ttl;
+        prefetched.retain(|_, (started, _)| started.elapsed() < ttl);
+        let subdirectories = handle
+            .entries
+            .iter()
+            .filter(|e| e.attr.kind == Kind::Directory)
+            .take(SUBDIRECTORIES_PREFETCHED);
+        for entry in subdirectories {
+            let ino = entry.attr.ino;
+            if prefetched.contains_key(&ino) {
+                continue;
+            }
+            let Ok(dir) = self.dir_inode(ino) else {
+                continue;
+            };
+            let fs = self.clone();
+            let listing = async move { fs.list_dir(&dir).await.ok().map(Arc::new) }
+                .boxed()
+                .shared();
+            // Driven by its own task, whether or not anyone opens the directory.
+            tokio::spawn(listing.clone());
+            prefetched.insert(ino, (Instant::now(), listing));
+        }
     }
 
     async fn list_dir(&self, dir: &Arc<Inode>) -> FsResult<Vec<DirEntry>> {

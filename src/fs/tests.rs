@@ -157,6 +157,46 @@ async fn out_of_band_changes_show_after_the_ttl() {
 }
 
 #[tokio::test]
+async fn subdirectory_listings_are_prefetched_and_used_once() {
+    let ttl = Duration::from_secs(1);
+    let (mock, fs) = fs_with(&["a/1", "a/2", "b/x/3", "top"], ttl);
+    let fs = Arc::new(fs);
+    let root = fs.opendir(ROOT_INO).await.unwrap();
+    fs.prefetch_subdirectories(root);
+    fs.releasedir(root);
+    let a = path(&fs, "a").await.unwrap().ino;
+    let b = path(&fs, "b").await.unwrap().ino;
+    // The root, then both subdirectories in the background; wait for them to start.
+    for _ in 0..200 {
+        if mock.count(Operation::ListObjectsV2) >= 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let lists = mock.count(Operation::ListObjectsV2);
+    let names_of = |v: Vec<(String, Kind)>| v.into_iter().map(|(n, _)| n).collect::<Vec<_>>();
+    assert_eq!(names_of(names(&fs, a).await), ["1", "2"]);
+    assert_eq!(names_of(names(&fs, b).await), ["x"]);
+    assert_eq!(
+        mock.count(Operation::ListObjectsV2),
+        lists,
+        "served from the prefetch"
+    );
+    // Each prefetched listing serves one opendir: the next one asks S3 again.
+    mock.insert("a/new", "n");
+    assert_eq!(names_of(names(&fs, a).await), ["1", "2", "new"]);
+    assert_eq!(mock.count(Operation::ListObjectsV2), lists + 1);
+
+    // A prefetched listing older than the TTL is not used.
+    let root = fs.opendir(ROOT_INO).await.unwrap();
+    fs.prefetch_subdirectories(root);
+    fs.releasedir(root);
+    mock.insert("b/late", "l");
+    tokio::time::sleep(ttl + Duration::from_millis(100)).await;
+    assert_eq!(names_of(names(&fs, b).await), ["late", "x"]);
+}
+
+#[tokio::test]
 async fn zero_ttl_always_asks_s3() {
     let (mock, fs) = fs_with(&["f"], Duration::ZERO);
     path(&fs, "f").await.unwrap();
