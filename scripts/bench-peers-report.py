@@ -16,7 +16,7 @@ WORKLOADS = {
     "fio-4k": ("fio random 4 KiB reads", "MiB/s", True),
     "fio-256k": ("fio random 256 KiB reads", "MiB/s", True),
     "create-small": ("Creating 4 KiB files (cp -r)", "files/s", True),
-    "read-small": ("Reading the 4 KiB files back (cat, cold)", "files/s", True),
+    "read-small": ("Reading the 4 KiB files back (cat, 4 readers at a time, cold)", "files/s", True),
     "ls": ("ls -l of a directory", "s", False),
     "find": ("find over a tree", "s", False),
     "rsync": ("rsync -a of a tree", "s", False),
