@@ -7,6 +7,7 @@
 //!   mount's prefetcher does; prints `MiB/s` (and the SHA-256).
 //! - `first-byte KEY`: time to the first byte of a GET, in milliseconds.
 //! - `put-many PREFIX COUNT SIZE`: uploads COUNT objects of SIZE bytes, 64 at a time.
+//! - `list-time PREFIX [MAX_KEYS]`: times five one-page listings (delimiter `/`).
 //! - `delete-prefix PREFIX`: deletes every key under PREFIX.
 //! - `hash-speed`: single-core throughput of the digests an upload can carry (SHA-256, which
 //!   the client signs, and MD5 for comparison); needs no server.
@@ -256,6 +257,29 @@ async fn run(args: Vec<String>) -> Result<(), String> {
                 "{:.0} objects/s",
                 count as f64 / started.elapsed().as_secs_f64()
             );
+        }
+        "list-time" => {
+            // Times one ListObjectsV2 page under PREFIX with delimiter `/` and MAX keys, 5 times.
+            let prefix = arg(1)?;
+            let max_keys: Option<u32> = arg(2).ok().and_then(|m| m.parse().ok());
+            for _ in 0..5 {
+                let t = Instant::now();
+                let page = c
+                    .list_objects(&ListRequest {
+                        prefix: &prefix,
+                        delimiter: Some("/"),
+                        max_keys,
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(|e| e.to_string())?;
+                println!(
+                    "{:.2} ms, {} keys, {} prefixes",
+                    t.elapsed().as_secs_f64() * 1000.0,
+                    page.objects.len(),
+                    page.common_prefixes.len()
+                );
+            }
         }
         "delete-prefix" => {
             let prefix = arg(1)?;

@@ -36,6 +36,10 @@ pub struct Stat {
     pub mode: Option<u32>,
     pub uid: Option<u32>,
     pub gid: Option<u32>,
+    /// S3's `Last-Modified` of the version we know, from a HEAD or a listing; `None` right
+    /// after a change of ours (S3 does not say it). A copy that replaces the metadata keeps
+    /// the ETag but not the `Last-Modified`: this is how a listing tells it apart.
+    pub s3_modified: Option<SystemTime>,
 }
 
 impl Stat {
@@ -47,7 +51,22 @@ impl Stat {
             mode: None,
             uid: None,
             gid: None,
+            s3_modified: None,
         }
+    }
+
+    /// Whether a listing's `listed` entry is the version of the object this stat describes.
+    /// Times are compared to the second: a HEAD's `Last-Modified` has no fraction.
+    pub fn same_version(&self, listed: &Stat) -> bool {
+        let seconds = |t: SystemTime| {
+            t.duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs())
+        };
+        self.etag == listed.etag
+            && match (self.s3_modified, listed.s3_modified) {
+                (Some(known), Some(seen)) => seconds(known) == seconds(seen),
+                _ => true,
+            }
     }
 }
 
@@ -118,6 +137,22 @@ impl Inode {
         s.expiry = Instant::now() + ttl;
     }
 
+    /// A listing shows the version of the object this inode describes (see
+    /// [`Stat::same_version`]): it stays valid for another `ttl`, and learns the listing's
+    /// `Last-Modified` if it had none. Checked and done under the inode's lock, so a change
+    /// stored meanwhile is never taken back. Returns whether the listing matched.
+    pub fn confirm(&self, listed: &Stat, ttl: Duration) -> bool {
+        let mut s = self.lock();
+        if !s.stat.same_version(listed) {
+            return false;
+        }
+        if s.stat.s3_modified.is_none() {
+            s.stat.s3_modified = listed.s3_modified;
+        }
+        s.expiry = Instant::now() + ttl;
+        true
+    }
+
     /// The inode changed here; S3 learns of it at the next commit.
     pub fn change_locally(&self, change: impl FnOnce(&mut Stat)) {
         let mut s = self.lock();
@@ -128,7 +163,11 @@ impl Inode {
     /// S3 now has exactly `stat` (a commit or a metadata copy just succeeded).
     pub fn stored(&self, stat: Stat, ttl: Duration) {
         let mut s = self.lock();
-        s.stat = stat;
+        s.stat = Stat {
+            // The new version's Last-Modified is S3's to say; the next HEAD or listing tells.
+            s3_modified: None,
+            ..stat
+        };
         s.local_changes = false;
         s.expiry = Instant::now() + ttl;
     }

@@ -15,7 +15,10 @@
 //!
 //! **Caching.** Attributes, directory entries and negative lookups are kept for the metadata TTL
 //! (`--metadata-ttl`, default 1 s; 0 disables caching), and the kernel is told the same TTL.
-//! Objects changed by other clients are seen once it has passed.
+//! Objects changed by other clients are seen once it has passed. Expired entries are renewed in
+//! bulk: one listing of their directory (recursive when the subtree fits in a page) confirms
+//! every known inode it shows unchanged, by ETag and `Last-Modified`; the rest are looked up
+//! one by one.
 //!
 //! **Attributes.** Size and mtime come from S3 (`Last-Modified`); objects written by s3fs-fuse
 //! or by s3mount carry `x-amz-meta-mode`, `-uid`, `-gid` and `-mtime`, which win when present
@@ -29,7 +32,7 @@ pub mod mutate;
 pub mod read;
 pub mod write;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -37,7 +40,7 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::Bytes;
 use futures_util::FutureExt;
 
-use crate::s3::{ErrorKind, ListRequest, ObjectClient, ObjectHead};
+use crate::s3::{ErrorKind, ListPage, ListRequest, ObjectClient, ObjectHead};
 use error::{from_client, FsError, FsResult};
 use inode::{Ino, Inode, InodeTable, Kind, Stat, ROOT_INO};
 use read::{BlockCache, MemoryBudget, ReadConfig, ReadContext, ReadHandle};
@@ -49,6 +52,11 @@ pub const MAX_NAME_LEN: usize = 255;
 /// parallel) when listed; larger ones show the listing's attributes.
 pub const METADATA_LISTING_LIMIT: usize = 1000;
 const METADATA_HEADS_AT_ONCE: usize = 32;
+/// Entries a lookup's revalidation of a large directory lists (see
+/// [`S3Filesystem::revalidate_children`]), and the size of a directory listing's first page: enough for most directories in one request, and
+/// some servers (Garage) take several times longer to answer for 1,000 keys, even when the
+/// directory has only a few.
+const REVALIDATION_PAGE: u32 = 200;
 /// The block size reported to `stat` and `statfs`.
 pub const BLOCK_SIZE: u32 = 4096;
 
@@ -144,6 +152,10 @@ type PrefetchedListing = (
     >,
 );
 
+/// A revalidation of a directory's children (see [`S3Filesystem::revalidate_children`]): when
+/// it started, and whether its listing worked once done.
+type Revalidation = (Instant, Arc<tokio::sync::OnceCell<bool>>);
+
 /// Subdirectories whose listings one `opendir` starts ahead.
 const SUBDIRECTORIES_PREFETCHED: usize = 8;
 
@@ -184,6 +196,12 @@ pub struct S3Filesystem<C> {
     dirs: Mutex<HashMap<u64, Arc<DirHandle>>>,
     /// Listings of subdirectories started ahead, each used by at most one `opendir`.
     prefetched: Mutex<HashMap<Ino, PrefetchedListing>>,
+    /// Directories whose children a lookup revalidated with one listing, since when, and
+    /// whether it worked (see [`S3Filesystem::revalidate_children`]).
+    revalidations: Mutex<HashMap<Ino, Revalidation>>,
+    /// Directories with more keys below them than one listing page: revalidated by their own
+    /// entries only.
+    large_trees: Mutex<HashSet<Ino>>,
     next_handle: AtomicU64,
     read_ctx: ReadContext<C>,
     journal: Option<Arc<journal::UploadJournal>>,
@@ -238,6 +256,7 @@ fn stat_of_head(head: &ObjectHead) -> (Kind, Stat) {
         mode,
         uid: parse_u32(head.metadata.get("uid")),
         gid: parse_u32(head.metadata.get("gid")),
+        s3_modified: Some(head.last_modified),
     };
     (kind, stat)
 }
@@ -276,6 +295,8 @@ impl<C: ObjectClient> S3Filesystem<C> {
             changing: Mutex::new(HashMap::new()),
             dirs: Mutex::new(HashMap::new()),
             prefetched: Mutex::new(HashMap::new()),
+            revalidations: Mutex::new(HashMap::new()),
+            large_trees: Mutex::new(HashSet::new()),
             next_handle: AtomicU64::new(1),
             read_ctx,
             warned_names: Mutex::new(Default::default()),
@@ -372,6 +393,12 @@ impl<C: ObjectClient> S3Filesystem<C> {
             if child.is_fresh() {
                 return Ok(child);
             }
+            // One listing of the directory revalidates all the children it knows: a program
+            // that stats every file of a tree (rsync, make) sends one request per directory
+            // instead of two per file.
+            if self.revalidate_children(&dir).await && child.is_fresh() {
+                return Ok(child);
+            }
         }
         let neg_key = (parent, name.to_string());
         if lock(&self.negative)
@@ -429,6 +456,115 @@ impl<C: ObjectClient> S3Filesystem<C> {
         }
     }
 
+    /// Revalidates the known children of `dir`, and their descendants, with one listing: the
+    /// keys of the whole subtree when it fits in one page (recursive ListObjectsV2), else the
+    /// first [`REVALIDATION_PAGE`] entries of `dir` itself (with delimiter). Each known inode
+    /// the listing shows unchanged is confirmed (see [`Inode::confirm`]); changed, missing or
+    /// unlisted ones stay stale, for a lookup of their own. Runs at most once per directory
+    /// per TTL, shared by concurrent lookups. Returns false when the listing failed.
+    async fn revalidate_children(&self, dir: &Arc<Inode>) -> bool {
+        let ttl = self.config.metadata_ttl;
+        if ttl.is_zero() {
+            return false;
+        }
+        let done = {
+            let mut revalidations = lock(&self.revalidations);
+            revalidations.retain(|_, (started, _)| started.elapsed() < ttl);
+            let (_, done) = revalidations
+                .entry(dir.ino)
+                .or_insert_with(|| (Instant::now(), Default::default()));
+            done.clone()
+        };
+        *done
+            .get_or_init(|| async {
+                let dir_key = dir.key();
+                let recursive = !lock(&self.large_trees).contains(&dir.ino);
+                self.stats.listings.fetch_add(1, Ordering::Relaxed);
+                let request = ListRequest {
+                    prefix: &dir_key,
+                    delimiter: (!recursive).then_some("/"),
+                    max_keys: Some(if recursive { 1000 } else { REVALIDATION_PAGE }),
+                    ..Default::default()
+                };
+                let page = match self.client.list_objects(&request).await {
+                    Ok(page) => page,
+                    Err(_) => return false,
+                };
+                if recursive && page.next_continuation_token.is_some() {
+                    // Too large to list whole each time: its own entries from now on.
+                    lock(&self.large_trees).insert(dir.ino);
+                }
+                self.confirm_listed(dir, &dir_key, &page, ttl);
+                true
+            })
+            .await
+    }
+
+    /// Confirms the known inodes below `dir` that `page` (a listing of `dir_key`, with or
+    /// without delimiter) shows unchanged.
+    fn confirm_listed(&self, dir: &Arc<Inode>, dir_key: &str, page: &ListPage, ttl: Duration) {
+        // Directories seen, as paths below `dir` ending in `/`: those of common prefixes and
+        // every level of every key.
+        let mut directories: HashSet<&str> = page
+            .common_prefixes
+            .iter()
+            .filter_map(|p| p.strip_prefix(dir_key))
+            .collect();
+        for obj in &page.objects {
+            let path = &obj.key[dir_key.len()..];
+            directories.extend(path.match_indices('/').map(|(i, _)| &path[..=i]));
+        }
+        // What a later page could still hold: everything after the last entry.
+        let last = page
+            .objects
+            .last()
+            .map(|o| &o.key[dir_key.len()..])
+            .max(page.common_prefixes.last().map(|p| &p[dir_key.len()..]))
+            .unwrap_or("");
+        let complete = page.next_continuation_token.is_none();
+        // The inode at `path` (below `dir`) if known and of the right kind.
+        let known = |path: &str| -> Option<Arc<Inode>> {
+            let mut inode = dir.clone();
+            for name in path.split('/') {
+                inode = self.inodes.child(inode.ino, name)?;
+            }
+            Some(inode)
+        };
+        let expire = Instant::now() + ttl;
+        for path in &directories {
+            if let Some(child) = known(path.trim_end_matches('/')) {
+                if child.kind == Kind::Directory {
+                    child.lock().expiry = expire;
+                }
+            }
+        }
+        for obj in &page.objects {
+            let path = &obj.key[dir_key.len()..];
+            if path.is_empty() || path.ends_with('/') {
+                continue; // a directory marker
+            }
+            // A file is one only if no directory of the same name shadows it, which a later
+            // page could show unless this one went past where it would sort.
+            let as_dir = format!("{path}/");
+            let past = complete || (last > as_dir.as_str() && !last.starts_with(&as_dir));
+            if !past || directories.contains(as_dir.as_str()) {
+                continue;
+            }
+            let Some(child) = known(path) else {
+                continue;
+            };
+            if child.kind != Kind::Directory {
+                let listed = Stat {
+                    size: obj.size,
+                    etag: Some(obj.etag.clone()),
+                    s3_modified: Some(obj.last_modified),
+                    ..Stat::directory(obj.last_modified)
+                };
+                child.confirm(&listed, ttl);
+            }
+        }
+    }
+
     pub fn forget(&self, ino: Ino, n: u64) {
         self.inodes.forget(ino, n);
         if self.inodes.get(ino).is_none() {
@@ -458,6 +594,11 @@ impl<C: ObjectClient> S3Filesystem<C> {
         let _held = self.hold(ino).await;
         if inode.is_fresh() {
             return Ok(self.attr_of(&inode));
+        }
+        if let Some(parent) = self.inodes.get(inode.parent()) {
+            if self.revalidate_children(&parent).await && inode.is_fresh() {
+                return Ok(self.attr_of(&inode));
+            }
         }
         self.refresh_from_s3(&inode).await
     }
@@ -557,6 +698,8 @@ impl<C: ObjectClient> S3Filesystem<C> {
                     prefix: &dir_key,
                     delimiter: Some("/"),
                     continuation_token: token.as_deref(),
+                    // A small first page for small directories, then full pages.
+                    max_keys: token.is_none().then_some(REVALIDATION_PAGE),
                     ..Default::default()
                 })
                 .await
@@ -577,6 +720,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
                     mode: None,
                     uid: None,
                     gid: None,
+                    s3_modified: Some(obj.last_modified),
                 };
                 found.entry(name.to_string()).or_insert((Kind::File, stat));
             }
@@ -607,11 +751,17 @@ impl<C: ObjectClient> S3Filesystem<C> {
             let known = self.inodes.child(dir.ino, &name).filter(|c| {
                 let same_object = (c.kind == kind
                     || (kind == Kind::File && c.kind == Kind::Symlink))
-                    && c.stat().etag == stat.etag;
+                    && c.stat().same_version(&stat);
                 same_object || lock(&self.writers).contains_key(&c.ino)
             });
             match known {
-                Some(c) => resolved.push((name, c.kind, c.stat())),
+                Some(c) => {
+                    let mut known_stat = c.stat();
+                    if known_stat.etag == stat.etag {
+                        known_stat.s3_modified = known_stat.s3_modified.or(stat.s3_modified);
+                    }
+                    resolved.push((name, c.kind, known_stat))
+                }
                 None => {
                     if kind == Kind::File {
                         heads_needed.push(resolved.len());

@@ -149,6 +149,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
             mode: Some(mode & 0o7777),
             uid: Some(caller.uid),
             gid: Some(caller.gid),
+            s3_modified: None,
         }
     }
 

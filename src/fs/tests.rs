@@ -5,7 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::*;
-use crate::s3::{MockClient, ObjectAttributes, ObjectClient, Operation, PutBody};
+use crate::s3::{
+    MetadataDirective, MockClient, ObjectAttributes, ObjectClient, Operation, PutBody,
+};
 
 fn fs_with(keys: &[&str], ttl: Duration) -> (Arc<MockClient>, S3Filesystem<MockClient>) {
     let mock = Arc::new(MockClient::new("b"));
@@ -121,8 +123,8 @@ async fn large_directory_lists_without_head_per_entry() {
     );
     assert_eq!(
         mock.count(Operation::ListObjectsV2),
-        1 + 3,
-        "lookup of big (1 list) + 3 pages"
+        1 + 4,
+        "lookup of big (1 list) + 4 pages (200 entries, then 1,000 at a time)"
     );
 }
 
@@ -654,4 +656,82 @@ async fn small_directory_listings_carry_s3fs_metadata() {
     let fh = fs.opendir(d.ino).await.unwrap();
     assert_eq!(fs.readdir(d.ino, fh, 2).unwrap().len(), 2);
     assert_eq!(mock.count(Operation::HeadObject), heads);
+}
+
+#[tokio::test]
+async fn stale_lookups_are_revalidated_by_one_listing_of_the_tree() {
+    let keys: Vec<String> = (0..30).map(|i| format!("t/d{}/f{i}", i % 3)).collect();
+    let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+    let ttl = Duration::from_millis(200);
+    let (mock, fs) = fs_with(&refs, ttl);
+    for k in &keys {
+        path(&fs, k).await.unwrap();
+    }
+    tokio::time::sleep(ttl + Duration::from_millis(50)).await;
+    let (heads, lists) = (
+        mock.count(Operation::HeadObject),
+        mock.count(Operation::ListObjectsV2),
+    );
+    for k in &keys {
+        path(&fs, k).await.unwrap();
+    }
+    // Stale, all of them: one listing of the root's whole tree confirms every inode.
+    assert_eq!(mock.count(Operation::ListObjectsV2) - lists, 1);
+    assert_eq!(mock.count(Operation::HeadObject), heads);
+
+    // What changed elsewhere is still seen: new content, new metadata (same ETag, later
+    // Last-Modified), a deleted file, a file now shadowed by a directory.
+    mock.insert("t/d0/f0", "new content");
+    let chmod = ObjectAttributes {
+        metadata: BTreeMap::from([("mode".to_string(), (0o100600u32).to_string())]),
+        ..Default::default()
+    };
+    mock.copy_object("t/d1/f1", "t/d1/f1", &MetadataDirective::Replace(chmod))
+        .await
+        .unwrap();
+    let later = mock.object("t/d1/f1").unwrap().last_modified + Duration::from_secs(5);
+    mock.set_last_modified("t/d1/f1", later);
+    mock.delete_object("t/d2/f2").await.unwrap();
+    mock.insert("t/d0/f3/inner", "x");
+    tokio::time::sleep(ttl + Duration::from_millis(50)).await;
+    assert_eq!(path(&fs, "t/d0/f0").await.unwrap().size, 11);
+    assert_eq!(path(&fs, "t/d1/f1").await.unwrap().perm, 0o600);
+    assert_eq!(
+        path(&fs, "t/d2/f2").await.unwrap_err().errno(),
+        libc::ENOENT
+    );
+    assert_eq!(path(&fs, "t/d0/f3").await.unwrap().kind, Kind::Directory);
+    assert_eq!(path(&fs, "t/d1/f4").await.unwrap().size, 18);
+}
+
+#[tokio::test]
+async fn a_tree_over_one_page_is_revalidated_by_its_own_entries() {
+    let mut keys: Vec<String> = (0..1100).map(|i| format!("big/k{i:04}")).collect();
+    keys.extend(["a".to_string(), "z".to_string()]);
+    let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+    let ttl = Duration::from_millis(200);
+    let (mock, fs) = fs_with(&refs, ttl);
+    let (a, z) = (path(&fs, "a").await.unwrap(), path(&fs, "z").await.unwrap());
+    let count = |op| mock.count(op);
+    tokio::time::sleep(ttl + Duration::from_millis(50)).await;
+    let (heads, lists) = (
+        count(Operation::HeadObject),
+        count(Operation::ListObjectsV2),
+    );
+    // The whole tree does not fit: "a" comes before the page's end, "z" after it, so "z" is
+    // looked up on its own (HEAD and a one-key listing).
+    assert_eq!(fs.getattr(a.ino).await.unwrap().size, a.size);
+    assert_eq!(fs.lookup(ROOT_INO, "z").await.unwrap().ino, z.ino);
+    assert_eq!(count(Operation::ListObjectsV2) - lists, 2);
+    assert_eq!(count(Operation::HeadObject) - heads, 1);
+    // From then on the root's own entries, one page with delimiter, cover both.
+    tokio::time::sleep(ttl + Duration::from_millis(50)).await;
+    let (heads, lists) = (
+        count(Operation::HeadObject),
+        count(Operation::ListObjectsV2),
+    );
+    fs.lookup(ROOT_INO, "a").await.unwrap();
+    fs.lookup(ROOT_INO, "z").await.unwrap();
+    assert_eq!(count(Operation::ListObjectsV2) - lists, 1);
+    assert_eq!(count(Operation::HeadObject), heads);
 }

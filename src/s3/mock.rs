@@ -100,6 +100,13 @@ impl MockClient {
         );
     }
 
+    /// Moves an object's Last-Modified, as a copy onto itself a while later would.
+    pub fn set_last_modified(&self, key: &str, when: SystemTime) {
+        if let Some(obj) = self.lock().objects.get_mut(key) {
+            obj.last_modified = when;
+        }
+    }
+
     pub fn object(&self, key: &str) -> Option<MockObject> {
         self.lock().objects.get(key).cloned()
     }
