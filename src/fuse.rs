@@ -432,13 +432,13 @@ impl<C: ObjectClient> Filesystem for FuseAdapter<C> {
     fn fsync(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
         self.spawn(|fs| async move {
-            match fs.flush(fh.0).await {
+            match fs.fsync(ino.0, fh.0).await {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(errno(&e, "fsync")),
             }

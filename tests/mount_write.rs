@@ -312,6 +312,27 @@ async fn mode_and_mtime_survive_a_remount() {
         std::fs::create_dir(m.path().join("d")).unwrap();
         std::fs::set_permissions(m.path().join("d"), std::fs::Permissions::from_mode(0o700))
             .unwrap();
+        // chmod of a closed file reaches S3 shortly after, while mounted.
+        std::fs::write(m.path().join("g"), "y").unwrap();
+        std::fs::set_permissions(m.path().join("g"), std::fs::Permissions::from_mode(0o604))
+            .unwrap();
+        let key = format!("{prefix}g");
+        let c = env.client();
+        let mut mode = None;
+        for _ in 0..50 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            mode = c
+                .head_object(&key)
+                .await
+                .unwrap()
+                .metadata
+                .get("mode")
+                .cloned();
+            if mode.as_deref() == Some("33156") {
+                break;
+            }
+        }
+        assert_eq!(mode.as_deref(), Some("33156"), "S_IFREG|0604 stored");
     }
     let m = mount(&env, &spec, &[]);
     let meta = std::fs::metadata(m.path().join("f")).unwrap();

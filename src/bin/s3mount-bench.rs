@@ -7,6 +7,7 @@
 //!   mount's prefetcher does; prints `MiB/s` (and the SHA-256).
 //! - `first-byte KEY`: time to the first byte of a GET, in milliseconds.
 //! - `put-many PREFIX COUNT SIZE`: uploads COUNT objects of SIZE bytes, 64 at a time.
+//! - `du PREFIX`: prints the number of objects under PREFIX and their total size.
 //! - `list-time PREFIX [MAX_KEYS]`: times five one-page listings (delimiter `/`).
 //! - `delete-prefix PREFIX`: deletes every key under PREFIX.
 //! - `hash-speed`: single-core throughput of the digests an upload can carry (SHA-256, which
@@ -257,6 +258,29 @@ async fn run(args: Vec<String>) -> Result<(), String> {
                 "{:.0} objects/s",
                 count as f64 / started.elapsed().as_secs_f64()
             );
+        }
+        "du" => {
+            // Counts the objects under PREFIX and their bytes: "COUNT BYTES".
+            let prefix = arg(1)?;
+            let (mut count, mut bytes) = (0u64, 0u64);
+            let mut token: Option<String> = None;
+            loop {
+                let page = c
+                    .list_objects(&ListRequest {
+                        prefix: &prefix,
+                        continuation_token: token.as_deref(),
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(|e| e.to_string())?;
+                count += page.objects.len() as u64;
+                bytes += page.objects.iter().map(|o| o.size).sum::<u64>();
+                match page.next_continuation_token {
+                    Some(t) => token = Some(t),
+                    None => break,
+                }
+            }
+            println!("{count} {bytes}");
         }
         "list-time" => {
             // Times one ListObjectsV2 page under PREFIX with delimiter `/` and MAX keys, 5 times.

@@ -153,6 +153,16 @@ impl Inode {
         true
     }
 
+    /// The changes S3 never got are given up: the next lookup takes what S3 says.
+    pub fn forget_local_changes(&self) {
+        let mut s = self.lock();
+        s.local_changes = false;
+        s.expiry = Instant::now();
+        // No listing may confirm this stat: only a HEAD replaces it.
+        s.stat.etag = None;
+        s.stat.s3_modified = None;
+    }
+
     /// The inode changed here; S3 learns of it at the next commit.
     pub fn change_locally(&self, change: impl FnOnce(&mut Stat)) {
         let mut s = self.lock();

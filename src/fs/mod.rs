@@ -52,6 +52,9 @@ pub const MAX_NAME_LEN: usize = 255;
 /// parallel) when listed; larger ones show the listing's attributes.
 pub const METADATA_LISTING_LIMIT: usize = 1000;
 const METADATA_HEADS_AT_ONCE: usize = 32;
+/// How long after the last `chmod`, `chown` or `utimens` of a closed file its attributes are
+/// stored in S3 (one copy for several changes, none when a rename follows).
+pub const METADATA_WRITE_DELAY: Duration = Duration::from_millis(100);
 /// Entries a lookup's revalidation of a large directory lists (see
 /// [`S3Filesystem::revalidate_children`]), and the size of a directory listing's first page: enough for most directories in one request, and
 /// some servers (Garage) take several times longer to answer for 1,000 keys, even when the
@@ -199,6 +202,9 @@ pub struct S3Filesystem<C> {
     /// Directories whose children a lookup revalidated with one listing, since when, and
     /// whether it worked (see [`S3Filesystem::revalidate_children`]).
     revalidations: Mutex<HashMap<Ino, Revalidation>>,
+    /// Closed files whose changed attributes S3 does not have yet, when they last changed, and
+    /// the inode (kept even if the kernel forgets it meanwhile); see `defer_metadata`.
+    pending_metadata: Mutex<HashMap<Ino, (Instant, Arc<Inode>)>>,
     /// Directories with more keys below them than one listing page: revalidated by their own
     /// entries only.
     large_trees: Mutex<HashSet<Ino>>,
@@ -296,6 +302,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
             dirs: Mutex::new(HashMap::new()),
             prefetched: Mutex::new(HashMap::new()),
             revalidations: Mutex::new(HashMap::new()),
+            pending_metadata: Mutex::new(HashMap::new()),
             large_trees: Mutex::new(HashSet::new()),
             next_handle: AtomicU64::new(1),
             read_ctx,

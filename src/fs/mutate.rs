@@ -15,7 +15,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 
@@ -331,6 +331,8 @@ impl<C: ObjectClient> S3Filesystem<C> {
                     };
                     inode.stored(stat, self.config.metadata_ttl);
                 }
+                // The upload carried the attributes.
+                super::lock(&self.pending_metadata).remove(&ino);
                 Ok(())
             }
             Ok(None) => Ok(()),
@@ -368,8 +370,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
                 writer.discard().await;
                 // What S3 has is the truth again: forget the changes it never got.
                 if let Some(inode) = self.inodes.get(ino) {
-                    let stat = inode.stat();
-                    inode.stored(stat, Duration::ZERO);
+                    inode.forget_local_changes();
                 }
             }
         }
@@ -441,7 +442,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
                     result?;
                     inode.lock().stat.size = size;
                 } else {
-                    self.replace_metadata(&inode).await?;
+                    self.defer_metadata(&inode);
                 }
             }
             (Kind::Directory, _) => {
@@ -451,9 +452,59 @@ impl<C: ObjectClient> S3Filesystem<C> {
                     .put_object(&inode.key(), PutBody::Bytes(Bytes::new()), &attrs)
                     .await?;
             }
-            (Kind::Symlink, _) => self.replace_metadata(&inode).await?,
+            (Kind::Symlink, _) => self.defer_metadata(&inode),
         }
         Ok(self.attr_of(&inode))
+    }
+
+    /// Notes that the closed file `ino` has attributes S3 does not have yet. They are stored
+    /// [`METADATA_WRITE_DELAY`] after the last change (by `store_pending_metadata`), at once by
+    /// fsync, with the upload of a commit, or with the copy of a rename: `chmod` and `touch`
+    /// right before a rename (what rsync does with each file) cost no copy of their own.
+    fn defer_metadata(&self, inode: &Arc<Inode>) {
+        super::lock(&self.pending_metadata).insert(inode.ino, (Instant::now(), inode.clone()));
+    }
+
+    /// Stores the deferred attributes changed more than `older_than` ago; failures are
+    /// logged (the call that made the change has returned), and S3's attributes come back.
+    pub async fn store_pending_metadata(&self, older_than: Duration) {
+        let due: Vec<Ino> = super::lock(&self.pending_metadata)
+            .iter()
+            .filter(|(_, (changed, _))| changed.elapsed() >= older_than)
+            .map(|(ino, _)| *ino)
+            .collect();
+        let stores = due.into_iter().map(|ino| async move {
+            let _held = self.hold(ino).await;
+            self.store_metadata_held(ino).await
+        });
+        futures_util::future::join_all(stores).await;
+    }
+
+    /// Stores `ino`'s deferred attributes now, if it has any; the caller holds the inode.
+    async fn store_metadata_held(&self, ino: Ino) {
+        let Some((_, inode)) = super::lock(&self.pending_metadata).remove(&ino) else {
+            return;
+        };
+        if let Err(e) = self.replace_metadata(&inode).await {
+            tracing::error!(
+                key = inode.key(),
+                "could not store changed attributes (mode, owner, mtime) in S3: {e}"
+            );
+            inode.forget_local_changes();
+        }
+    }
+
+    /// fsync: the file's data (see [`S3Filesystem::flush`]) and its deferred attributes.
+    pub async fn fsync(&self, ino: Ino, fh: u64) -> FsResult<()> {
+        self.flush(fh).await?;
+        let _held = self.hold(ino).await;
+        if super::lock(&self.pending_metadata).contains_key(&ino) {
+            self.store_metadata_held(ino).await;
+            if self.inodes.get(ino).is_some_and(|i| i.lock().local_changes) {
+                return Err(FsError::Io("attributes not stored in S3".into()));
+            }
+        }
+        Ok(())
     }
 
     /// Applies the inode's cached attributes to its object with CopyObject REPLACE.
@@ -531,7 +582,9 @@ impl<C: ObjectClient> S3Filesystem<C> {
         if inode.kind == Kind::Directory {
             return Err(FsError::IsADirectory);
         }
+        let _held = self.hold(inode.ino).await;
         self.client.delete_object(&inode.key()).await?;
+        super::lock(&self.pending_metadata).remove(&inode.ino);
         self.inodes.remove_name(parent, name);
         Ok(())
     }
@@ -619,7 +672,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
                 // Open for writing: what S3 has (if anything) moves now, and the next commit
                 // writes the whole file at the new name.
                 let moved = match self.client.head_object(&old_key).await {
-                    Ok(_) => Some(self.copy_then_delete(&old_key, &new_key).await?),
+                    Ok(_) => Some(self.copy_then_delete(&old_key, &new_key, None).await?),
                     Err(_) => None,
                 };
                 let mut s = w.state.lock().await;
@@ -630,7 +683,27 @@ impl<C: ObjectClient> S3Filesystem<C> {
                 s.touch();
             }
             (_, None) => {
-                self.copy_then_delete(&old_key, &new_key).await?;
+                // Deferred attributes travel with the copy.
+                let pending = super::lock(&self.pending_metadata).remove(&source.ino);
+                let attrs = pending
+                    .as_ref()
+                    .map(|_| self.attrs_for(&source.stat(), source.kind));
+                match self.copy_then_delete(&old_key, &new_key, attrs).await {
+                    Ok((_, etag)) if pending.is_some() => {
+                        let stat = Stat {
+                            etag: Some(etag),
+                            ..source.stat()
+                        };
+                        source.stored(stat, self.config.metadata_ttl);
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        if let Some(changed) = pending {
+                            super::lock(&self.pending_metadata).insert(source.ino, changed);
+                        }
+                        return Err(e);
+                    }
+                }
             }
         }
         self.inodes.rename(&source, &target_dir, new_name);
@@ -642,21 +715,39 @@ impl<C: ObjectClient> S3Filesystem<C> {
         Ok(())
     }
 
-    /// Moves one object; returns its ETag before and the copy's ETag.
-    async fn copy_then_delete(&self, from: &str, to: &str) -> FsResult<(String, String)> {
+    /// Moves one object, with its metadata replaced by `replace`'s if given; returns its ETag
+    /// before and the copy's ETag.
+    async fn copy_then_delete(
+        &self,
+        from: &str,
+        to: &str,
+        replace: Option<ObjectAttributes>,
+    ) -> FsResult<(String, String)> {
         let head = self.client.head_object(from).await.map_err(from_client)?;
+        let attrs = ObjectAttributes {
+            content_type: head.content_type.clone(),
+            metadata: head.metadata.clone(),
+            storage_class: head.storage_class.clone(),
+            sse: head.sse.clone(),
+        };
+        // Ours win; other user metadata stays.
+        let replace = replace.map(|r| {
+            let mut metadata = head.metadata.clone();
+            metadata.extend(r.metadata);
+            ObjectAttributes {
+                metadata,
+                ..attrs.clone()
+            }
+        });
         let new_etag = if head.size > MAX_SINGLE_COPY {
-            let attrs = ObjectAttributes {
-                content_type: head.content_type.clone(),
-                metadata: head.metadata.clone(),
-                storage_class: head.storage_class.clone(),
-                sse: head.sse.clone(),
-            };
-            self.multipart_copy(from, to, head.size, &attrs).await?
-        } else {
-            self.client
-                .copy_object(from, to, &MetadataDirective::Copy)
+            self.multipart_copy(from, to, head.size, replace.as_ref().unwrap_or(&attrs))
                 .await?
+        } else {
+            let directive = match replace {
+                Some(r) => MetadataDirective::Replace(r),
+                None => MetadataDirective::Copy,
+            };
+            self.client.copy_object(from, to, &directive).await?
         };
         self.client.delete_object(from).await?;
         Ok((head.etag, new_etag))

@@ -481,13 +481,24 @@ async fn chmod_and_utimens_on_a_closed_file_use_copy_replace() {
     let (mock, fs) = fs_with(&["f"], Duration::from_secs(1));
     let f = path(&fs, "f").await.unwrap();
     let when = SystemTime::UNIX_EPOCH + Duration::from_secs(1_600_000_000);
-    let change = mutate::SetAttr {
+    let chmod = mutate::SetAttr {
         mode: Some(0o600),
+        ..Default::default()
+    };
+    let touch = mutate::SetAttr {
         mtime: Some(when),
         ..Default::default()
     };
-    let a = fs.setattr(f.ino, change).await.unwrap();
+    fs.setattr(f.ino, chmod).await.unwrap();
+    let a = fs.setattr(f.ino, touch).await.unwrap();
     assert_eq!((a.perm, a.mtime), (0o600, when));
+    // Deferred: both changes go in one copy, once they are METADATA_WRITE_DELAY old.
+    assert_eq!(mock.count(Operation::CopyObject), 0);
+    assert_eq!(path(&fs, "f").await.unwrap().perm, 0o600, "shown meanwhile");
+    fs.store_pending_metadata(METADATA_WRITE_DELAY).await;
+    assert_eq!(mock.count(Operation::CopyObject), 0, "not due yet");
+    tokio::time::sleep(METADATA_WRITE_DELAY).await;
+    fs.store_pending_metadata(METADATA_WRITE_DELAY).await;
     assert_eq!(mock.count(Operation::CopyObject), 1);
     assert_eq!(
         mock.count(Operation::PutObject),
@@ -734,4 +745,70 @@ async fn a_tree_over_one_page_is_revalidated_by_its_own_entries() {
     fs.lookup(ROOT_INO, "z").await.unwrap();
     assert_eq!(count(Operation::ListObjectsV2) - lists, 1);
     assert_eq!(count(Operation::HeadObject), heads);
+}
+
+#[tokio::test]
+async fn attributes_changed_before_a_rename_travel_with_its_copy() {
+    let (mock, fs) = fs_with(&["d/.f.tmp", "g", "h"], Duration::from_secs(1));
+    let d = path(&fs, "d").await.unwrap();
+    let f = path(&fs, "d/.f.tmp").await.unwrap();
+    let when = SystemTime::UNIX_EPOCH + Duration::from_secs(1_600_000_000);
+    // What rsync does with each file it receives: chmod, utimens, rename into place.
+    let change = mutate::SetAttr {
+        mode: Some(0o640),
+        ..Default::default()
+    };
+    fs.setattr(f.ino, change).await.unwrap();
+    let change = mutate::SetAttr {
+        mtime: Some(when),
+        ..Default::default()
+    };
+    fs.setattr(f.ino, change.clone()).await.unwrap();
+    fs.rename(d.ino, ".f.tmp", d.ino, "f", false).await.unwrap();
+    assert_eq!(
+        mock.count(Operation::CopyObject),
+        1,
+        "the rename's copy only"
+    );
+    let m = meta(&mock, "d/f").await;
+    assert_eq!(m.get("mode").map(String::as_str), Some("33184"));
+    assert_eq!(m.get("mtime").map(String::as_str), Some("1600000000"));
+    assert!(mock.object("d/.f.tmp").is_none());
+    fs.store_pending_metadata(Duration::ZERO).await;
+    assert_eq!(
+        mock.count(Operation::CopyObject),
+        1,
+        "nothing left to store"
+    );
+
+    // fsync stores them at once; an unlinked file's are dropped.
+    let g = path(&fs, "g").await.unwrap();
+    fs.setattr(g.ino, change.clone()).await.unwrap();
+    let fh = fs.open(g.ino, false, false).await.unwrap();
+    fs.fsync(g.ino, fh).await.unwrap();
+    fs.release_file(fh).await;
+    assert_eq!(mock.count(Operation::CopyObject), 2);
+    assert_eq!(
+        meta(&mock, "g").await.get("mtime").map(String::as_str),
+        Some("1600000000")
+    );
+    let h = path(&fs, "h").await.unwrap();
+    fs.setattr(h.ino, change).await.unwrap();
+    fs.unlink(ROOT_INO, "h").await.unwrap();
+    fs.store_pending_metadata(Duration::ZERO).await;
+    assert_eq!(mock.count(Operation::CopyObject), 2);
+}
+
+#[tokio::test]
+async fn deferred_attributes_that_cannot_be_stored_give_way_to_s3s() {
+    let (mock, fs) = fs_with(&["f"], Duration::from_secs(1));
+    let f = path(&fs, "f").await.unwrap();
+    let change = mutate::SetAttr {
+        mode: Some(0o600),
+        ..Default::default()
+    };
+    fs.setattr(f.ino, change).await.unwrap();
+    mock.fail_next(Operation::CopyObject, crate::s3::ErrorKind::AccessDenied, 1);
+    fs.store_pending_metadata(Duration::ZERO).await;
+    assert_eq!(path(&fs, "f").await.unwrap().perm, 0o644, "what S3 has");
 }
