@@ -66,7 +66,7 @@ def main():
         try:
             values.setdefault((workload, system), []).append(float(value))
         except ValueError:
-            failures.setdefault((workload, system), value)
+            failures.setdefault((workload, system), []).append(value)
     resends = {
         s: values.get(("rsync-again-files", s)) for s in SYSTEMS if ("rsync-again-files", s) in values
     }
@@ -75,8 +75,16 @@ def main():
         v = values.get((w, s))
         return statistics.median(v) if v else None
 
+    def failed(w, s):
+        reasons = failures[(w, s)]
+        count = len(reasons) + len(values.get((w, s), []))
+        return reasons[0] if len(reasons) == count else f"{reasons[0]} in {len(reasons)} of {count} runs"
+
     def advantage(w, peer):
         """How many times better s3mount is than `peer` (> 1: s3mount is better)."""
+        # A system that failed in any run failed the workload.
+        if (w, "s3mount") in failures or (w, peer) in failures:
+            return None
         ours, theirs = median(w, "s3mount"), median(w, peer)
         if not ours or not theirs:
             return None
@@ -109,9 +117,9 @@ def main():
         for peer, need in (("s3fs", 1.5), ("rclone-writes", 1.0), ("rclone-off", 1.0)):
             a = advantage(w, peer)
             if a is None:
-                if median(w, "s3mount") and (w, peer) in failures and (w, peer) not in values:
+                if median(w, "s3mount") and (w, "s3mount") not in failures and (w, peer) in failures:
                     targets.append((f"{w}: vs {NAMES[peer]} at least {need}x", True,
-                                    f"{NAMES[peer]} {failures[(w, peer)]}"))
+                                    f"{NAMES[peer]} {failed(w, peer)}"))
                 continue
             targets.append((f"{w}: vs {NAMES[peer]} at least {need}x", a >= need, f"{a:.2f}x"))
     for w in ("read", "write"):
@@ -144,7 +152,7 @@ def main():
             v = values.get((w, s))
             if v:
                 a = advantage(w, s) if s != "s3mount" else None
-                extra = ""
+                extra = f" ({failed(w, s)})" if (w, s) in failures else ""
                 if w == "rsync-again" and resends.get(s):
                     extra = f" ({statistics.median(resends[s]):.0f} files sent)"
                 out.append(
@@ -152,7 +160,7 @@ def main():
                     f"{'' if a is None else f'{a:.2f}x'} |"
                 )
             else:
-                reason = failures.get((w, s)) or why_missing(w, s)
+                reason = failed(w, s) if (w, s) in failures else why_missing(w, s)
                 out.append(f"| {NAMES[s]} | {reason} | | | |")
         out.append("")
         ratio_rows.append(
