@@ -8,7 +8,7 @@ set style histogram clustered gap 1
 set style fill solid 0.8 border -1
 set boxwidth 0.9
 set logscale y 2
-set yrange [0.125:64]
+set yrange [0.0625:128]
 set ylabel "s3mount advantage (x, log scale; above 1: s3mount better)"
 set xtics rotate by -30
 set bmargin 6
