@@ -56,9 +56,9 @@ const METADATA_HEADS_AT_ONCE: usize = 32;
 /// stored in S3 (one copy for several changes, none when a rename follows).
 pub const METADATA_WRITE_DELAY: Duration = Duration::from_millis(100);
 /// Entries a lookup's revalidation of a large directory lists (see
-/// [`S3Filesystem::revalidate_children`]), and the size of a directory listing's first page: enough for most directories in one request, and
-/// some servers (Garage) take several times longer to answer for 1,000 keys, even when the
-/// directory has only a few.
+/// [`S3Filesystem::revalidate_children`]), and the size of a directory listing's first page:
+/// enough for most directories in one request, and some servers (Garage) take several times
+/// longer to answer for 1,000 keys, even when the directory has only a few.
 const REVALIDATION_PAGE: u32 = 200;
 /// The block size reported to `stat` and `statfs`.
 pub const BLOCK_SIZE: u32 = 4096;
@@ -529,7 +529,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
             .max(page.common_prefixes.last().map(|p| &p[dir_key.len()..]))
             .unwrap_or("");
         let complete = page.next_continuation_token.is_none();
-        // The inode at `path` (below `dir`) if known and of the right kind.
+        // The inode at `path` (below `dir`), if known.
         let known = |path: &str| -> Option<Arc<Inode>> {
             let mut inode = dir.clone();
             for name in path.split('/') {

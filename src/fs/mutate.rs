@@ -473,11 +473,16 @@ impl<C: ObjectClient> S3Filesystem<C> {
             .filter(|(_, (changed, _))| changed.elapsed() >= older_than)
             .map(|(ino, _)| *ino)
             .collect();
+        use futures_util::StreamExt;
         let stores = due.into_iter().map(|ino| async move {
             let _held = self.hold(ino).await;
             self.store_metadata_held(ino).await
         });
-        futures_util::future::join_all(stores).await;
+        // As many at once as a renamed directory copies (`chmod -R` of a large tree).
+        futures_util::stream::iter(stores)
+            .buffer_unordered(RENAME_PARALLELISM)
+            .collect::<Vec<()>>()
+            .await;
     }
 
     /// Stores `ino`'s deferred attributes now, if it has any; the caller holds the inode.
@@ -724,28 +729,23 @@ impl<C: ObjectClient> S3Filesystem<C> {
         replace: Option<ObjectAttributes>,
     ) -> FsResult<(String, String)> {
         let head = self.client.head_object(from).await.map_err(from_client)?;
-        let attrs = ObjectAttributes {
+        let mut attrs = ObjectAttributes {
             content_type: head.content_type.clone(),
             metadata: head.metadata.clone(),
             storage_class: head.storage_class.clone(),
             sse: head.sse.clone(),
         };
-        // Ours win; other user metadata stays.
-        let replace = replace.map(|r| {
-            let mut metadata = head.metadata.clone();
-            metadata.extend(r.metadata);
-            ObjectAttributes {
-                metadata,
-                ..attrs.clone()
-            }
-        });
+        let replacing = replace.is_some();
+        if let Some(r) = replace {
+            attrs.metadata.extend(r.metadata); // ours win; other user metadata stays
+        }
         let new_etag = if head.size > MAX_SINGLE_COPY {
-            self.multipart_copy(from, to, head.size, replace.as_ref().unwrap_or(&attrs))
-                .await?
+            self.multipart_copy(from, to, head.size, &attrs).await?
         } else {
-            let directive = match replace {
-                Some(r) => MetadataDirective::Replace(r),
-                None => MetadataDirective::Copy,
+            let directive = if replacing {
+                MetadataDirective::Replace(attrs)
+            } else {
+                MetadataDirective::Copy
             };
             self.client.copy_object(from, to, &directive).await?
         };
