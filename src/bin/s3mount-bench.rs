@@ -27,6 +27,27 @@ use sha2::Digest;
 const PART: u64 = 8 * 1024 * 1024;
 const CONCURRENCY: usize = 8;
 
+/// Every object under `prefix`, through all the listing's pages.
+async fn list_all(c: &S3Client, prefix: &str) -> Result<Vec<ObjectInfo>, String> {
+    let mut objects = Vec::new();
+    let mut token: Option<String> = None;
+    loop {
+        let page = c
+            .list_objects(&ListRequest {
+                prefix,
+                continuation_token: token.as_deref(),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        objects.extend(page.objects);
+        match page.next_continuation_token {
+            Some(t) => token = Some(t),
+            None => return Ok(objects),
+        }
+    }
+}
+
 fn env(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.is_empty())
 }
@@ -261,26 +282,9 @@ async fn run(args: Vec<String>) -> Result<(), String> {
         }
         "du" => {
             // Counts the objects under PREFIX and their bytes: "COUNT BYTES".
-            let prefix = arg(1)?;
-            let (mut count, mut bytes) = (0u64, 0u64);
-            let mut token: Option<String> = None;
-            loop {
-                let page = c
-                    .list_objects(&ListRequest {
-                        prefix: &prefix,
-                        continuation_token: token.as_deref(),
-                        ..Default::default()
-                    })
-                    .await
-                    .map_err(|e| e.to_string())?;
-                count += page.objects.len() as u64;
-                bytes += page.objects.iter().map(|o| o.size).sum::<u64>();
-                match page.next_continuation_token {
-                    Some(t) => token = Some(t),
-                    None => break,
-                }
-            }
-            println!("{count} {bytes}");
+            let objects = list_all(&c, &arg(1)?).await?;
+            let bytes: u64 = objects.iter().map(|o| o.size).sum();
+            println!("{} {bytes}", objects.len());
         }
         "list-time" => {
             // Times one ListObjectsV2 page under PREFIX with delimiter `/` and MAX keys, 5 times.
@@ -306,25 +310,13 @@ async fn run(args: Vec<String>) -> Result<(), String> {
             }
         }
         "delete-prefix" => {
-            let prefix = arg(1)?;
-            let mut token: Option<String> = None;
-            loop {
-                let page = c
-                    .list_objects(&ListRequest {
-                        prefix: &prefix,
-                        continuation_token: token.as_deref(),
-                        ..Default::default()
-                    })
-                    .await
-                    .map_err(|e| e.to_string())?;
-                let keys: Vec<String> = page.objects.into_iter().map(|o| o.key).collect();
-                if !keys.is_empty() {
-                    c.delete_objects(&keys).await.map_err(|e| e.to_string())?;
-                }
-                match page.next_continuation_token {
-                    Some(t) => token = Some(t),
-                    None => break,
-                }
+            let keys: Vec<String> = list_all(&c, &arg(1)?)
+                .await?
+                .into_iter()
+                .map(|o| o.key)
+                .collect();
+            for batch in keys.chunks(1000) {
+                c.delete_objects(batch).await.map_err(|e| e.to_string())?;
             }
         }
         other => return Err(format!("unknown command {other:?}")),
