@@ -40,6 +40,9 @@ pub struct Stat {
     /// after a change of ours (S3 does not say it). A copy that replaces the metadata keeps
     /// the ETag but not the `Last-Modified`: this is how a listing tells it apart.
     pub s3_modified: Option<SystemTime>,
+    /// Only what a listing says (no HEAD yet): a listing cannot confirm it, as the object's
+    /// s3fs metadata is still unknown.
+    pub listing_only: bool,
 }
 
 impl Stat {
@@ -52,6 +55,7 @@ impl Stat {
             uid: None,
             gid: None,
             s3_modified: None,
+            listing_only: false,
         }
     }
 
@@ -143,7 +147,7 @@ impl Inode {
     /// stored meanwhile is never taken back. Returns whether the listing matched.
     pub fn confirm(&self, listed: &Stat, ttl: Duration) -> bool {
         let mut s = self.lock();
-        if !s.stat.same_version(listed) {
+        if s.stat.listing_only || !s.stat.same_version(listed) {
             return false;
         }
         if s.stat.s3_modified.is_none() {
@@ -176,6 +180,7 @@ impl Inode {
         s.stat = Stat {
             // The new version's Last-Modified is S3's to say; the next HEAD or listing tells.
             s3_modified: None,
+            listing_only: false,
             ..stat
         };
         s.local_changes = false;

@@ -263,6 +263,7 @@ fn stat_of_head(head: &ObjectHead) -> (Kind, Stat) {
         uid: parse_u32(head.metadata.get("uid")),
         gid: parse_u32(head.metadata.get("gid")),
         s3_modified: Some(head.last_modified),
+        listing_only: false,
     };
     (kind, stat)
 }
@@ -728,6 +729,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
                     uid: None,
                     gid: None,
                     s3_modified: Some(obj.last_modified),
+                    listing_only: true,
                 };
                 found.entry(name.to_string()).or_insert((Kind::File, stat));
             }

@@ -150,6 +150,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
             uid: Some(caller.uid),
             gid: Some(caller.gid),
             s3_modified: None,
+            listing_only: false,
         }
     }
 

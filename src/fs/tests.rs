@@ -812,3 +812,25 @@ async fn deferred_attributes_that_cannot_be_stored_give_way_to_s3s() {
     fs.store_pending_metadata(Duration::ZERO).await;
     assert_eq!(path(&fs, "f").await.unwrap().perm, 0o644, "what S3 has");
 }
+
+#[tokio::test]
+async fn entries_known_only_from_a_listing_are_not_renewed_by_one() {
+    // A directory too large for HEADs per entry: its entries show the listing's attributes,
+    // and once expired a lookup asks for the object's own (s3fs mode), not another listing.
+    let keys: Vec<String> = (1..1100).map(|i| format!("big/f{i:05}")).collect();
+    let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+    let ttl = Duration::from_millis(200);
+    let (mock, fs) = fs_with(&refs, ttl);
+    let attrs = ObjectAttributes {
+        metadata: BTreeMap::from([("mode".to_string(), (0o100600u32).to_string())]),
+        ..Default::default()
+    };
+    mock.put_object("big/f00000", PutBody::from("x"), &attrs)
+        .await
+        .unwrap();
+    let big = path(&fs, "big").await.unwrap();
+    assert_eq!(names(&fs, big.ino).await.len(), 1100);
+    assert_eq!(fs.lookup(big.ino, "f00000").await.unwrap().perm, 0o644);
+    tokio::time::sleep(ttl + Duration::from_millis(50)).await;
+    assert_eq!(fs.lookup(big.ino, "f00000").await.unwrap().perm, 0o600);
+}
