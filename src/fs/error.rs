@@ -29,7 +29,7 @@ pub enum FsError {
     BadHandle,
     #[error("file too large for S3 (over 10,000 parts)")]
     FileTooLarge,
-    #[error("local temporary file: {0}")]
+    #[error("{0}")]
     Io(String),
     #[error("directory not empty")]
     NotEmpty,

@@ -263,5 +263,5 @@ impl Drop for Pending<'_> {
 
 fn io_error(e: std::io::Error) -> FsError {
     tracing::error!("local copy of a file read at random: {e}");
-    FsError::Io(e.to_string())
+    FsError::Io(format!("local temporary file: {e}"))
 }

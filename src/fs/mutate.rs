@@ -482,21 +482,26 @@ impl<C: ObjectClient> S3Filesystem<C> {
         // As many at once as a renamed directory copies (`chmod -R` of a large tree).
         futures_util::stream::iter(stores)
             .buffer_unordered(RENAME_PARALLELISM)
-            .collect::<Vec<()>>()
+            .collect::<Vec<bool>>()
             .await;
     }
 
     /// Stores `ino`'s deferred attributes now, if it has any; the caller holds the inode.
-    async fn store_metadata_held(&self, ino: Ino) {
+    /// Returns false if S3 did not take them.
+    async fn store_metadata_held(&self, ino: Ino) -> bool {
         let Some((_, inode)) = super::lock(&self.pending_metadata).remove(&ino) else {
-            return;
+            return true;
         };
-        if let Err(e) = self.replace_metadata(&inode).await {
-            tracing::error!(
-                key = inode.key(),
-                "could not store changed attributes (mode, owner, mtime) in S3: {e}"
-            );
-            inode.forget_local_changes();
+        match self.replace_metadata(&inode).await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!(
+                    key = inode.key(),
+                    "could not store changed attributes (mode, owner, mtime) in S3: {e}"
+                );
+                inode.forget_local_changes();
+                false
+            }
         }
     }
 
@@ -504,11 +509,8 @@ impl<C: ObjectClient> S3Filesystem<C> {
     pub async fn fsync(&self, ino: Ino, fh: u64) -> FsResult<()> {
         self.flush(fh).await?;
         let _held = self.hold(ino).await;
-        if super::lock(&self.pending_metadata).contains_key(&ino) {
-            self.store_metadata_held(ino).await;
-            if self.inodes.get(ino).is_some_and(|i| i.lock().local_changes) {
-                return Err(FsError::Io("attributes not stored in S3".into()));
-            }
+        if !self.store_metadata_held(ino).await {
+            return Err(FsError::Io("attributes not stored in S3".into()));
         }
         Ok(())
     }

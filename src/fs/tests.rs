@@ -807,10 +807,16 @@ async fn deferred_attributes_that_cannot_be_stored_give_way_to_s3s() {
         mode: Some(0o600),
         ..Default::default()
     };
-    fs.setattr(f.ino, change).await.unwrap();
+    fs.setattr(f.ino, change.clone()).await.unwrap();
     mock.fail_next(Operation::CopyObject, crate::s3::ErrorKind::AccessDenied, 1);
     fs.store_pending_metadata(Duration::ZERO).await;
     assert_eq!(path(&fs, "f").await.unwrap().perm, 0o644, "what S3 has");
+    // fsync says so.
+    fs.setattr(f.ino, change).await.unwrap();
+    mock.fail_next(Operation::CopyObject, crate::s3::ErrorKind::AccessDenied, 1);
+    let fh = fs.open(f.ino, false, false).await.unwrap();
+    assert_eq!(fs.fsync(f.ino, fh).await.unwrap_err().errno(), libc::EIO);
+    fs.release_file(fh).await;
 }
 
 #[tokio::test]

@@ -342,7 +342,7 @@ pub struct WriteHandle<C> {
 
 fn io_error(e: std::io::Error) -> FsError {
     tracing::error!("spool file: {e}");
-    FsError::Io(e.to_string())
+    FsError::Io(format!("local temporary file: {e}"))
 }
 
 impl<C: ObjectClient> WriteHandle<C> {
