@@ -96,9 +96,32 @@ pub struct Cli {
     #[arg(long, default_value = "8", value_name = "N")]
     pub upload_concurrency: usize,
 
+    /// Where files being written are spooled (default: $TMPDIR, else /tmp); needs room for
+    /// the files open for writing at once.
+    #[arg(long, value_name = "DIR")]
+    pub spool_dir: Option<PathBuf>,
+
     /// Attempts per S3 request before its error is returned (the first included).
     #[arg(long, default_value = "10", value_name = "N")]
     pub retry_attempts: u32,
+
+    /// No retry of a request starts later than this after its first attempt, in seconds.
+    #[arg(long, value_parser = parse_seconds, default_value = "30", value_name = "SECONDS")]
+    pub retry_max_time: Duration,
+
+    /// Longest wait for a connection to the endpoint, in seconds.
+    #[arg(long, value_parser = parse_seconds, default_value = "5", value_name = "SECONDS")]
+    pub connect_timeout: Duration,
+
+    /// Longest wait for the answer to a request once it is sent, in seconds (server-side
+    /// copies get 12 times as long).
+    #[arg(long, value_parser = parse_seconds, default_value = "10", value_name = "SECONDS")]
+    pub request_timeout: Duration,
+
+    /// Longest time a request or response body may make no progress, in seconds; the request
+    /// is then retried (a GET resumes where its body stopped).
+    #[arg(long, value_parser = parse_seconds, default_value = "5", value_name = "SECONDS")]
+    pub stall_timeout: Duration,
 
     /// Stay in the foreground (logs go to stderr).
     #[arg(short, long)]
@@ -119,7 +142,9 @@ pub struct Cli {
 
     /// Mount options, comma-separated, as mount(8) passes them: ro, rw, allow_other,
     /// allow_root, uid=N, gid=N, file_mode=OCT, dir_mode=OCT, endpoint_url=URL, region=R,
-    /// profile=P, prefix=P, force_path_style, metadata_ttl=S, max_memory=SIZE, foreground.
+    /// profile=P, prefix=P, force_path_style, metadata_ttl=S, max_memory=SIZE, foreground,
+    /// retry_attempts=N, retry_max_time=S, connect_timeout=S, request_timeout=S,
+    /// stall_timeout=S.
     #[arg(short = 'o', value_name = "OPTIONS", action = clap::ArgAction::Append)]
     pub options: Vec<String>,
 }
@@ -197,6 +222,16 @@ impl Cli {
                     "prefix" => self.prefix = Some(need()?.to_string()),
                     "metadata_ttl" => self.metadata_ttl = parse_seconds(need()?)?,
                     "max_memory" => self.max_memory = parse_size(need()?)?,
+                    "retry_attempts" | "retries" => {
+                        self.retry_attempts = need()?.parse().map_err(|_| {
+                            format!("{name}={} is not a number", need().unwrap_or_default())
+                        })?
+                    }
+                    "retry_max_time" => self.retry_max_time = parse_seconds(need()?)?,
+                    "connect_timeout" => self.connect_timeout = parse_seconds(need()?)?,
+                    "request_timeout" => self.request_timeout = parse_seconds(need()?)?,
+                    "stall_timeout" => self.stall_timeout = parse_seconds(need()?)?,
+                    "spool_dir" => self.spool_dir = Some(PathBuf::from(need()?)),
                     "dev" | "nodev" | "suid" | "nosuid" | "exec" | "noexec" | "auto" | "noauto"
                     | "user" | "nouser" | "users" | "_netdev" | "nofail" | "defaults" | "atime"
                     | "noatime" | "relatime" | "async" => {}
@@ -233,6 +268,15 @@ impl Cli {
         }
         if self.upload_concurrency == 0 || self.retry_attempts == 0 {
             return Err("--upload-concurrency and --retry-attempts must be at least 1".into());
+        }
+        for (name, value) in [
+            ("--connect-timeout", self.connect_timeout),
+            ("--request-timeout", self.request_timeout),
+            ("--stall-timeout", self.stall_timeout),
+        ] {
+            if value < Duration::from_millis(100) {
+                return Err(format!("{name} must be at least 0.1 seconds"));
+            }
         }
         if self.allow_other && self.allow_root {
             return Err("--allow-other already includes root; give only one of --allow-other and --allow-root".into());

@@ -21,7 +21,7 @@ use fuser::{
 
 use crate::fs::error::{FsError, FsResult};
 use crate::fs::inode::Kind;
-use crate::fs::mutate::{Caller, SetAttr};
+use crate::fs::mutate::{Caller, SetAttr, WrittenNow};
 use crate::fs::{Attr, S3Filesystem};
 use crate::s3::ObjectClient;
 
@@ -93,7 +93,22 @@ fn caller(req: &Request) -> Caller {
     Caller {
         uid: req.uid(),
         gid: req.gid(),
+        process: process_of(req.pid()),
     }
+}
+
+/// The process (thread-group id) of the thread `pid` that made a request: FUSE names the
+/// thread, and a file opened by one thread of a program may be closed by another.
+fn process_of(pid: u32) -> u32 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("Tgid:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(pid)
 }
 
 /// Names that are not UTF-8 cannot be S3 keys we wrote or can list.
@@ -333,11 +348,12 @@ impl<C: ObjectClient> Filesystem for FuseAdapter<C> {
         reply.error(errno(&FsError::NotPermitted("hard links"), "link"));
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let write = !matches!(flags.acc_mode(), OpenAccMode::O_RDONLY);
         let truncate = flags.0 & libc::O_TRUNC != 0;
+        let opener = write.then(|| process_of(req.pid()));
         self.spawn(|fs| async move {
-            match fs.open(ino.0, write, truncate).await {
+            match fs.open_by(ino.0, write, truncate, opener).await {
                 // The page cache may keep data across opens only while the object is unchanged;
                 // open always checks the ETag, so keeping it is safe within one version.
                 Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
@@ -384,13 +400,23 @@ impl<C: ObjectClient> Filesystem for FuseAdapter<C> {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        // A sequential write into memory needs no task (nor a copy of the data for one).
-        if let Some(n) = self.fs.write_now(fh.0, offset, data) {
-            return reply.written(n);
+        // A sequential write into memory needs no task (nor a copy of the data for one); one
+        // that completes a part waits for its upload to have room before it is answered.
+        match self.fs.write_now(fh.0, offset, data) {
+            Some(WrittenNow::Done(n)) => return reply.written(n),
+            Some(WrittenNow::Then(n)) => {
+                return self.spawn(|fs| async move {
+                    match fs.after_write_now(fh.0).await {
+                        Ok(()) => reply.written(n),
+                        Err(e) => reply.error(errno(&e, "write")),
+                    }
+                })
+            }
+            None => {}
         }
         let data = bytes::Bytes::copy_from_slice(data);
         self.spawn(|fs| async move {
-            match fs.write(fh.0, offset, &data).await {
+            match fs.write_owned(fh.0, offset, data).await {
                 Ok(n) => reply.written(n),
                 Err(e) => reply.error(errno(&e, "write")),
             }
@@ -399,14 +425,15 @@ impl<C: ObjectClient> Filesystem for FuseAdapter<C> {
 
     fn flush(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
+        let closer = process_of(req.pid());
         self.spawn(|fs| async move {
-            match fs.flush(fh.0).await {
+            match fs.flush_by(fh.0, Some(closer)).await {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(errno(&e, "close")),
             }

@@ -79,6 +79,10 @@ pub fn plan(cli: Cli) -> Result<MountPlan, StartError> {
     }
     client.max_idle_connections = 128;
     client.retry.max_attempts = cli.retry_attempts;
+    client.retry.max_elapsed = cli.retry_max_time;
+    client.connect_timeout = cli.connect_timeout;
+    client.request_timeout = cli.request_timeout;
+    client.stall_timeout = cli.stall_timeout;
     check_mountpoint(&cli.mountpoint)?;
 
     // SAFETY: getuid/getgid cannot fail and have no preconditions.
@@ -99,6 +103,7 @@ pub fn plan(cli: Cli) -> Result<MountPlan, StartError> {
         write: crate::fs::write::WriteConfig {
             part_size: cli.part_size,
             upload_concurrency: cli.upload_concurrency,
+            spool_dir: cli.spool_dir.clone(),
         },
         journal_dir: Some(journal_dir(
             &cli.bucket,
@@ -174,13 +179,29 @@ pub fn explain(e: &ClientError, cfg: &ClientConfig) -> String {
         Auth::Anonymous => "(anonymous)".to_string(),
     };
     let bucket = &cfg.bucket;
+    // What the server itself said, for every case where it said something.
+    let said = if e.status.is_some() {
+        format!(
+            " (the server says {}{})",
+            e.kind,
+            if e.message.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", e.message)
+            }
+        )
+    } else {
+        String::new()
+    };
     match &e.kind {
         ErrorKind::Connect => format!("cannot reach the S3 endpoint {endpoint}: {}; check --endpoint-url and that the server is running", short(&e.message)),
-        ErrorKind::Timeout => format!("the S3 endpoint {endpoint} did not answer in time; check --endpoint-url and the network"),
-        ErrorKind::NoSuchBucket => format!("bucket '{bucket}' does not exist at {endpoint}; check the bucket name (and --region)"),
-        ErrorKind::SignatureDoesNotMatch => format!("the secret access key for access key id {key_id} is wrong (the server says SignatureDoesNotMatch)"),
-        ErrorKind::InvalidAccessKeyId => format!("access key id {key_id} is not known to {endpoint}; check AWS_ACCESS_KEY_ID or the profile"),
-        ErrorKind::AccessDenied => format!("access to bucket '{bucket}' is denied for access key id {key_id}; it needs permission to list the bucket"),
+        ErrorKind::Timeout => format!("the S3 endpoint {endpoint} did not answer in time ({}); check --endpoint-url and the network", e.message),
+        ErrorKind::NotS3 => format!("{endpoint} is not an S3 endpoint: {}", e.message),
+        ErrorKind::InvalidResponse => format!("{endpoint} answered something that is not S3's answer ({}); check --endpoint-url", e.message),
+        ErrorKind::NoSuchBucket => format!("bucket '{bucket}' does not exist at {endpoint}; check the bucket name (and --region){said}"),
+        ErrorKind::SignatureDoesNotMatch => format!("the secret access key for access key id {key_id} is wrong{said}"),
+        ErrorKind::InvalidAccessKeyId => format!("access key id {key_id} is not known to {endpoint}; check AWS_ACCESS_KEY_ID or the profile{said}"),
+        ErrorKind::AccessDenied => format!("access to bucket '{bucket}' is denied for access key id {key_id}; it needs permission to list the bucket{said}"),
         ErrorKind::WrongRegion => format!("bucket '{bucket}' is in another region: {}", e.message),
         _ => format!("checking bucket '{bucket}' at {endpoint} failed: {e}"),
     }
@@ -238,6 +259,12 @@ fn init_logging(level: &str, file: Option<&Path>) -> Result<(), StartError> {
                 .init()
         }
     }
+    // A panic is a bug: say so in the log (in the background stderr goes nowhere), with where
+    // it happened. The FUSE request it was serving is answered EIO by fuser.
+    std::panic::set_hook(Box::new(|info| {
+        let backtrace = std::backtrace::Backtrace::capture();
+        tracing::error!("bug: {info}\n{backtrace}");
+    }));
     Ok(())
 }
 
@@ -262,6 +289,9 @@ fn journal_dir(bucket: &str, prefix: &str) -> PathBuf {
 fn runtime() -> Result<tokio::runtime::Runtime, StartError> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(4)
+        // Blocking work (hashing parts, spool and local-copy I/O) is bounded by the memory
+        // budget anyway; more threads would only add stacks and allocator arenas.
+        .max_blocking_threads(32)
         .thread_name("s3mount-worker")
         .enable_all()
         .build()
@@ -277,6 +307,10 @@ fn bound_allocator() {
     // SAFETY: mallopt only changes allocator tunables; called before any other thread exists.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+        // One arena per thread (glibc's default, up to 8 per core) keeps freed memory of each
+        // thread's own; a few shared ones hold less of it (measured with 16 readers and 16
+        // writers).
+        libc::mallopt(libc::M_ARENA_MAX, 4);
     }
 }
 
@@ -381,13 +415,6 @@ fn mount_and_serve(
     let client =
         Arc::new(S3Client::new(plan.client.clone()).map_err(|e| StartError(e.to_string()))?);
     let fs = Arc::new(S3Filesystem::new(client.clone(), plan.fs.clone()));
-    let recovered = rt.block_on(fs.recover_uploads());
-    if recovered > 0 {
-        tracing::warn!(
-            recovered,
-            "aborted multipart uploads an earlier s3mount left unfinished"
-        );
-    }
     let adapter = FuseAdapter::new(fs.clone(), rt.handle().clone());
 
     let mut options = vec![
@@ -423,6 +450,17 @@ fn mount_and_serve(
     tracing::info!(source = %plan.source, mountpoint = %plan.mountpoint.display(), "mounted");
     raise_kernel_readahead(&plan.mountpoint);
     mounted(Ok(()));
+    // Uploads an earlier s3mount left behind are cleaned up while the mount serves.
+    let recovering = fs.clone();
+    rt.spawn(async move {
+        let recovered = recovering.recover_uploads().await;
+        if recovered > 0 {
+            tracing::info!(
+                recovered,
+                "cleaned up multipart uploads an earlier s3mount left unfinished"
+            );
+        }
+    });
 
     let mut unmounter = session.unmount_callable();
     let mountpoint = plan.mountpoint.clone();

@@ -27,10 +27,12 @@ pub enum FsError {
     NotSupported(&'static str),
     #[error("bad file handle")]
     BadHandle,
-    #[error("file too large for S3 (over 10,000 parts)")]
-    FileTooLarge,
+    #[error("file too large: {0}")]
+    FileTooLarge(String),
     #[error("{0}")]
     Io(String),
+    #[error("no space left on the local disk: {0}")]
+    NoSpace(String),
     #[error("directory not empty")]
     NotEmpty,
     #[error("file exists")]
@@ -53,8 +55,9 @@ impl FsError {
             FsError::Invalid(_) => libc::EINVAL,
             FsError::NotSupported(_) => libc::ENOTSUP,
             FsError::BadHandle => libc::EBADF,
-            FsError::FileTooLarge => libc::EFBIG,
+            FsError::FileTooLarge(_) => libc::EFBIG,
             FsError::Io(_) => libc::EIO,
+            FsError::NoSpace(_) => libc::ENOSPC,
             FsError::NotEmpty => libc::ENOTEMPTY,
             FsError::Exists => libc::EEXIST,
             FsError::NotPermitted(_) => libc::EPERM,
@@ -79,7 +82,8 @@ impl FsError {
                 | ErrorKind::Connect
                 | ErrorKind::Timeout
                 | ErrorKind::Transport
-                | ErrorKind::InvalidResponse => libc::EIO,
+                | ErrorKind::InvalidResponse
+                | ErrorKind::NotS3 => libc::EIO,
             },
         }
     }
@@ -88,7 +92,7 @@ impl FsError {
     /// failed and why. ENOENT and friends are normal answers and stay at debug level.
     pub fn log_if_unexpected(&self, what: &str) {
         match self.errno() {
-            libc::EIO | libc::EACCES => tracing::error!("{what}: {self}"),
+            libc::EIO | libc::EACCES | libc::ENOSPC => tracing::error!("{what}: {self}"),
             libc::ESTALE => tracing::warn!("{what}: {self}"),
             _ => tracing::debug!("{what}: {self}"),
         }
@@ -102,6 +106,28 @@ pub fn from_client(e: ClientError) -> FsError {
         ErrorKind::NoSuchKey => FsError::NotFound,
         ErrorKind::PreconditionFailed => FsError::Stale,
         _ => FsError::S3(e),
+    }
+}
+
+impl FsError {
+    /// A failure of the local disk (spool, local copy) while doing `what`: a full disk is
+    /// ENOSPC, a size past the file system's limit EFBIG, anything else EIO. Logged here, with
+    /// what was being done, since the errno alone does not say which file failed.
+    pub fn local(what: &str, e: std::io::Error) -> FsError {
+        let message = format!("{what}: {e}");
+        tracing::error!("local disk: {message}");
+        match e.raw_os_error() {
+            Some(libc::ENOSPC) | Some(libc::EDQUOT) => FsError::NoSpace(message),
+            Some(libc::EFBIG) => FsError::FileTooLarge(message),
+            _ => FsError::Io(message),
+        }
+    }
+
+    /// Something inside s3mount that should not happen did (a task that ended without an
+    /// answer): EIO for the caller, and a log line saying what.
+    pub fn internal(what: &str) -> FsError {
+        tracing::error!("internal error: {what}");
+        FsError::Io(format!("internal error: {what}"))
     }
 }
 

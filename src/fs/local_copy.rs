@@ -38,6 +38,9 @@ struct Shared {
     chunks: Mutex<Chunks>,
     /// Woken whenever a fetch ends, well or badly.
     arrived: Notify,
+    /// The local disk refused data (full, failing): the copy is given up, and the handle
+    /// reads from S3 again.
+    broken: std::sync::atomic::AtomicBool,
 }
 
 pub struct LocalCopy<C> {
@@ -73,6 +76,7 @@ impl<C: ObjectClient> LocalCopy<C> {
                 pending: HashSet::new(),
             }),
             arrived: Notify::new(),
+            broken: std::sync::atomic::AtomicBool::new(false),
         });
         let copy = Self {
             key,
@@ -86,6 +90,13 @@ impl<C: ObjectClient> LocalCopy<C> {
         Ok(copy)
     }
 
+    /// Whether the local disk failed it: reads must go to S3.
+    pub fn broken(&self) -> bool {
+        self.shared
+            .broken
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Whether every chunk is on disk.
     pub fn complete(&self) -> bool {
         let c = self.shared.chunks.lock().expect("not poisoned");
@@ -96,6 +107,9 @@ impl<C: ObjectClient> LocalCopy<C> {
     /// the FUSE thread.
     pub fn read_now(&self, offset: u64, end: u64) -> Option<FsResult<Bytes>> {
         let s = &self.shared;
+        if self.broken() {
+            return None;
+        }
         {
             let c = s.chunks.lock().ok()?;
             if !(offset / s.chunk..=(end - 1) / s.chunk).all(|i| c.present[i as usize]) {
@@ -228,12 +242,10 @@ async fn fetch_chunks<C: ObjectClient>(
         fetched: false,
     };
     let bytes = span.start * s.chunk..(span.end * s.chunk).min(s.size);
-    let _memory = ctx.budget.reserve(bytes.end - bytes.start).await;
-    let data = fetch(&*ctx.client, key, etag, bytes.clone()).await?;
-    let mut at = bytes.start;
-    for part in data.parts() {
-        s.file.write_all_at(part, at).map_err(io_error)?;
-        at += part.len() as u64;
+    let data = fetch(ctx, key, etag, bytes.clone()).await?;
+    if let Err(e) = s.file.write_all_at(&data, bytes.start) {
+        s.broken.store(true, std::sync::atomic::Ordering::Relaxed);
+        return Err(io_error(e));
     }
     guard.fetched = true;
     Ok(())
@@ -262,6 +274,5 @@ impl Drop for Pending<'_> {
 }
 
 fn io_error(e: std::io::Error) -> FsError {
-    tracing::error!("local copy of a file read at random: {e}");
-    FsError::Io(format!("local temporary file: {e}"))
+    FsError::local("local copy of a file read at random", e)
 }

@@ -28,6 +28,7 @@ pub mod error;
 pub mod inode;
 pub mod journal;
 pub mod local_copy;
+pub mod memory;
 pub mod mutate;
 pub mod read;
 pub mod write;
@@ -48,6 +49,8 @@ use write::{WriteConfig, WriteHandle};
 
 /// The longest file name Linux accepts.
 pub const MAX_NAME_LEN: usize = 255;
+/// The longest object key S3 accepts, in bytes (mount prefix included).
+pub const MAX_KEY_LEN: usize = 1024;
 /// Directories with at most this many entries get their files' s3fs metadata (HeadObject, in
 /// parallel) when listed; larger ones show the listing's attributes.
 pub const METADATA_LISTING_LIMIT: usize = 1000;
@@ -171,6 +174,9 @@ pub(crate) enum OpenFile<C> {
     Write {
         ino: Ino,
         writer: Arc<WriteHandle<C>>,
+        /// The process that opened it, when known: only its closes commit (see
+        /// `S3Filesystem::flush_by`).
+        opener: Option<u32>,
     },
 }
 
@@ -178,9 +184,14 @@ impl<C> Clone for OpenFile<C> {
     fn clone(&self) -> Self {
         match self {
             OpenFile::Read(h) => OpenFile::Read(h.clone()),
-            OpenFile::Write { ino, writer } => OpenFile::Write {
+            OpenFile::Write {
+                ino,
+                writer,
+                opener,
+            } => OpenFile::Write {
                 ino: *ino,
                 writer: writer.clone(),
+                opener: *opener,
             },
         }
     }
@@ -373,6 +384,15 @@ impl<C: ObjectClient> S3Filesystem<C> {
         }
     }
 
+    fn warn_shadowed(&self, key: &str) {
+        if lock(&self.warned_names).insert(key.to_string()) {
+            tracing::warn!(
+                key,
+                "skipping an object hidden by a directory of the same name (keys below {key}/)"
+            );
+        }
+    }
+
     /// Looks `name` up in `parent` and counts one kernel reference on the result.
     pub async fn lookup(&self, parent: Ino, name: &str) -> FsResult<Attr> {
         if name.len() > MAX_NAME_LEN {
@@ -418,6 +438,9 @@ impl<C: ObjectClient> S3Filesystem<C> {
         self.stats.lookups.fetch_add(1, Ordering::Relaxed);
 
         let key = format!("{}{name}", dir.key());
+        if key.len() > MAX_KEY_LEN {
+            return Err(FsError::NameTooLong);
+        }
         let dir_prefix = format!("{key}/");
         let listing = ListRequest {
             prefix: &dir_prefix,
@@ -431,6 +454,9 @@ impl<C: ObjectClient> S3Filesystem<C> {
         );
         let list = list.map_err(from_client)?;
         if !list.objects.is_empty() || !list.common_prefixes.is_empty() {
+            if head.is_ok() {
+                self.warn_shadowed(&key);
+            }
             let marker = list.objects.first().filter(|o| o.key == dir_prefix);
             let mut stat = Stat::directory(marker.map_or(self.mounted_at, |o| o.last_modified));
             if marker.is_some() {
@@ -731,7 +757,12 @@ impl<C: ObjectClient> S3Filesystem<C> {
                     s3_modified: Some(obj.last_modified),
                     listing_only: true,
                 };
-                found.entry(name.to_string()).or_insert((Kind::File, stat));
+                match found.entry(name.to_string()) {
+                    std::collections::btree_map::Entry::Vacant(v) => {
+                        v.insert((Kind::File, stat));
+                    }
+                    std::collections::btree_map::Entry::Occupied(_) => self.warn_shadowed(&obj.key),
+                }
             }
             for prefix in page.common_prefixes {
                 let name = prefix[dir_key.len()..].trim_end_matches('/');
@@ -740,10 +771,13 @@ impl<C: ObjectClient> S3Filesystem<C> {
                     continue;
                 }
                 // A directory shadows a file of the same name.
-                found.insert(
+                let shadowed = found.insert(
                     name.to_string(),
                     (Kind::Directory, Stat::directory(self.mounted_at)),
                 );
+                if shadowed.is_some_and(|(kind, _)| kind == Kind::File) {
+                    self.warn_shadowed(&format!("{dir_key}{name}"));
+                }
             }
             match page.next_continuation_token {
                 Some(t) => token = Some(t),
@@ -851,6 +885,18 @@ impl<C: ObjectClient> S3Filesystem<C> {
     /// Opens a file: for reading, pinned to its current ETag; for writing (`write`), through
     /// the inode's write handle, empty when `truncate`.
     pub async fn open(&self, ino: Ino, write: bool, truncate: bool) -> FsResult<u64> {
+        self.open_by(ino, write, truncate, None).await
+    }
+
+    /// [`S3Filesystem::open`] by process `opener` (its thread-group id), whose closes alone
+    /// commit a file opened for writing.
+    pub async fn open_by(
+        &self,
+        ino: Ino,
+        write: bool,
+        truncate: bool,
+        opener: Option<u32>,
+    ) -> FsResult<u64> {
         let inode = self.inode(ino)?;
         match inode.kind {
             Kind::Directory => return Err(FsError::IsADirectory),
@@ -858,7 +904,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
             Kind::File => {}
         }
         if write {
-            return self.open_for_write(inode, truncate).await;
+            return self.open_for_write(inode, truncate, opener).await;
         }
         if lock(&self.writers).contains_key(&ino) {
             // Being written through another descriptor: read what is being written.
@@ -866,7 +912,15 @@ impl<C: ObjectClient> S3Filesystem<C> {
             if let Some(writer) = writer {
                 let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
                 lock(&self.writers).entry(ino).and_modify(|(_, n)| *n += 1);
-                lock(&self.files).insert(fh, OpenFile::Write { ino, writer });
+                lock(&self.files).insert(
+                    fh,
+                    OpenFile::Write {
+                        ino,
+                        writer,
+                        // A reader's close stores nothing (no process is 0).
+                        opener: Some(0),
+                    },
+                );
                 return Ok(fh);
             }
         }

@@ -21,7 +21,7 @@ use bytes::Bytes;
 
 use super::error::{from_client, FsError, FsResult};
 use super::inode::{Ino, Inode, Kind, Stat};
-use super::write::{WriteHandle, MAX_COPY_PART};
+use super::write::{Appended, WriteHandle, MAX_COPY_PART};
 use super::{Attr, OpenFile, S3Filesystem};
 use crate::s3::{
     CompletedPart, CopySource, ErrorKind, ListRequest, MetadataDirective, ObjectAttributes,
@@ -42,6 +42,16 @@ const RENAME_PARALLELISM: usize = 16;
 pub struct Caller {
     pub uid: u32,
     pub gid: u32,
+    /// The calling process (thread-group id).
+    pub process: u32,
+}
+
+/// What [`S3Filesystem::write_now`] did with a write it took: `Done(n)` may be answered at
+/// once, `Then(n)` after [`S3Filesystem::after_write_now`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WrittenNow {
+    Done(u32),
+    Then(u32),
 }
 
 /// The changes of a `setattr`; `None` leaves a field as it is.
@@ -94,6 +104,10 @@ impl<C: ObjectClient> S3Filesystem<C> {
             return Err(FsError::Invalid("not a valid file name"));
         }
         let dir = self.dir_inode(parent)?;
+        // A directory's marker adds a `/`: the longest key the new entry may need.
+        if dir.key().len() + name.len() + 1 > super::MAX_KEY_LEN {
+            return Err(FsError::NameTooLong);
+        }
         match self.resolve(parent, name).await {
             Ok(_) => Err(FsError::Exists),
             Err(FsError::NotFound) => Ok(dir),
@@ -197,13 +211,19 @@ impl<C: ObjectClient> S3Filesystem<C> {
         let fh = self.register(OpenFile::Write {
             ino: inode.ino,
             writer,
+            opener: Some(caller.process),
         });
         Ok((self.attr_of(&inode), fh))
     }
 
     /// Opens an existing file for writing. With `truncate` it starts empty; otherwise it
     /// starts from the stored object, fetched or copied server-side only as needed.
-    pub(super) async fn open_for_write(&self, inode: Arc<Inode>, truncate: bool) -> FsResult<u64> {
+    pub(super) async fn open_for_write(
+        &self,
+        inode: Arc<Inode>,
+        truncate: bool,
+        opener: Option<u32>,
+    ) -> FsResult<u64> {
         self.check_writable()?;
         let existing = super::lock(&self.writers)
             .get(&inode.ino)
@@ -216,6 +236,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
             return Ok(self.register(OpenFile::Write {
                 ino: inode.ino,
                 writer,
+                opener,
             }));
         }
         let head = self
@@ -236,6 +257,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
         Ok(self.register(OpenFile::Write {
             ino: inode.ino,
             writer,
+            opener,
         }))
     }
 
@@ -256,7 +278,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
             .get(&fh)
             .cloned()
             .ok_or(FsError::BadHandle)?;
-        let OpenFile::Write { ino, writer } = file else {
+        let OpenFile::Write { ino, writer, .. } = file else {
             return Err(FsError::BadHandle);
         };
         let n = writer.write(offset, data).await?;
@@ -265,16 +287,59 @@ impl<C: ObjectClient> S3Filesystem<C> {
         Ok(n)
     }
 
-    /// The common case of a sequential writer, done at once without waiting for anything:
-    /// `Some` when `data` was taken, `None` when the write must go the full (async) way.
-    pub fn write_now(&self, fh: u64, offset: u64, data: &[u8]) -> Option<u32> {
+    /// [`S3Filesystem::write`] of data copied out of the kernel's request: the copy is freed
+    /// as soon as it is taken, before the writer waits for uploads to leave room, so copies
+    /// of requests in flight stay few and short-lived.
+    pub async fn write_owned(&self, fh: u64, offset: u64, data: bytes::Bytes) -> FsResult<u32> {
+        let file = super::lock(&self.files)
+            .get(&fh)
+            .cloned()
+            .ok_or(FsError::BadHandle)?;
+        let OpenFile::Write { ino, writer, .. } = file else {
+            return Err(FsError::BadHandle);
+        };
+        let n = writer.take(offset, &data).await?;
+        drop(data);
+        let size = writer.size().await;
+        self.written(ino, size);
+        writer.room().await?;
+        Ok(n)
+    }
+
+    /// The common case of a sequential writer, taken at once on the FUSE thread, without a
+    /// task or a copy of the data: `None` when the write must go the full (async) way (see
+    /// [`WriteHandle::append_now`]). [`WrittenNow::Then`] asks for
+    /// [`S3Filesystem::after_write_now`] before the writer is answered.
+    pub fn write_now(&self, fh: u64, offset: u64, data: &[u8]) -> Option<WrittenNow> {
         let (ino, writer) = match super::lock(&self.files).get(&fh) {
-            Some(OpenFile::Write { ino, writer }) => (*ino, writer.clone()),
+            Some(OpenFile::Write { ino, writer, .. }) => (*ino, writer.clone()),
             _ => return None,
         };
-        let size = writer.append_now(offset, data)?;
-        self.written(ino, size);
-        Some(data.len() as u32)
+        let appended = writer.append_now(offset, data)?;
+        let n = data.len() as u32;
+        Some(match appended {
+            Appended::Taken(size) => {
+                self.written(ino, size);
+                WrittenNow::Done(n)
+            }
+            Appended::PartFull(size) => {
+                self.written(ino, size);
+                WrittenNow::Then(n)
+            }
+        })
+    }
+
+    /// Finishes a write that [`S3Filesystem::write_now`] took and that completed a part: the
+    /// part's upload starts, and the writer waits for room (back-pressure).
+    pub async fn after_write_now(&self, fh: u64) -> FsResult<()> {
+        let file = super::lock(&self.files)
+            .get(&fh)
+            .cloned()
+            .ok_or(FsError::BadHandle)?;
+        match file {
+            OpenFile::Write { writer, .. } => writer.seal_full_part().await,
+            OpenFile::Read(_) => Err(FsError::BadHandle),
+        }
     }
 
     fn written(&self, ino: Ino, size: u64) {
@@ -295,11 +360,35 @@ impl<C: ObjectClient> S3Filesystem<C> {
 
     /// Commits the file's data to S3 (flush and fsync): returns only once S3 has it.
     pub async fn flush(&self, fh: u64) -> FsResult<()> {
+        self.flush_by(fh, None).await
+    }
+
+    /// A close of a descriptor of `fh` by process `closer` (its thread-group id): commits,
+    /// unless another process opened the file. A child that inherited the descriptor (every
+    /// fork of a program writing a file, closing it at exec or exit) must not store the file
+    /// half-written; the opener's own close, or the last release, stores it.
+    pub async fn flush_by(&self, fh: u64, closer: Option<u32>) -> FsResult<()> {
         let file = super::lock(&self.files)
             .get(&fh)
             .cloned()
             .ok_or(FsError::BadHandle)?;
-        if let OpenFile::Write { ino, writer } = file {
+        if let OpenFile::Write {
+            ino,
+            writer,
+            opener,
+        } = file
+        {
+            if let (Some(opener), Some(closer)) = (opener, closer) {
+                if opener != closer {
+                    tracing::debug!(
+                        ino,
+                        opener,
+                        closer,
+                        "close by another process: not committed"
+                    );
+                    return Ok(());
+                }
+            }
             let _held = self.hold(ino).await;
             self.commit(ino, &writer).await?;
         }
@@ -364,10 +453,20 @@ impl<C: ObjectClient> S3Filesystem<C> {
 
     async fn release_held(&self, fh: u64) {
         let file = super::lock(&self.files).remove(&fh);
-        if let Some(OpenFile::Write { ino, writer }) = file {
-            // A commit that failed at close is tried once more here; if it fails again the
-            // multipart upload is aborted (close already reported EIO).
-            if self.drop_writer(ino).is_some() && self.commit(ino, &writer).await.is_err() {
+        if let Some(OpenFile::Write { ino, writer, .. }) = file {
+            if self.drop_writer(ino).is_none() {
+                return; // other descriptors still have it open
+            }
+            // Changes no close has tried to store yet (a write after the last flush, which
+            // mmap can make) are stored now. A commit that failed at a close is not tried
+            // again behind the application's back: that close reported the failure, and the
+            // file must not appear in S3 afterwards.
+            let stored = if writer.commit_due_at_release().await {
+                self.commit(ino, &writer).await.is_ok()
+            } else {
+                !writer.has_unstored_changes().await
+            };
+            if !stored {
                 writer.discard().await;
                 // What S3 has is the truth again: forget the changes it never got.
                 if let Some(inode) = self.inodes.get(ino) {
@@ -428,7 +527,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
             }
             (Kind::File, None) => {
                 if let Some(size) = change.size {
-                    let fh = self.open_for_write(inode.clone(), size == 0).await?;
+                    let fh = self.open_for_write(inode.clone(), size == 0, None).await?;
                     // This inode is held already: commit and release without taking it again.
                     let result = async {
                         let file = super::lock(&self.files).get(&fh).cloned();
@@ -671,6 +770,9 @@ impl<C: ObjectClient> S3Filesystem<C> {
         let _held = self.hold(source.ino).await;
         let old_key = source.key();
         let new_key = super::inode::child_key(&target_dir.key(), new_name, source.kind);
+        if new_key.len() > super::MAX_KEY_LEN {
+            return Err(FsError::NameTooLong);
+        }
         let writer = super::lock(&self.writers)
             .get(&source.ino)
             .map(|(w, _)| w.clone());
@@ -816,6 +918,13 @@ impl<C: ObjectClient> S3Filesystem<C> {
                 Some(t) => token = Some(t),
                 None => break,
             }
+        }
+        // Every key must fit at its new place before anything moves.
+        if keys
+            .iter()
+            .any(|k| k.len() - from.len() + to.len() > super::MAX_KEY_LEN)
+        {
+            return Err(FsError::NameTooLong);
         }
         let semaphore = Arc::new(tokio::sync::Semaphore::new(RENAME_PARALLELISM));
         let copies = keys.iter().map(|key| {

@@ -43,21 +43,26 @@
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 
 use super::error::{from_client, FsError, FsResult};
-use super::journal::UploadJournal;
-use super::read::{MemoryBudget, Reservation};
-use crate::s3::{ClientError, CompletedPart, CopySource, ObjectAttributes, ObjectClient, PutBody};
+use super::journal::{JournalEntry, LostCreate, UploadJournal};
+use super::memory::{MemoryBudget, PartBuffer, BUFFER_ALIGN};
+use crate::s3::{
+    ClientError, CompletedPart, CopySource, ErrorKind, ObjectAttributes, ObjectClient, PutBody,
+};
 
 /// S3 allows at most this many parts.
 pub const MAX_PARTS: u64 = 10_000;
 /// The most one UploadPartCopy copies. S3 allows 5 GiB, but a server copying that much sends
 /// nothing for longer than the read timeout (Garage: over 30 s for 5 GiB).
 pub const MAX_COPY_PART: u64 = 512 << 20;
+/// CreateMultipartUpload requests sent again after one whose answer was lost.
+const CREATE_RETRIES: usize = 2;
 /// Parts of one size before the size doubles.
 const PARTS_PER_SIZE: u64 = 1_000;
 /// Reads through a write handle fetch missing base bytes in aligned blocks of this size.
@@ -65,90 +70,42 @@ const FILL_BLOCK: u64 = 1 << 20;
 /// What one part upload from the spool holds in memory: the hashing buffer and the body chunks
 /// being sent.
 const PART_UPLOAD_MEMORY: u64 = 3 << 20;
-/// Alignment of buffers and offsets for O_DIRECT.
-const DIRECT_ALIGN: usize = 4096;
+/// Spool space for a part held in memory is reserved in steps of this size.
+const RESERVE_STEP: u64 = 1 << 20;
 
-/// Part buffers kept for reuse. Mapping fresh memory for every part costs a page fault per
-/// 4 KiB (measured: 1.6 CPU-s more per 2 GiB written); a few free buffers avoid that in the
-/// steady state of a long copy, and bound what stays mapped when writing stops.
-static FREE_BUFFERS: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
-const FREE_BUFFERS_KEPT: usize = 4;
-
-/// An empty buffer of at least `capacity` bytes, reused when one of a similar size is free.
-fn take_buffer(capacity: usize) -> Vec<u8> {
-    let mut free = FREE_BUFFERS.lock().unwrap_or_else(|p| p.into_inner());
-    match free
-        .iter()
-        .position(|b| b.capacity() >= capacity && b.capacity() <= 2 * capacity)
-    {
-        Some(i) => free.swap_remove(i),
-        None => Vec::with_capacity(capacity),
-    }
-}
-
-/// A part's data: `pad` bytes of alignment, then the data. Goes back to the free buffers when
-/// the last `Bytes` of it is dropped.
-struct PartBuffer {
-    buf: Vec<u8>,
-    pad: usize,
-}
-
-impl AsRef<[u8]> for PartBuffer {
-    fn as_ref(&self) -> &[u8] {
-        &self.buf[self.pad..]
-    }
-}
-
-impl Drop for PartBuffer {
-    fn drop(&mut self) {
-        let mut buf = std::mem::take(&mut self.buf);
-        buf.clear();
-        let mut free = FREE_BUFFERS.lock().unwrap_or_else(|p| p.into_inner());
-        if free.len() < FREE_BUFFERS_KEPT {
-            free.push(buf);
-        }
-    }
-}
-
-/// What a part upload holds in memory while it runs.
+/// What a part upload holds in memory while it runs, besides a body that carries its own.
 enum PartMemory {
-    /// The buffer the part is sent from, reserved when it was filled.
-    Held(Reservation),
     /// Buffers for reading it from the spool, reserved when the upload starts.
     Reserve(u64),
-    /// A server-side copy: nothing.
+    /// A body from memory (its buffer holds its reservation), or a server-side copy.
     None,
+}
+
+/// What [`WriteHandle::append_now`] did with a write; both carry the file's new size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Appended {
+    Taken(u64),
+    /// The write completed its part: [`WriteHandle::seal_full_part`] must follow.
+    PartFull(u64),
 }
 
 /// A part being written in order from its first byte, held in memory until it is full.
 struct Filling {
     part: u64,
     data: PartBuffer,
-    memory: Reservation,
 }
 
 impl Filling {
-    fn new(part: u64, capacity: usize, memory: Reservation) -> Self {
-        let mut buf = take_buffer(capacity + DIRECT_ALIGN);
-        let pad = buf.as_ptr().align_offset(DIRECT_ALIGN);
-        buf.resize(pad, 0);
-        Self {
-            part,
-            data: PartBuffer { buf, pad },
-            memory,
-        }
-    }
-
     fn len(&self) -> u64 {
-        (self.data.buf.len() - self.data.pad) as u64
+        self.data.len()
     }
 
     fn push(&mut self, bytes: &[u8]) {
-        self.data.buf.extend_from_slice(bytes);
+        self.data.push(bytes);
     }
 
-    fn into_parts(self) -> (u64, bytes::Bytes, Reservation) {
-        (self.part, bytes::Bytes::from_owner(self.data), self.memory)
+    fn into_parts(self) -> (u64, bytes::Bytes) {
+        (self.part, self.data.freeze())
     }
 }
 
@@ -169,6 +126,8 @@ pub struct WriteConfig {
     pub part_size: u64,
     /// Part uploads in flight per file.
     pub upload_concurrency: usize,
+    /// Where spool files are made (`None`: the system's temporary directory, `$TMPDIR`).
+    pub spool_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for WriteConfig {
@@ -176,6 +135,7 @@ impl Default for WriteConfig {
         Self {
             part_size: 8 * 1024 * 1024,
             upload_concurrency: 8,
+            spool_dir: None,
         }
     }
 }
@@ -216,6 +176,12 @@ struct Upload {
     key: String,
     id: String,
     parts: BTreeMap<u64, PartState>,
+    /// When it was created, and its entry in the journal (removed once it is completed or
+    /// aborted).
+    created: SystemTime,
+    entry: Option<JournalEntry>,
+    /// Creates of this upload whose answers were lost: looked for once it is over.
+    lost: Vec<LostCreate>,
 }
 
 /// Which bytes of each part have been written, as sorted disjoint ranges.
@@ -265,6 +231,16 @@ impl Coverage {
         self.parts.get(&part).is_none_or(|r| r.is_empty())
     }
 
+    /// Where part `part`, written in order from `start` with no gap, ends; `None` if it was
+    /// not written that way.
+    fn written_in_order(&self, part: u64, start: u64) -> Option<u64> {
+        match self.parts.get(&part).map(Vec::as_slice) {
+            None | Some([]) => Some(start),
+            Some([only]) if only.start == start => Some(only.end),
+            Some(_) => None,
+        }
+    }
+
     fn is_full(&self, part: u64, range: &Range<u64>) -> bool {
         self.parts
             .get(&part)
@@ -309,12 +285,112 @@ pub struct WriteState {
     base: Option<Base>,
     upload: Option<Upload>,
     dirty: bool,
+    /// Spool space reserved for the part held in memory, up to this offset (see
+    /// `reserve_spool`).
+    reserved_to: u64,
+    /// Whether the spool's file system can reserve space (fallocate); if not, a full disk is
+    /// found when the held part is copied there.
+    can_reserve: bool,
+    /// Set once a write could not be kept (the local disk failed or was full): the file is
+    /// no longer what the application wrote, so it is never stored; every later write and
+    /// the commit fail with this.
+    failed: Option<Failure>,
+    /// The last commit failed and nothing changed since: the last release must not try again
+    /// behind the application's back (its close was told of the failure).
+    commit_failed: bool,
+    /// A part `append_now` completed, for `seal_full_part` to start.
+    completed: Option<u64>,
+}
+
+/// Why a handle failed, kept to answer every later call the same way.
+#[derive(Debug, Clone)]
+struct Failure {
+    no_space: bool,
+    message: String,
+}
+
+impl Failure {
+    fn error(&self) -> FsError {
+        if self.no_space {
+            FsError::NoSpace(self.message.clone())
+        } else {
+            FsError::Io(self.message.clone())
+        }
+    }
 }
 
 impl WriteState {
+    /// Fails with what made the handle fail, if it did.
+    fn check(&self) -> FsResult<()> {
+        self.failed.as_ref().map_or(Ok(()), |f| Err(f.error()))
+    }
+
+    /// A write to the spool failed while `what`: the handle no longer holds what the
+    /// application wrote, so it fails for good (a size past the file system's limit changes
+    /// nothing and does not).
+    fn spool_failed(&mut self, what: &str, e: std::io::Error) -> FsError {
+        let err = FsError::local(&format!("spool file of {}: {what}", self.key), e);
+        let failure = match &err {
+            FsError::NoSpace(m) => Some(Failure {
+                no_space: true,
+                message: m.clone(),
+            }),
+            FsError::Io(m) => Some(Failure {
+                no_space: false,
+                message: m.clone(),
+            }),
+            _ => None,
+        };
+        if self.failed.is_none() {
+            self.failed = failure;
+        }
+        err
+    }
+
+    /// Something changed: the next commit stores it, and so may the last release.
+    fn changed(&mut self) {
+        self.dirty = true;
+        self.commit_failed = false;
+    }
+
+    /// Reserves spool space for the part held in memory up to `upto` (rounded up to
+    /// [`RESERVE_STEP`], within the part), so a full disk fails the write that needs the space,
+    /// not a later copy into the spool. Off where the file system cannot reserve.
+    fn reserve_spool(&mut self, part_end: u64, upto: u64) -> FsResult<()> {
+        if !self.can_reserve || upto <= self.reserved_to {
+            return Ok(());
+        }
+        let to = upto
+            .div_ceil(RESERVE_STEP)
+            .saturating_mul(RESERVE_STEP)
+            .min(part_end);
+        use std::os::unix::io::AsRawFd;
+        // SAFETY: fallocate on a descriptor this handle owns; the range is within i64.
+        let r = unsafe {
+            libc::fallocate(
+                self.spool.as_raw_fd(),
+                libc::FALLOC_FL_KEEP_SIZE,
+                self.reserved_to as i64,
+                (to - self.reserved_to) as i64,
+            )
+        };
+        if r == 0 {
+            self.reserved_to = to;
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::ENODEV) => {
+                self.can_reserve = false;
+                Ok(())
+            }
+            _ => Err(self.spool_failed("reserving space for the data", e)),
+        }
+    }
+
     /// Something besides the data changed (metadata, the key): commit again.
     pub fn touch(&mut self) {
-        self.dirty = true;
+        self.changed();
     }
 
     /// The object at `from` with ETag `etag` was copied to `to` as `new_etag` (a rename while
@@ -340,11 +416,6 @@ pub struct WriteHandle<C> {
     pub state: tokio::sync::Mutex<WriteState>,
 }
 
-fn io_error(e: std::io::Error) -> FsError {
-    tracing::error!("spool file: {e}");
-    FsError::Io(format!("local temporary file: {e}"))
-}
-
 impl<C: ObjectClient> WriteHandle<C> {
     /// A handle for a new (or truncated) object at `key`.
     pub fn new(
@@ -355,9 +426,28 @@ impl<C: ObjectClient> WriteHandle<C> {
         key: String,
         attrs: ObjectAttributes,
     ) -> FsResult<Self> {
-        let spool = tempfile::tempfile().map_err(io_error)?;
+        let spool = match &config.spool_dir {
+            Some(dir) => tempfile::tempfile_in(dir),
+            None => tempfile::tempfile(),
+        }
+        .map_err(|e| FsError::local(&format!("creating the spool file of {key}"), e))?;
+        Ok(Self::with_spool(
+            client, config, journal, budget, key, attrs, spool,
+        ))
+    }
+
+    /// A handle whose spool is `spool` (an empty file).
+    fn with_spool(
+        client: Arc<C>,
+        config: WriteConfig,
+        journal: Option<Arc<UploadJournal>>,
+        budget: Arc<MemoryBudget>,
+        key: String,
+        attrs: ObjectAttributes,
+        spool: std::fs::File,
+    ) -> Self {
         let direct = open_direct(&spool).map(Arc::new);
-        Ok(Self {
+        Self {
             client,
             journal,
             budget,
@@ -376,19 +466,43 @@ impl<C: ObjectClient> WriteHandle<C> {
                 upload: None,
                 // A new file exists once committed, even when nothing is written to it.
                 dirty: true,
+                reserved_to: 0,
+                can_reserve: true,
+                failed: None,
+                commit_failed: false,
+                completed: None,
             }),
-        })
+        }
     }
 
     pub async fn size(&self) -> u64 {
         self.state.lock().await.size
     }
 
+    /// The largest file S3's 10,000 parts of our growing sizes can hold (past its 5 TiB
+    /// object limit with the default part size).
+    fn max_size(&self) -> u64 {
+        part_range(MAX_PARTS - 1, self.config.part_size).end
+    }
+
+    fn too_large(&self) -> FsError {
+        FsError::FileTooLarge(format!(
+            "S3 objects made of {MAX_PARTS} parts from {} MiB hold at most {} bytes",
+            self.config.part_size >> 20,
+            self.max_size()
+        ))
+    }
+
     /// Starts from the stored object (opening without O_TRUNC): `size` bytes with ETag `etag`,
     /// fetched or copied only as needed. Nothing to commit until something changes.
     pub async fn start_from(&self, etag: String, size: u64) -> FsResult<()> {
         let mut s = self.state.lock().await;
-        s.spool.set_len(size).map_err(io_error)?;
+        if let Err(e) = s.spool.set_len(size) {
+            return Err(FsError::local(
+                &format!("sizing the spool file of {}", s.key),
+                e,
+            ));
+        }
         s.size = size;
         s.coverage = Coverage::default();
         s.base = Some(Base {
@@ -412,7 +526,9 @@ impl<C: ObjectClient> WriteHandle<C> {
         let block = offset - offset % FILL_BLOCK..end.div_ceil(FILL_BLOCK) * FILL_BLOCK;
         self.fill(&mut s, block).await?;
         let mut buf = vec![0u8; (end - offset) as usize];
-        s.spool.read_exact_at(&mut buf, offset).map_err(io_error)?;
+        s.spool
+            .read_exact_at(&mut buf, offset)
+            .map_err(|e| FsError::local(&format!("reading the spool file of {}", s.key), e))?;
         Ok(bytes::Bytes::from(buf))
     }
 
@@ -420,10 +536,14 @@ impl<C: ObjectClient> WriteHandle<C> {
     async fn fill(&self, s: &mut WriteState, range: Range<u64>) -> FsResult<()> {
         // Reading the spool (here and in the uploads that follow) needs what is on its way.
         self.spooled(s).await?;
-        let Some(base) = s.base.as_ref() else {
+        let Some((base_key, base_etag, base_len)) = s
+            .base
+            .as_ref()
+            .map(|b| (b.key.clone(), b.etag.clone(), b.len))
+        else {
             return Ok(());
         };
-        let range = range.start..range.end.min(base.len);
+        let range = range.start..range.end.min(base_len);
         if range.is_empty() {
             return Ok(());
         }
@@ -445,20 +565,20 @@ impl<C: ObjectClient> WriteHandle<C> {
         for m in missing {
             let mut out = self
                 .client
-                .get_object(&base.key, Some(m.clone()), Some(&base.etag))
+                .get_object(&base_key, Some(m.clone()), Some(&base_etag))
                 .await
                 .map_err(from_client)?;
             let mut pos = m.start;
             while let Some(chunk) = out.body.next_chunk().await.map_err(from_client)? {
-                s.spool.write_all_at(&chunk, pos).map_err(io_error)?;
+                if let Err(e) = s.spool.write_all_at(&chunk, pos) {
+                    return Err(s.spool_failed("keeping bytes of the stored object", e));
+                }
                 pos += chunk.len() as u64;
             }
             if pos != m.end {
-                tracing::error!(
-                    key = base.key,
-                    "expected bytes {m:?} of the object, got up to {pos}"
-                );
-                return Err(FsError::Io("object shorter than its size".into()));
+                return Err(FsError::internal(&format!(
+                    "GetObject of bytes {m:?} of {base_key} ended at {pos}"
+                )));
             }
             for part in part_index(m.start, part_size)..=part_index(m.end - 1, part_size) {
                 let p = part_range(part, part_size);
@@ -468,17 +588,36 @@ impl<C: ObjectClient> WriteHandle<C> {
         Ok(())
     }
 
-    /// Writes `data` at `offset`; starts uploads of parts it completes.
+    /// Writes `data` at `offset`; starts uploads of parts it completes, then waits until the
+    /// uploads in flight leave room.
     pub async fn write(&self, offset: u64, data: &[u8]) -> FsResult<u32> {
+        let n = self.take(offset, data).await?;
+        self.room().await?;
+        Ok(n)
+    }
+
+    /// Waits until the uploads in flight leave room for more parts (back-pressure).
+    pub async fn room(&self) -> FsResult<()> {
+        let mut s = self.state.lock().await;
+        self.wait_for_room(&mut s).await
+    }
+
+    /// Takes `data` at `offset` (into the part held in memory, or the spool) and starts
+    /// uploads of parts it completes; `data` is no longer needed when it returns. Never waits
+    /// for memory: a part that cannot have a buffer now goes to the spool.
+    pub async fn take(&self, offset: u64, data: &[u8]) -> FsResult<u32> {
         let end = offset
             .checked_add(data.len() as u64)
-            .filter(|e| *e <= part_range(MAX_PARTS - 1, self.config.part_size).end)
-            .ok_or(FsError::FileTooLarge)?;
+            .filter(|e| *e <= self.max_size())
+            .ok_or_else(|| self.too_large())?;
         if data.is_empty() {
             return Ok(0);
         }
         let mut s = self.state.lock().await;
-        s.dirty = true;
+        s.check()?;
+        // A part filled by `append_now` whose sealing has not run yet goes first.
+        self.seal_if_full(&mut s).await?;
+        s.changed();
         let base = self.config.part_size;
         for part in part_index(offset, base)..=part_index(end - 1, base) {
             let range = part_range(part, base);
@@ -490,13 +629,15 @@ impl<C: ObjectClient> WriteHandle<C> {
                     task.abort();
                 }
             }
-            if !self.gather(&mut s, part, piece.start, bytes).await {
+            if !self.gather(&mut s, part, piece.start, bytes).await? {
                 if s.filling.as_ref().is_some_and(|f| f.part == part) {
                     self.spill(&mut s).await?;
                 }
                 // Nothing may land in the spool under a write still on its way.
                 self.spooled(&mut s).await?;
-                s.spool.write_all_at(bytes, piece.start).map_err(io_error)?;
+                if let Err(e) = s.spool.write_all_at(bytes, piece.start) {
+                    return Err(s.spool_failed("writing", e));
+                }
                 s.coverage.add(part, piece.clone());
             }
             s.size = s.size.max(piece.end);
@@ -511,59 +652,163 @@ impl<C: ObjectClient> WriteHandle<C> {
                 }
             }
         }
-        // Back-pressure: do not let finished-but-not-uploaded parts pile up.
-        self.wait_for_room(&mut s).await?;
         Ok(data.len() as u32)
     }
 
-    /// Appends `data` to the part held in memory when that is all a write needs (it continues
-    /// the part and does not complete it) and the handle is not busy; returns the new size.
-    /// Everything else is left to `write`.
-    pub fn append_now(&self, offset: u64, data: &[u8]) -> Option<u64> {
+    /// Takes a write in order into the part held in memory at once, on the caller's thread,
+    /// when nothing needs waiting for: it continues the part, or starts one (memory is there
+    /// now), and the handle is not busy. `None` leaves the write to [`WriteHandle::write`]. A
+    /// write that completes its part returns [`Appended::PartFull`]: the caller must then
+    /// run [`WriteHandle::seal_full_part`] (which starts its upload and waits for room)
+    /// before answering the writer.
+    pub fn append_now(&self, offset: u64, data: &[u8]) -> Option<Appended> {
         let mut s = self.state.try_lock().ok()?;
-        let f = s.filling.as_mut()?;
-        let range = part_range(f.part, self.config.part_size);
-        let end = offset.checked_add(data.len() as u64)?;
-        if data.is_empty() || range.start + f.len() != offset || end >= range.end {
+        if s.failed.is_some() || data.is_empty() {
             return None;
         }
-        f.push(data);
+        let base = self.config.part_size;
+        let end = offset.checked_add(data.len() as u64)?;
+        let part = part_index(offset, base);
+        let range = part_range(part, base);
+        if end > range.end {
+            return None;
+        }
+        let in_memory = match &s.filling {
+            Some(f) if f.part == part => {
+                if range.start + f.len() != offset {
+                    return None;
+                }
+                true
+            }
+            // Another part is held unfinished: `write` moves it to the spool first.
+            Some(_) => return None,
+            // The first byte of an untouched part: held in memory if there is room now.
+            None if offset == range.start && s.coverage.untouched(part) => {
+                match self
+                    .budget
+                    .part_buffer_now((range.end - range.start) as usize)
+                {
+                    Some(data) => {
+                        s.reserved_to = range.start;
+                        s.filling = Some(Filling { part, data });
+                        true
+                    }
+                    None => false,
+                }
+            }
+            None => false,
+        };
+        if in_memory {
+            // A full disk is `write`'s to report (the failure is recorded here).
+            s.reserve_spool(range.end, end).ok()?;
+            s.filling.as_mut()?.push(data);
+        } else {
+            // Memory is short: a part written in order goes straight into the spool, from
+            // the kernel's request (no copy), and up from there once complete.
+            if s.coverage.written_in_order(part, range.start) != Some(offset) {
+                return None;
+            }
+            let rewritten = s
+                .upload
+                .as_ref()
+                .is_some_and(|u| u.parts.contains_key(&part));
+            if rewritten {
+                return None;
+            }
+            if let Err(e) = s.spool.write_all_at(data, offset) {
+                s.spool_failed("writing", e);
+                return None;
+            }
+            s.coverage.add(part, offset..end);
+        }
         s.size = s.size.max(end);
-        s.dirty = true;
-        Some(s.size)
+        s.changed();
+        Some(if end == range.end {
+            s.completed = Some(part);
+            Appended::PartFull(s.size)
+        } else {
+            Appended::Taken(s.size)
+        })
+    }
+
+    /// After [`Appended::PartFull`]: starts the upload of the full part (from memory, or
+    /// from the spool), then waits until the uploads in flight leave room.
+    pub async fn seal_full_part(&self) -> FsResult<()> {
+        let mut s = self.state.lock().await;
+        self.seal_if_full(&mut s).await?;
+        // A part completed in the spool.
+        if let Some(part) = s.completed.take() {
+            let range = part_range(part, self.config.part_size);
+            let started = s
+                .upload
+                .as_ref()
+                .is_some_and(|u| u.parts.contains_key(&part));
+            if !started && s.coverage.is_full(part, &range) && range.end <= s.size {
+                if let Err(e) = self.start_part(&mut s, part).await {
+                    tracing::warn!("part {} of {} not uploaded yet: {e}", part + 1, s.key);
+                }
+            }
+        }
+        self.wait_for_room(&mut s).await
+    }
+
+    /// Seals the part held in memory if it is full.
+    async fn seal_if_full(&self, s: &mut WriteState) -> FsResult<()> {
+        let full = s.filling.as_ref().is_some_and(|f| {
+            let range = part_range(f.part, self.config.part_size);
+            f.len() == range.end - range.start
+        });
+        if full {
+            self.seal(s).await?;
+        }
+        Ok(())
     }
 
     /// Adds `bytes` at `offset` of `part` to the part held in memory, or starts holding the
     /// part when this write is its first byte. False when this write is not sequential.
-    async fn gather(&self, s: &mut WriteState, part: u64, offset: u64, bytes: &[u8]) -> bool {
+    async fn gather(
+        &self,
+        s: &mut WriteState,
+        part: u64,
+        offset: u64,
+        bytes: &[u8],
+    ) -> FsResult<bool> {
         let range = part_range(part, self.config.part_size);
-        if let Some(f) = s.filling.as_mut().filter(|f| f.part == part) {
-            if range.start + f.len() == offset {
-                f.push(bytes);
-                return true;
+        let end = offset + bytes.len() as u64;
+        if let Some(f) = s.filling.as_ref().filter(|f| f.part == part) {
+            if range.start + f.len() != offset {
+                return Ok(false);
             }
-            return false;
+            s.reserve_spool(range.end, end)?;
+            if let Some(f) = s.filling.as_mut() {
+                f.push(bytes);
+            }
+            return Ok(true);
         }
         if offset != range.start || !s.coverage.untouched(part) {
-            return false;
+            return Ok(false);
         }
         // A part left unfinished (the writer moved on) goes to the spool first.
-        if self.spill(s).await.is_err() {
-            return false;
-        }
+        self.spill(s).await?;
+        // Memory is never waited for here: the write's data, copied out of the kernel's
+        // request, is held until it is taken. Without room now, the part goes to the spool.
         let capacity = range.end - range.start;
-        let memory = self.budget.reserve(capacity).await;
-        let mut f = Filling::new(part, capacity as usize, memory);
+        let Some(buffer) = self.budget.part_buffer_now(capacity as usize) else {
+            return Ok(false);
+        };
+        s.reserved_to = range.start;
+        s.reserve_spool(range.end, end)?;
+        let mut f = Filling { part, data: buffer };
         f.push(bytes);
         s.filling = Some(f);
-        true
+        Ok(true)
     }
 
     /// Moves the part held in memory to the spool, unfinished (a non-sequential write, a read,
     /// a truncation), and waits until everything on its way there has arrived.
     async fn spill(&self, s: &mut WriteState) -> FsResult<()> {
         if let Some(f) = s.filling.take() {
-            let (part, data, _memory) = f.into_parts();
+            let (part, data) = f.into_parts();
             self.to_spool(s, part, data);
         }
         self.spooled(s).await
@@ -573,11 +818,15 @@ impl<C: ObjectClient> WriteHandle<C> {
     async fn spooled(&self, s: &mut WriteState) -> FsResult<()> {
         for task in std::mem::take(&mut s.spooling) {
             match task.await {
-                Ok(result) => result.map_err(io_error)?,
-                Err(e) => return Err(FsError::Io(format!("spool write task: {e}"))),
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(s.spool_failed("copying a part into it", e)),
+                Err(e) => {
+                    let e = std::io::Error::other(format!("the copying task failed: {e}"));
+                    return Err(s.spool_failed("copying a part into it", e));
+                }
             }
         }
-        Ok(())
+        s.check()
     }
 
     /// Starts writing part `part` (from its first byte) into the spool, off the writer's path:
@@ -586,9 +835,9 @@ impl<C: ObjectClient> WriteHandle<C> {
     fn to_spool(&self, s: &mut WriteState, part: u64, data: bytes::Bytes) {
         let start = part_range(part, self.config.part_size).start;
         s.coverage.add(part, start..start + data.len() as u64);
-        let aligned = start % DIRECT_ALIGN as u64 == 0
-            && data.len() % DIRECT_ALIGN == 0
-            && data.as_ptr().align_offset(DIRECT_ALIGN) == 0;
+        let aligned = start % BUFFER_ALIGN as u64 == 0
+            && data.len() % BUFFER_ALIGN == 0
+            && data.as_ptr().align_offset(BUFFER_ALIGN) == 0;
         let direct = s.direct.clone().filter(|_| aligned);
         let spool = s.spool.clone();
         s.spooling.push(tokio::task::spawn_blocking(move || {
@@ -604,11 +853,8 @@ impl<C: ObjectClient> WriteHandle<C> {
     }
 
     /// The part held in memory is complete (full, or the file's last): starts its copy into
-    /// the spool, and returns its data and memory for the upload.
-    async fn settle_filling(
-        &self,
-        s: &mut WriteState,
-    ) -> FsResult<Option<(u64, bytes::Bytes, Reservation)>> {
+    /// the spool, and returns its data (which holds its memory) for the upload.
+    async fn settle_filling(&self, s: &mut WriteState) -> FsResult<Option<(u64, bytes::Bytes)>> {
         let Some(f) = s.filling.take() else {
             return Ok(None);
         };
@@ -616,17 +862,17 @@ impl<C: ObjectClient> WriteHandle<C> {
         if s.spooling.len() >= 4 {
             self.spooled(s).await?;
         }
-        let (part, data, memory) = f.into_parts();
+        let (part, data) = f.into_parts();
         self.to_spool(s, part, data.clone());
-        Ok(Some((part, data, memory)))
+        Ok(Some((part, data)))
     }
 
     /// A full part held in memory: into the spool, and up from memory.
     async fn seal(&self, s: &mut WriteState) -> FsResult<()> {
-        if let Some((part, data, memory)) = self.settle_filling(s).await? {
+        if let Some((part, data)) = self.settle_filling(s).await? {
             let key = s.key.clone();
             match self.upload(s).await {
-                Ok(upload) => self.spawn_upload(upload, part, PutBody::Bytes(data), Some(memory)),
+                Ok(upload) => self.spawn_upload(upload, part, PutBody::Bytes(data)),
                 // The data is safe in the spool: the commit tries again and reports the
                 // failure to close/fsync.
                 Err(e) => tracing::warn!("part {} of {key} not uploaded yet: {e}", part + 1),
@@ -637,15 +883,26 @@ impl<C: ObjectClient> WriteHandle<C> {
 
     /// Changes the size (truncate or extend with zeros).
     pub async fn truncate(&self, size: u64) -> FsResult<()> {
+        if size > self.max_size() {
+            return Err(self.too_large());
+        }
         let mut s = self.state.lock().await;
+        s.check()?;
         self.spill(&mut s).await?;
-        s.spool.set_len(size).map_err(io_error)?;
+        if let Err(e) = s.spool.set_len(size) {
+            // Nothing changed: the size is refused, the handle is as it was.
+            return Err(FsError::local(
+                &format!("resizing the spool file of {}", s.key),
+                e,
+            ));
+        }
+        s.reserved_to = 0;
         s.size = size;
         s.coverage.truncate(size);
         if let Some(base) = s.base.as_mut() {
             base.len = base.len.min(size);
         }
-        s.dirty = true;
+        s.changed();
         let base = self.config.part_size;
         if let Some(upload) = s.upload.as_mut() {
             let from = part_index(size, base);
@@ -661,23 +918,70 @@ impl<C: ObjectClient> WriteHandle<C> {
     }
 
     /// The multipart upload of the handle, created on first use.
+    ///
+    /// The journal records the upload before the request goes out. CreateMultipartUpload is
+    /// not idempotent: a request whose answer is lost may have made an upload whose id we
+    /// never learn. Such a request is recorded as a lost create (found and aborted by key and
+    /// time once this upload is over) and sent again.
     async fn upload<'a>(&self, s: &'a mut WriteState) -> FsResult<&'a mut Upload> {
         if s.upload.is_none() {
-            let id = self
-                .client
-                .create_multipart_upload(&s.key, &s.attrs)
-                .await
-                .map_err(FsError::from)?;
-            if let Some(j) = &self.journal {
-                j.record(&s.key, &id);
+            let entry = self.journal.as_ref().map(|j| j.begin(&s.key));
+            let created = SystemTime::now();
+            let mut lost = Vec::new();
+            let id = loop {
+                let sent = SystemTime::now();
+                match self.client.create_multipart_upload(&s.key, &s.attrs).await {
+                    Ok(id) => break id,
+                    Err(e) => {
+                        if e.outcome_unknown() {
+                            tracing::warn!(
+                                key = s.key,
+                                "CreateMultipartUpload got no answer ({e}); the upload it may have made will be aborted"
+                            );
+                            if let Some(j) = &self.journal {
+                                lost.push(j.lost_create(&s.key, sent, SystemTime::now()));
+                            }
+                            if lost.len() <= CREATE_RETRIES {
+                                continue;
+                            }
+                        }
+                        if let Some(entry) = entry {
+                            entry.remove();
+                        }
+                        self.find_lost(lost);
+                        return Err(from_client(e));
+                    }
+                }
+            };
+            if let Some(entry) = &entry {
+                entry.created(&id);
             }
             s.upload = Some(Upload {
                 key: s.key.clone(),
                 id,
                 parts: BTreeMap::new(),
+                created,
+                entry,
+                lost,
             });
         }
         Ok(s.upload.as_mut().expect("created above"))
+    }
+
+    /// Searches, in the background, for the uploads lost creates may have made.
+    fn find_lost(&self, lost: Vec<LostCreate>) {
+        let Some(journal) = self.journal.clone() else {
+            return;
+        };
+        if lost.is_empty() {
+            return;
+        }
+        let client = self.client.clone();
+        tokio::spawn(async move {
+            for l in lost {
+                journal.find_lost(&*client, l).await;
+            }
+        });
     }
 
     /// Starts uploading part `part` from the spool.
@@ -690,18 +994,15 @@ impl<C: ObjectClient> WriteHandle<C> {
             len: range.end.min(s.size) - range.start,
         };
         let upload = self.upload(s).await?;
-        self.spawn_upload(upload, part, body, None);
+        self.spawn_upload(upload, part, body);
         Ok(())
     }
 
-    fn spawn_upload(
-        &self,
-        upload: &mut Upload,
-        part: u64,
-        body: PutBody,
-        memory: Option<Reservation>,
-    ) {
-        let memory = memory.map_or(PartMemory::Reserve(PART_UPLOAD_MEMORY), PartMemory::Held);
+    fn spawn_upload(&self, upload: &mut Upload, part: u64, body: PutBody) {
+        let memory = match body {
+            PutBody::File { .. } => PartMemory::Reserve(PART_UPLOAD_MEMORY),
+            PutBody::Bytes(_) => PartMemory::None,
+        };
         self.spawn_part(upload, part, memory, move |client, key, id| async move {
             client.upload_part(&key, &id, part as u32 + 1, body).await
         });
@@ -724,7 +1025,6 @@ impl<C: ObjectClient> WriteHandle<C> {
         let task = tokio::spawn(async move {
             let _permit = sem.acquire_owned().await.expect("never closed");
             let _memory = match memory {
-                PartMemory::Held(m) => Some(m),
                 PartMemory::Reserve(bytes) => Some(budget.reserve(bytes).await),
                 PartMemory::None => None,
             };
@@ -784,7 +1084,15 @@ impl<C: ObjectClient> WriteHandle<C> {
                 return Ok(());
             }
             let oldest = in_flight[0];
-            settle(upload, oldest).await?;
+            // A part whose retries were spent is left out: it is in the spool, and the commit
+            // sends it again (and reports to close/fsync if that fails too).
+            if let Err(e) = settle(upload, oldest).await {
+                tracing::warn!(
+                    "part {} of {} not stored yet, sent again at close: {e}",
+                    oldest + 1,
+                    upload.key
+                );
+            }
         }
     }
 
@@ -792,17 +1100,21 @@ impl<C: ObjectClient> WriteHandle<C> {
     /// `None` when there was nothing to commit.
     pub async fn commit(&self) -> FsResult<Option<String>> {
         let mut s = self.state.lock().await;
-        if !s.dirty {
-            return Ok(None);
-        }
-        let result = self.commit_locked(&mut s).await;
+        let result = match s.check() {
+            // What the application wrote was not all kept: nothing may be stored.
+            Err(e) => Err(e),
+            Ok(()) if !s.dirty => return Ok(None),
+            Ok(()) => self.commit_locked(&mut s).await,
+        };
         if result.is_err() {
             if let Some(upload) = s.upload.take() {
-                self.abort(upload).await;
+                self.abort(upload);
             }
+            s.commit_failed = true;
         }
         let etag = result?;
         s.dirty = false;
+        s.commit_failed = false;
         // S3 has all of it now: the new object is where unwritten bytes come from.
         s.coverage = Coverage::default();
         s.base = Some(Base {
@@ -818,7 +1130,7 @@ impl<C: ObjectClient> WriteHandle<C> {
         // A rename since the upload began: it cannot move, so start over at the new key.
         if s.upload.as_ref().is_some_and(|u| u.key != s.key) {
             let stale = s.upload.take().expect("checked");
-            self.abort(stale).await;
+            self.abort(stale);
         }
         // A last part written in order goes up from memory; anything else held there moves to
         // the spool first.
@@ -833,10 +1145,10 @@ impl<C: ObjectClient> WriteHandle<C> {
         };
         if s.size <= base && s.upload.as_ref().is_none_or(|u| u.parts.is_empty()) {
             if let Some(unused) = s.upload.take() {
-                self.abort(unused).await;
+                self.abort(unused);
             }
             let body = match in_memory {
-                Some((_, data, _memory)) => PutBody::Bytes(data),
+                Some((_, data)) => PutBody::Bytes(data),
                 None => {
                     self.fill(s, 0..s.size).await?;
                     PutBody::File {
@@ -864,10 +1176,10 @@ impl<C: ObjectClient> WriteHandle<C> {
                 part += 1;
                 continue;
             }
-            if in_memory.as_ref().is_some_and(|(p, _, _)| *p == part) {
-                let (_, data, memory) = in_memory.take().expect("checked");
+            if in_memory.as_ref().is_some_and(|(p, _)| *p == part) {
+                let (_, data) = in_memory.take().expect("checked");
                 let upload = self.upload(s).await?;
-                self.spawn_upload(upload, part, PutBody::Bytes(data), Some(memory));
+                self.spawn_upload(upload, part, PutBody::Bytes(data));
             } else if self.copyable(s, part) {
                 // A run of unchanged parts is one copy, up to MAX_COPY_PART: part numbers
                 // need not be consecutive, so the run's other numbers go unused.
@@ -900,17 +1212,78 @@ impl<C: ObjectClient> WriteHandle<C> {
             });
         }
         let upload = s.upload.take().expect("present");
-        match self
+        let answer = match self
             .client
             .complete_multipart_upload(&upload.key, &upload.id, &completed)
             .await
         {
-            Ok(etag) => Ok(etag),
+            // A retried CompleteMultipartUpload whose first answer was lost finds the upload
+            // gone: it may be gone because that first request completed it.
+            Err(e) if e.kind == ErrorKind::NoSuchUpload => {
+                match self.completed_anyway(&upload, &completed, s.size).await {
+                    Some(etag) => Ok(etag),
+                    None => Err(e),
+                }
+            }
+            answer => answer,
+        };
+        match answer {
+            Ok(etag) => {
+                let Upload { entry, lost, .. } = upload;
+                if let Some(entry) = entry {
+                    entry.remove();
+                }
+                self.find_lost(lost);
+                Ok(etag)
+            }
             Err(e) => {
                 s.upload = Some(upload);
-                Err(e.into())
+                Err(from_client(e))
             }
         }
+    }
+
+    /// Whether the object at the upload's key is the upload, completed by a request whose
+    /// answer was lost: its ETag is the one S3 gives these parts (MD5 of the parts' MD5s,
+    /// then the part count), or, where part ETags are not MD5s (SSE-KMS), it has the upload's
+    /// size and part count and was written after the upload began. Returns its ETag.
+    async fn completed_anyway(
+        &self,
+        upload: &Upload,
+        parts: &[CompletedPart],
+        size: u64,
+    ) -> Option<String> {
+        let head = self.client.head_object(&upload.key).await.ok()?;
+        let expected = multipart_etag(parts);
+        let ours = match &expected {
+            Some(etag) => head.etag == *etag,
+            None => {
+                let count_suffix = format!("-{}", parts.len());
+                head.size == size
+                    && head.etag.trim_matches('"').ends_with(&count_suffix)
+                    && head.last_modified + Duration::from_secs(5) >= upload.created
+            }
+        };
+        if ours {
+            tracing::warn!(
+                key = upload.key,
+                "the answer to CompleteMultipartUpload was lost; S3 has the object it completed"
+            );
+            return Some(head.etag);
+        }
+        None
+    }
+
+    /// Whether the last release should commit: there are changes, and neither a local
+    /// failure nor a failed commit (already reported to a close) stands in the way.
+    pub async fn commit_due_at_release(&self) -> bool {
+        let s = self.state.lock().await;
+        s.dirty && s.failed.is_none() && !s.commit_failed
+    }
+
+    /// Whether something changed that S3 does not have.
+    pub async fn has_unstored_changes(&self) -> bool {
+        self.state.lock().await.dirty
     }
 
     /// Gives up: aborts any multipart upload (on release of a handle whose commit failed).
@@ -919,51 +1292,88 @@ impl<C: ObjectClient> WriteHandle<C> {
         s.filling = None;
         let _ = self.spooled(&mut s).await;
         if let Some(upload) = s.upload.take() {
-            self.abort(upload).await;
+            self.abort(upload);
         }
         s.dirty = false;
     }
 
-    /// Aborts `upload`; the journal forgets it only once S3 has, so a later mount can retry.
-    async fn abort(&self, upload: Upload) {
-        for state in upload.parts.into_values() {
+    /// Aborts `upload` in the background, so a close that failed reports it at once; the
+    /// journal forgets the upload only once S3 has, so a later mount can try again.
+    fn abort(&self, upload: Upload) {
+        let Upload {
+            key,
+            id,
+            parts,
+            entry,
+            lost,
+            ..
+        } = upload;
+        for state in parts.into_values() {
             if let PartState::Uploading(task) = state {
                 task.abort();
             }
         }
-        match self
-            .client
-            .abort_multipart_upload(&upload.key, &upload.id)
-            .await
-        {
-            Ok(()) => {
-                if let Some(j) = &self.journal {
-                    j.remove(&upload.id);
+        let client = self.client.clone();
+        let journal = self.journal.clone();
+        tokio::spawn(async move {
+            match client.abort_multipart_upload(&key, &id).await {
+                Ok(()) => {}
+                Err(e) if e.kind == ErrorKind::NoSuchUpload => {}
+                Err(e) => {
+                    tracing::warn!("could not abort the multipart upload of {key} (the next mount tries again): {e}");
+                    return;
                 }
             }
-            Err(e) => tracing::warn!(
-                "could not abort multipart upload of {} (the next mount retries): {e}",
-                upload.key
-            ),
-        }
+            if let Some(entry) = entry {
+                entry.remove();
+            }
+            if let Some(j) = journal {
+                for l in lost {
+                    j.find_lost(&*client, l).await;
+                }
+            }
+        });
     }
 }
 
-/// Waits for part `part`'s upload and returns its ETag.
+/// The ETag S3 gives a multipart object of `parts`, when their ETags are MD5s (they are not
+/// under SSE-KMS): the MD5 of the parts' MD5s, a dash, the part count.
+fn multipart_etag(parts: &[CompletedPart]) -> Option<String> {
+    use md5::Digest;
+    let mut md5s = Vec::with_capacity(parts.len() * 16);
+    for p in parts {
+        let digest = hex::decode(p.etag.trim_matches('"')).ok()?;
+        if digest.len() != 16 {
+            return None;
+        }
+        md5s.extend(digest);
+    }
+    Some(format!(
+        "\"{}-{}\"",
+        hex::encode(md5::Md5::digest(&md5s)),
+        parts.len()
+    ))
+}
+
+/// Waits for part `part`'s upload and returns its ETag. A failed part is no longer in the
+/// upload (a commit sends it again).
 async fn settle(upload: &mut Upload, part: u64) -> FsResult<String> {
     let state = upload
         .parts
         .remove(&part)
-        .ok_or(FsError::Invalid("part not started"))?;
+        .ok_or_else(|| FsError::internal(&format!("part {} was never started", part + 1)))?;
     let etag = match state {
         PartState::Done(etag) => etag,
         PartState::Uploading(task) => match task.await {
             Ok(Ok(etag)) => etag,
-            Ok(Err(e)) => {
-                tracing::error!("uploading part {} failed: {e}", part + 1);
-                return Err(e.into());
+            Ok(Err(e)) => return Err(from_client(e)),
+            Err(e) => {
+                return Err(FsError::internal(&format!(
+                    "the upload task of part {} of {} ended without an answer: {e}",
+                    part + 1,
+                    upload.key
+                )))
             }
-            Err(_) => return Err(FsError::Invalid("part upload task ended unexpectedly")),
         },
     };
     upload.parts.insert(part, PartState::Done(etag.clone()));
@@ -974,6 +1384,31 @@ async fn settle(upload: &mut Upload, part: u64) -> FsResult<String> {
 mod tests {
     use super::*;
     use crate::s3::{MockClient, Operation};
+
+    #[test]
+    fn multipart_etags_are_computed_as_s3_does() {
+        // Two parts "a" and "b": MD5s 0cc175b9... and 92eb5ffe...
+        let parts = [
+            CompletedPart {
+                part_number: 1,
+                etag: "\"0cc175b9c0f1b6a831c399e269772661\"".into(),
+            },
+            CompletedPart {
+                part_number: 2,
+                etag: "92eb5ffee6ae2fec3ad71c777531578f".into(),
+            },
+        ];
+        let mut md5s = hex::decode("0cc175b9c0f1b6a831c399e269772661").unwrap();
+        md5s.extend(hex::decode("92eb5ffee6ae2fec3ad71c777531578f").unwrap());
+        use md5::Digest;
+        let want = format!("\"{}-2\"", hex::encode(md5::Md5::digest(&md5s)));
+        assert_eq!(multipart_etag(&parts), Some(want));
+        let kms = [CompletedPart {
+            part_number: 1,
+            etag: "\"not-an-md5\"".into(),
+        }];
+        assert_eq!(multipart_etag(&kms), None);
+    }
 
     #[test]
     fn part_layout_grows_and_covers_five_tib() {
@@ -993,20 +1428,163 @@ mod tests {
         );
     }
 
-    fn handle(mock: &Arc<MockClient>, part: u64) -> WriteHandle<MockClient> {
-        let cfg = WriteConfig {
+    fn config(part: u64) -> WriteConfig {
+        WriteConfig {
             part_size: part,
             upload_concurrency: 2,
-        };
+            spool_dir: None,
+        }
+    }
+
+    fn handle(mock: &Arc<MockClient>, part: u64) -> WriteHandle<MockClient> {
         WriteHandle::new(
             mock.clone(),
-            cfg,
+            config(part),
             None,
             Arc::new(MemoryBudget::new(64 << 20)),
             "k".into(),
             ObjectAttributes::default(),
         )
         .unwrap()
+    }
+
+    /// A handle whose spool is /dev/full: every write to it fails with ENOSPC, as on a full
+    /// disk (and it cannot reserve space, as some file systems cannot).
+    fn handle_on_full_disk(mock: &Arc<MockClient>, part: u64) -> WriteHandle<MockClient> {
+        let full = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/full")
+            .expect("/dev/full");
+        WriteHandle::with_spool(
+            mock.clone(),
+            config(part),
+            None,
+            Arc::new(MemoryBudget::new(64 << 20)),
+            "k".into(),
+            ObjectAttributes::default(),
+            full,
+        )
+    }
+
+    fn with_journal(
+        mock: &Arc<MockClient>,
+        part: u64,
+        dir: &std::path::Path,
+    ) -> (WriteHandle<MockClient>, Arc<UploadJournal>) {
+        let journal = Arc::new(UploadJournal::open(dir.to_path_buf()).unwrap());
+        let h = WriteHandle::new(
+            mock.clone(),
+            config(part),
+            Some(journal.clone()),
+            Arc::new(MemoryBudget::new(64 << 20)),
+            "k".into(),
+            ObjectAttributes::default(),
+        )
+        .unwrap();
+        (h, journal)
+    }
+
+    #[tokio::test]
+    async fn a_full_disk_fails_the_write_that_needs_space_and_stores_nothing() {
+        let mock = Arc::new(MockClient::new("b"));
+        mock.insert("k", "the previous version");
+        let h = handle_on_full_disk(&mock, 1000);
+        // Not in order: straight to the spool, which refuses it on this very call.
+        let err = h.write(10, &[1u8; 100]).await.unwrap_err();
+        assert_eq!(err.errno(), libc::ENOSPC);
+        // The handle has failed for good: later writes and the commit say so too.
+        assert_eq!(h.write(0, b"x").await.unwrap_err().errno(), libc::ENOSPC);
+        assert_eq!(h.commit().await.unwrap_err().errno(), libc::ENOSPC);
+        assert!(
+            !h.commit_due_at_release().await,
+            "nothing stored at release either"
+        );
+        assert_eq!(&mock.object("k").unwrap().data[..], b"the previous version");
+        assert_eq!(mock.count(Operation::PutObject), 0);
+    }
+
+    #[tokio::test]
+    async fn a_full_disk_under_a_sequential_writer_never_completes_the_object() {
+        let mock = Arc::new(MockClient::new("b"));
+        mock.insert("k", "the previous version");
+        let h = handle_on_full_disk(&mock, 1000);
+        // In order, into memory; each full part's copy into the spool fails, and the writer
+        // hears of it (no later than the next call).
+        let mut first_error = None;
+        for (i, chunk) in [7u8; 5000].chunks(100).enumerate() {
+            if let Err(e) = h.write(i as u64 * 100, chunk).await {
+                first_error = Some(e.errno());
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        let err = h.commit().await.unwrap_err();
+        assert_eq!(err.errno(), libc::ENOSPC);
+        assert_eq!(first_error.unwrap_or(libc::ENOSPC), libc::ENOSPC);
+        assert_eq!(mock.count(Operation::CompleteMultipartUpload), 0);
+        assert_eq!(mock.count(Operation::PutObject), 0);
+        assert_eq!(&mock.object("k").unwrap().data[..], b"the previous version");
+        assert_eq!(mock.open_uploads_settled().await, 0);
+    }
+
+    #[tokio::test]
+    async fn a_lost_complete_answer_is_a_stored_file() {
+        let mock = Arc::new(MockClient::new("b"));
+        let dir = tempfile::tempdir().unwrap();
+        let (h, journal) = with_journal(&mock, 1000, dir.path());
+        let data: Vec<u8> = (0..3500u32).map(|i| (i % 13) as u8).collect();
+        h.write(0, &data).await.unwrap();
+        // The first request completed the upload; its retry finds the upload gone.
+        mock.lose_next_answer(
+            Operation::CompleteMultipartUpload,
+            ErrorKind::NoSuchUpload,
+            1,
+        );
+        assert!(h.commit().await.unwrap().is_some());
+        assert_eq!(&mock.object("k").unwrap().data[..], &data[..]);
+        assert!(journal.is_empty(), "a completed upload leaves no entry");
+    }
+
+    #[tokio::test]
+    async fn an_upload_someone_aborted_is_a_failed_close() {
+        let mock = Arc::new(MockClient::new("b"));
+        mock.insert("k", "the previous version");
+        let h = handle(&mock, 1000);
+        h.write(0, &[5u8; 3500]).await.unwrap();
+        mock.fail_next(
+            Operation::CompleteMultipartUpload,
+            ErrorKind::NoSuchUpload,
+            1,
+        );
+        assert_eq!(h.commit().await.unwrap_err().errno(), libc::EIO);
+        assert_eq!(&mock.object("k").unwrap().data[..], b"the previous version");
+    }
+
+    #[tokio::test]
+    async fn a_lost_create_answer_leaves_no_upload_behind() {
+        let mock = Arc::new(MockClient::new("b"));
+        let dir = tempfile::tempdir().unwrap();
+        let (h, journal) = with_journal(&mock, 1000, dir.path());
+        // The server made the upload; its answer never came.
+        mock.lose_next_answer(Operation::CreateMultipartUpload, ErrorKind::Transport, 1);
+        let data: Vec<u8> = (0..3500u32).map(|i| (i % 11) as u8).collect();
+        h.write(0, &data).await.unwrap();
+        h.commit().await.unwrap();
+        assert_eq!(&mock.object("k").unwrap().data[..], &data[..]);
+        assert_eq!(mock.count(Operation::CreateMultipartUpload), 2);
+        assert_eq!(
+            mock.open_uploads_settled().await,
+            0,
+            "the orphan was aborted"
+        );
+        for _ in 0..200 {
+            if journal.is_empty() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert!(journal.is_empty());
     }
 
     #[tokio::test]
@@ -1076,7 +1654,11 @@ mod tests {
         let err = h.commit().await.unwrap_err();
         assert_eq!(err.errno(), libc::EIO);
         assert!(mock.object("k").is_none(), "nothing half-visible");
-        assert_eq!(mock.open_uploads(), 0, "no orphaned multipart upload");
+        assert_eq!(
+            mock.open_uploads_settled().await,
+            0,
+            "no orphaned multipart upload"
+        );
     }
 
     #[tokio::test]

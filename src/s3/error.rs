@@ -69,6 +69,9 @@ pub enum ErrorKind {
     Transport,
     /// The server answered something we could not read (bad XML, missing header).
     InvalidResponse,
+    /// The endpoint answered, but not as S3 does: an error without an S3 error document or
+    /// request id (a plain web server, a proxy's own page).
+    NotS3,
     /// A request we refuse to send (a key the HTTP layer cannot express, for example).
     InvalidRequest,
 }
@@ -123,6 +126,7 @@ impl fmt::Display for ErrorKind {
             Self::Timeout => f.write_str("timed out"),
             Self::Transport => f.write_str("connection broken"),
             Self::InvalidResponse => f.write_str("unreadable response"),
+            Self::NotS3 => f.write_str("not an S3 endpoint"),
             Self::InvalidRequest => f.write_str("invalid request"),
             other => fmt::Debug::fmt(other, f),
         }
@@ -165,6 +169,12 @@ impl ClientError {
     pub fn with_message(mut self, message: impl Into<String>) -> Self {
         self.message = message.into();
         self
+    }
+
+    /// Whether the request may have reached the server although no answer came back (a
+    /// timeout, a connection broken after sending): its effect is unknown.
+    pub fn outcome_unknown(&self) -> bool {
+        matches!(self.kind, ErrorKind::Timeout | ErrorKind::Transport)
     }
 
     /// Whether another attempt may succeed. Transport failures of non-idempotent requests are

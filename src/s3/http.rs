@@ -29,6 +29,7 @@ use reqwest::{Method, StatusCode, Url};
 use sha2::Sha256;
 use time::OffsetDateTime;
 
+use super::body::{read_exact_at, upload_body, Progress, Waiting};
 use super::client::*;
 use super::credentials::Auth;
 use super::error::{ClientError, ErrorKind, Operation, Result};
@@ -55,9 +56,15 @@ pub struct ClientConfig {
     pub addressing: Addressing,
     pub auth: Auth,
     pub retry: RetryPolicy,
+    /// Longest wait for a TCP (and TLS) connection.
     pub connect_timeout: Duration,
-    /// Longest wait for any single read of a response (headers or a body chunk).
-    pub read_timeout: Duration,
+    /// Longest wait for the answer once a request is sent: its status line and headers.
+    /// Server-side copies and CompleteMultipartUpload, which a server may work on for long
+    /// before it answers, get [`SLOW_ANSWER_FACTOR`] times as long.
+    pub request_timeout: Duration,
+    /// Longest time a body, sent or received, may make no progress before the connection
+    /// counts as hung.
+    pub stall_timeout: Duration,
     /// Idle connections kept per host; at least the number of concurrent requests wanted.
     pub max_idle_connections: usize,
 }
@@ -71,8 +78,9 @@ impl ClientConfig {
             addressing: Addressing::Auto,
             auth,
             retry: RetryPolicy::default(),
-            connect_timeout: Duration::from_secs(10),
-            read_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(10),
+            stall_timeout: Duration::from_secs(5),
             max_idle_connections: 64,
         }
     }
@@ -210,6 +218,10 @@ struct PreparedBody {
     md5_base64: Option<String>,
 }
 
+/// How many request timeouts the answer to a server-side copy or a CompleteMultipartUpload
+/// may take.
+pub const SLOW_ANSWER_FACTOR: u32 = 12;
+
 /// The HTTP client of one bucket.
 #[derive(Clone)]
 pub struct S3Client {
@@ -233,7 +245,6 @@ impl S3Client {
         let endpoint = Endpoint::resolve(&cfg)?;
         let http = reqwest::Client::builder()
             .connect_timeout(cfg.connect_timeout)
-            .read_timeout(cfg.read_timeout)
             .pool_max_idle_per_host(cfg.max_idle_connections)
             .pool_idle_timeout(Duration::from_secs(50))
             .tcp_nodelay(true)
@@ -386,14 +397,7 @@ impl S3Client {
         } else {
             ErrorKind::Transport
         };
-        let mut message = e.to_string();
-        let mut source = std::error::Error::source(e);
-        while let Some(s) = source {
-            message.push_str(": ");
-            message.push_str(&s.to_string());
-            source = s.source();
-        }
-        self.error(req, kind).with_message(message)
+        self.error(req, kind).with_message(error_chain(e))
     }
 
     async fn send_once(&self, req: &Request<'_>) -> Result<reqwest::Response> {
@@ -472,16 +476,14 @@ impl S3Client {
         let body_len = req.body.as_ref().map_or(0, |b| b.data.len());
         map.insert(reqwest::header::CONTENT_LENGTH, HeaderValue::from(body_len));
         builder = builder.headers(map);
+        let progress = Progress::start(req.body.is_some(), self.cfg.connect_timeout);
         if let Some(body) = &req.body {
-            builder = builder.body(reqwest_body(&body.data));
+            builder = builder.body(upload_body(&body.data, progress.clone()));
         }
 
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
         let started = Instant::now();
-        let resp = builder
-            .send()
-            .await
-            .map_err(|e| self.transport_error(req, &e))?;
+        let resp = self.send_watched(req, builder.send(), &progress).await?;
         self.stats.bytes_sent.fetch_add(body_len, Ordering::Relaxed);
         let status = resp.status();
         tracing::debug!(op = %req.op, key = req.key.unwrap_or(""), status = status.as_u16(),
@@ -492,6 +494,84 @@ impl S3Client {
         Err(self.error_from_response(req, resp).await)
     }
 
+    /// How long the answer to `op` may take once the request is sent.
+    fn answer_timeout(&self, op: Operation) -> Duration {
+        match op {
+            // Servers without keep-alive whitespace (Garage, MinIO) say nothing until a copy
+            // or the assembly of a large upload is done.
+            Operation::CopyObject
+            | Operation::UploadPartCopy
+            | Operation::CompleteMultipartUpload => self.cfg.request_timeout * SLOW_ANSWER_FACTOR,
+            _ => self.cfg.request_timeout,
+        }
+    }
+
+    /// Awaits `send` while watching `progress`: fails the request when its body stops moving
+    /// for the stall timeout, or its answer does not come within the request timeout. Dropping
+    /// the request closes its connection, so a late answer cannot be mistaken for another's.
+    async fn send_watched(
+        &self,
+        req: &Request<'_>,
+        send: impl std::future::Future<Output = reqwest::Result<reqwest::Response>>,
+        progress: &Progress,
+    ) -> Result<reqwest::Response> {
+        let (stall, answer) = (self.cfg.stall_timeout, self.answer_timeout(req.op));
+        tokio::pin!(send);
+        loop {
+            let (deadline, _) = progress.deadline(stall, answer);
+            tokio::select! {
+                sent = &mut send => return sent.map_err(|e| self.transport_error(req, &e)),
+                _ = tokio::time::sleep_until(deadline.into()) => {
+                    let (deadline, waiting) = progress.deadline(stall, answer);
+                    if deadline > Instant::now() {
+                        continue; // it moved meanwhile
+                    }
+                    let message = match waiting {
+                        Waiting::Body => format!(
+                            "the server took none of the request body for {} s (--stall-timeout)",
+                            stall.as_secs_f64()
+                        ),
+                        Waiting::Answer => format!(
+                            "no answer within {} s (--request-timeout)",
+                            answer.as_secs_f64()
+                        ),
+                    };
+                    return Err(self.error(req, ErrorKind::Timeout).with_message(message));
+                }
+            }
+        }
+    }
+
+    /// The whole body of `resp`, failing if it stalls for the stall timeout (a body cut short
+    /// is a transport error, retried like a failed send).
+    async fn body_bytes(&self, req: &Request<'_>, resp: reqwest::Response) -> Result<Bytes> {
+        let stall = match req.op {
+            Operation::CopyObject
+            | Operation::UploadPartCopy
+            | Operation::CompleteMultipartUpload => self.answer_timeout(req.op),
+            _ => self.cfg.stall_timeout,
+        };
+        let mut stream = resp.bytes_stream();
+        let mut out = bytes::BytesMut::new();
+        loop {
+            match tokio::time::timeout(stall, stream.next()).await {
+                Ok(Some(Ok(chunk))) => out.extend_from_slice(&chunk),
+                Ok(Some(Err(e))) => return Err(self.transport_error(req, &e)),
+                Ok(None) => break,
+                Err(_) => {
+                    return Err(self.error(req, ErrorKind::Timeout).with_message(format!(
+                        "the answer's body stalled for {} s (--stall-timeout)",
+                        stall.as_secs_f64()
+                    )))
+                }
+            }
+        }
+        self.stats
+            .bytes_received
+            .fetch_add(out.len() as u64, Ordering::Relaxed);
+        Ok(out.freeze())
+    }
+
     async fn error_from_response(&self, req: &Request<'_>, resp: reqwest::Response) -> ClientError {
         let status = resp.status();
         let bucket_region = resp
@@ -500,10 +580,14 @@ impl S3Client {
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
         let header_request_id = header_string(resp.headers(), "x-amz-request-id");
+        let content_type = header_string(resp.headers(), "content-type");
         let text = if req.method == Method::HEAD {
             String::new()
         } else {
-            resp.text().await.unwrap_or_default()
+            self.body_bytes(req, resp)
+                .await
+                .map(|b| String::from_utf8_lossy(&b).into_owned())
+                .unwrap_or_default()
         };
         let doc = xml::parse(&text)
             .ok()
@@ -512,16 +596,24 @@ impl S3Client {
             Some(d) => self
                 .error(req, ErrorKind::from_code(&d.code))
                 .with_message(d.message.clone()),
+            // S3 explains every error with a document (HEAD has no body) or at least a
+            // request id; a page without either is some other server's.
+            None if !text.trim().is_empty() && header_request_id.is_none() => self
+                .error(req, ErrorKind::NotS3)
+                .with_message(not_s3_message(content_type.as_deref(), &text)),
             None => self.error(req, ErrorKind::from_status(status.as_u16(), req.op)),
         };
         err.status = Some(status.as_u16());
         // Some S3-compatible stores (Garage) report a bad signature as AccessDenied with an
         // "Invalid signature" message; name it for what it is, so a user is told the secret
         // is wrong rather than that a permission is missing.
-        if err.kind == ErrorKind::AccessDenied
-            && err.message.to_ascii_lowercase().contains("signature")
-        {
+        let lowercase = err.message.to_ascii_lowercase();
+        if err.kind == ErrorKind::AccessDenied && lowercase.contains("signature") {
             err.kind = ErrorKind::SignatureDoesNotMatch;
+        }
+        // Garage again: an unknown access key id is "AccessDenied: No such key: GK...".
+        if err.kind == ErrorKind::AccessDenied && lowercase.contains("no such key") {
+            err.kind = ErrorKind::InvalidAccessKeyId;
         }
         err.request_id = doc.and_then(|d| d.request_id).or(header_request_id);
         if let Some(region) = bucket_region.filter(|r| *r != self.cfg.region) {
@@ -535,13 +627,15 @@ impl S3Client {
     /// (S3 may send one with status 200 for Copy and CompleteMultipartUpload) as the error.
     async fn xml_text(&self, req: &Request<'_>) -> Result<String> {
         self.with_retries(req, |resp| async move {
-            let text = resp
-                .text()
-                .await
-                .map_err(|e| self.transport_error(req, &e))?;
-            self.stats
-                .bytes_received
-                .fetch_add(text.len() as u64, Ordering::Relaxed);
+            let content_type = header_string(resp.headers(), "content-type");
+            let body = self.body_bytes(req, resp).await?;
+            let text = String::from_utf8_lossy(&body).into_owned();
+            if !text.trim_start().starts_with('<') || looks_like_html(&text) {
+                return Err(self
+                    .error(req, ErrorKind::NotS3)
+                    .with_status(200)
+                    .with_message(not_s3_message(content_type.as_deref(), &text)));
+            }
             if let Some(doc) = xml::parse(&text).ok().and_then(|r| xml::error_document(&r)) {
                 let mut e = self
                     .error(req, ErrorKind::from_code(&doc.code))
@@ -574,7 +668,7 @@ impl S3Client {
         self.with_retries(req, |resp| async move {
             let headers = resp.headers().clone();
             // Drain so the connection can be reused.
-            let _ = resp.bytes().await;
+            self.body_bytes(req, resp).await?;
             Ok(headers)
         })
         .await
@@ -601,7 +695,8 @@ fn digest_body(data: PutBody, with_md5: bool) -> std::io::Result<PreparedBody> {
             let end = offset + len;
             while pos < end {
                 let want = ((end - pos) as usize).min(buf.len());
-                let n = read_at(file, &mut buf[..want], pos)?;
+                read_exact_at(file, &mut buf[..want], pos)?;
+                let n = want;
                 sha2::Digest::update(&mut sha, &buf[..n]);
                 if let Some(m) = md5.as_mut() {
                     m.update(&buf[..n]);
@@ -617,41 +712,20 @@ fn digest_body(data: PutBody, with_md5: bool) -> std::io::Result<PreparedBody> {
     })
 }
 
-/// Reads exactly `buf.len()` bytes at `pos`, or fails: a spool file shorter than its part is a
-/// bug we want to hear about, not a short upload.
-fn read_at(file: &std::fs::File, buf: &mut [u8], pos: u64) -> std::io::Result<usize> {
-    use std::os::unix::fs::FileExt;
-    file.read_exact_at(buf, pos)?;
-    Ok(buf.len())
+fn looks_like_html(text: &str) -> bool {
+    let start: String = text.trim_start().chars().take(15).collect();
+    let start = start.to_ascii_lowercase();
+    start.starts_with("<!doctype html") || start.starts_with("<html")
 }
 
-fn reqwest_body(data: &PutBody) -> reqwest::Body {
-    match data {
-        PutBody::Bytes(b) => reqwest::Body::from(b.clone()),
-        PutBody::File { file, offset, len } => {
-            const CHUNK: u64 = 1 << 20;
-            let file = file.clone();
-            let end = offset + len;
-            let stream = futures_util::stream::unfold(*offset, move |pos| {
-                let file = file.clone();
-                async move {
-                    if pos >= end {
-                        return None;
-                    }
-                    let n = (end - pos).min(CHUNK) as usize;
-                    let read = tokio::task::spawn_blocking(move || {
-                        let mut buf = vec![0u8; n];
-                        read_at(&file, &mut buf, pos).map(|_| Bytes::from(buf))
-                    })
-                    .await
-                    .map_err(std::io::Error::other)
-                    .and_then(|r| r);
-                    Some((read, pos + n as u64))
-                }
-            });
-            reqwest::Body::wrap_stream(stream)
-        }
-    }
+/// Says what came back instead of S3's answer, with its first bytes (never a secret: it is
+/// what the server sent).
+fn not_s3_message(content_type: Option<&str>, body: &str) -> String {
+    let snippet: String = body.chars().filter(|c| !c.is_control()).take(80).collect();
+    format!(
+        "the answer is not from S3 ({} body without an S3 error document or request id: {snippet:?}); check --endpoint-url",
+        content_type.unwrap_or("untyped")
+    )
 }
 
 fn header_string(headers: &HeaderMap, name: &str) -> Option<String> {
@@ -734,6 +808,143 @@ fn parse_content_range(value: &str) -> Option<(Range<u64>, u64)> {
     (start <= end && end < total).then_some((start..end + 1, total))
 }
 
+/// The body of a GET as it arrives, resumed where it broke.
+///
+/// A connection that resets, closes early or stalls (no data for the stall timeout) in the
+/// middle of a body does not fail the reader: a new ranged GET asks for the rest, from the byte
+/// where the body broke, with `If-Match` on the ETag of the version being read, so the bytes
+/// joined are always of one version (a replaced object ends the read with PreconditionFailed).
+/// Resumptions follow the retry policy; the budget starts again whenever bytes arrive, so a
+/// long body on a flaky link goes on as long as it makes progress.
+struct GetBody {
+    client: S3Client,
+    key: String,
+    /// The version being read; without one (a server that sends no ETag) a broken body
+    /// cannot be resumed safely and fails.
+    etag: Option<String>,
+    start: u64,
+    pos: u64,
+    end: u64,
+    chunks: futures_util::stream::BoxStream<'static, reqwest::Result<Bytes>>,
+    backoff: super::retry::Backoff,
+    /// When the body broke, if it is broken now.
+    broken_since: Option<Instant>,
+}
+
+impl GetBody {
+    async fn next_chunk(&mut self) -> Result<Option<Bytes>> {
+        let stall = self.client.cfg.stall_timeout;
+        loop {
+            if self.pos >= self.end {
+                return Ok(None);
+            }
+            let (kind, why) = match tokio::time::timeout(stall, self.chunks.next()).await {
+                Ok(Some(Ok(bytes))) => {
+                    // Anything past the range asked for is not ours to return.
+                    let take = bytes.len().min((self.end - self.pos) as usize);
+                    if take == 0 {
+                        continue;
+                    }
+                    self.pos += take as u64;
+                    self.client
+                        .stats
+                        .bytes_received
+                        .fetch_add(take as u64, Ordering::Relaxed);
+                    if self.broken_since.take().is_some() {
+                        self.backoff = self.client.cfg.retry.backoff();
+                    }
+                    return Ok(Some(bytes.slice(..take)));
+                }
+                Ok(Some(Err(e))) => (
+                    if e.is_timeout() {
+                        ErrorKind::Timeout
+                    } else {
+                        ErrorKind::Transport
+                    },
+                    error_chain(&e),
+                ),
+                Ok(None) => (
+                    ErrorKind::Transport,
+                    "the connection closed early".to_string(),
+                ),
+                Err(_) => (
+                    ErrorKind::Timeout,
+                    format!("no data for {} s (--stall-timeout)", stall.as_secs_f64()),
+                ),
+            };
+            self.resume(kind, why).await?;
+        }
+    }
+
+    /// Replaces the broken stream with a GET of the rest, or says why it cannot.
+    async fn resume(&mut self, kind: ErrorKind, why: String) -> Result<()> {
+        let since = *self.broken_since.get_or_insert_with(Instant::now);
+        let broken = |attempts: u32| {
+            let mut e = ClientError::new(
+                Operation::GetObject,
+                &self.client.cfg.bucket,
+                Some(&self.key),
+                kind.clone(),
+            )
+            .with_message(format!(
+                "the body broke after {} of {} bytes: {why}",
+                self.pos - self.start,
+                self.end - self.start
+            ));
+            e.attempts = attempts;
+            e
+        };
+        let Some(etag) = self.etag.clone() else {
+            return Err(broken(1));
+        };
+        let Some(delay) = self.backoff.next_delay(since.elapsed()) else {
+            return Err(broken(self.backoff.attempts()));
+        };
+        self.client.stats.retries.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            key = self.key,
+            at = self.pos,
+            retry_in = ?delay,
+            "a GET body broke ({why}); resuming from where it broke"
+        );
+        tokio::time::sleep(delay).await;
+        let req = Request::new(Operation::GetObject, Method::GET, Some(&self.key))
+            .header("range", format!("bytes={}-{}", self.pos, self.end - 1))
+            .header("if-match", etag);
+        let resp = self
+            .client
+            .with_retries(&req, |resp| async move { Ok(resp) })
+            .await?;
+        let resumed_at = head_from_headers(resp.headers(), resp.status())
+            .filter(|_| resp.status() == StatusCode::PARTIAL_CONTENT)
+            .map(|(_, range)| range.start);
+        if resumed_at != Some(self.pos) {
+            return Err(self.client.invalid_response(
+                &req,
+                format!(
+                    "asked to resume at byte {}, the server answered {} from {resumed_at:?}",
+                    self.pos,
+                    resp.status()
+                ),
+            ));
+        }
+        self.chunks = resp.bytes_stream().boxed();
+        Ok(())
+    }
+}
+
+/// An error and its sources, as one line.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut message = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        message.push_str(": ");
+        message.push_str(&s.to_string());
+        source = s.source();
+    }
+    message
+}
+
 impl ObjectClient for S3Client {
     fn bucket(&self) -> &str {
         &self.cfg.bucket
@@ -791,25 +1002,29 @@ impl ObjectClient for S3Client {
             .await?;
         let (head, body_range) = head_from_headers(resp.headers(), resp.status())
             .ok_or_else(|| self.invalid_response(&req, "GET answer without Content-Length"))?;
-        let stats = self.stats.clone();
-        let make_err = {
-            let template = self.error(&req, ErrorKind::Transport);
-            move |e: reqwest::Error| {
-                let mut err = template.clone();
-                if e.is_timeout() {
-                    err.kind = ErrorKind::Timeout;
-                }
-                err.with_message(format!("reading the body: {e}"))
-            }
+        // The version to resume from: the one asked for, else the one that answered.
+        let etag = if_match
+            .map(str::to_string)
+            .or_else(|| (!head.etag.is_empty()).then(|| head.etag.clone()));
+        let body = GetBody {
+            client: self.clone(),
+            key: key.to_string(),
+            etag,
+            start: body_range.start,
+            pos: body_range.start,
+            end: body_range.end,
+            chunks: resp.bytes_stream().boxed(),
+            backoff: self.cfg.retry.backoff(),
+            broken_since: None,
         };
-        let stream = resp.bytes_stream().map(move |chunk| match chunk {
-            Ok(bytes) => {
-                stats
-                    .bytes_received
-                    .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-                Ok(bytes)
+        let stream = futures_util::stream::unfold(Some(body), |body| async move {
+            let mut body = body?;
+            match body.next_chunk().await {
+                Ok(Some(bytes)) => Some((Ok(bytes), Some(body))),
+                Ok(None) => None,
+                // After an error the stream ends: the caller has its answer.
+                Err(e) => Some((Err(e), None)),
             }
-            Err(e) => Err(make_err(e)),
         });
         Ok(GetObjectOutput {
             head,

@@ -30,18 +30,31 @@ pub struct MockObject {
     pub attrs: ObjectAttributes,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Upload {
     key: String,
     attrs: ObjectAttributes,
     parts: BTreeMap<u32, (String, Bytes)>,
+    initiated: SystemTime,
 }
 
 #[derive(Default)]
 struct State {
     objects: BTreeMap<String, MockObject>,
     uploads: BTreeMap<String, Upload>,
-    failures: HashMap<Operation, VecDeque<ErrorKind>>,
+    failures: HashMap<Operation, VecDeque<Injected>>,
+}
+
+/// A failure planned for a call.
+#[derive(Debug, Clone)]
+enum Injected {
+    /// The call fails without doing anything.
+    Before(ErrorKind),
+    /// The call does its work, then its answer is lost: the caller gets this error, as the
+    /// real client does after a retry (a lost CompleteMultipartUpload answer, retried, is
+    /// NoSuchUpload) or without one (a lost CreateMultipartUpload answer is a transport
+    /// error).
+    After(ErrorKind),
 }
 
 pub struct MockClient {
@@ -124,7 +137,36 @@ impl MockClient {
     pub fn fail_next(&self, op: Operation, kind: ErrorKind, times: usize) {
         let mut state = self.lock();
         let queue = state.failures.entry(op).or_default();
-        queue.extend(std::iter::repeat_n(kind, times));
+        queue.extend(std::iter::repeat_n(Injected::Before(kind), times));
+    }
+
+    /// The next `times` calls of `op` do their work, then fail with `kind` as if the answer
+    /// had been lost.
+    pub fn lose_next_answer(&self, op: Operation, kind: ErrorKind, times: usize) {
+        let mut state = self.lock();
+        let queue = state.failures.entry(op).or_default();
+        queue.extend(std::iter::repeat_n(Injected::After(kind), times));
+    }
+
+    /// Uploads in progress once background clean-up (the abort of a failed commit) had up
+    /// to two seconds to run.
+    pub async fn open_uploads_settled(&self) -> usize {
+        for _ in 0..200 {
+            if self.open_uploads() == 0 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        self.open_uploads()
+    }
+
+    /// The keys of the uploads in progress.
+    pub fn upload_keys(&self) -> Vec<String> {
+        self.lock()
+            .uploads
+            .values()
+            .map(|u| u.key.clone())
+            .collect()
     }
 
     /// Body bytes uploaded to the mock (PutObject, UploadPart) and downloaded from it
@@ -159,8 +201,9 @@ impl MockClient {
         e
     }
 
-    /// Counts the call and consumes one injected failure, if any.
-    fn enter(&self, op: Operation, key: Option<&str>) -> Result<()> {
+    /// Counts the call and consumes one injected failure, if any: an error now, or one to
+    /// return after the work (see [`MockClient::after`]).
+    fn enter(&self, op: Operation, key: Option<&str>) -> Result<Option<ErrorKind>> {
         if let Ok(mut c) = self.counts.lock() {
             *c.entry(op).or_default() += 1;
         }
@@ -170,8 +213,31 @@ impl MockClient {
             .get_mut(&op)
             .and_then(VecDeque::pop_front);
         match injected {
-            Some(kind) => Err(self.err(op, key, kind).with_message("injected failure")),
-            None => Ok(()),
+            Some(Injected::Before(kind)) => {
+                Err(self.err(op, key, kind).with_message("injected failure"))
+            }
+            Some(Injected::After(kind)) => Ok(Some(kind)),
+            None => Ok(None),
+        }
+    }
+
+    /// The answer of a call that did its work: `result`, unless it is to be lost.
+    fn after<T>(
+        &self,
+        op: Operation,
+        key: Option<&str>,
+        lost: Option<ErrorKind>,
+        result: Result<T>,
+    ) -> Result<T> {
+        match lost {
+            Some(kind) if result.is_ok() => {
+                let mut e = self
+                    .err(op, key, kind)
+                    .with_message("injected: the answer was lost");
+                e.attempts = 2;
+                Err(e)
+            }
+            _ => result,
         }
     }
 
@@ -217,7 +283,147 @@ impl ObjectClient for MockClient {
     }
 
     async fn list_objects(&self, req: &ListRequest<'_>) -> Result<ListPage> {
-        self.enter(Operation::ListObjectsV2, None)?;
+        let lost = self.enter(Operation::ListObjectsV2, None)?;
+        let result = self.list_objects_now(req);
+        self.after(Operation::ListObjectsV2, None, lost, result)
+    }
+
+    async fn head_object(&self, key: &str) -> Result<ObjectHead> {
+        let lost = self.enter(Operation::HeadObject, Some(key))?;
+        let result = self.head_object_now(key);
+        self.after(Operation::HeadObject, Some(key), lost, result)
+    }
+
+    async fn get_object(
+        &self,
+        key: &str,
+        range: Option<Range<u64>>,
+        if_match: Option<&str>,
+    ) -> Result<GetObjectOutput> {
+        let op = Operation::GetObject;
+        let lost = self.enter(op, Some(key))?;
+        let result = self.get_object_now(key, range, if_match);
+        self.after(op, Some(key), lost, result)
+    }
+
+    async fn put_object(
+        &self,
+        key: &str,
+        body: PutBody,
+        attrs: &ObjectAttributes,
+    ) -> Result<String> {
+        let op = Operation::PutObject;
+        let lost = self.enter(op, Some(key))?;
+        let result = self.put_object_now(key, body, attrs);
+        self.after(op, Some(key), lost, result)
+    }
+
+    async fn delete_object(&self, key: &str) -> Result<()> {
+        let lost = self.enter(Operation::DeleteObject, Some(key))?;
+        let result = self.delete_object_now(key);
+        self.after(Operation::DeleteObject, Some(key), lost, result)
+    }
+
+    async fn delete_objects(&self, keys: &[String]) -> Result<DeleteObjectsOutput> {
+        let lost = self.enter(Operation::DeleteObjects, None)?;
+        let result = self.delete_objects_now(keys);
+        self.after(Operation::DeleteObjects, None, lost, result)
+    }
+
+    async fn copy_object(
+        &self,
+        source_key: &str,
+        dest_key: &str,
+        directive: &MetadataDirective,
+    ) -> Result<String> {
+        let op = Operation::CopyObject;
+        let lost = self.enter(op, Some(dest_key))?;
+        let result = self.copy_object_now(source_key, dest_key, directive);
+        self.after(op, Some(dest_key), lost, result)
+    }
+
+    async fn create_multipart_upload(&self, key: &str, attrs: &ObjectAttributes) -> Result<String> {
+        let lost = self.enter(Operation::CreateMultipartUpload, Some(key))?;
+        let result = self.create_multipart_upload_now(key, attrs);
+        self.after(Operation::CreateMultipartUpload, Some(key), lost, result)
+    }
+
+    async fn upload_part(
+        &self,
+        key: &str,
+        upload_id: &str,
+        part_number: u32,
+        body: PutBody,
+    ) -> Result<String> {
+        let op = Operation::UploadPart;
+        let lost = self.enter(op, Some(key))?;
+        let result = self.upload_part_now(key, upload_id, part_number, body);
+        self.after(op, Some(key), lost, result)
+    }
+
+    async fn upload_part_copy(
+        &self,
+        key: &str,
+        upload_id: &str,
+        part_number: u32,
+        source: CopySource<'_>,
+    ) -> Result<String> {
+        let op = Operation::UploadPartCopy;
+        let lost = self.enter(op, Some(key))?;
+        let result = self.upload_part_copy_now(key, upload_id, part_number, source);
+        self.after(op, Some(key), lost, result)
+    }
+
+    async fn complete_multipart_upload(
+        &self,
+        key: &str,
+        upload_id: &str,
+        parts: &[CompletedPart],
+    ) -> Result<String> {
+        let op = Operation::CompleteMultipartUpload;
+        let lost = self.enter(op, Some(key))?;
+        let result = self.complete_multipart_upload_now(key, upload_id, parts);
+        self.after(op, Some(key), lost, result)
+    }
+
+    async fn abort_multipart_upload(&self, key: &str, upload_id: &str) -> Result<()> {
+        let op = Operation::AbortMultipartUpload;
+        let lost = self.enter(op, Some(key))?;
+        let result = self.abort_multipart_upload_now(key, upload_id);
+        self.after(op, Some(key), lost, result)
+    }
+
+    async fn list_parts(
+        &self,
+        key: &str,
+        upload_id: &str,
+        part_number_marker: Option<u32>,
+    ) -> Result<ListPartsPage> {
+        let op = Operation::ListParts;
+        let lost = self.enter(op, Some(key))?;
+        let result = self.list_parts_now(key, upload_id, part_number_marker);
+        self.after(op, Some(key), lost, result)
+    }
+
+    async fn list_multipart_uploads(
+        &self,
+        prefix: &str,
+        marker: Option<(&str, &str)>,
+    ) -> Result<ListUploadsPage> {
+        let lost = self.enter(Operation::ListMultipartUploads, None)?;
+        let result = self.list_multipart_uploads_now(prefix, marker);
+        self.after(Operation::ListMultipartUploads, None, lost, result)
+    }
+
+    async fn head_bucket(&self) -> Result<()> {
+        let lost = self.enter(Operation::HeadBucket, None)?;
+        self.after(Operation::HeadBucket, None, lost, Ok(()))
+    }
+}
+
+/// The work of each call, without the counting and failure injection around it.
+impl MockClient {
+    fn list_objects_now(&self, req: &ListRequest<'_>) -> Result<ListPage> {
         let state = self.lock();
         let max = req.max_keys.unwrap_or(1000).clamp(1, 1000) as usize;
         let after = req.continuation_token.or(req.start_after).unwrap_or("");
@@ -266,8 +472,7 @@ impl ObjectClient for MockClient {
         Ok(page)
     }
 
-    async fn head_object(&self, key: &str) -> Result<ObjectHead> {
-        self.enter(Operation::HeadObject, Some(key))?;
+    fn head_object_now(&self, key: &str) -> Result<ObjectHead> {
         let state = self.lock();
         let obj = state
             .objects
@@ -276,14 +481,13 @@ impl ObjectClient for MockClient {
         Ok(Self::head_of(obj))
     }
 
-    async fn get_object(
+    fn get_object_now(
         &self,
         key: &str,
         range: Option<Range<u64>>,
         if_match: Option<&str>,
     ) -> Result<GetObjectOutput> {
         let op = Operation::GetObject;
-        self.enter(op, Some(key))?;
         let state = self.lock();
         let obj = state
             .objects
@@ -310,14 +514,8 @@ impl ObjectClient for MockClient {
         })
     }
 
-    async fn put_object(
-        &self,
-        key: &str,
-        body: PutBody,
-        attrs: &ObjectAttributes,
-    ) -> Result<String> {
+    fn put_object_now(&self, key: &str, body: PutBody, attrs: &ObjectAttributes) -> Result<String> {
         let op = Operation::PutObject;
-        self.enter(op, Some(key))?;
         let data = read_body(&body).map_err(|e| {
             self.err(op, Some(key), ErrorKind::InvalidRequest)
                 .with_message(e.to_string())
@@ -337,14 +535,12 @@ impl ObjectClient for MockClient {
         Ok(etag)
     }
 
-    async fn delete_object(&self, key: &str) -> Result<()> {
-        self.enter(Operation::DeleteObject, Some(key))?;
+    fn delete_object_now(&self, key: &str) -> Result<()> {
         self.lock().objects.remove(key);
         Ok(())
     }
 
-    async fn delete_objects(&self, keys: &[String]) -> Result<DeleteObjectsOutput> {
-        self.enter(Operation::DeleteObjects, None)?;
+    fn delete_objects_now(&self, keys: &[String]) -> Result<DeleteObjectsOutput> {
         let mut state = self.lock();
         let mut out = DeleteObjectsOutput::default();
         for k in keys {
@@ -354,14 +550,13 @@ impl ObjectClient for MockClient {
         Ok(out)
     }
 
-    async fn copy_object(
+    fn copy_object_now(
         &self,
         source_key: &str,
         dest_key: &str,
         directive: &MetadataDirective,
     ) -> Result<String> {
         let op = Operation::CopyObject;
-        self.enter(op, Some(dest_key))?;
         let mut state = self.lock();
         let src = state
             .objects
@@ -382,8 +577,7 @@ impl ObjectClient for MockClient {
         Ok(etag)
     }
 
-    async fn create_multipart_upload(&self, key: &str, attrs: &ObjectAttributes) -> Result<String> {
-        self.enter(Operation::CreateMultipartUpload, Some(key))?;
+    fn create_multipart_upload_now(&self, key: &str, attrs: &ObjectAttributes) -> Result<String> {
         let id = self.new_id();
         self.lock().uploads.insert(
             id.clone(),
@@ -391,12 +585,13 @@ impl ObjectClient for MockClient {
                 key: key.to_string(),
                 attrs: attrs.clone(),
                 parts: BTreeMap::new(),
+                initiated: SystemTime::now(),
             },
         );
         Ok(id)
     }
 
-    async fn upload_part(
+    fn upload_part_now(
         &self,
         key: &str,
         upload_id: &str,
@@ -404,7 +599,6 @@ impl ObjectClient for MockClient {
         body: PutBody,
     ) -> Result<String> {
         let op = Operation::UploadPart;
-        self.enter(op, Some(key))?;
         let data = read_body(&body).map_err(|e| {
             self.err(op, Some(key), ErrorKind::InvalidRequest)
                 .with_message(e.to_string())
@@ -414,7 +608,7 @@ impl ObjectClient for MockClient {
         self.store_part(op, key, upload_id, part_number, data)
     }
 
-    async fn upload_part_copy(
+    fn upload_part_copy_now(
         &self,
         key: &str,
         upload_id: &str,
@@ -422,7 +616,6 @@ impl ObjectClient for MockClient {
         source: CopySource<'_>,
     ) -> Result<String> {
         let op = Operation::UploadPartCopy;
-        self.enter(op, Some(key))?;
         let state = self.lock();
         let src = state
             .objects
@@ -441,14 +634,13 @@ impl ObjectClient for MockClient {
         self.store_part(op, key, upload_id, part_number, data)
     }
 
-    async fn complete_multipart_upload(
+    fn complete_multipart_upload_now(
         &self,
         key: &str,
         upload_id: &str,
         parts: &[CompletedPart],
     ) -> Result<String> {
         let op = Operation::CompleteMultipartUpload;
-        self.enter(op, Some(key))?;
         let mut state = self.lock();
         let upload = state
             .uploads
@@ -483,9 +675,8 @@ impl ObjectClient for MockClient {
         Ok(etag)
     }
 
-    async fn abort_multipart_upload(&self, key: &str, upload_id: &str) -> Result<()> {
+    fn abort_multipart_upload_now(&self, key: &str, upload_id: &str) -> Result<()> {
         let op = Operation::AbortMultipartUpload;
-        self.enter(op, Some(key))?;
         self.lock()
             .uploads
             .remove(upload_id)
@@ -493,14 +684,13 @@ impl ObjectClient for MockClient {
             .ok_or_else(|| self.err(op, Some(key), ErrorKind::NoSuchUpload))
     }
 
-    async fn list_parts(
+    fn list_parts_now(
         &self,
         key: &str,
         upload_id: &str,
         part_number_marker: Option<u32>,
     ) -> Result<ListPartsPage> {
         let op = Operation::ListParts;
-        self.enter(op, Some(key))?;
         let state = self.lock();
         let upload = state
             .uploads
@@ -521,12 +711,11 @@ impl ObjectClient for MockClient {
         })
     }
 
-    async fn list_multipart_uploads(
+    fn list_multipart_uploads_now(
         &self,
         prefix: &str,
         marker: Option<(&str, &str)>,
     ) -> Result<ListUploadsPage> {
-        self.enter(Operation::ListMultipartUploads, None)?;
         let state = self.lock();
         let uploads = state
             .uploads
@@ -538,16 +727,12 @@ impl ObjectClient for MockClient {
             .map(|(id, u)| UploadInfo {
                 key: u.key.clone(),
                 upload_id: id.clone(),
-                initiated: None,
+                initiated: Some(u.initiated),
             })
             .collect();
         Ok(ListUploadsPage {
             uploads,
             next_marker: None,
         })
-    }
-
-    async fn head_bucket(&self) -> Result<()> {
-        self.enter(Operation::HeadBucket, None)
     }
 }

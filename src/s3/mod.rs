@@ -1,6 +1,7 @@
 //! Everything that talks S3: the signer, credentials, the `ObjectClient` trait with its HTTP
 //! and in-memory implementations, XML, retries and errors. Nothing here knows about FUSE.
 
+pub mod body;
 pub mod client;
 pub mod credentials;
 pub mod error;

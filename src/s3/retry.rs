@@ -27,7 +27,9 @@ impl Default for RetryPolicy {
             max_attempts: 10,
             base_delay: Duration::from_millis(100),
             max_delay: Duration::from_secs(8),
-            max_elapsed: Duration::from_secs(60),
+            // With the client's default timeouts (10 s for an answer, 5 s of a stalled body)
+            // a dead server fails a request after two or three attempts, well under a minute.
+            max_elapsed: Duration::from_secs(30),
         }
     }
 }

@@ -1,0 +1,249 @@
+//! The one memory budget of the mount (`--max-memory`): every buffer of file data held in
+//! memory (prefetched GET bodies, random-read blocks being fetched, local-copy fetches, part
+//! buffers of files being written, part uploads streamed from the spool) reserves its size here
+//! first, and gives it back when dropped. A reader or writer that finds the budget spent waits
+//! for room instead of allocating past it.
+//!
+//! **Part buffers** ([`PartBuffer`]) carry their reservation inside: the memory is given back
+//! when the last `Bytes` that shares the buffer is dropped (the upload, and the copy into the
+//! spool, whichever ends last), never before. A few idle part buffers are kept for reuse, with
+//! their reservations: mapping fresh memory costs a page fault per 4 KiB (measured: 1.6 CPU-s
+//! per 2 GiB written). They are given back at once whenever someone would otherwise wait, and
+//! kept only while at least half the budget is free: no request is ever larger than half the
+//! budget, so a waiter never waits on an idle buffer.
+
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// The budget is counted in units of this size.
+const UNIT: u64 = 64 * 1024;
+/// Idle part buffers kept for reuse.
+const IDLE_KEPT: usize = 4;
+/// Alignment of part buffers (O_DIRECT).
+pub const BUFFER_ALIGN: usize = 4096;
+
+pub struct MemoryBudget {
+    semaphore: Arc<Semaphore>,
+    total_units: u32,
+    idle: Mutex<Vec<(Vec<u8>, Reservation)>>,
+}
+
+/// Memory held until dropped.
+pub struct Reservation {
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Reservation {
+    fn units(&self) -> u32 {
+        self._permit.num_permits() as u32
+    }
+}
+
+impl MemoryBudget {
+    pub fn new(bytes: u64) -> Self {
+        let units = (bytes / UNIT).clamp(16, u32::MAX as u64) as u32;
+        Self {
+            semaphore: Arc::new(Semaphore::new(units as usize)),
+            total_units: units,
+            idle: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn units_for(&self, bytes: u64) -> u32 {
+        // At most half the budget, so that two requests always fit and idle buffers are never
+        // waited on (see the module comment); a larger buffer overdraws by the difference.
+        bytes
+            .div_ceil(UNIT)
+            .clamp(1, (self.total_units as u64 / 2).max(1)) as u32
+    }
+
+    /// Waits until `bytes` fit in the budget.
+    pub async fn reserve(&self, bytes: u64) -> Reservation {
+        let units = self.units_for(bytes);
+        if let Ok(permit) = self.semaphore.clone().try_acquire_many_owned(units) {
+            return Reservation { _permit: permit };
+        }
+        // Before anyone waits, idle buffers give their memory back.
+        self.release_idle();
+        let permit = self
+            .semaphore
+            .clone()
+            .acquire_many_owned(units)
+            .await
+            .expect("the budget's semaphore is never closed");
+        Reservation { _permit: permit }
+    }
+
+    /// Frees the idle part buffers (their memory goes back to the budget).
+    pub fn release_idle(&self) {
+        let idle = std::mem::take(&mut *self.idle.lock().unwrap_or_else(|p| p.into_inner()));
+        drop(idle);
+    }
+
+    /// An empty part buffer of at least `capacity` bytes, aligned, with its memory reserved:
+    /// an idle one of a similar size if there is one.
+    pub async fn part_buffer(self: &Arc<Self>, capacity: usize) -> PartBuffer {
+        if let Some(buf) = self.part_buffer_now(capacity) {
+            return buf;
+        }
+        let memory = self.reserve(capacity as u64).await;
+        self.buffer_with(Vec::with_capacity(capacity + BUFFER_ALIGN), memory)
+    }
+
+    /// [`MemoryBudget::part_buffer`] without waiting: `None` when there is no room now.
+    pub fn part_buffer_now(self: &Arc<Self>, capacity: usize) -> Option<PartBuffer> {
+        let units = self.units_for(capacity as u64);
+        let reused = {
+            let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+            idle.iter()
+                .position(|(b, r)| {
+                    b.capacity() >= capacity + BUFFER_ALIGN
+                        && b.capacity() <= 2 * capacity + BUFFER_ALIGN
+                        && r.units() == units
+                })
+                .map(|i| idle.swap_remove(i))
+        };
+        let (buf, memory) = match reused {
+            Some(kept) => kept,
+            None => {
+                let permit = self.semaphore.clone().try_acquire_many_owned(units).ok()?;
+                let memory = Reservation { _permit: permit };
+                (Vec::with_capacity(capacity + BUFFER_ALIGN), memory)
+            }
+        };
+        Some(self.buffer_with(buf, memory))
+    }
+
+    fn buffer_with(self: &Arc<Self>, mut buf: Vec<u8>, memory: Reservation) -> PartBuffer {
+        buf.clear();
+        let pad = buf.as_ptr().align_offset(BUFFER_ALIGN);
+        buf.resize(pad, 0);
+        PartBuffer {
+            buf,
+            pad,
+            memory: Some(memory),
+            budget: self.clone(),
+        }
+    }
+
+    /// A buffer that is done with: kept idle if the budget has room to spare, else freed.
+    fn give_back(&self, buf: Vec<u8>, memory: Reservation) {
+        let spare = self.semaphore.available_permits() as u32 >= self.total_units / 2;
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if spare && idle.len() < IDLE_KEPT {
+            idle.push((buf, memory));
+        }
+    }
+
+    pub fn in_use_bytes(&self) -> u64 {
+        (self.total_units as u64 - self.semaphore.available_permits() as u64) * UNIT
+    }
+
+    pub fn available_bytes(&self) -> u64 {
+        self.semaphore.available_permits() as u64 * UNIT
+    }
+
+    pub fn total_bytes(&self) -> u64 {
+        self.total_units as u64 * UNIT
+    }
+}
+
+/// A part's data, aligned for O_DIRECT, holding its share of the budget until the last `Bytes`
+/// of it is dropped.
+pub struct PartBuffer {
+    buf: Vec<u8>,
+    pad: usize,
+    memory: Option<Reservation>,
+    budget: Arc<MemoryBudget>,
+}
+
+impl PartBuffer {
+    pub fn len(&self) -> u64 {
+        (self.buf.len() - self.pad) as u64
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// The data as shared bytes; the memory comes back when the last of them is dropped.
+    pub fn freeze(self) -> Bytes {
+        Bytes::from_owner(self)
+    }
+}
+
+impl AsRef<[u8]> for PartBuffer {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf[self.pad..]
+    }
+}
+
+impl Drop for PartBuffer {
+    fn drop(&mut self) {
+        if let Some(memory) = self.memory.take() {
+            self.budget.give_back(std::mem::take(&mut self.buf), memory);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn part_buffers_hold_their_memory_until_the_last_bytes_go() {
+        let budget = Arc::new(MemoryBudget::new(64 << 20));
+        let mut b = budget.part_buffer(8 << 20).await;
+        assert_eq!(b.as_ref().as_ptr().align_offset(BUFFER_ALIGN), 0);
+        b.push(b"data");
+        let bytes = b.freeze();
+        let clone = bytes.clone();
+        assert_eq!(budget.in_use_bytes(), 8 << 20);
+        drop(bytes);
+        assert_eq!(budget.in_use_bytes(), 8 << 20, "a clone still holds it");
+        drop(clone);
+        // Kept idle for reuse, still counted.
+        assert_eq!(budget.in_use_bytes(), 8 << 20);
+        let again = budget.part_buffer(8 << 20).await;
+        assert_eq!(budget.in_use_bytes(), 8 << 20, "the idle buffer was reused");
+        drop(again);
+    }
+
+    #[tokio::test]
+    async fn idle_buffers_never_make_anyone_wait() {
+        let budget = Arc::new(MemoryBudget::new(16 << 20));
+        let a = budget.part_buffer(4 << 20).await;
+        let b = budget.part_buffer(4 << 20).await;
+        let c = budget.part_buffer(4 << 20).await;
+        drop(a); // given back: keeping it would leave less than half the budget free
+        drop(b); // kept idle: half is free
+        assert_eq!(budget.in_use_bytes(), 8 << 20);
+        drop(c); // kept too: half is still free
+        assert_eq!(budget.in_use_bytes(), 8 << 20);
+        // Someone wants more than is free without the idle buffer: it is given back.
+        let big = tokio::time::timeout(std::time::Duration::from_secs(1), budget.reserve(8 << 20))
+            .await
+            .expect("not stuck behind an idle buffer");
+        let more = tokio::time::timeout(std::time::Duration::from_secs(1), budget.reserve(8 << 20))
+            .await
+            .expect("the whole budget is usable");
+        assert_eq!(budget.in_use_bytes(), 16 << 20);
+        drop((big, more));
+    }
+
+    #[tokio::test]
+    async fn requests_are_capped_at_half_the_budget() {
+        let budget = MemoryBudget::new(16 << 20);
+        let huge = budget.reserve(1 << 30).await;
+        assert_eq!(budget.in_use_bytes(), 8 << 20);
+        let other = budget.reserve(8 << 20).await;
+        drop((huge, other));
+        assert_eq!(budget.in_use_bytes(), 0);
+    }
+}
