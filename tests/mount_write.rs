@@ -517,7 +517,15 @@ async fn failed_upload_makes_close_fail_and_leaves_nothing_behind() {
     // The abort could not reach S3 either; the next mount of the same prefix finds the upload
     // in its journal and aborts it.
     let again = mount(&env, &format!("{}:{prefix}", env.bucket), &[]);
-    let uploads = c.list_multipart_uploads(&prefix, None).await.unwrap();
+    // The clean-up runs in the background once the mount is up.
+    let mut uploads = c.list_multipart_uploads(&prefix, None).await.unwrap();
+    for _ in 0..100 {
+        if uploads.uploads.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        uploads = c.list_multipart_uploads(&prefix, None).await.unwrap();
+    }
     assert!(
         uploads.uploads.is_empty(),
         "no orphaned multipart upload: {uploads:?}"

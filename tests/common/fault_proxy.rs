@@ -1,36 +1,162 @@
-//! A small HTTP proxy that stands between the client and a real S3 server and fails chosen
-//! requests, so the client's retry logic is tested against real wire behaviour: error statuses,
-//! connections closed without an answer, and a 200 whose body is an `<Error>`.
+//! A small HTTP proxy that stands between the client and a real S3 server and injects the
+//! faults a real network produces, so retries, resumed bodies and exactly-once outcomes are
+//! tested against real wire behaviour:
 //!
-//! Requests are taken one at a time per connection. For each, the next planned [`Fault`] is
-//! applied; when the plan is empty the request is forwarded to the server unchanged (its Host
-//! header, and so its signature, stay valid: the server does not care which port it was reached
-//! on). Every answer closes the connection, which keeps the proxy simple; the client opens a new
-//! one per request.
+//! - error statuses and a 200 whose body is an `<Error>` (the request never reaches the server);
+//! - a connection closed before the request is forwarded (a reset *before* the server saw it);
+//! - a lost answer: the request is forwarded, the server acts on it, and the connection is
+//!   closed without the answer (a reset *after* the server saw it);
+//! - a body cut off partway (headers and some of the body, then a reset);
+//! - a stalled body (headers and some of the body, then nothing for a while);
+//! - a hang: the request is read and never answered (a server that froze, as under SIGSTOP);
+//! - a restart: every open connection dropped at once, and new ones refused for a moment;
+//! - a black hole: every request hangs until it is switched off.
+//!
+//! Faults come from a plan (the next requests, in order), from rules that pick requests by
+//! method and query (`uploads`, `uploadId`), or at random with a seeded generator and a rate.
+//! Bodies are streamed both ways, so large transfers stay cheap. Every answer closes its
+//! connection (the client opens a new one per request); the request is forwarded unchanged, so
+//! its Host header and signature stay valid.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Fault {
-    /// Answer with this status and an `<Error>` of this code.
+    /// Answer with this status and an `<Error>` of this code, without forwarding.
     Status(u16, &'static str),
-    /// Close the connection after reading the request, without answering.
+    /// Close the connection after reading the request, without forwarding it.
     Reset,
     /// Answer 200 with an `<Error>` body of this code, without forwarding, as S3 does when
     /// CopyObject or CompleteMultipartUpload fails after the status line went out.
     ErrorIn200(&'static str),
+    /// Forward the request (the server acts on it) and close without the answer.
+    LoseAnswer,
+    /// Forward, send the answer's headers and part of its body, then reset.
+    CutBody,
+    /// Forward, send the headers and part of the body, then nothing for this long (then close).
+    StallBody(Duration),
+    /// Read the request and answer nothing for this long (then close), forwarding nothing.
+    Hang(Duration),
+}
+
+impl Fault {
+    fn name(&self) -> &'static str {
+        match self {
+            Fault::Status(..) => "status",
+            Fault::Reset => "reset",
+            Fault::ErrorIn200(_) => "error-in-200",
+            Fault::LoseAnswer => "lost-answer",
+            Fault::CutBody => "cut-body",
+            Fault::StallBody(_) => "stalled-body",
+            Fault::Hang(_) => "hang",
+        }
+    }
+}
+
+/// Which requests a rule applies to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// CreateMultipartUpload: `POST ?uploads`.
+    CreateMultipartUpload,
+    /// CompleteMultipartUpload: `POST ?uploadId=`.
+    CompleteMultipartUpload,
+    /// GetObject: a GET that is not a listing.
+    Get,
+    /// Any PUT (PutObject, UploadPart, copies).
+    Put,
+}
+
+impl Target {
+    fn matches(self, head: &RequestHead) -> bool {
+        let query = head.target.split_once('?').map_or("", |(_, q)| q);
+        let has = |name: &str| {
+            query
+                .split('&')
+                .any(|p| p == name || p.starts_with(&format!("{name}=")))
+        };
+        match self {
+            Target::CreateMultipartUpload => head.method == "POST" && has("uploads"),
+            Target::CompleteMultipartUpload => head.method == "POST" && has("uploadId"),
+            Target::Get => {
+                head.method == "GET" && !has("list-type") && !has("uploads") && !has("uploadId")
+            }
+            Target::Put => head.method == "PUT",
+        }
+    }
+}
+
+struct Rule {
+    target: Target,
+    fault: Fault,
+    times: usize,
+}
+
+/// Faults at random: each request gets one with probability `rate`, its kind drawn from the
+/// mix, all from one seeded generator so a failing run can be repeated.
+struct Random {
+    rng: fastrand::Rng,
+    rate: f64,
+    stall: Duration,
+}
+
+#[derive(Default)]
+struct Plan {
+    queue: VecDeque<Fault>,
+    rules: Vec<Rule>,
+    random: Option<Random>,
+}
+
+impl Plan {
+    fn next(&mut self, head: &RequestHead) -> Option<Fault> {
+        if let Some(rule) = self
+            .rules
+            .iter_mut()
+            .find(|r| r.times > 0 && r.target.matches(head))
+        {
+            rule.times -= 1;
+            return Some(rule.fault.clone());
+        }
+        if let Some(f) = self.queue.pop_front() {
+            return Some(f);
+        }
+        let r = self.random.as_mut()?;
+        if r.rng.f64() >= r.rate {
+            return None;
+        }
+        Some(match r.rng.u32(0..8) {
+            0 => Fault::Status(503, "SlowDown"),
+            1 => Fault::Status(500, "InternalError"),
+            2 => Fault::Reset,
+            3 => Fault::LoseAnswer,
+            4 | 5 => Fault::CutBody,
+            6 => Fault::StallBody(r.stall),
+            _ => Fault::Hang(r.stall),
+        })
+    }
+}
+
+struct Shared {
+    upstream: String,
+    plan: Mutex<Plan>,
+    seen: AtomicUsize,
+    injected: Mutex<Vec<&'static str>>,
+    black_hole: AtomicBool,
+    /// Until when new connections are refused (a restart in progress).
+    down_until: Mutex<Option<Instant>>,
+    /// Bumped by a restart: connections of an older generation are dropped.
+    generation: tokio::sync::watch::Sender<u64>,
 }
 
 pub struct FaultProxy {
     addr: SocketAddr,
-    plan: Arc<Mutex<VecDeque<Fault>>>,
-    seen: Arc<AtomicUsize>,
+    shared: Arc<Shared>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -38,23 +164,44 @@ impl FaultProxy {
     pub async fn start(upstream: String, plan: Vec<Fault>) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
         let addr = listener.local_addr().unwrap();
-        let plan = Arc::new(Mutex::new(VecDeque::from(plan)));
-        let seen = Arc::new(AtomicUsize::new(0));
-        let (p, s) = (plan.clone(), seen.clone());
+        let shared = Arc::new(Shared {
+            upstream,
+            plan: Mutex::new(Plan {
+                queue: VecDeque::from(plan),
+                ..Plan::default()
+            }),
+            seen: AtomicUsize::new(0),
+            injected: Mutex::new(Vec::new()),
+            black_hole: AtomicBool::new(false),
+            down_until: Mutex::new(None),
+            generation: tokio::sync::watch::channel(0).0,
+        });
+        let s = shared.clone();
         let task = tokio::spawn(async move {
             while let Ok((conn, _)) = listener.accept().await {
-                let (p, s, up) = (p.clone(), s.clone(), upstream.clone());
+                let down = s
+                    .down_until
+                    .lock()
+                    .unwrap()
+                    .is_some_and(|t| Instant::now() < t);
+                if down {
+                    // Restarting: refused, as a server that is not listening yet.
+                    let _ = conn.set_zero_linger();
+                    continue;
+                }
+                let s = s.clone();
+                let mut generation = s.generation.subscribe();
+                let born = *generation.borrow();
                 tokio::spawn(async move {
-                    let _ = serve(conn, &up, &p, &s).await;
+                    tokio::select! {
+                        _ = serve(conn, &s) => {}
+                        // A restart drops this connection, whatever it was doing.
+                        _ = generation.wait_for(|g| *g != born) => {}
+                    }
                 });
             }
         });
-        Self {
-            addr,
-            plan,
-            seen,
-            task,
-        }
+        Self { addr, shared, task }
     }
 
     pub fn endpoint(&self) -> String {
@@ -63,107 +210,240 @@ impl FaultProxy {
 
     /// Requests received so far, faulted or forwarded.
     pub fn requests_seen(&self) -> usize {
-        self.seen.load(Ordering::SeqCst)
+        self.shared.seen.load(Ordering::SeqCst)
+    }
+
+    /// The faults injected so far, by name.
+    pub fn injected(&self) -> Vec<&'static str> {
+        self.shared.injected.lock().unwrap().clone()
     }
 
     pub fn push(&self, faults: impl IntoIterator<Item = Fault>) {
-        self.plan.lock().unwrap().extend(faults);
+        self.shared.plan.lock().unwrap().queue.extend(faults);
     }
 
     pub fn faults_left(&self) -> usize {
-        self.plan.lock().unwrap().len()
+        let plan = self.shared.plan.lock().unwrap();
+        plan.queue.len() + plan.rules.iter().map(|r| r.times).sum::<usize>()
+    }
+
+    /// The next `times` requests of `target` get `fault`.
+    pub fn on(&self, target: Target, fault: Fault, times: usize) {
+        self.shared.plan.lock().unwrap().rules.push(Rule {
+            target,
+            fault,
+            times,
+        });
+    }
+
+    /// From now on, each request gets a random fault with probability `rate` (stalls and
+    /// hangs last `stall`), drawn from a generator seeded with `seed`.
+    pub fn random(&self, seed: u64, rate: f64, stall: Duration) {
+        self.shared.plan.lock().unwrap().random = Some(Random {
+            rng: fastrand::Rng::with_seed(seed),
+            rate,
+            stall,
+        });
+    }
+
+    /// No more random faults.
+    pub fn calm(&self) {
+        self.shared.plan.lock().unwrap().random = None;
+    }
+
+    /// While on, every request is read and never answered, as by a frozen server.
+    pub fn black_hole(&self, on: bool) {
+        self.shared.black_hole.store(on, Ordering::SeqCst);
+    }
+
+    /// A server restart: every connection is dropped now, and new ones are refused for
+    /// `down_for`.
+    pub fn restart(&self, down_for: Duration) {
+        *self.shared.down_until.lock().unwrap() = Some(Instant::now() + down_for);
+        self.shared.generation.send_modify(|g| *g += 1);
     }
 }
 
 impl Drop for FaultProxy {
     fn drop(&mut self) {
         self.task.abort();
+        // Open connections end with their next restart generation.
+        self.shared.generation.send_modify(|g| *g += 1);
     }
 }
 
-/// Reads one request (head and Content-Length body). `None` when the client closed.
-async fn read_request(conn: &mut TcpStream) -> std::io::Result<Option<Vec<u8>>> {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 64 * 1024];
-    let head_end = loop {
-        if let Some(i) = find(&buf, b"\r\n\r\n") {
-            break i + 4;
-        }
-        let n = conn.read(&mut chunk).await?;
-        if n == 0 {
-            return Ok(None);
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    };
-    let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
-    let body_len: usize = head
-        .lines()
-        .find_map(|l| l.strip_prefix("content-length:"))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0);
-    while buf.len() < head_end + body_len {
-        let n = conn.read(&mut chunk).await?;
-        if n == 0 {
-            return Ok(None);
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
-    Ok(Some(buf))
+#[derive(Debug)]
+struct RequestHead {
+    method: String,
+    target: String,
+    /// The head as received, `\r\n\r\n` included.
+    raw: Vec<u8>,
+    body_len: u64,
 }
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
 
-/// Adds `Connection: close` to a request or response head.
-fn with_connection_close(message: &[u8]) -> Vec<u8> {
-    let Some(end) = find(message, b"\r\n\r\n") else {
-        return message.to_vec();
-    };
-    let mut out = Vec::with_capacity(message.len() + 20);
-    out.extend_from_slice(&message[..end]);
-    out.extend_from_slice(b"\r\nConnection: close");
-    out.extend_from_slice(&message[end..]);
+/// Reads a message head; returns it and whatever of the body came with it. `None` when the
+/// peer closed first.
+async fn read_head(conn: &mut TcpStream) -> std::io::Result<Option<(Vec<u8>, Vec<u8>)>> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 16 * 1024];
+    loop {
+        if let Some(i) = find(&buf, b"\r\n\r\n") {
+            let rest = buf.split_off(i + 4);
+            return Ok(Some((buf, rest)));
+        }
+        let n = conn.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(None);
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+fn header_value(head: &[u8], name: &str) -> Option<String> {
+    let text = String::from_utf8_lossy(head);
+    text.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim()
+            .eq_ignore_ascii_case(name)
+            .then(|| v.trim().to_string())
+    })
+}
+
+/// Adds `Connection: close` to a message head.
+fn with_connection_close(head: &[u8]) -> Vec<u8> {
+    let end = find(head, b"\r\n\r\n").unwrap_or(head.len());
+    let mut out = Vec::with_capacity(head.len() + 20);
+    out.extend_from_slice(&head[..end]);
+    out.extend_from_slice(b"\r\nConnection: close\r\n\r\n");
     out
 }
 
 fn error_response(status: u16, code: &str) -> Vec<u8> {
     let body = format!(
-        "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>{code}</Code><Message>injected by the test proxy</Message></Error>"
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>{code}</Code><Message>injected by the test proxy</Message><RequestId>proxy</RequestId></Error>"
     );
     format!(
-        "HTTP/1.1 {status} {}\r\nContent-Type: application/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "HTTP/1.1 {status} {}\r\nContent-Type: application/xml\r\nx-amz-request-id: proxy\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         if status == 200 { "OK" } else { "Injected" },
         body.len()
     )
     .into_bytes()
 }
 
-async fn serve(
-    mut conn: TcpStream,
-    upstream: &str,
-    plan: &Mutex<VecDeque<Fault>>,
-    seen: &AtomicUsize,
-) -> std::io::Result<()> {
-    let Some(request) = read_request(&mut conn).await? else {
+async fn serve(mut conn: TcpStream, s: &Shared) -> std::io::Result<()> {
+    let Some((raw, early_body)) = read_head(&mut conn).await? else {
         return Ok(());
     };
-    seen.fetch_add(1, Ordering::SeqCst);
-    let fault = plan.lock().unwrap().pop_front();
-    match fault {
-        Some(Fault::Status(status, code)) => conn.write_all(&error_response(status, code)).await?,
-        Some(Fault::ErrorIn200(code)) => conn.write_all(&error_response(200, code)).await?,
+    let first = String::from_utf8_lossy(&raw)
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_string();
+    let mut parts = first.split(' ');
+    let head = RequestHead {
+        method: parts.next().unwrap_or("").to_string(),
+        target: parts.next().unwrap_or("").to_string(),
+        body_len: header_value(&raw, "content-length")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0),
+        raw,
+    };
+    s.seen.fetch_add(1, Ordering::SeqCst);
+    // The whole request body is read before anything else, as a server would receive it.
+    let mut body = early_body;
+    let mut chunk = vec![0u8; 256 * 1024];
+    while (body.len() as u64) < head.body_len {
+        let n = conn.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        body.extend_from_slice(&chunk[..n]);
+    }
+    if s.black_hole.load(Ordering::SeqCst) {
+        // Frozen: nothing comes back, until the client gives up.
+        std::future::pending::<()>().await;
+    }
+    let fault = s.plan.lock().unwrap().next(&head);
+    if let Some(f) = &fault {
+        s.injected.lock().unwrap().push(f.name());
+    }
+    match &fault {
+        Some(Fault::Status(status, code)) => {
+            conn.write_all(&error_response(*status, code)).await?;
+            return conn.shutdown().await;
+        }
+        Some(Fault::ErrorIn200(code)) => {
+            conn.write_all(&error_response(200, code)).await?;
+            return conn.shutdown().await;
+        }
         Some(Fault::Reset) => {
             conn.set_zero_linger()?;
             return Ok(());
         }
-        None => {
-            let mut up = TcpStream::connect(upstream).await?;
-            up.write_all(&with_connection_close(&request)).await?;
-            let mut response = Vec::new();
-            up.read_to_end(&mut response).await?;
-            conn.write_all(&with_connection_close(&response)).await?;
+        Some(Fault::Hang(d)) => {
+            tokio::time::sleep(*d).await;
+            return Ok(());
         }
+        _ => {}
+    }
+    let mut up = TcpStream::connect(&s.upstream).await?;
+    up.write_all(&with_connection_close(&head.raw)).await?;
+    up.write_all(&body).await?;
+    let Some((response_head, early)) = read_head(&mut up).await? else {
+        conn.set_zero_linger()?;
+        return Ok(());
+    };
+    if fault == Some(Fault::LoseAnswer) {
+        // The server has acted; drain its answer so it finishes, and tell the client nothing.
+        let mut rest = early;
+        let _ = up.read_to_end(&mut rest).await;
+        conn.set_zero_linger()?;
+        return Ok(());
+    }
+    let has_body = head.method != "HEAD";
+    let body_len: Option<u64> =
+        header_value(&response_head, "content-length").and_then(|v| v.parse().ok());
+    // Where a cut or a stall happens: somewhere inside the body.
+    let cut_at = match (&fault, body_len) {
+        (Some(Fault::CutBody | Fault::StallBody(_)), Some(len)) if has_body && len > 1 => {
+            Some(fastrand::u64(1..len))
+        }
+        (Some(Fault::CutBody | Fault::StallBody(_)), None) if has_body => Some(1),
+        _ => None,
+    };
+    conn.write_all(&with_connection_close(&response_head))
+        .await?;
+    let mut sent = 0u64;
+    let mut pending = early;
+    loop {
+        if pending.is_empty() {
+            pending.resize(256 * 1024, 0);
+            let n = up.read(&mut pending).await?;
+            pending.truncate(n);
+            if n == 0 {
+                break;
+            }
+        }
+        let mut piece = std::mem::take(&mut pending);
+        if let Some(at) = cut_at {
+            if sent + piece.len() as u64 >= at {
+                let keep = (at - sent) as usize;
+                piece.truncate(keep);
+                conn.write_all(&piece).await?;
+                conn.flush().await?;
+                if let Some(Fault::StallBody(d)) = &fault {
+                    tokio::time::sleep(*d).await;
+                }
+                conn.set_zero_linger()?;
+                return Ok(());
+            }
+        }
+        sent += piece.len() as u64;
+        conn.write_all(&piece).await?;
     }
     conn.shutdown().await
 }

@@ -24,6 +24,23 @@ impl Mounted {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The process id of the mount.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// The mount's peak resident memory so far (VmHWM), in bytes.
+    pub fn peak_rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("the mount's /proc status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .expect("VmHWM")
+            * 1024
+    }
+
     /// Sends SIGTERM and waits for the process to unmount and exit; returns its status and
     /// everything it logged.
     pub fn terminate(mut self) -> (std::process::ExitStatus, String) {
@@ -32,7 +49,9 @@ impl Mounted {
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
         let status = wait_with_timeout(&mut child, Duration::from_secs(20));
         assert!(!is_mounted(self.path()), "SIGTERM unmounted the filesystem");
-        (status, self.log())
+        let log = self.log();
+        assert_no_bug(&log);
+        (status, log)
     }
 }
 
@@ -68,7 +87,14 @@ impl Drop for Mounted {
             }
             wait_with_timeout(&mut child, Duration::from_secs(10));
         }
-        if std::thread::panicking() {
+        let panicking = std::thread::panicking();
+        if !panicking {
+            let log = self.log();
+            let _ = std::fs::remove_file(&self.log);
+            assert_no_bug(&log);
+            return;
+        }
+        {
             // The test failed: what the mount said is the first thing to read.
             let log = self.log();
             let lines: Vec<&str> = log.lines().collect();
@@ -82,6 +108,21 @@ impl Drop for Mounted {
         }
         let _ = std::fs::remove_file(&self.log);
     }
+}
+
+/// A panic (a bug, logged by s3mount's panic hook or Rust's default one) or a FUSE request
+/// left without an answer fails the test that mounted, whatever it checked itself.
+pub fn assert_no_bug(log: &str) {
+    let bad: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("panicked at") || l.contains("Reply not sent"))
+        .take(5)
+        .collect();
+    assert!(
+        bad.is_empty(),
+        "the mount's log shows a bug:\n{}",
+        bad.join("\n")
+    );
 }
 
 pub fn is_mounted(path: &Path) -> bool {
@@ -113,12 +154,25 @@ pub fn command(env: &ServerEnv) -> Command {
 /// Mounts `bucket_spec` (`bucket` or `bucket:prefix`) with `args`, waits until the mount is
 /// there, and returns its guard.
 pub fn mount(env: &ServerEnv, bucket_spec: &str, args: &[&str]) -> Mounted {
+    mount_with(env, bucket_spec, args, &[])
+}
+
+/// [`mount`] with more environment variables for the mount process.
+pub fn mount_with(
+    env: &ServerEnv,
+    bucket_spec: &str,
+    args: &[&str],
+    vars: &[(&str, &std::ffi::OsStr)],
+) -> Mounted {
     let dir = tempfile::Builder::new()
         .prefix("s3mount-test-")
         .tempdir()
         .expect("mount point");
     let log = dir.path().with_extension("log");
     let mut cmd = command(env);
+    for (k, v) in vars {
+        cmd.env(k, v);
+    }
     cmd.arg(bucket_spec)
         .arg(dir.path())
         .arg("--foreground")
