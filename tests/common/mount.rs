@@ -19,6 +19,23 @@ impl Mounted {
         self.dir.path()
     }
 
+    /// The process id of the running s3mount.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, |c| c.id())
+    }
+
+    /// Waits up to `limit` for the log to hold `count` lines containing `needle`.
+    pub fn wait_for_log(&self, needle: &str, count: usize, limit: Duration) -> bool {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if self.log().matches(needle).count() >= count {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        false
+    }
+
     /// What s3mount logged so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
@@ -100,6 +117,26 @@ pub fn binary() -> &'static str {
 /// environment.
 pub fn command(env: &ServerEnv) -> Command {
     let mut cmd = Command::new(binary());
+    // No test may reach for a real instance metadata service, or through the machine's proxy.
+    for name in [
+        "HTTP_PROXY",
+        "http_proxy",
+        "HTTPS_PROXY",
+        "https_proxy",
+        "ALL_PROXY",
+        "all_proxy",
+        "NO_PROXY",
+        "no_proxy",
+        "AWS_WEB_IDENTITY_TOKEN_FILE",
+        "AWS_ROLE_ARN",
+        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+        "AWS_CONFIG_FILE",
+        "AWS_SHARED_CREDENTIALS_FILE",
+    ] {
+        cmd.env_remove(name);
+    }
+    cmd.env("AWS_EC2_METADATA_DISABLED", "true");
     cmd.env_remove("AWS_PROFILE")
         .env_remove("AWS_SESSION_TOKEN")
         .env("AWS_ACCESS_KEY_ID", &env.access_key_id)
@@ -113,12 +150,16 @@ pub fn command(env: &ServerEnv) -> Command {
 /// Mounts `bucket_spec` (`bucket` or `bucket:prefix`) with `args`, waits until the mount is
 /// there, and returns its guard.
 pub fn mount(env: &ServerEnv, bucket_spec: &str, args: &[&str]) -> Mounted {
+    mount_with(command(env), bucket_spec, args)
+}
+
+/// [`mount`] with a command the caller prepared (its own environment).
+pub fn mount_with(mut cmd: Command, bucket_spec: &str, args: &[&str]) -> Mounted {
     let dir = tempfile::Builder::new()
         .prefix("s3mount-test-")
         .tempdir()
         .expect("mount point");
     let log = dir.path().with_extension("log");
-    let mut cmd = command(env);
     cmd.arg(bucket_spec)
         .arg(dir.path())
         .arg("--foreground")

@@ -54,28 +54,26 @@ pub struct ChainError {
 
 impl fmt::Display for ChainError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // One line, as every start-up error: each provider with why it gave nothing.
+        let tried = self
+            .tried
+            .iter()
+            .map(|(n, w)| format!("{n}: {w}"))
+            .collect::<Vec<_>>()
+            .join("; ");
         match &self.failed {
-            Some((name, why)) => {
-                write!(f, "cannot get credentials from {name}: {why}")?;
-                if !self.tried.is_empty() {
-                    write!(f, "\n  tried before it:")?;
-                    for (n, w) in &self.tried {
-                        write!(f, "\n    {n}: {w}")?;
-                    }
-                }
-                Ok(())
+            Some((name, why)) if tried.is_empty() => {
+                write!(f, "cannot get credentials from {name}: {why}")
             }
-            None => {
-                write!(f, "no AWS credentials found; tried, in order:")?;
-                for (n, w) in &self.tried {
-                    write!(f, "\n  {n}: {w}")?;
-                }
-                write!(
-                    f,
-                    "\nset AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, configure a profile in ~/.aws (see docs/CONFIGURATION.md), \
-                     or pass --no-sign-request for a public bucket"
-                )
-            }
+            Some((name, why)) => write!(
+                f,
+                "cannot get credentials from {name}: {why} (tried before it: {tried})"
+            ),
+            None => write!(
+                f,
+                "no AWS credentials found (tried {tried}); set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, \
+                 configure a profile in ~/.aws (see docs/CONFIGURATION.md), or pass --no-sign-request for a public bucket"
+            ),
         }
     }
 }

@@ -447,23 +447,26 @@ pub fn parse_ini(text: &str) -> Ini {
     out
 }
 
+/// An environment made by a unit test.
+#[cfg(test)]
+pub(crate) struct FakeEnv {
+    pub vars: HashMap<String, String>,
+    pub home: PathBuf,
+}
+
+#[cfg(test)]
+impl Env for FakeEnv {
+    fn var(&self, name: &str) -> Option<String> {
+        self.vars.get(name).cloned()
+    }
+    fn home(&self) -> Option<PathBuf> {
+        Some(self.home.clone())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    pub(crate) struct FakeEnv {
-        pub vars: HashMap<String, String>,
-        pub home: PathBuf,
-    }
-
-    impl Env for FakeEnv {
-        fn var(&self, name: &str) -> Option<String> {
-            self.vars.get(name).cloned()
-        }
-        fn home(&self) -> Option<PathBuf> {
-            Some(self.home.clone())
-        }
-    }
 
     fn env_with(
         vars: &[(&str, &str)],
@@ -558,6 +561,3 @@ mod tests {
         assert!(shown.contains("AKID"));
     }
 }
-
-#[cfg(test)]
-pub(crate) use tests::FakeEnv;

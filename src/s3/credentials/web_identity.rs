@@ -1,8 +1,8 @@
 //! Web identity: an OIDC token in a file (EKS IRSA, GitHub Actions, ...) exchanged for role
 //! credentials with STS `AssumeRoleWithWebIdentity`. Configured by `AWS_WEB_IDENTITY_TOKEN_FILE`
-//! + `AWS_ROLE_ARN` [+ `AWS_ROLE_SESSION_NAME`], or by a profile's `web_identity_token_file` +
-//! `role_arn` [+ `role_session_name`, `duration_seconds`]. The token file is read at every
-//! renewal: its owner rotates it.
+//! and `AWS_ROLE_ARN` (optionally `AWS_ROLE_SESSION_NAME`), or by a profile's
+//! `web_identity_token_file` and `role_arn` (with `role_session_name`, `duration_seconds`). The
+//! token file is read at every renewal: its owner rotates it.
 
 use std::path::PathBuf;
 use std::time::Duration;
