@@ -56,13 +56,7 @@ mod tests {
     use crate::s3::credentials::FakeEnv;
 
     fn env(vars: &[(&str, &str)]) -> FakeEnv {
-        FakeEnv {
-            vars: vars
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-            home: "/nonexistent".into(),
-        }
+        FakeEnv::with(vars)
     }
 
     #[test]

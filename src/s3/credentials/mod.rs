@@ -455,6 +455,20 @@ pub(crate) struct FakeEnv {
 }
 
 #[cfg(test)]
+impl FakeEnv {
+    /// These variables, and a home where nothing is.
+    pub fn with(vars: &[(&str, &str)]) -> Self {
+        Self {
+            vars: vars
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            home: "/nonexistent".into(),
+        }
+    }
+}
+
+#[cfg(test)]
 impl Env for FakeEnv {
     fn var(&self, name: &str) -> Option<String> {
         self.vars.get(name).cloned()
