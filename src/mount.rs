@@ -230,19 +230,18 @@ pub fn explain(e: &ClientError, cfg: &ClientConfig) -> String {
     let proxy = reqwest::Url::parse(&endpoint)
         .ok()
         .and_then(|u| cfg.transport.proxy.proxy_for(&u).cloned());
+    if e.kind == ErrorKind::Connect && transport::is_untrusted_certificate(&e.message) {
+        return transport::untrusted_message(&endpoint, &e.message);
+    }
+    if let (ErrorKind::Connect | ErrorKind::Timeout, Some(p)) = (&e.kind, &proxy) {
+        return format!(
+            "cannot reach {endpoint} through the proxy {} (from {}): {}; check that the proxy runs and can reach the endpoint",
+            p.display(),
+            p.source,
+            short(&e.message)
+        );
+    }
     match &e.kind {
-        ErrorKind::Connect if transport::is_untrusted_certificate(&e.message) => {
-            transport::untrusted_message(&endpoint, &e.message)
-        }
-        ErrorKind::Connect | ErrorKind::Timeout if proxy.is_some() => {
-            let p = proxy.unwrap_or_else(|| transport::Proxy { url: String::new(), source: "" });
-            format!(
-                "cannot reach {endpoint} through the proxy {} (from {}): {}; check that the proxy runs and can reach the endpoint",
-                p.display(),
-                p.source,
-                short(&e.message)
-            )
-        }
         ErrorKind::Connect => format!("cannot reach the S3 endpoint {endpoint}: {}; check --endpoint-url and that the server is running", short(&e.message)),
         ErrorKind::Timeout => format!("the S3 endpoint {endpoint} did not answer in time; check --endpoint-url and the network"),
         ErrorKind::NoSuchBucket => format!("bucket '{bucket}' does not exist at {endpoint}; check the bucket name (and --region)"),

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use common::mount::{command, mount_with};
 use common::standin::{RecordingProxy, Served};
 use common::{pattern, read_object, unique_prefix, ServerEnv};
+use s3mount::s3::{ObjectAttributes, ObjectClient, PutBody};
 
 /// What S3 operation a recorded request is.
 fn operation(r: &Served) -> &'static str {
@@ -38,6 +39,15 @@ async fn production_headers_are_on_every_request_that_needs_them() {
     let env = ServerEnv::main();
     let proxy = RecordingProxy::start(env.authority(), |_| None);
     let prefix = unique_prefix("production");
+    // An object with a content type, stored by another client.
+    let typed = ObjectAttributes {
+        content_type: Some("text/csv".into()),
+        ..Default::default()
+    };
+    env.client()
+        .put_object(&format!("{prefix}typed.csv"), PutBody::from("a,b\n"), &typed)
+        .await
+        .unwrap();
     let mut cmd = command(&env);
     cmd.env("AWS_ENDPOINT_URL", proxy.endpoint());
     let m = mount_with(
@@ -62,8 +72,9 @@ async fn production_headers_are_on_every_request_that_needs_them() {
     std::fs::write(m.path().join("big.bin"), &big).unwrap();
     std::fs::rename(m.path().join("small.txt"), m.path().join("renamed.txt")).unwrap();
     std::fs::rename(m.path().join("big.bin"), m.path().join("big-renamed.bin")).unwrap();
+    std::fs::rename(m.path().join("typed.csv"), m.path().join("typed-renamed.csv")).unwrap();
     std::fs::set_permissions(
-        m.path().join("renamed.txt"),
+        m.path().join("typed-renamed.csv"),
         std::fs::Permissions::from_mode(0o600),
     )
     .unwrap();
@@ -76,6 +87,7 @@ async fn production_headers_are_on_every_request_that_needs_them() {
     while !replaced(&proxy) && start.elapsed() < Duration::from_secs(15) {
         std::thread::sleep(Duration::from_millis(100));
     }
+    assert!(replaced(&proxy), "the chmod was stored with CopyObject REPLACE");
     assert_eq!(
         std::fs::read(m.path().join("renamed.txt")).unwrap(),
         b"hello"
@@ -85,10 +97,16 @@ async fn production_headers_are_on_every_request_that_needs_them() {
         .unwrap()
         .map(|e| e.unwrap().file_name())
         .collect();
-    assert_eq!(names.len(), 2, "{names:?}");
+    assert_eq!(names.len(), 3, "{names:?}");
     drop(m);
     let stored = read_object(&env.client(), &format!("{prefix}big-renamed.bin"), None).await;
     assert!(stored[..] == big[..]);
+    let head = env
+        .client()
+        .head_object(&format!("{prefix}typed-renamed.csv"))
+        .await
+        .unwrap();
+    assert_eq!(head.content_type.as_deref(), Some("text/csv"), "rename and chmod kept it");
 
     let seen: Vec<Served> = proxy
         .seen()
@@ -153,7 +171,7 @@ async fn production_headers_are_on_every_request_that_needs_them() {
                 Some("123456789012")
             );
             if h("x-amz-metadata-directive") == Some("REPLACE") {
-                assert!(h("content-type").is_some(), "chmod keeps the content type");
+                assert_eq!(h("content-type"), Some("text/csv"), "chmod keeps the content type");
                 assert_eq!(
                     h("x-amz-meta-mode"),
                     Some((0o100600u32).to_string().as_str()),
