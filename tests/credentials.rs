@@ -684,3 +684,59 @@ fn static_keys_are_read_again_when_the_file_changes_and_on_sighup() {
         "good keys again"
     );
 }
+
+/// Credentials that cannot be renewed: operations go on until they expire, then fail with
+/// EACCES, and the log names the provider and its error.
+#[test]
+fn expired_credentials_that_cannot_be_renewed_give_eacces() {
+    let env = ServerEnv::main();
+    let home = tempfile::tempdir().unwrap();
+    let agent = {
+        let env_copy = ServerEnv::main();
+        let first = std::sync::atomic::AtomicBool::new(true);
+        StandIn::start(move |_req| {
+            if first.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                let expires = SystemTime::now() + Duration::from_secs(12);
+                Reply::json(credentials_json(&env_copy, "once", expires, "Token"))
+            } else {
+                Reply::text(500, "agent down")
+            }
+        })
+    };
+    let prefix = unique_prefix("expiry");
+    let mut cmd = keyless(&env, home.path());
+    cmd.env(
+        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+        format!("{}/creds", agent.url()),
+    );
+    let m = mount_with(cmd, &format!("{}:{prefix}", env.bucket), &[]);
+    let probe = |n: &str| {
+        std::fs::metadata(m.path().join(n))
+            .map(drop)
+            .map_err(|e| e.kind())
+    };
+    assert_eq!(probe("before"), Err(std::io::ErrorKind::NotFound));
+    assert!(
+        m.wait_for_log("renewing credentials failed", 1, Duration::from_secs(15)),
+        "{}",
+        m.log()
+    );
+    assert_eq!(
+        probe("meanwhile"),
+        Err(std::io::ErrorKind::NotFound),
+        "still valid"
+    );
+    assert!(
+        m.wait_for_log("cannot be renewed", 1, Duration::from_secs(20)),
+        "{}",
+        m.log()
+    );
+    assert_eq!(probe("after"), Err(std::io::ErrorKind::PermissionDenied));
+    let log = m.log();
+    let line = log_line(&log, "cannot be renewed");
+    assert!(
+        line.contains("container credentials") && line.contains("HTTP 500"),
+        "{line}"
+    );
+    assert!(agent.served().len() >= 3, "renewal retried");
+}

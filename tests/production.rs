@@ -45,7 +45,11 @@ async fn production_headers_are_on_every_request_that_needs_them() {
         ..Default::default()
     };
     env.client()
-        .put_object(&format!("{prefix}typed.csv"), PutBody::from("a,b\n"), &typed)
+        .put_object(
+            &format!("{prefix}typed.csv"),
+            PutBody::from("a,b\n"),
+            &typed,
+        )
         .await
         .unwrap();
     let mut cmd = command(&env);
@@ -72,7 +76,11 @@ async fn production_headers_are_on_every_request_that_needs_them() {
     std::fs::write(m.path().join("big.bin"), &big).unwrap();
     std::fs::rename(m.path().join("small.txt"), m.path().join("renamed.txt")).unwrap();
     std::fs::rename(m.path().join("big.bin"), m.path().join("big-renamed.bin")).unwrap();
-    std::fs::rename(m.path().join("typed.csv"), m.path().join("typed-renamed.csv")).unwrap();
+    std::fs::rename(
+        m.path().join("typed.csv"),
+        m.path().join("typed-renamed.csv"),
+    )
+    .unwrap();
     std::fs::set_permissions(
         m.path().join("typed-renamed.csv"),
         std::fs::Permissions::from_mode(0o600),
@@ -87,7 +95,10 @@ async fn production_headers_are_on_every_request_that_needs_them() {
     while !replaced(&proxy) && start.elapsed() < Duration::from_secs(15) {
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert!(replaced(&proxy), "the chmod was stored with CopyObject REPLACE");
+    assert!(
+        replaced(&proxy),
+        "the chmod was stored with CopyObject REPLACE"
+    );
     assert_eq!(
         std::fs::read(m.path().join("renamed.txt")).unwrap(),
         b"hello"
@@ -106,7 +117,11 @@ async fn production_headers_are_on_every_request_that_needs_them() {
         .head_object(&format!("{prefix}typed-renamed.csv"))
         .await
         .unwrap();
-    assert_eq!(head.content_type.as_deref(), Some("text/csv"), "rename and chmod kept it");
+    assert_eq!(
+        head.content_type.as_deref(),
+        Some("text/csv"),
+        "rename and chmod kept it"
+    );
 
     let seen: Vec<Served> = proxy
         .seen()
@@ -171,7 +186,11 @@ async fn production_headers_are_on_every_request_that_needs_them() {
                 Some("123456789012")
             );
             if h("x-amz-metadata-directive") == Some("REPLACE") {
-                assert_eq!(h("content-type"), Some("text/csv"), "chmod keeps the content type");
+                assert_eq!(
+                    h("content-type"),
+                    Some("text/csv"),
+                    "chmod keeps the content type"
+                );
                 assert_eq!(
                     h("x-amz-meta-mode"),
                     Some((0o100600u32).to_string().as_str()),

@@ -337,7 +337,10 @@ mod tests {
         let err = resolve(&e, Some("badsource")).unwrap_err();
         assert!(err.contains("credential_source = Somewhere"), "{err}");
         let err = resolve(&e, Some("missing-source")).unwrap_err();
-        assert!(err.contains("source_profile 'ghost'"), "{err}");
+        assert!(
+            err.contains("source_profile 'ghost', which is not in"),
+            "{err}"
+        );
         let err = resolve(&e, Some("badduration")).unwrap_err();
         assert!(err.contains("duration_seconds = 1h"), "{err}");
     }

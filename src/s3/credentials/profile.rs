@@ -74,15 +74,15 @@ impl Profile {
             let origin = format!("profile '{name}'");
             let Some(section) = files.profile(name) else {
                 let where_ = format!(
-                    "neither {} nor {}",
+                    "{} or {}",
                     files.credentials_path.display(),
                     files.config_path.display()
                 );
                 return Err(match visited.last() {
                     Some(prev) => failed(format!(
-                        "profile '{prev}' names source_profile '{name}', which is in {where_}"
+                        "profile '{prev}' names source_profile '{name}', which is not in {where_}"
                     )),
-                    None => ProviderError::Absent(format!("{origin} is in {where_}")),
+                    None => ProviderError::Absent(format!("not in {where_}")),
                 });
             };
             let mut fetched = if let Some(role_arn) = section.get("role_arn") {
@@ -103,9 +103,9 @@ impl Profile {
             } else if let Some(command) = section.get("credential_process") {
                 process::run(command, &origin).await?
             } else {
-                return Err(ProviderError::Absent(format!(
-                    "{origin} has no credentials (none of aws_access_key_id, role_arn, sso_session, sso_start_url, credential_process)"
-                )));
+                return Err(ProviderError::Absent(
+                    "no credentials: none of aws_access_key_id, role_arn, sso_session, sso_start_url, credential_process".into(),
+                ));
             };
             fetched.watch.extend(files.paths());
             Ok(fetched)
