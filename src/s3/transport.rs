@@ -21,7 +21,6 @@
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use reqwest::Url;
 
@@ -39,7 +38,6 @@ pub struct TransportConfig {
     /// Accept any certificate (`--no-verify-tls`).
     pub no_verify_tls: bool,
     pub proxy: ProxySettings,
-    pub connect_timeout: Option<Duration>,
 }
 
 impl TransportConfig {
@@ -60,7 +58,6 @@ impl TransportConfig {
             ca_bundle,
             no_verify_tls,
             proxy: ProxySettings::from_env(env, proxy)?,
-            connect_timeout: None,
         })
     }
 }
@@ -98,9 +95,6 @@ pub fn builder(cfg: &TransportConfig) -> Result<reqwest::ClientBuilder, Transpor
     }
     if cfg.no_verify_tls {
         b = b.danger_accept_invalid_certs(true);
-    }
-    if let Some(t) = cfg.connect_timeout {
-        b = b.connect_timeout(t);
     }
     if cfg.proxy.is_set() {
         let proxies = Arc::new(cfg.proxy.clone());
