@@ -166,7 +166,9 @@ pub struct Cli {
 
     /// Mount options, comma-separated, as mount(8) passes them: ro, rw, allow_other,
     /// allow_root, uid=N, gid=N, file_mode=OCT, dir_mode=OCT, endpoint_url=URL, region=R,
-    /// profile=P, prefix=P, force_path_style, metadata_ttl=S, max_memory=SIZE, foreground.
+    /// profile=P, prefix=P, force_path_style, metadata_ttl=S, max_memory=SIZE, foreground,
+    /// addressing_style=S, ca_bundle=FILE, no_verify_tls, proxy=URL, sse=ALG,
+    /// sse_kms_key_id=KEY, storage_class=C, acl=ACL, requester_pays, expected_bucket_owner=ID.
     #[arg(short = 'o', value_name = "OPTIONS", action = clap::ArgAction::Append)]
     pub options: Vec<String>,
 }
