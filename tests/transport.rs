@@ -6,7 +6,7 @@ mod common;
 use std::process::Command;
 
 use common::mount::{command, mount_with, run_to_exit};
-use common::standin::{closed_port, Socks5Proxy, TestCa, TlsFront};
+use common::standin::{closed_port, HttpProxy, Socks5Proxy, TestCa, TlsFront};
 use common::{pattern, read_object, unique_prefix, ServerEnv};
 
 fn start_error(mut cmd: Command) -> String {
@@ -105,7 +105,7 @@ async fn a_private_ca_is_trusted_only_when_given() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn the_mount_works_through_a_socks5_proxy() {
+async fn the_mount_works_through_socks5_and_http_proxies() {
     let env = ServerEnv::main();
     let prefix = unique_prefix("socks");
     let spec = format!("{}:{prefix}", env.bucket);
@@ -136,6 +136,19 @@ async fn the_mount_works_through_a_socks5_proxy() {
     write_and_read(&env, &m, &prefix, "through-socks5.bin").await;
     drop(m);
     assert!(socks.connections() > 0);
+
+    // HTTP_PROXY, in the form curl reads (no scheme), for an http:// endpoint.
+    let http = HttpProxy::start();
+    let mut cmd = command(&env);
+    cmd.env("HTTP_PROXY", http.url().trim_start_matches("http://"));
+    let m = mount_with(cmd, &spec, &[]);
+    write_and_read(&env, &m, &prefix, "through-http-proxy.bin").await;
+    drop(m);
+    assert!(
+        !http.targets().is_empty() && http.targets().iter().all(|t| t == &env.authority()),
+        "{:?}",
+        http.targets()
+    );
 
     // NO_PROXY sends the endpoint direct, past a proxy that is not there.
     let mut cmd = command(&env);

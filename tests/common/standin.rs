@@ -441,6 +441,77 @@ async fn socks5_handshake(mut c: TcpStream) -> std::io::Result<(TcpStream, TcpSt
     }
 }
 
+/// An HTTP forward proxy for http:// URLs: takes absolute-form requests
+/// (`GET http://host:port/path HTTP/1.1`), forwards them in origin form, and keeps the
+/// `host:port` each went to.
+pub struct HttpProxy {
+    addr: SocketAddr,
+    targets: Arc<Mutex<Vec<String>>>,
+    _bg: Background,
+}
+
+impl HttpProxy {
+    pub fn start() -> Self {
+        let bg = Background::new();
+        let (listener, addr) = bg.listener();
+        let targets = Arc::new(Mutex::new(Vec::new()));
+        let log = targets.clone();
+        bg.handle().spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                let log = log.clone();
+                tokio::spawn(async move {
+                    let Ok(Some((req, raw))) = read_request(&mut conn).await else {
+                        return;
+                    };
+                    let Some(rest) = req.target.strip_prefix("http://") else {
+                        let _ = conn
+                            .write_all(&Reply::text(400, "absolute-form only").bytes())
+                            .await;
+                        return;
+                    };
+                    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+                    log.lock().unwrap().push(authority.to_string());
+                    let line_end = raw.windows(2).position(|w| w == b"\r\n").unwrap_or(0);
+                    let mut forwarded = format!(
+                        "{} {} HTTP/1.1",
+                        req.method,
+                        if path.is_empty() { "/" } else { path }
+                    )
+                    .into_bytes();
+                    forwarded.extend_from_slice(&raw[line_end..]);
+                    let Ok(mut server) = TcpStream::connect(authority).await else {
+                        let _ = conn
+                            .write_all(&Reply::text(502, "cannot connect").bytes())
+                            .await;
+                        return;
+                    };
+                    if server
+                        .write_all(&with_connection_close(&forwarded))
+                        .await
+                        .is_ok()
+                    {
+                        let _ = tokio::io::copy(&mut server, &mut conn).await;
+                    }
+                    let _ = conn.shutdown().await;
+                });
+            }
+        });
+        Self {
+            addr,
+            targets,
+            _bg: bg,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn targets(&self) -> Vec<String> {
+        self.targets.lock().unwrap().clone()
+    }
+}
+
 /// A test CA and a server certificate for 127.0.0.1 and localhost signed by it.
 pub struct TestCa {
     pub ca_pem: String,
