@@ -235,6 +235,13 @@ fn verify_sigv4(req: &Served, secret: &str, service: &str) -> Result<String, Str
     }
 }
 
+/// The access key id an `Authorization` header names.
+fn signing_key_id(req: &Served) -> Option<String> {
+    let auth = req.header("authorization")?;
+    let credential = auth.split("Credential=").nth(1)?;
+    Some(credential.split('/').next()?.to_string())
+}
+
 const SOURCE_KEY: &str = "AKIDSOURCEKEY";
 const SOURCE_SECRET: &str = "source/secret+key";
 
@@ -254,13 +261,23 @@ fn sts_standin(lifetime: Duration) -> StandIn {
         };
         let action = req.form("Action").unwrap_or_default();
         match action.as_str() {
-            "AssumeRole" => match verify_sigv4(req, SOURCE_SECRET, "sts") {
-                Ok(key) if key == SOURCE_KEY => {}
-                Ok(other) => {
-                    return error(403, "InvalidClientTokenId", &format!("unknown key {other}"))
+            "AssumeRole" => {
+                // The source keys, or keys this stand-in issued (a chain of roles).
+                let secret = match signing_key_id(req) {
+                    Some(k) if k == SOURCE_KEY => SOURCE_SECRET,
+                    Some(k) if k == env.access_key_id => env.secret_access_key.as_str(),
+                    other => {
+                        return error(
+                            403,
+                            "InvalidClientTokenId",
+                            &format!("unknown key {other:?}"),
+                        )
+                    }
+                };
+                if let Err(e) = verify_sigv4(req, secret, "sts") {
+                    return error(403, "SignatureDoesNotMatch", &e);
                 }
-                Err(e) => return error(403, "SignatureDoesNotMatch", &e),
-            },
+            }
             "AssumeRoleWithWebIdentity" => {
                 if req.header("authorization").is_some() {
                     return error(
@@ -338,6 +355,56 @@ async fn assume_role_profile_is_signed_by_our_signer() {
         "{auth}"
     );
     assert!(log_line(&m.log(), "credentials").contains("profile 'ci'"));
+}
+
+/// A chain of two roles whose first source is `credential_source = EcsContainer`: each
+/// AssumeRole is signed with the credentials (and session token) of the step before.
+#[tokio::test(flavor = "multi_thread")]
+async fn role_chain_from_a_container_credential_source() {
+    let env = ServerEnv::main();
+    let home = tempfile::tempdir().unwrap();
+    let sts = sts_standin(Duration::from_secs(3600));
+    let agent = StandIn::start(|_req| {
+        Reply::json(format!(
+            r#"{{"AccessKeyId":"{SOURCE_KEY}","SecretAccessKey":"{SOURCE_SECRET}","Token":"task-token","Expiration":"{}"}}"#,
+            rfc3339(SystemTime::now() + Duration::from_secs(3600))
+        ))
+    });
+    aws_dir(
+        home.path(),
+        "",
+        "[profile inner]\nrole_arn = arn:aws:iam::111111111111:role/inner\ncredential_source = EcsContainer\n\
+         [profile outer]\nrole_arn = arn:aws:iam::222222222222:role/outer\nsource_profile = inner\n",
+    );
+    let prefix = unique_prefix("role-chain");
+    let mut cmd = keyless(&env, home.path());
+    cmd.env("AWS_ENDPOINT_URL_STS", sts.url()).env(
+        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+        format!("{}/creds", agent.url()),
+    );
+    let m = mount_with(
+        cmd,
+        &format!("{}:{prefix}", env.bucket),
+        &["-o", "profile=outer"],
+    );
+    write_and_read(&env, &m, &prefix, "from-role-chain.bin").await;
+    let calls = sts.served();
+    assert_eq!(calls.len(), 2, "two AssumeRole calls");
+    assert_eq!(
+        calls[0].form("RoleArn").as_deref(),
+        Some("arn:aws:iam::111111111111:role/inner")
+    );
+    assert_eq!(signing_key_id(&calls[0]).as_deref(), Some(SOURCE_KEY));
+    assert_eq!(calls[0].header("x-amz-security-token"), Some("task-token"));
+    assert_eq!(
+        calls[1].form("RoleArn").as_deref(),
+        Some("arn:aws:iam::222222222222:role/outer")
+    );
+    assert_eq!(signing_key_id(&calls[1]), Some(env.access_key_id.clone()));
+    assert!(calls[1]
+        .header("x-amz-security-token")
+        .is_some_and(|t| t.starts_with("sts-token-")));
+    assert_eq!(agent.served().len(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread")]
