@@ -160,7 +160,7 @@ impl Chain {
     pub async fn resolve(&self) -> Result<Arc<SharedCredentials>, ChainError> {
         let mut tried = Vec::new();
         for p in &self.providers {
-            match p.fetch(&self.ctx).await {
+            match p.fetch(&self.ctx).await.and_then(Fetched::unexpired) {
                 Ok(f) => return Ok(SharedCredentials::new(p.clone(), self.ctx.clone(), f)),
                 Err(ProviderError::Absent(why)) => tried.push((p.name(), why)),
                 Err(ProviderError::Failed(why)) => {
@@ -343,6 +343,18 @@ mod tests {
         );
         let err = resolve(&e, Some("badduration")).unwrap_err();
         assert!(err.contains("duration_seconds = 1h"), "{err}");
+    }
+
+    #[test]
+    fn expired_credentials_are_refused_at_mount() {
+        let mut vars = ENV_KEYS.to_vec();
+        vars.push(("AWS_CREDENTIAL_EXPIRATION", "2020-01-01T00:00:00Z"));
+        let (e, _d) = env(&vars, "", "");
+        let err = resolve(&e, None).unwrap_err();
+        assert_eq!(
+            err,
+            "cannot get credentials from environment: the credentials it gave expired at 2020-01-01T00:00:00Z"
+        );
     }
 
     #[test]

@@ -152,6 +152,19 @@ impl Fetched {
             watch: Vec::new(),
         }
     }
+
+    /// Credentials that have already expired are an error of their source (a stale
+    /// `credential_process` cache, an old `AWS_CREDENTIAL_EXPIRATION`), not something to sign
+    /// with or to renew in a loop.
+    pub fn unexpired(self) -> Result<Self, ProviderError> {
+        match self.expires {
+            Some(t) if t <= SystemTime::now() => Err(ProviderError::Failed(format!(
+                "the credentials it gave expired at {}",
+                format_time(t)
+            ))),
+            _ => Ok(self),
+        }
+    }
 }
 
 /// Why a provider gave nothing.

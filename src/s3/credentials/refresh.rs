@@ -156,7 +156,7 @@ impl SharedCredentials {
         let Some((provider, ctx)) = &self.source else {
             return Ok(());
         };
-        let fetched = provider.fetch(ctx).await?;
+        let fetched = provider.fetch(ctx).await?.unexpired()?;
         let snap = Arc::new(Snapshot::new(fetched));
         let expires = snap.expires;
         match self.current.write() {
