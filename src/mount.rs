@@ -55,6 +55,8 @@ pub struct MountPlan {
 /// Resolves credentials (asking the chain's providers, which may mean STS, SSO, container or
 /// instance metadata requests), region and endpoint, and checks the mount point.
 pub fn plan(cli: Cli) -> Result<MountPlan, StartError> {
+    // First what needs no network: the credential chain may take seconds (STS, IMDS).
+    check_mountpoint(&cli.mountpoint)?;
     let env = ProcessEnv;
     let settings = credentials::settings(&env, cli.profile.as_deref());
     let transport = TransportConfig::from_options(
@@ -133,7 +135,6 @@ pub fn plan(cli: Cli) -> Result<MountPlan, StartError> {
     client.expected_bucket_owner = cli.expected_bucket_owner.clone();
     client.max_idle_connections = 128;
     client.retry.max_attempts = cli.retry_attempts;
-    check_mountpoint(&cli.mountpoint)?;
 
     // SAFETY: getuid/getgid cannot fail and have no preconditions.
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
