@@ -11,8 +11,11 @@ use clap::Parser;
     name = "s3mount",
     version,
     about = "Mount an S3 bucket as a directory",
-    after_help = "Credentials come from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY/AWS_SESSION_TOKEN, \
-                  or ~/.aws/credentials and ~/.aws/config (AWS_PROFILE or --profile). \
+    after_help = "Credentials come from the AWS CLI's chain: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY/AWS_SESSION_TOKEN, \
+                  web identity (AWS_WEB_IDENTITY_TOKEN_FILE + AWS_ROLE_ARN), the profile of ~/.aws/credentials and \
+                  ~/.aws/config (AWS_PROFILE or --profile: keys, role_arn, SSO, credential_process), container \
+                  credentials (ECS, EKS Pod Identity), then the EC2 instance metadata service. Temporary credentials \
+                  are renewed while mounted. See docs/CONFIGURATION.md. \
                   Unmount with `umount MOUNTPOINT` or `fusermount3 -u MOUNTPOINT`."
 )]
 pub struct Cli {
@@ -42,6 +45,50 @@ pub struct Cli {
     /// Send unsigned requests (public buckets); no credentials are looked for.
     #[arg(long)]
     pub no_sign_request: bool,
+
+    /// How the bucket is addressed: auto (virtual-hosted for AWS, path-style for other
+    /// endpoints), path (endpoint/bucket/key) or virtual (bucket.endpoint/key).
+    #[arg(long, value_parser = parse_addressing_style, value_name = "STYLE")]
+    pub addressing_style: Option<String>,
+
+    /// Also trust the CA certificates of this PEM file (for the endpoint, STS and SSO);
+    /// default: AWS_CA_BUNDLE.
+    #[arg(long, value_name = "FILE")]
+    pub ca_bundle: Option<PathBuf>,
+
+    /// Do not check TLS certificates at all (for tests only; warned about at every mount).
+    #[arg(long)]
+    pub no_verify_tls: bool,
+
+    /// Send every request through this proxy: http://, https://, socks5:// or socks5h:// URL
+    /// (default: HTTPS_PROXY, HTTP_PROXY, ALL_PROXY, minus NO_PROXY).
+    #[arg(long, value_name = "URL")]
+    pub proxy: Option<String>,
+
+    /// Server-side encryption of new objects: AES256, aws:kms or aws:kms:dsse.
+    #[arg(long, value_parser = parse_sse, value_name = "ALGORITHM")]
+    pub sse: Option<String>,
+
+    /// The KMS key for --sse aws:kms or aws:kms:dsse (key id, ARN or alias/NAME; default:
+    /// the bucket's or AWS's managed key).
+    #[arg(long, value_name = "KEY")]
+    pub sse_kms_key_id: Option<String>,
+
+    /// Storage class of new objects, e.g. STANDARD_IA or INTELLIGENT_TIERING.
+    #[arg(long, value_parser = parse_storage_class, value_name = "CLASS")]
+    pub storage_class: Option<String>,
+
+    /// Canned ACL of new objects, e.g. bucket-owner-full-control.
+    #[arg(long, value_parser = parse_acl, value_name = "ACL")]
+    pub acl: Option<String>,
+
+    /// Accept the charges of a requester-pays bucket (x-amz-request-payer on every request).
+    #[arg(long)]
+    pub requester_pays: bool,
+
+    /// Refuse to work on the bucket unless this 12-digit account owns it.
+    #[arg(long, value_parser = parse_account_id, value_name = "ACCOUNT_ID")]
+    pub expected_bucket_owner: Option<String>,
 
     /// Mount only keys under this prefix (same as BUCKET:PREFIX).
     #[arg(long)]
@@ -144,7 +191,9 @@ pub struct Cli {
     /// allow_root, uid=N, gid=N, file_mode=OCT, dir_mode=OCT, endpoint_url=URL, region=R,
     /// profile=P, prefix=P, force_path_style, metadata_ttl=S, max_memory=SIZE, foreground,
     /// retry_attempts=N, retry_max_time=S, connect_timeout=S, request_timeout=S,
-    /// stall_timeout=S.
+    /// stall_timeout=S, spool_dir=DIR, addressing_style=S, ca_bundle=FILE, no_verify_tls,
+    /// proxy=URL, sse=ALG, sse_kms_key_id=KEY, storage_class=C, acl=ACL, requester_pays,
+    /// expected_bucket_owner=ID.
     #[arg(short = 'o', value_name = "OPTIONS", action = clap::ArgAction::Append)]
     pub options: Vec<String>,
 }
@@ -162,6 +211,78 @@ pub fn parse_seconds(s: &str) -> Result<Duration, String> {
         .filter(|v| v.is_finite() && *v >= 0.0)
         .map(Duration::from_secs_f64)
         .ok_or_else(|| format!("{s:?} is not a number of seconds"))
+}
+
+pub fn parse_addressing_style(s: &str) -> Result<String, String> {
+    match s {
+        "auto" | "path" | "virtual" => Ok(s.to_string()),
+        _ => Err(format!(
+            "{s:?} is not an addressing style: use auto, path or virtual"
+        )),
+    }
+}
+
+pub fn parse_sse(s: &str) -> Result<String, String> {
+    match s {
+        "AES256" | "aws:kms" | "aws:kms:dsse" => Ok(s.to_string()),
+        _ => Err(format!(
+            "{s:?} is not an encryption: use AES256, aws:kms or aws:kms:dsse"
+        )),
+    }
+}
+
+const STORAGE_CLASSES: &[&str] = &[
+    "STANDARD",
+    "REDUCED_REDUNDANCY",
+    "STANDARD_IA",
+    "ONEZONE_IA",
+    "INTELLIGENT_TIERING",
+    "GLACIER",
+    "DEEP_ARCHIVE",
+    "GLACIER_IR",
+    "OUTPOSTS",
+    "SNOW",
+    "EXPRESS_ONEZONE",
+];
+
+pub fn parse_storage_class(s: &str) -> Result<String, String> {
+    if STORAGE_CLASSES.contains(&s) {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "{s:?} is not a storage class: use one of {}",
+            STORAGE_CLASSES.join(", ")
+        ))
+    }
+}
+
+const CANNED_ACLS: &[&str] = &[
+    "private",
+    "public-read",
+    "public-read-write",
+    "authenticated-read",
+    "aws-exec-read",
+    "bucket-owner-read",
+    "bucket-owner-full-control",
+];
+
+pub fn parse_acl(s: &str) -> Result<String, String> {
+    if CANNED_ACLS.contains(&s) {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "{s:?} is not a canned ACL: use one of {}",
+            CANNED_ACLS.join(", ")
+        ))
+    }
+}
+
+pub fn parse_account_id(s: &str) -> Result<String, String> {
+    if s.len() == 12 && s.bytes().all(|b| b.is_ascii_digit()) {
+        Ok(s.to_string())
+    } else {
+        Err(format!("{s:?} is not an AWS account id (12 digits)"))
+    }
 }
 
 /// `1048576`, `512K`, `256M`, `1G`, `2GiB`, `64MB`: binary units throughout.
@@ -232,6 +353,20 @@ impl Cli {
                     "request_timeout" => self.request_timeout = parse_seconds(need()?)?,
                     "stall_timeout" => self.stall_timeout = parse_seconds(need()?)?,
                     "spool_dir" => self.spool_dir = Some(PathBuf::from(need()?)),
+                    "addressing_style" => {
+                        self.addressing_style = Some(parse_addressing_style(need()?)?)
+                    }
+                    "ca_bundle" => self.ca_bundle = Some(PathBuf::from(need()?)),
+                    "no_verify_tls" => self.no_verify_tls = true,
+                    "proxy" => self.proxy = Some(need()?.to_string()),
+                    "sse" => self.sse = Some(parse_sse(need()?)?),
+                    "sse_kms_key_id" => self.sse_kms_key_id = Some(need()?.to_string()),
+                    "storage_class" => self.storage_class = Some(parse_storage_class(need()?)?),
+                    "acl" => self.acl = Some(parse_acl(need()?)?),
+                    "requester_pays" => self.requester_pays = true,
+                    "expected_bucket_owner" => {
+                        self.expected_bucket_owner = Some(parse_account_id(need()?)?)
+                    }
                     "dev" | "nodev" | "suid" | "nosuid" | "exec" | "noexec" | "auto" | "noauto"
                     | "user" | "nouser" | "users" | "_netdev" | "nofail" | "defaults" | "atime"
                     | "noatime" | "relatime" | "async" => {}
@@ -277,6 +412,22 @@ impl Cli {
             if value < Duration::from_millis(100) {
                 return Err(format!("{name} must be at least 0.1 seconds"));
             }
+        }
+        if self.force_path_style
+            && self
+                .addressing_style
+                .as_deref()
+                .is_some_and(|s| s != "path")
+        {
+            return Err("--force-path-style contradicts --addressing-style; give only one".into());
+        }
+        if self.sse_kms_key_id.is_some()
+            && !self
+                .sse
+                .as_deref()
+                .is_some_and(|s| s.starts_with("aws:kms"))
+        {
+            return Err("--sse-kms-key-id needs --sse aws:kms or --sse aws:kms:dsse".into());
         }
         if self.allow_other && self.allow_root {
             return Err("--allow-other already includes root; give only one of --allow-other and --allow-root".into());
@@ -330,6 +481,67 @@ mod tests {
             .contains("not both"));
         assert!(cli(&["b", "/m", "--file-mode", "999"]).is_err());
         assert!(cli(&["b", "/m", "--max-memory", "12Q"]).is_err());
+    }
+
+    #[test]
+    fn production_and_transport_options() {
+        let c = cli(&[
+            "b",
+            "/m",
+            "-o",
+            "sse=aws:kms,sse_kms_key_id=alias/k,storage_class=STANDARD_IA,acl=bucket-owner-full-control",
+            "-o",
+            "requester_pays,expected_bucket_owner=123456789012,addressing_style=virtual",
+            "-o",
+            "ca_bundle=/etc/ca.pem,proxy=socks5h://127.0.0.1:1080,no_verify_tls",
+        ])
+        .unwrap();
+        assert_eq!(c.sse.as_deref(), Some("aws:kms"));
+        assert_eq!(c.sse_kms_key_id.as_deref(), Some("alias/k"));
+        assert_eq!(c.storage_class.as_deref(), Some("STANDARD_IA"));
+        assert_eq!(c.acl.as_deref(), Some("bucket-owner-full-control"));
+        assert!(c.requester_pays && c.no_verify_tls);
+        assert_eq!(c.expected_bucket_owner.as_deref(), Some("123456789012"));
+        assert_eq!(c.addressing_style.as_deref(), Some("virtual"));
+        assert_eq!(c.ca_bundle, Some(PathBuf::from("/etc/ca.pem")));
+        assert_eq!(c.proxy.as_deref(), Some("socks5h://127.0.0.1:1080"));
+        let flags = cli(&[
+            "b",
+            "/m",
+            "--sse",
+            "AES256",
+            "--acl",
+            "private",
+            "--addressing-style",
+            "path",
+        ])
+        .unwrap();
+        assert_eq!(flags.sse.as_deref(), Some("AES256"));
+
+        for (args, want) in [
+            (vec!["--sse", "aes"], "AES256, aws:kms or aws:kms:dsse"),
+            (vec!["--sse-kms-key-id", "k"], "needs --sse aws:kms"),
+            (
+                vec!["--sse", "AES256", "--sse-kms-key-id", "k"],
+                "needs --sse aws:kms",
+            ),
+            (vec!["--storage-class", "COLD"], "not a storage class"),
+            (vec!["--acl", "everyone"], "not a canned ACL"),
+            (vec!["--expected-bucket-owner", "12"], "12 digits"),
+            (vec!["--addressing-style", "dns"], "auto, path or virtual"),
+            (
+                vec!["--force-path-style", "--addressing-style", "virtual"],
+                "contradicts",
+            ),
+        ] {
+            let mut full = vec!["b", "/m"];
+            full.extend(args.iter());
+            let e = cli(&full).unwrap_err();
+            assert!(e.contains(want), "{args:?}: {e}");
+        }
+        assert!(cli(&["b", "/m", "-o", "sse=none"])
+            .unwrap_err()
+            .contains("AES256"));
     }
 
     #[test]

@@ -17,10 +17,12 @@ use std::time::Duration;
 use crate::cli::Cli;
 use crate::fs::{FsConfig, S3Filesystem};
 use crate::fuse::FuseAdapter;
-use crate::s3::credentials::{self, Auth, ProcessEnv};
+use crate::s3::credentials::{self, Auth, Chain, Context, ProcessEnv};
+use crate::s3::sts::StsEndpoint;
+use crate::s3::transport::{self, TransportConfig};
 use crate::s3::{
     Addressing, ClientConfig, ClientError, ErrorKind, ListRequest, ObjectClient, RetryPolicy,
-    S3Client,
+    S3Client, ServerSideEncryption, WriteDefaults,
 };
 
 /// A fatal start-up problem: one line for the user.
@@ -50,40 +52,93 @@ pub struct MountPlan {
     pub source: String,
 }
 
-/// Resolves credentials, region and endpoint, and checks the mount point. No network yet.
+/// Resolves credentials (asking the chain's providers, which may mean STS, SSO, container or
+/// instance metadata requests), region and endpoint, and checks the mount point.
 pub fn plan(cli: Cli) -> Result<MountPlan, StartError> {
-    let settings = credentials::resolve(&ProcessEnv, cli.profile.as_deref())
-        .map_err(|e| StartError(e.to_string()))?;
-    let auth = if cli.no_sign_request {
-        Auth::Anonymous
-    } else {
-        match settings.credentials {
-            Some(c) => Auth::Signed(c),
-            None => {
-                return fail(
-                    "no AWS credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, add them to \
-                     ~/.aws/credentials (or use --profile), or pass --no-sign-request for a public bucket",
-                )
-            }
-        }
-    };
-    let region = cli
-        .region
-        .clone()
-        .or(settings.region)
-        .unwrap_or_else(|| "us-east-1".to_string());
-    let mut client = ClientConfig::new(&cli.bucket, &region, auth);
-    client.endpoint_url = cli.endpoint_url.clone().or(settings.endpoint_url);
-    if cli.force_path_style {
-        client.addressing = Addressing::Path;
+    // First what needs no network: the credential chain may take seconds (STS, IMDS).
+    check_mountpoint(&cli.mountpoint)?;
+    let env = ProcessEnv;
+    let settings = credentials::settings(&env, cli.profile.as_deref());
+    let transport = TransportConfig::from_options(
+        &env,
+        cli.ca_bundle.clone(),
+        cli.proxy.clone(),
+        cli.no_verify_tls,
+    )
+    .map_err(|e| StartError(e.to_string()))?;
+    if cli.no_verify_tls {
+        eprintln!("s3mount: warning: {NO_VERIFY_WARNING}");
     }
+    let configured_region = cli.region.clone().or(settings.region);
+    let endpoint_url = cli.endpoint_url.clone().or(settings.endpoint_url);
+    let (auth, region) = if cli.no_sign_request {
+        (
+            Auth::Anonymous,
+            configured_region.unwrap_or_else(|| "us-east-1".to_string()),
+        )
+    } else {
+        let sts_region = configured_region
+            .clone()
+            .unwrap_or_else(|| "us-east-1".to_string());
+        let ctx = Context {
+            transport: transport.clone(),
+            sts: StsEndpoint::from_env(&env, &sts_region),
+        };
+        let chain = Chain::build(&env, cli.profile.as_deref(), ctx)
+            .map_err(|e| StartError(e.to_string()))?;
+        // Its own runtime, dropped before any fork (see `run`).
+        let rt = runtime()?;
+        rt.block_on(async {
+            let shared = chain
+                .resolve()
+                .await
+                .map_err(|e| StartError(e.to_string()))?;
+            let region = match configured_region {
+                Some(r) => r,
+                // On EC2 with nothing configured, the instance knows its region.
+                None if endpoint_url.is_none() || shared.provider_name().starts_with("IMDS") => {
+                    chain
+                        .imds()
+                        .region(chain.context())
+                        .await
+                        .unwrap_or_else(|| "us-east-1".to_string())
+                }
+                None => "us-east-1".to_string(),
+            };
+            Ok::<_, StartError>((Auth::Chain(shared), region))
+        })?
+    };
+    let mut client = ClientConfig::new(&cli.bucket, &region, auth);
+    client.endpoint_url = endpoint_url;
+    client.addressing = match cli.addressing_style.as_deref() {
+        Some("path") => Addressing::Path,
+        Some("virtual") => Addressing::VirtualHosted,
+        _ if cli.force_path_style => Addressing::Path,
+        _ => Addressing::Auto,
+    };
+    client.transport = transport;
+    client.write = WriteDefaults {
+        sse: match cli.sse.as_deref() {
+            Some("AES256") => Some(ServerSideEncryption::S3Managed),
+            Some("aws:kms") => Some(ServerSideEncryption::Kms {
+                key_id: cli.sse_kms_key_id.clone(),
+            }),
+            Some("aws:kms:dsse") => Some(ServerSideEncryption::KmsDsse {
+                key_id: cli.sse_kms_key_id.clone(),
+            }),
+            _ => None,
+        },
+        storage_class: cli.storage_class.clone(),
+        acl: cli.acl.clone(),
+    };
+    client.request_payer = cli.requester_pays;
+    client.expected_bucket_owner = cli.expected_bucket_owner.clone();
     client.max_idle_connections = 128;
     client.retry.max_attempts = cli.retry_attempts;
     client.retry.max_elapsed = cli.retry_max_time;
     client.connect_timeout = cli.connect_timeout;
     client.request_timeout = cli.request_timeout;
     client.stall_timeout = cli.stall_timeout;
-    check_mountpoint(&cli.mountpoint)?;
 
     // SAFETY: getuid/getgid cannot fail and have no preconditions.
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
@@ -168,16 +223,15 @@ fn fusermount_installed() -> bool {
         .any(|dir| dir.join("fusermount3").is_file() || dir.join("fusermount").is_file())
 }
 
+const NO_VERIFY_WARNING: &str = "--no-verify-tls: TLS certificates are not checked, so anyone on the network path can read and change this mount's traffic";
+
 /// What a failed bucket check means, in words a user can act on.
 pub fn explain(e: &ClientError, cfg: &ClientConfig) -> String {
     let endpoint = cfg
         .endpoint_url
         .clone()
         .unwrap_or_else(|| format!("https://s3.{}.amazonaws.com", cfg.region));
-    let key_id = match &cfg.auth {
-        Auth::Signed(c) => c.access_key_id().to_string(),
-        Auth::Anonymous => "(anonymous)".to_string(),
-    };
+    let key_id = cfg.auth.access_key_id();
     let bucket = &cfg.bucket;
     // What the server itself said, for every case where it said something.
     let said = if e.status.is_some() {
@@ -193,6 +247,20 @@ pub fn explain(e: &ClientError, cfg: &ClientConfig) -> String {
     } else {
         String::new()
     };
+    let proxy = reqwest::Url::parse(&endpoint)
+        .ok()
+        .and_then(|u| cfg.transport.proxy.proxy_for(&u).cloned());
+    if e.kind == ErrorKind::Connect && transport::is_untrusted_certificate(&e.message) {
+        return transport::untrusted_message(&endpoint, &e.message);
+    }
+    if let (ErrorKind::Connect | ErrorKind::Timeout, Some(p)) = (&e.kind, &proxy) {
+        return format!(
+            "cannot reach {endpoint} through the proxy {} (from {}): {}; check that the proxy runs and can reach the endpoint",
+            p.display(),
+            p.source,
+            short(&e.message)
+        );
+    }
     match &e.kind {
         ErrorKind::Connect => format!("cannot reach the S3 endpoint {endpoint}: {}; check --endpoint-url and that the server is running", short(&e.message)),
         ErrorKind::Timeout => format!("the S3 endpoint {endpoint} did not answer in time ({}); check --endpoint-url and the network", e.message),
@@ -448,6 +516,19 @@ fn mount_and_serve(
         }
     };
     tracing::info!(source = %plan.source, mountpoint = %plan.mountpoint.display(), "mounted");
+    if plan.client.transport.no_verify_tls {
+        tracing::warn!("{NO_VERIFY_WARNING}");
+    }
+    if let Auth::Chain(shared) = &plan.client.auth {
+        let snap = shared.snapshot();
+        tracing::info!(
+            provider = %shared.provider_name(),
+            access_key_id = %snap.credentials.access_key_id(),
+            expires = %snap.expires.map_or_else(|| "never".to_string(), credentials::format_time),
+            "credentials"
+        );
+        rt.spawn(shared.clone().keep_fresh());
+    }
     raise_kernel_readahead(&plan.mountpoint);
     mounted(Ok(()));
     // Uploads an earlier s3mount left behind are cleaned up while the mount serves.

@@ -17,7 +17,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::fault_proxy::{Fault, FaultProxy, Target};
-use common::mount::{mount, mount_with, Mounted};
+use common::mount::{mount, mount_env, Mounted};
 use common::{pattern, sha256_hex, unique_prefix, ServerEnv};
 use s3mount::s3::*;
 
@@ -426,7 +426,7 @@ async fn a_lost_create_answer_leaves_no_upload_after_a_remount() {
     let state = tempfile::tempdir().unwrap();
     let vars = [("XDG_STATE_HOME", state.path().as_os_str())];
     let proxy = FaultProxy::start(env.authority(), vec![]).await;
-    let m = mount_with(
+    let m = mount_env(
         &through(&proxy),
         &format!("{}:{prefix}", env.bucket),
         QUICK_TIMEOUTS,
@@ -439,7 +439,7 @@ async fn a_lost_create_answer_leaves_no_upload_after_a_remount() {
         .unwrap_or_else(|e| panic!("close failed: {e}\n{}", m.log()));
     assert_eq!(proxy.faults_left(), 0, "the answer was lost");
     drop(m);
-    let again = mount_with(&env, &format!("{}:{prefix}", env.bucket), &[], &vars);
+    let again = mount_env(&env, &format!("{}:{prefix}", env.bucket), &[], &vars);
     let left = uploads_left(&c, &prefix).await;
     drop(again);
     assert!(left.is_empty(), "no upload left behind: {left:?}");
@@ -474,7 +474,7 @@ async fn a_frozen_server_fails_close_in_bounded_time_and_nothing_is_stored_later
         )
     };
     let proxy = FaultProxy::start(env.authority(), vec![]).await;
-    let m = mount_with(
+    let m = mount_env(
         &through(&proxy),
         &format!("{}:{prefix}", env.bucket),
         args,
@@ -505,7 +505,7 @@ async fn a_frozen_server_fails_close_in_bounded_time_and_nothing_is_stored_later
     drop(m);
     assert!(c.head_object(&format!("{prefix}f.bin")).await.is_err());
     // Whatever upload the frozen server kept is cleaned up by the next mount.
-    let again = mount_with(&env, &format!("{}:{prefix}", env.bucket), &[], &vars);
+    let again = mount_env(&env, &format!("{}:{prefix}", env.bucket), &[], &vars);
     let left = uploads_left(&c, &prefix).await;
     drop(again);
     assert!(left.is_empty(), "{left:?}");
@@ -598,7 +598,7 @@ async fn completed_uploads_leave_an_empty_journal_and_a_quick_next_mount() {
     let count = size_from_env("S3MOUNT_FAULT_UPLOADS", 20);
     let state = tempfile::tempdir().unwrap();
     let vars = [("XDG_STATE_HOME", state.path().as_os_str())];
-    let m = mount_with(
+    let m = mount_env(
         &env,
         &format!("{}:{prefix}", env.bucket),
         &["--part-size", "5M"],
@@ -614,7 +614,7 @@ async fn completed_uploads_leave_an_empty_journal_and_a_quick_next_mount() {
     let entries: Vec<_> = walk_files(&journal);
     assert!(entries.is_empty(), "journal entries left: {entries:?}");
     let started = Instant::now();
-    let again = mount_with(&env, &format!("{}:{prefix}", env.bucket), &[], &vars);
+    let again = mount_env(&env, &format!("{}:{prefix}", env.bucket), &[], &vars);
     let took = started.elapsed();
     drop(again);
     eprintln!("{count} uploads; the next mount came up in {took:?}");

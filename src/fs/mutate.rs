@@ -847,10 +847,12 @@ impl<C: ObjectClient> S3Filesystem<C> {
         let new_etag = if head.size > MAX_SINGLE_COPY {
             self.multipart_copy(from, to, head.size, &attrs).await?
         } else {
+            // Not Copy: S3 would store the copy with the bucket's default encryption and
+            // storage class, not the object's.
             let directive = if replacing {
                 MetadataDirective::Replace(attrs)
             } else {
-                MetadataDirective::Copy
+                MetadataDirective::Keep(attrs)
             };
             self.client.copy_object(from, to, &directive).await?
         };

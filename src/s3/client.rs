@@ -52,6 +52,8 @@ pub enum ServerSideEncryption {
     S3Managed,
     /// `aws:kms`, with the given key id or the bucket's default key.
     Kms { key_id: Option<String> },
+    /// `aws:kms:dsse`: dual-layer encryption with a KMS key.
+    KmsDsse { key_id: Option<String> },
 }
 
 /// What a write stores besides the data.
@@ -184,8 +186,12 @@ impl From<&'static str> for PutBody {
 /// What CopyObject does with the metadata.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MetadataDirective {
-    /// Keep the source's metadata.
+    /// Keep the source's metadata; the copy gets the client's default storage class and
+    /// encryption (S3 does not carry the source's over).
     Copy,
+    /// Keep the source's metadata, and store the copy with these attributes' storage class
+    /// and encryption (those of the source, read with a HEAD), so a rename keeps them.
+    Keep(ObjectAttributes),
     /// Replace it with these attributes.
     Replace(ObjectAttributes),
 }

@@ -13,7 +13,17 @@
 //! S3-compatible store). Anonymous requests carry a `Content-MD5` instead.
 //!
 //! Addressing: virtual-hosted (`bucket.host/key`) for AWS endpoints, path-style (`host/bucket/key`)
-//! for every other endpoint or when forced: S3-compatible stores rarely have per-bucket DNS.
+//! for every other endpoint, unless `--addressing-style` says otherwise: S3-compatible stores
+//! rarely have per-bucket DNS. An endpoint URL may have a path (`https://gw.example.com/s3`, a
+//! gateway behind a reverse proxy under a path): it comes before the bucket (path-style) or the
+//! key (virtual-hosted), and is part of what is signed.
+//!
+//! Production options ([`WriteDefaults`], [`ClientConfig::request_payer`],
+//! [`ClientConfig::expected_bucket_owner`]) become headers here: encryption, storage class and
+//! ACL on the requests that create objects (PutObject, CreateMultipartUpload, CopyObject; an
+//! object's own encryption and storage class, when the core passes them, win over the
+//! defaults); requester-pays and the expected owner on every request. The KMS key id goes on
+//! CreateMultipartUpload only, never on its parts, as S3 requires.
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -31,10 +41,12 @@ use time::OffsetDateTime;
 
 use super::body::{read_exact_at, upload_body, Progress, Waiting};
 use super::client::*;
-use super::credentials::Auth;
+use super::credentials::refresh::Snapshot;
+use super::credentials::{Auth, Credentials, SharedCredentials};
 use super::error::{ClientError, ErrorKind, Operation, Result};
 use super::retry::RetryPolicy;
 use super::sigv4::{self, SigningContext};
+use super::transport::{self, TransportConfig};
 use super::xml;
 
 /// How the bucket appears in request URLs.
@@ -47,10 +59,21 @@ pub enum Addressing {
     VirtualHosted,
 }
 
+/// What new objects are stored with unless the object already has its own (a rename or an
+/// attribute change keeps the object's): `--sse`, `--sse-kms-key-id`, `--storage-class`,
+/// `--acl`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WriteDefaults {
+    pub sse: Option<ServerSideEncryption>,
+    pub storage_class: Option<String>,
+    /// A canned ACL (`private`, `bucket-owner-full-control`, ...).
+    pub acl: Option<String>,
+}
+
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
     pub bucket: String,
-    /// `scheme://host[:port]`; `None` means AWS (`https://s3.<region>.amazonaws.com`).
+    /// `scheme://host[:port][/path]`; `None` means AWS (`https://s3.<region>.amazonaws.com`).
     pub endpoint_url: Option<String>,
     pub region: String,
     pub addressing: Addressing,
@@ -67,6 +90,13 @@ pub struct ClientConfig {
     pub stall_timeout: Duration,
     /// Idle connections kept per host; at least the number of concurrent requests wanted.
     pub max_idle_connections: usize,
+    /// Trust roots and proxies.
+    pub transport: TransportConfig,
+    pub write: WriteDefaults,
+    /// `x-amz-request-payer: requester` on every request (`--requester-pays`).
+    pub request_payer: bool,
+    /// `x-amz-expected-bucket-owner` on every request (`--expected-bucket-owner`).
+    pub expected_bucket_owner: Option<String>,
 }
 
 impl ClientConfig {
@@ -82,6 +112,10 @@ impl ClientConfig {
             request_timeout: Duration::from_secs(10),
             stall_timeout: Duration::from_secs(5),
             max_idle_connections: 64,
+            transport: TransportConfig::default(),
+            write: WriteDefaults::default(),
+            request_payer: false,
+            expected_bucket_owner: None,
         }
     }
 }
@@ -99,8 +133,8 @@ pub struct ClientStats {
 pub enum ConfigError {
     #[error("endpoint URL {0:?} is not a valid http:// or https:// URL")]
     BadEndpoint(String),
-    #[error("endpoint URL {0:?} has a path; give only scheme://host[:port]")]
-    EndpointWithPath(String),
+    #[error("endpoint URL {0:?} has a query or fragment; give scheme://host[:port][/path]")]
+    EndpointWithQuery(String),
     #[error(
         "bucket name {0:?} is not valid (3-63 characters: lowercase letters, digits, '.', '-')"
     )]
@@ -109,13 +143,14 @@ pub enum ConfigError {
     Http(String),
 }
 
-/// Where requests go: scheme, host (with port when not the default) and the path prefix that
-/// names the bucket in path-style addressing.
+/// Where requests go: scheme, host (with port when not the default) and the path before the
+/// key: the endpoint's own path, then the bucket in path-style addressing.
 #[derive(Debug, Clone)]
 struct Endpoint {
     scheme: String,
     authority: String,
     bucket_path: String,
+    virtual_hosted: bool,
 }
 
 impl Endpoint {
@@ -128,9 +163,11 @@ impl Endpoint {
         if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
             return Err(ConfigError::BadEndpoint(raw));
         }
-        if url.path() != "/" && !url.path().is_empty() {
-            return Err(ConfigError::EndpointWithPath(raw));
+        if url.query().is_some() || url.fragment().is_some() {
+            return Err(ConfigError::EndpointWithQuery(raw));
         }
+        // Kept as written (already percent-encoded by the URL parser), without a final '/'.
+        let base_path = url.path().trim_end_matches('/').to_string();
         if !valid_bucket_name(&cfg.bucket) {
             return Err(ConfigError::BadBucket(cfg.bucket.clone()));
         }
@@ -144,14 +181,18 @@ impl Endpoint {
         };
         let port = url.port().map(|p| format!(":{p}")).unwrap_or_default();
         let (authority, bucket_path) = if virtual_hosted {
-            (format!("{}.{host}{port}", cfg.bucket), String::new())
+            (format!("{}.{host}{port}", cfg.bucket), base_path)
         } else {
-            (format!("{host}{port}"), format!("/{}", cfg.bucket))
+            (
+                format!("{host}{port}"),
+                format!("{base_path}/{}", cfg.bucket),
+            )
         };
         Ok(Self {
             scheme: url.scheme().to_string(),
             authority,
             bucket_path,
+            virtual_hosted,
         })
     }
 
@@ -160,6 +201,10 @@ impl Endpoint {
         match key {
             Some(k) => format!("{}/{}", self.bucket_path, sigv4::uri_encode_path(k)),
             None if self.bucket_path.is_empty() => "/".to_string(),
+            // Virtual-hosted under an endpoint path: the bucket's root is that path's directory.
+            None if self.virtual_hosted => {
+                format!("{}/", self.bucket_path)
+            }
             None => self.bucket_path.clone(),
         }
     }
@@ -227,6 +272,8 @@ pub const SLOW_ANSWER_FACTOR: u32 = 12;
 pub struct S3Client {
     http: reqwest::Client,
     cfg: Arc<ClientConfig>,
+    /// What requests are signed with; `None` for anonymous requests.
+    keys: Option<Arc<SharedCredentials>>,
     endpoint: Arc<Endpoint>,
     stats: Arc<ClientStats>,
 }
@@ -243,7 +290,8 @@ impl std::fmt::Debug for S3Client {
 impl S3Client {
     pub fn new(cfg: ClientConfig) -> std::result::Result<Self, ConfigError> {
         let endpoint = Endpoint::resolve(&cfg)?;
-        let http = reqwest::Client::builder()
+        let http = transport::builder(&cfg.transport)
+            .map_err(|e| ConfigError::Http(e.to_string()))?
             .connect_timeout(cfg.connect_timeout)
             .pool_max_idle_per_host(cfg.max_idle_connections)
             .pool_idle_timeout(Duration::from_secs(50))
@@ -253,8 +301,14 @@ impl S3Client {
             .user_agent(concat!("s3mount/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| ConfigError::Http(e.to_string()))?;
+        let keys = match &cfg.auth {
+            Auth::Signed(c) => Some(SharedCredentials::fixed(c.clone(), "the given keys")),
+            Auth::Chain(shared) => Some(shared.clone()),
+            Auth::Anonymous => None,
+        };
         Ok(Self {
             http,
+            keys,
             cfg: Arc::new(cfg),
             endpoint: Arc::new(endpoint),
             stats: Arc::new(ClientStats::default()),
@@ -279,15 +333,25 @@ impl S3Client {
         )
     }
 
-    fn signing_context<'a>(&'a self, time: OffsetDateTime) -> Option<SigningContext<'a>> {
-        match &self.cfg.auth {
-            Auth::Signed(credentials) => Some(SigningContext {
-                credentials,
-                region: &self.cfg.region,
-                service: "s3",
-                time,
-            }),
-            Auth::Anonymous => None,
+    /// One snapshot of the credentials for one request (`None`: anonymous), or why there is
+    /// none: the chain's credentials expired and could not be renewed.
+    fn signing_keys(&self) -> std::result::Result<Option<Arc<Snapshot>>, String> {
+        match &self.keys {
+            Some(shared) => shared.current().map(Some).map_err(|e| e.message),
+            None => Ok(None),
+        }
+    }
+
+    fn signing_context<'a>(
+        &'a self,
+        credentials: &'a Credentials,
+        time: OffsetDateTime,
+    ) -> SigningContext<'a> {
+        SigningContext {
+            credentials,
+            region: &self.cfg.region,
+            service: "s3",
+            time,
         }
     }
 
@@ -301,12 +365,14 @@ impl S3Client {
         now: OffsetDateTime,
     ) -> std::result::Result<String, sigv4::PresignError> {
         let path = self.endpoint.path(Some(key));
-        let Some(ctx) = self.signing_context(now) else {
+        let keys = self.signing_keys().ok().flatten();
+        let Some(keys) = keys.as_ref() else {
             return Ok(format!(
                 "{}://{}{path}",
                 self.endpoint.scheme, self.endpoint.authority
             ));
         };
+        let ctx = self.signing_context(&keys.credentials, now);
         let headers = vec![("host".to_string(), self.endpoint.authority.clone())];
         let (query, _) = sigv4::presign(
             method,
@@ -330,7 +396,8 @@ impl S3Client {
         policy: &sigv4::PostPolicy,
         now: OffsetDateTime,
     ) -> Option<(String, sigv4::PostPolicyFields)> {
-        let ctx = self.signing_context(now)?;
+        let keys = self.signing_keys().ok().flatten()?;
+        let ctx = self.signing_context(&keys.credentials, now);
         Some((self.bucket_url(), policy.sign(&ctx)))
     }
 
@@ -385,6 +452,20 @@ impl S3Client {
         }
     }
 
+    /// Headers every request of this bucket carries: requester-pays and the expected owner
+    /// (of the copy source too, which is this bucket).
+    fn bucket_headers(&self, op: Operation, headers: &mut Vec<(String, String)>) {
+        if self.cfg.request_payer {
+            headers.push(("x-amz-request-payer".into(), "requester".into()));
+        }
+        if let Some(owner) = &self.cfg.expected_bucket_owner {
+            headers.push(("x-amz-expected-bucket-owner".into(), owner.clone()));
+            if matches!(op, Operation::CopyObject | Operation::UploadPartCopy) {
+                headers.push(("x-amz-source-expected-bucket-owner".into(), owner.clone()));
+            }
+        }
+    }
+
     fn error(&self, req: &Request<'_>, kind: ErrorKind) -> ClientError {
         ClientError::new(req.op, &self.cfg.bucket, req.key, kind)
     }
@@ -427,13 +508,20 @@ impl S3Client {
         }
 
         let mut headers = req.headers.clone();
+        self.bucket_headers(req.op, &mut headers);
         headers.push(("host".into(), self.endpoint.authority.clone()));
         let payload_hash = req
             .body
             .as_ref()
             .map(|b| b.sha256_hex.clone())
             .unwrap_or_else(|| sigv4::EMPTY_SHA256.to_string());
-        match self.signing_context(OffsetDateTime::now_utc()) {
+        let keys = self
+            .signing_keys()
+            .map_err(|why| self.error(req, ErrorKind::AccessDenied).with_message(why))?;
+        match keys
+            .as_ref()
+            .map(|k| self.signing_context(&k.credentials, OffsetDateTime::now_utc()))
+        {
             Some(ctx) => {
                 sigv4::sign_headers(
                     req.method.as_str(),
@@ -735,17 +823,35 @@ fn header_string(headers: &HeaderMap, name: &str) -> Option<String> {
         .map(str::to_string)
 }
 
-fn attribute_headers<'a>(mut req: Request<'a>, attrs: &ObjectAttributes) -> Request<'a> {
+fn attribute_headers<'a>(
+    mut req: Request<'a>,
+    attrs: &ObjectAttributes,
+    defaults: &WriteDefaults,
+) -> Request<'a> {
     if let Some(ct) = &attrs.content_type {
         req = req.header("content-type", ct.clone());
     }
     for (k, v) in &attrs.metadata {
         req = req.header(&format!("x-amz-meta-{}", k.to_ascii_lowercase()), v.clone());
     }
-    if let Some(sc) = &attrs.storage_class {
+    storage_headers(req, attrs, defaults)
+}
+
+/// Storage class, encryption and ACL of an object being created: the object's own (`attrs`,
+/// when the core carries them over from a HEAD) or else the mount's defaults.
+fn storage_headers<'a>(
+    mut req: Request<'a>,
+    attrs: &ObjectAttributes,
+    defaults: &WriteDefaults,
+) -> Request<'a> {
+    if let Some(sc) = attrs
+        .storage_class
+        .as_ref()
+        .or(defaults.storage_class.as_ref())
+    {
         req = req.header("x-amz-storage-class", sc.clone());
     }
-    match &attrs.sse {
+    match attrs.sse.as_ref().or(defaults.sse.as_ref()) {
         Some(ServerSideEncryption::S3Managed) => {
             req = req.header("x-amz-server-side-encryption", "AES256");
         }
@@ -755,7 +861,16 @@ fn attribute_headers<'a>(mut req: Request<'a>, attrs: &ObjectAttributes) -> Requ
                 req = req.header("x-amz-server-side-encryption-aws-kms-key-id", id.clone());
             }
         }
+        Some(ServerSideEncryption::KmsDsse { key_id }) => {
+            req = req.header("x-amz-server-side-encryption", "aws:kms:dsse");
+            if let Some(id) = key_id {
+                req = req.header("x-amz-server-side-encryption-aws-kms-key-id", id.clone());
+            }
+        }
         None => {}
+    }
+    if let Some(acl) = &defaults.acl {
+        req = req.header("x-amz-acl", acl.clone());
     }
     req
 }
@@ -778,7 +893,10 @@ fn head_from_headers(headers: &HeaderMap, status: StatusCode) -> Option<(ObjectH
         .collect();
     let sse = match header_string(headers, "x-amz-server-side-encryption").as_deref() {
         Some("AES256") => Some(ServerSideEncryption::S3Managed),
-        Some("aws:kms") | Some("aws:kms:dsse") => Some(ServerSideEncryption::Kms {
+        Some("aws:kms") => Some(ServerSideEncryption::Kms {
+            key_id: header_string(headers, "x-amz-server-side-encryption-aws-kms-key-id"),
+        }),
+        Some("aws:kms:dsse") => Some(ServerSideEncryption::KmsDsse {
             key_id: header_string(headers, "x-amz-server-side-encryption-aws-kms-key-id"),
         }),
         _ => None,
@@ -1043,6 +1161,7 @@ impl ObjectClient for S3Client {
         let req = attribute_headers(
             Request::new(Operation::PutObject, Method::PUT, Some(key)),
             attrs,
+            &self.cfg.write,
         )
         .body(body);
         let headers = self.headers_of(&req).await?;
@@ -1081,10 +1200,21 @@ impl ObjectClient for S3Client {
         let mut req = Request::new(Operation::CopyObject, Method::PUT, Some(dest_key))
             .header("x-amz-copy-source", source);
         req = match directive {
-            MetadataDirective::Copy => req.header("x-amz-metadata-directive", "COPY"),
-            MetadataDirective::Replace(attrs) => {
-                attribute_headers(req.header("x-amz-metadata-directive", "REPLACE"), attrs)
-            }
+            MetadataDirective::Copy => storage_headers(
+                req.header("x-amz-metadata-directive", "COPY"),
+                &ObjectAttributes::default(),
+                &self.cfg.write,
+            ),
+            MetadataDirective::Keep(attrs) => storage_headers(
+                req.header("x-amz-metadata-directive", "COPY"),
+                attrs,
+                &self.cfg.write,
+            ),
+            MetadataDirective::Replace(attrs) => attribute_headers(
+                req.header("x-amz-metadata-directive", "REPLACE"),
+                attrs,
+                &self.cfg.write,
+            ),
         };
         let text = self.xml_text(&req).await?;
         self.parse_xml(&req, xml::etag_of(&text))
@@ -1095,6 +1225,7 @@ impl ObjectClient for S3Client {
             Request::new(Operation::CreateMultipartUpload, Method::POST, Some(key))
                 .query("uploads", ""),
             attrs,
+            &self.cfg.write,
         );
         let text = self.xml_text(&req).await?;
         self.parse_xml(&req, xml::initiate_multipart_upload(&text))
@@ -1265,13 +1396,110 @@ mod tests {
             Err(ConfigError::BadEndpoint(_))
         ));
         assert!(matches!(
-            Endpoint::resolve(&cfg(Some("http://x/base"), "bkt", Addressing::Auto)),
-            Err(ConfigError::EndpointWithPath(_))
+            Endpoint::resolve(&cfg(Some("http://x/base?a=b"), "bkt", Addressing::Auto)),
+            Err(ConfigError::EndpointWithQuery(_))
         ));
         assert!(matches!(
             Endpoint::resolve(&cfg(None, "Bad_Bucket", Addressing::Auto)),
             Err(ConfigError::BadBucket(_))
         ));
+    }
+
+    #[test]
+    fn endpoint_with_a_path_prefix() {
+        let path = Endpoint::resolve(&cfg(
+            Some("https://gw.example.com/s3/"),
+            "bkt",
+            Addressing::Auto,
+        ))
+        .unwrap();
+        assert_eq!(path.authority, "gw.example.com");
+        assert_eq!(path.path(None), "/s3/bkt");
+        assert_eq!(path.path(Some("a b/c")), "/s3/bkt/a%20b/c");
+        let virt = Endpoint::resolve(&cfg(
+            Some("https://s3.example.com/gw/v1"),
+            "bkt",
+            Addressing::VirtualHosted,
+        ))
+        .unwrap();
+        assert_eq!(virt.authority, "bkt.s3.example.com");
+        assert_eq!(virt.path(None), "/gw/v1/");
+        assert_eq!(virt.path(Some("k")), "/gw/v1/k");
+        // The prefix is part of what is signed: the URL a presigned request uses carries it.
+        let mut c = cfg(Some("http://127.0.0.1:9000/s3"), "bkt", Addressing::Auto);
+        c.auth = Auth::Signed(Credentials::new("AKID", "secret", None));
+        let client = S3Client::new(c).unwrap();
+        let url = client
+            .presigned_url(
+                "GET",
+                "k",
+                Duration::from_secs(60),
+                OffsetDateTime::UNIX_EPOCH,
+            )
+            .unwrap();
+        assert!(url.starts_with("http://127.0.0.1:9000/s3/bkt/k?"), "{url}");
+        assert_eq!(client.bucket_url(), "http://127.0.0.1:9000/s3/bkt");
+    }
+
+    #[test]
+    fn production_headers() {
+        let defaults = WriteDefaults {
+            sse: Some(ServerSideEncryption::Kms {
+                key_id: Some("alias/k".into()),
+            }),
+            storage_class: Some("STANDARD_IA".into()),
+            acl: Some("bucket-owner-full-control".into()),
+        };
+        let header = |r: &Request<'_>, name: &str| {
+            r.headers
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.clone())
+        };
+        let put = attribute_headers(
+            Request::new(Operation::PutObject, Method::PUT, Some("k")),
+            &ObjectAttributes::default(),
+            &defaults,
+        );
+        assert_eq!(
+            header(&put, "x-amz-server-side-encryption").as_deref(),
+            Some("aws:kms")
+        );
+        assert_eq!(
+            header(&put, "x-amz-server-side-encryption-aws-kms-key-id").as_deref(),
+            Some("alias/k")
+        );
+        assert_eq!(
+            header(&put, "x-amz-storage-class").as_deref(),
+            Some("STANDARD_IA")
+        );
+        assert_eq!(
+            header(&put, "x-amz-acl").as_deref(),
+            Some("bucket-owner-full-control")
+        );
+        // An object's own encryption and class win over the defaults.
+        let own = ObjectAttributes {
+            storage_class: Some("GLACIER_IR".into()),
+            sse: Some(ServerSideEncryption::KmsDsse { key_id: None }),
+            ..Default::default()
+        };
+        let copy = storage_headers(
+            Request::new(Operation::CopyObject, Method::PUT, Some("k")),
+            &own,
+            &defaults,
+        );
+        assert_eq!(
+            header(&copy, "x-amz-storage-class").as_deref(),
+            Some("GLACIER_IR")
+        );
+        assert_eq!(
+            header(&copy, "x-amz-server-side-encryption").as_deref(),
+            Some("aws:kms:dsse")
+        );
+        assert_eq!(
+            header(&copy, "x-amz-server-side-encryption-aws-kms-key-id"),
+            None
+        );
     }
 
     #[test]

@@ -565,6 +565,11 @@ impl MockClient {
             .ok_or_else(|| self.err(op, Some(source_key), ErrorKind::NoSuchKey))?;
         let attrs = match directive {
             MetadataDirective::Copy => src.attrs.clone(),
+            MetadataDirective::Keep(a) => ObjectAttributes {
+                storage_class: a.storage_class.clone(),
+                sse: a.sse.clone(),
+                ..src.attrs.clone()
+            },
             MetadataDirective::Replace(a) => a.clone(),
         };
         let obj = MockObject {

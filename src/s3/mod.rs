@@ -9,11 +9,13 @@ pub mod http;
 pub mod mock;
 pub mod retry;
 pub mod sigv4;
+pub mod sts;
+pub mod transport;
 pub mod xml;
 
 pub use client::*;
 pub use credentials::{Auth, Credentials};
 pub use error::{ClientError, ErrorKind, Operation};
-pub use http::{Addressing, ClientConfig, S3Client};
+pub use http::{Addressing, ClientConfig, S3Client, WriteDefaults};
 pub use mock::MockClient;
 pub use retry::RetryPolicy;

@@ -14,6 +14,7 @@
 pub mod conformance;
 pub mod fault_proxy;
 pub mod mount;
+pub mod standin;
 
 use s3mount::s3::{Addressing, Auth, ClientConfig, Credentials, S3Client};
 

@@ -19,14 +19,26 @@ impl Mounted {
         self.dir.path()
     }
 
+    /// The process id of the running s3mount.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, |c| c.id())
+    }
+
+    /// Waits up to `limit` for the log to hold `count` lines containing `needle`.
+    pub fn wait_for_log(&self, needle: &str, count: usize, limit: Duration) -> bool {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if self.log().matches(needle).count() >= count {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        false
+    }
+
     /// What s3mount logged so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// The process id of the mount.
-    pub fn pid(&self) -> u32 {
-        self.child.as_ref().expect("running").id()
     }
 
     /// The mount's peak resident memory so far (VmHWM), in bytes.
@@ -141,6 +153,26 @@ pub fn binary() -> &'static str {
 /// environment.
 pub fn command(env: &ServerEnv) -> Command {
     let mut cmd = Command::new(binary());
+    // No test may reach for a real instance metadata service, or through the machine's proxy.
+    for name in [
+        "HTTP_PROXY",
+        "http_proxy",
+        "HTTPS_PROXY",
+        "https_proxy",
+        "ALL_PROXY",
+        "all_proxy",
+        "NO_PROXY",
+        "no_proxy",
+        "AWS_WEB_IDENTITY_TOKEN_FILE",
+        "AWS_ROLE_ARN",
+        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+        "AWS_CONFIG_FILE",
+        "AWS_SHARED_CREDENTIALS_FILE",
+    ] {
+        cmd.env_remove(name);
+    }
+    cmd.env("AWS_EC2_METADATA_DISABLED", "true");
     cmd.env_remove("AWS_PROFILE")
         .env_remove("AWS_SESSION_TOKEN")
         .env("AWS_ACCESS_KEY_ID", &env.access_key_id)
@@ -154,25 +186,30 @@ pub fn command(env: &ServerEnv) -> Command {
 /// Mounts `bucket_spec` (`bucket` or `bucket:prefix`) with `args`, waits until the mount is
 /// there, and returns its guard.
 pub fn mount(env: &ServerEnv, bucket_spec: &str, args: &[&str]) -> Mounted {
-    mount_with(env, bucket_spec, args, &[])
+    mount_with(command(env), bucket_spec, args)
 }
 
 /// [`mount`] with more environment variables for the mount process.
-pub fn mount_with(
+pub fn mount_env(
     env: &ServerEnv,
     bucket_spec: &str,
     args: &[&str],
     vars: &[(&str, &std::ffi::OsStr)],
 ) -> Mounted {
+    let mut cmd = command(env);
+    for (k, v) in vars {
+        cmd.env(k, v);
+    }
+    mount_with(cmd, bucket_spec, args)
+}
+
+/// [`mount`] with a command the caller prepared (its own environment).
+pub fn mount_with(mut cmd: Command, bucket_spec: &str, args: &[&str]) -> Mounted {
     let dir = tempfile::Builder::new()
         .prefix("s3mount-test-")
         .tempdir()
         .expect("mount point");
     let log = dir.path().with_extension("log");
-    let mut cmd = command(env);
-    for (k, v) in vars {
-        cmd.env(k, v);
-    }
     cmd.arg(bucket_spec)
         .arg(dir.path())
         .arg("--foreground")
