@@ -25,6 +25,25 @@ pub enum Operation {
 }
 
 impl Operation {
+    /// Every operation, in the order stats and metrics list them.
+    pub const ALL: [Operation; 15] = [
+        Operation::ListObjectsV2,
+        Operation::HeadObject,
+        Operation::GetObject,
+        Operation::PutObject,
+        Operation::DeleteObject,
+        Operation::DeleteObjects,
+        Operation::CopyObject,
+        Operation::CreateMultipartUpload,
+        Operation::UploadPart,
+        Operation::UploadPartCopy,
+        Operation::CompleteMultipartUpload,
+        Operation::AbortMultipartUpload,
+        Operation::ListParts,
+        Operation::ListMultipartUploads,
+        Operation::HeadBucket,
+    ];
+
     /// Whether repeating the request after an unknown outcome (a timeout, a reset after the
     /// request was sent) is safe. CreateMultipartUpload is not: a repeat makes a second upload
     /// that nobody would complete or abort. Everything else either has no side effect, or
@@ -224,6 +243,31 @@ pub type Result<T, E = ClientError> = std::result::Result<T, E>;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn all_lists_every_operation_once() {
+        for (i, op) in Operation::ALL.iter().enumerate() {
+            // No wildcard: a new operation fails to compile here until ALL has it.
+            let index = match op {
+                Operation::ListObjectsV2 => 0,
+                Operation::HeadObject => 1,
+                Operation::GetObject => 2,
+                Operation::PutObject => 3,
+                Operation::DeleteObject => 4,
+                Operation::DeleteObjects => 5,
+                Operation::CopyObject => 6,
+                Operation::CreateMultipartUpload => 7,
+                Operation::UploadPart => 8,
+                Operation::UploadPartCopy => 9,
+                Operation::CompleteMultipartUpload => 10,
+                Operation::AbortMultipartUpload => 11,
+                Operation::ListParts => 12,
+                Operation::ListMultipartUploads => 13,
+                Operation::HeadBucket => 14,
+            };
+            assert_eq!(index, i, "{op}");
+        }
+    }
 
     #[test]
     fn display_names_operation_key_status_and_message() {

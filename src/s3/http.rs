@@ -127,6 +127,45 @@ pub struct ClientStats {
     pub retries: AtomicU64,
     pub bytes_sent: AtomicU64,
     pub bytes_received: AtomicU64,
+    /// Requests sent, by operation ([`Operation::ALL`] order).
+    pub by_operation: [AtomicU64; Operation::ALL.len()],
+    /// Requests that failed for good (after their retries), not counting the NoSuchKey
+    /// answers lookups expect.
+    pub errors: AtomicU64,
+    /// Answers that asked us to slow down: SlowDown, 503, 429.
+    pub throttles: AtomicU64,
+}
+
+impl ClientStats {
+    /// Requests sent so far of `op`.
+    pub fn requests_of(&self, op: Operation) -> u64 {
+        let i = Operation::ALL.iter().position(|o| *o == op).unwrap_or(0);
+        self.by_operation[i].load(Ordering::Relaxed)
+    }
+
+    fn count_request(&self, op: Operation) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        if let Some(i) = Operation::ALL.iter().position(|o| *o == op) {
+            self.by_operation[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn count_retry(&self) {
+        self.retries.fetch_add(1, Ordering::Relaxed);
+        super::retry::note_retry();
+    }
+
+    fn count_failure(&self, e: &ClientError) {
+        if e.kind != ErrorKind::NoSuchKey {
+            self.errors.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn count_answer(&self, e: &ClientError) {
+        if e.kind == ErrorKind::SlowDown || matches!(e.status, Some(503) | Some(429)) {
+            self.throttles.fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -437,15 +476,17 @@ impl S3Client {
             match outcome {
                 Ok(v) => return Ok(v),
                 Err(mut e) => {
+                    self.stats.count_answer(&e);
                     if e.is_transient() {
                         if let Some(delay) = backoff.next_delay(start.elapsed()) {
-                            self.stats.retries.fetch_add(1, Ordering::Relaxed);
+                            self.stats.count_retry();
                             tracing::warn!(error = %e, retry_in = ?delay, "transient S3 error, retrying");
                             tokio::time::sleep(delay).await;
                             continue;
                         }
                     }
                     e.attempts = backoff.attempts();
+                    self.stats.count_failure(&e);
                     return Err(e);
                 }
             }
@@ -569,7 +610,7 @@ impl S3Client {
             builder = builder.body(upload_body(&body.data, progress.clone()));
         }
 
-        self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        self.stats.count_request(req.op);
         let started = Instant::now();
         let resp = self.send_watched(req, builder.send(), &progress).await?;
         self.stats.bytes_sent.fetch_add(body_len, Ordering::Relaxed);
@@ -1018,7 +1059,7 @@ impl GetBody {
         let Some(delay) = self.backoff.next_delay(since.elapsed()) else {
             return Err(broken(self.backoff.attempts()));
         };
-        self.client.stats.retries.fetch_add(1, Ordering::Relaxed);
+        self.client.stats.count_retry();
         tracing::warn!(
             key = self.key,
             at = self.pos,

@@ -9,7 +9,26 @@
 //!
 //! What counts as transient is decided by [`super::error::ClientError::is_transient`].
 
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
+
+tokio::task_local! {
+    /// Where the retries of the requests a task makes are also counted, when someone asked
+    /// (the activity registry counts them per upload and per read).
+    static RETRY_COUNTER: Arc<AtomicU64>;
+}
+
+/// Runs `f`, counting every retry of the requests it makes into `counter` as well.
+pub async fn counting_retries<F: Future>(counter: Arc<AtomicU64>, f: F) -> F::Output {
+    RETRY_COUNTER.scope(counter, f).await
+}
+
+/// Counts one retry into the counter of the task's scope, if there is one.
+pub(crate) fn note_retry() {
+    let _ = RETRY_COUNTER.try_with(|c| c.fetch_add(1, Ordering::Relaxed));
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RetryPolicy {
