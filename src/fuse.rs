@@ -19,6 +19,7 @@ use fuser::{
     ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
+use crate::activity::Activity;
 use crate::fs::error::{FsError, FsResult};
 use crate::fs::inode::Kind;
 use crate::fs::mutate::{Caller, SetAttr, WrittenNow};
@@ -31,11 +32,72 @@ const MAX_IO: u32 = 1024 * 1024;
 pub struct FuseAdapter<C: ObjectClient> {
     fs: Arc<S3Filesystem<C>>,
     runtime: tokio::runtime::Handle,
+    ownership: Ownership,
+    activity: Option<Arc<Activity>>,
+}
+
+/// Owner and permission bits the mount shows for every entry whatever S3's metadata says
+/// (`uid=`, `gid=`, `file_mode=`, `dir_mode=`, `umask=`: s3fs's meaning). Only what is
+/// shown changes: the core still reads and stores the objects' own `x-amz-meta-*`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Ownership {
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub file_mode: Option<u16>,
+    pub dir_mode: Option<u16>,
+    /// Bits cleared from the permissions of every file and directory.
+    pub umask: Option<u16>,
+}
+
+impl Ownership {
+    fn apply(&self, mut a: FileAttr) -> FileAttr {
+        if let Some(uid) = self.uid {
+            a.uid = uid;
+        }
+        if let Some(gid) = self.gid {
+            a.gid = gid;
+        }
+        let forced = match a.kind {
+            FileType::RegularFile => self.file_mode,
+            FileType::Directory => self.dir_mode,
+            // A symlink's bits mean nothing (always 777, as on Linux file systems).
+            _ => return a,
+        };
+        if let Some(mode) = forced {
+            a.perm = mode;
+        }
+        if let Some(mask) = self.umask {
+            a.perm &= !mask;
+        }
+        a
+    }
 }
 
 impl<C: ObjectClient> FuseAdapter<C> {
     pub fn new(fs: Arc<S3Filesystem<C>>, runtime: tokio::runtime::Handle) -> Self {
-        Self { fs, runtime }
+        Self {
+            fs,
+            runtime,
+            ownership: Ownership::default(),
+            activity: None,
+        }
+    }
+
+    /// Shows every entry with these owner and permission overrides.
+    pub fn with_ownership(mut self, ownership: Ownership) -> Self {
+        self.ownership = ownership;
+        self
+    }
+
+    /// Tells `activity` how many bytes applications write into each file.
+    pub fn with_activity(mut self, activity: Arc<Activity>) -> Self {
+        self.activity = Some(activity);
+        self
+    }
+
+    /// Counts a write of `n` bytes into inode `ino` for `s3mount status`.
+    fn note_written(&self, ino: INodeNo, n: u32) {
+        note_written(self.activity.as_deref(), &self.fs, ino, n);
     }
 
     fn spawn<F>(&self, task: impl FnOnce(Arc<S3Filesystem<C>>) -> F)
@@ -46,15 +108,34 @@ impl<C: ObjectClient> FuseAdapter<C> {
     }
 }
 
+fn note_written<C: ObjectClient>(
+    activity: Option<&Activity>,
+    fs: &S3Filesystem<C>,
+    ino: INodeNo,
+    n: u32,
+) {
+    if let Some(activity) = activity {
+        if let Some(key) = fs.key_of(ino.0) {
+            activity.written(&key, u64::from(n));
+        }
+    }
+}
+
 fn errno(e: &FsError, what: &str) -> Errno {
     e.log_if_unexpected(what);
     Errno::from_i32(e.errno())
 }
 
 /// Replies to an entry-making request (lookup, mkdir, symlink, mknod).
-fn reply_entry(reply: ReplyEntry, ttl: std::time::Duration, result: FsResult<Attr>, what: &str) {
+fn reply_entry(
+    reply: ReplyEntry,
+    ttl: std::time::Duration,
+    own: Ownership,
+    result: FsResult<Attr>,
+    what: &str,
+) {
     match result {
-        Ok(attr) => reply.entry(&ttl, &file_attr(&attr), Generation(0)),
+        Ok(attr) => reply.entry(&ttl, &own.apply(file_attr(&attr)), Generation(0)),
         Err(e) => reply.error(errno(&e, what)),
     }
 }
@@ -136,10 +217,12 @@ impl<C: ObjectClient> Filesystem for FuseAdapter<C> {
         let Some(name) = utf8(name) else {
             return reply.error(Errno::ENOENT);
         };
+        let own = self.ownership;
         self.spawn(|fs| async move {
             reply_entry(
                 reply,
                 fs.ttl(),
+                own,
                 fs.lookup(parent.0, &name).await,
                 &format!("lookup {name:?}"),
             )
@@ -151,9 +234,10 @@ impl<C: ObjectClient> Filesystem for FuseAdapter<C> {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let own = self.ownership;
         self.spawn(|fs| async move {
             match fs.getattr(ino.0).await {
-                Ok(attr) => reply.attr(&fs.ttl(), &file_attr(&attr)),
+                Ok(attr) => reply.attr(&fs.ttl(), &own.apply(file_attr(&attr))),
                 Err(e) => reply.error(errno(&e, "getattr")),
             }
         });
@@ -187,9 +271,10 @@ impl<C: ObjectClient> Filesystem for FuseAdapter<C> {
                 TimeOrNow::Now => SystemTime::now(),
             }),
         };
+        let own = self.ownership;
         self.spawn(|fs| async move {
             match fs.setattr(ino.0, change).await {
-                Ok(attr) => reply.attr(&fs.ttl(), &file_attr(&attr)),
+                Ok(attr) => reply.attr(&fs.ttl(), &own.apply(file_attr(&attr))),
                 Err(e) => reply.error(errno(&e, "setattr")),
             }
         });
@@ -224,6 +309,7 @@ impl<C: ObjectClient> Filesystem for FuseAdapter<C> {
             return reply.error(Errno::EINVAL);
         };
         let caller = caller(req);
+        let own = self.ownership;
         self.spawn(|fs| async move {
             let made = async {
                 let (attr, fh) = fs.create(parent.0, &name, mode, caller).await?;
@@ -231,7 +317,7 @@ impl<C: ObjectClient> Filesystem for FuseAdapter<C> {
                 fs.release_file(fh).await;
                 flushed.map(|()| attr)
             };
-            reply_entry(reply, fs.ttl(), made.await, "mknod")
+            reply_entry(reply, fs.ttl(), own, made.await, "mknod")
         });
     }
 
@@ -248,10 +334,12 @@ impl<C: ObjectClient> Filesystem for FuseAdapter<C> {
             return reply.error(Errno::EINVAL);
         };
         let caller = caller(req);
+        let own = self.ownership;
         self.spawn(|fs| async move {
             reply_entry(
                 reply,
                 fs.ttl(),
+                own,
                 fs.mkdir(parent.0, &name, mode, caller).await,
                 "mkdir",
             )
@@ -294,10 +382,12 @@ impl<C: ObjectClient> Filesystem for FuseAdapter<C> {
             return reply.error(Errno::EINVAL);
         };
         let caller = caller(req);
+        let own = self.ownership;
         self.spawn(|fs| async move {
             reply_entry(
                 reply,
                 fs.ttl(),
+                own,
                 fs.symlink(parent.0, &name, &target, caller).await,
                 "symlink",
             )
@@ -391,7 +481,7 @@ impl<C: ObjectClient> Filesystem for FuseAdapter<C> {
     fn write(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         data: &[u8],
@@ -403,21 +493,29 @@ impl<C: ObjectClient> Filesystem for FuseAdapter<C> {
         // A sequential write into memory needs no task (nor a copy of the data for one); one
         // that completes a part waits for its upload to have room before it is answered.
         match self.fs.write_now(fh.0, offset, data) {
-            Some(WrittenNow::Done(n)) => return reply.written(n),
+            Some(WrittenNow::Done(n)) => {
+                self.note_written(ino, n);
+                return reply.written(n);
+            }
             Some(WrittenNow::Then(n)) => {
+                self.note_written(ino, n);
                 return self.spawn(|fs| async move {
                     match fs.after_write_now(fh.0).await {
                         Ok(()) => reply.written(n),
                         Err(e) => reply.error(errno(&e, "write")),
                     }
-                })
+                });
             }
             None => {}
         }
         let data = bytes::Bytes::copy_from_slice(data);
+        let activity = self.activity.clone();
         self.spawn(|fs| async move {
             match fs.write_owned(fh.0, offset, data).await {
-                Ok(n) => reply.written(n),
+                Ok(n) => {
+                    note_written(activity.as_deref(), &fs, ino, n);
+                    reply.written(n)
+                }
                 Err(e) => reply.error(errno(&e, "write")),
             }
         });
@@ -522,7 +620,7 @@ impl<C: ObjectClient> Filesystem for FuseAdapter<C> {
                         next,
                         &e.name,
                         &ttl,
-                        &file_attr(&e.attr),
+                        &self.ownership.apply(file_attr(&e.attr)),
                         Generation(0),
                     ) {
                         break;
@@ -595,11 +693,12 @@ impl<C: ObjectClient> Filesystem for FuseAdapter<C> {
             return reply.error(Errno::EINVAL);
         };
         let caller = caller(req);
+        let own = self.ownership;
         self.spawn(|fs| async move {
             match fs.create(parent.0, &name, mode, caller).await {
                 Ok((attr, fh)) => reply.created(
                     &fs.ttl(),
-                    &file_attr(&attr),
+                    &own.apply(file_attr(&attr)),
                     Generation(0),
                     FileHandle(fh),
                     FopenFlags::empty(),

@@ -3,7 +3,10 @@
 //! The crate is a library plus the `s3mount` binary, so tests reach every layer:
 //! - [`s3`]: the S3 client (our own SigV4 signer, the `ObjectClient` trait, the reqwest
 //!   implementation and an in-memory mock);
-//! - the filesystem core and the FUSE adapter build on the trait only.
+//! - the filesystem core and the FUSE adapter build on the trait only;
+//! - the service around a mount: mounting for mount(8) ([`fusemount`]), signals, logs, the
+//!   control socket and status ([`service`], [`logging`], [`control`], [`status`],
+//!   [`activity`]), and the commands that are not a mount ([`commands`], [`presign`]).
 //!
 //! See `docs/ARCHITECTURE.md` for the design.
 
@@ -12,6 +15,7 @@
 // size of the error arm costs nothing measurable.
 #![allow(clippy::result_large_err)]
 
+pub mod activity;
 pub mod cli;
 pub mod fs;
 pub mod fuse;

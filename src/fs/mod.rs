@@ -340,6 +340,11 @@ impl<C: ObjectClient> S3Filesystem<C> {
         &self.stats
     }
 
+    /// The S3 key of inode `ino`, if the inode is known (for `s3mount status`).
+    pub fn key_of(&self, ino: Ino) -> Option<String> {
+        self.inodes.get(ino).map(|inode| inode.key())
+    }
+
     pub fn memory_in_use(&self) -> u64 {
         self.read_ctx.budget.in_use_bytes()
     }
