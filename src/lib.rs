@@ -17,7 +17,12 @@
 
 pub mod activity;
 pub mod cli;
+pub mod control;
 pub mod fs;
 pub mod fuse;
+pub mod fusemount;
+pub mod logging;
 pub mod mount;
+pub mod presign;
 pub mod s3;
+pub mod status;
