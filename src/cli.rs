@@ -16,7 +16,11 @@ use clap::Parser;
                   ~/.aws/config (AWS_PROFILE or --profile: keys, role_arn, SSO, credential_process), container \
                   credentials (ECS, EKS Pod Identity), then the EC2 instance metadata service. Temporary credentials \
                   are renewed while mounted. See docs/CONFIGURATION.md. \
-                  Unmount with `umount MOUNTPOINT` or `fusermount3 -u MOUNTPOINT`."
+                  Unmount with `umount MOUNTPOINT` or `fusermount3 -u MOUNTPOINT`. \
+                  Other commands: `s3mount status [MOUNTPOINT] [--watch] [--json]`, \
+                  `s3mount presign PATH|s3://BUCKET/KEY [--expires 1h] [--method GET|PUT]`, \
+                  `s3mount post-policy s3://BUCKET/PREFIX/ [--max-size SIZE] [--html]` \
+                  (each with --help)."
 )]
 pub struct Cli {
     /// The bucket, optionally with a key prefix to mount instead of the whole bucket.
@@ -106,21 +110,35 @@ pub struct Cli {
     #[arg(long)]
     pub allow_root: bool,
 
-    /// Owner of files without s3fs-style x-amz-meta-uid (default: the mounting user).
+    /// Owner shown for every entry (default: x-amz-meta-uid, else the mounting user).
     #[arg(long)]
     pub uid: Option<u32>,
 
-    /// Group of files without x-amz-meta-gid (default: the mounting user's group).
+    /// Group shown for every entry (default: x-amz-meta-gid, else the mounting user's group).
     #[arg(long)]
     pub gid: Option<u32>,
 
-    /// Permission bits of files without x-amz-meta-mode, in octal.
-    #[arg(long, value_parser = parse_mode, default_value = "644")]
-    pub file_mode: u16,
+    /// Permission bits shown for every file, in octal (default: x-amz-meta-mode, else 644).
+    #[arg(long, value_parser = parse_mode, value_name = "OCT")]
+    pub file_mode: Option<u16>,
 
-    /// Permission bits of directories, in octal.
-    #[arg(long, value_parser = parse_mode, default_value = "755")]
-    pub dir_mode: u16,
+    /// Permission bits shown for every directory, in octal (default: x-amz-meta-mode, else
+    /// 755).
+    #[arg(long, value_parser = parse_mode, value_name = "OCT")]
+    pub dir_mode: Option<u16>,
+
+    /// Permission bits cleared from every file and directory, in octal (e.g. 027).
+    #[arg(long, value_parser = parse_mode, value_name = "OCT")]
+    pub umask: Option<u16>,
+
+    /// The AWS shared credentials file (default: AWS_SHARED_CREDENTIALS_FILE, else
+    /// ~/.aws/credentials).
+    #[arg(long, value_name = "FILE")]
+    pub credentials_file: Option<PathBuf>,
+
+    /// The AWS config file (default: AWS_CONFIG_FILE, else ~/.aws/config).
+    #[arg(long, value_name = "FILE")]
+    pub config_file: Option<PathBuf>,
 
     /// How long attributes, listings and negative lookups are cached, in seconds (0: never).
     #[arg(long, value_parser = parse_seconds, default_value = "1", value_name = "SECONDS")]
@@ -182,20 +200,240 @@ pub struct Cli {
     #[arg(long)]
     pub debug: bool,
 
-    /// Where logs go when in the background (default: $XDG_STATE_HOME or ~/.local/state,
-    /// s3mount/BUCKET.log).
+    /// Where logs go when in the background (default: one file per mount,
+    /// BUCKET[-PREFIX]@MOUNTPOINT.log in $XDG_STATE_HOME/s3mount or ~/.local/state/s3mount;
+    /// /var/log/s3mount for root without HOME).
     #[arg(long, value_name = "PATH")]
     pub log_file: Option<PathBuf>,
 
-    /// Mount options, comma-separated, as mount(8) passes them: ro, rw, allow_other,
-    /// allow_root, uid=N, gid=N, file_mode=OCT, dir_mode=OCT, endpoint_url=URL, region=R,
-    /// profile=P, prefix=P, force_path_style, metadata_ttl=S, max_memory=SIZE, foreground,
-    /// retry_attempts=N, retry_max_time=S, connect_timeout=S, request_timeout=S,
-    /// stall_timeout=S, spool_dir=DIR, addressing_style=S, ca_bundle=FILE, no_verify_tls,
-    /// proxy=URL, sse=ALG, sse_kms_key_id=KEY, storage_class=C, acl=ACL, requester_pays,
-    /// expected_bucket_owner=ID.
+    /// Send logs to syslog (journald reads it too) through this socket instead of a file.
+    #[arg(long, value_name = "SOCKET", num_args = 0..=1, require_equals = true,
+          default_missing_value = "/dev/log")]
+    pub log_syslog: Option<PathBuf>,
+
+    /// Log a one-line summary with rates every SECONDS (default 10).
+    #[arg(long, value_name = "SECONDS", value_parser = parse_seconds, num_args = 0..=1,
+          require_equals = true, default_missing_value = "10")]
+    pub log_metrics: Option<Duration>,
+
+    /// Serve the status counters in the Prometheus text format at http://ADDR:PORT/metrics
+    /// (off by default; give a loopback address unless the network may read them).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+
+    /// Do not execute programs stored in the mount.
+    #[arg(long)]
+    pub noexec: bool,
+
+    /// Say what is being mounted, and how.
+    #[arg(short = 'v', long)]
+    pub verbose: bool,
+
+    /// Mount helper: unknown -o options are warned about, not refused (mount -s).
+    #[arg(short = 's', long, hide = true)]
+    pub sloppy: bool,
+
+    /// Mount helper: do everything but mount (mount -f; a helper's -f is this, not
+    /// --foreground).
+    #[arg(long, hide = true)]
+    pub fake: bool,
+
+    /// Mount helper: mount -n (no /etc/mtab entry); s3mount never writes one anyway.
+    #[arg(short = 'n', hide = true)]
+    pub no_mtab: bool,
+
+    /// Mount helper: the filesystem type mount(8) names (fuse.s3mount, s3mount).
+    #[arg(short = 't', hide = true, value_name = "TYPE")]
+    pub fs_type: Option<String>,
+
+    /// The source as given (`bucket:prefix`), which /proc/mounts shows; set by `resolve`.
+    #[arg(skip)]
+    pub source: Option<String>,
+
+    /// Mount options, comma-separated, as mount(8) passes them: every long option above as
+    /// name=value (underscores for dashes: endpoint_url=URL, part_size=16M, log_file=PATH) or
+    /// name for a flag (allow_other, no_sign_request), plus ro, rw, umask=OCT,
+    /// credentials_file=FILE, config_file=FILE. Options mount(8), fstab and systemd use
+    /// (_netdev, nofail, noauto, user, users, x-systemd.*, ...) are accepted.
     #[arg(short = 'o', value_name = "OPTIONS", action = clap::ArgAction::Append)]
     pub options: Vec<String>,
+}
+
+/// `s3mount status [MOUNTPOINT]`
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "s3mount status",
+    about = "Show what each s3mount mount on this machine is doing: uploads and reads in flight, \
+             totals since it mounted, memory and disk use",
+    after_help = "Each mount answers on its own control socket (in /run/s3mount for root, \
+                  /run/user/UID/s3mount or /tmp/s3mount-UID for others), which only its owner \
+                  and root may use. See docs/OPERATIONS.md for every field."
+)]
+pub struct StatusCli {
+    /// Only this mount (default: every s3mount mount this user may ask).
+    pub mountpoint: Option<PathBuf>,
+
+    /// Redraw once a second until interrupted.
+    #[arg(long)]
+    pub watch: bool,
+
+    /// Print the report as JSON: one object for MOUNTPOINT, else {"mounts": [...]}.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// How `presign` and `post-policy` reach a bucket given as `s3://`: the same as a mount's
+/// options.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ConnectionArgs {
+    /// S3 endpoint, e.g. http://127.0.0.1:9000 (default: AWS, or AWS_ENDPOINT_URL).
+    #[arg(long, value_name = "URL")]
+    pub endpoint_url: Option<String>,
+
+    /// Region to sign for.
+    #[arg(long)]
+    pub region: Option<String>,
+
+    /// Profile of ~/.aws/credentials and ~/.aws/config.
+    #[arg(long)]
+    pub profile: Option<String>,
+
+    /// The AWS shared credentials file.
+    #[arg(long, value_name = "FILE")]
+    pub credentials_file: Option<PathBuf>,
+
+    /// The AWS config file.
+    #[arg(long, value_name = "FILE")]
+    pub config_file: Option<PathBuf>,
+
+    /// auto, path or virtual.
+    #[arg(long, value_parser = parse_addressing_style, value_name = "STYLE")]
+    pub addressing_style: Option<String>,
+
+    /// Same as --addressing-style path.
+    #[arg(long)]
+    pub force_path_style: bool,
+
+    /// Also trust the CA certificates of this PEM file.
+    #[arg(long, value_name = "FILE")]
+    pub ca_bundle: Option<PathBuf>,
+
+    /// Send the credential requests (STS, SSO, ...) through this proxy.
+    #[arg(long, value_name = "URL")]
+    pub proxy: Option<String>,
+
+    /// Sign for this URL instead of the endpoint (a bucket served under another domain).
+    #[arg(long, value_name = "URL")]
+    pub public_endpoint: Option<String>,
+}
+
+impl ConnectionArgs {
+    /// Whether any option was given (they do not apply to a path inside a mount).
+    pub fn any(&self) -> bool {
+        self.endpoint_url.is_some()
+            || self.region.is_some()
+            || self.profile.is_some()
+            || self.credentials_file.is_some()
+            || self.config_file.is_some()
+            || self.addressing_style.is_some()
+            || self.force_path_style
+            || self.ca_bundle.is_some()
+            || self.proxy.is_some()
+    }
+}
+
+/// `s3mount presign PATH|s3://BUCKET/KEY`
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "s3mount presign",
+    about = "Print a presigned URL for one object: anyone holding it may make that one request \
+             until it expires",
+    after_help = "PATH is a file inside an s3mount mount: the mount signs with its own bucket, \
+                  endpoint and credentials. s3://BUCKET/KEY is signed with credentials found as a \
+                  mount finds them (the same options and variables). Temporary credentials put \
+                  their session token in the URL, and the URL stops working when they expire."
+)]
+pub struct PresignCli {
+    /// A file inside a mount, or s3://BUCKET/KEY.
+    #[arg(value_name = "PATH|s3://BUCKET/KEY")]
+    pub target: String,
+
+    /// How long the URL works: 90s, 30m, 1h, 7d (at most 7 days).
+    #[arg(long, value_parser = parse_duration, default_value = "1h", value_name = "DURATION")]
+    pub expires: Duration,
+
+    /// The request the URL allows: GET (download) or PUT (upload), also HEAD or DELETE.
+    #[arg(long, default_value = "GET")]
+    pub method: String,
+
+    #[command(flatten)]
+    pub connection: ConnectionArgs,
+}
+
+/// `s3mount post-policy s3://BUCKET/PREFIX/`
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "s3mount post-policy",
+    about = "Print the fields of a browser upload form (an S3 POST policy) for keys under a \
+             prefix, as JSON, or as a ready HTML page with --html",
+    after_help = "The form's key is PREFIX${filename}: the uploaded file's own name under the \
+                  prefix. S3 refuses uploads outside the prefix, over --max-size, of another \
+                  --content-type, or after --expires."
+)]
+pub struct PostPolicyCli {
+    /// s3://BUCKET/PREFIX/, or a directory inside a mount.
+    #[arg(value_name = "s3://BUCKET/PREFIX/|DIR")]
+    pub target: String,
+
+    /// How long the form works: 90s, 30m, 1h, 7d.
+    #[arg(long, value_parser = parse_duration, default_value = "1h", value_name = "DURATION")]
+    pub expires: Duration,
+
+    /// Largest file the form accepts, e.g. 10M.
+    #[arg(long, value_parser = parse_size, value_name = "SIZE")]
+    pub max_size: Option<u64>,
+
+    /// The uploaded file's Content-Type must start with this, e.g. image/.
+    #[arg(long, value_name = "PREFIX")]
+    pub content_type: Option<String>,
+
+    /// Canned ACL the uploaded object gets, e.g. private.
+    #[arg(long, value_parser = parse_acl)]
+    pub acl: Option<String>,
+
+    /// Print an HTML page with the form instead of JSON.
+    #[arg(long)]
+    pub html: bool,
+
+    #[command(flatten)]
+    pub connection: ConnectionArgs,
+}
+
+pub fn parse_count(name: &str, s: &str) -> Result<usize, String> {
+    s.parse().map_err(|_| format!("{name}={s} is not a number"))
+}
+
+pub fn parse_socket_addr(s: &str) -> Result<std::net::SocketAddr, String> {
+    s.parse()
+        .map_err(|_| format!("{s:?} is not an address like 127.0.0.1:9100"))
+}
+
+/// `90`, `90s`, `30m`, `1h`, `7d`: a duration for presigned URLs and policies.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let digits_end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(digits_end);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 90s, 30m, 1h or 7d"))?;
+    let secs = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("{s:?} is not a duration like 90s, 30m, 1h or 7d")),
+    };
+    Ok(Duration::from_secs(n.saturating_mul(secs)))
 }
 
 pub fn parse_mode(s: &str) -> Result<u16, String> {
@@ -309,6 +547,7 @@ impl Cli {
     /// Folds `-o` options and `BUCKET:PREFIX` into the fields. Options that mount(8) and
     /// fstab pass for every filesystem (`dev`, `exec`, `_netdev`, ...) are accepted and ignored.
     pub fn resolve(mut self) -> Result<Self, String> {
+        self.source = Some(self.bucket.clone());
         for group in std::mem::take(&mut self.options) {
             for opt in group.split(',').filter(|o| !o.is_empty()) {
                 let (name, value) = match opt.split_once('=') {
@@ -335,8 +574,8 @@ impl Cli {
                             format!("gid={} is not a number", need().unwrap_or_default())
                         })?)
                     }
-                    "file_mode" => self.file_mode = parse_mode(need()?)?,
-                    "dir_mode" => self.dir_mode = parse_mode(need()?)?,
+                    "file_mode" => self.file_mode = Some(parse_mode(need()?)?),
+                    "dir_mode" => self.dir_mode = Some(parse_mode(need()?)?),
                     "endpoint_url" | "endpoint" => self.endpoint_url = Some(need()?.to_string()),
                     "region" => self.region = Some(need()?.to_string()),
                     "profile" => self.profile = Some(need()?.to_string()),
@@ -367,9 +606,36 @@ impl Cli {
                     "expected_bucket_owner" => {
                         self.expected_bucket_owner = Some(parse_account_id(need()?)?)
                     }
-                    "dev" | "nodev" | "suid" | "nosuid" | "exec" | "noexec" | "auto" | "noauto"
-                    | "user" | "nouser" | "users" | "_netdev" | "nofail" | "defaults" | "atime"
-                    | "noatime" | "relatime" | "async" => {}
+                    "read_only" => self.read_only = true,
+                    "no_sign_request" => self.no_sign_request = true,
+                    "umask" => self.umask = Some(parse_mode(need()?)?),
+                    "credentials_file" => self.credentials_file = Some(PathBuf::from(need()?)),
+                    "config_file" => self.config_file = Some(PathBuf::from(need()?)),
+                    "local_copy_max" => self.local_copy_max = parse_size(need()?)?,
+                    "part_size" => self.part_size = parse_size(need()?)?,
+                    "upload_concurrency" => self.upload_concurrency = parse_count(name, need()?)?,
+                    "log_level" => self.log_level = need()?.to_string(),
+                    "debug" => self.debug = true,
+                    "log_file" => self.log_file = Some(PathBuf::from(need()?)),
+                    "log_syslog" => {
+                        self.log_syslog = Some(PathBuf::from(value.unwrap_or("/dev/log")))
+                    }
+                    "log_metrics" => self.log_metrics = Some(parse_seconds(value.unwrap_or("10"))?),
+                    "metrics_addr" => self.metrics_addr = Some(parse_socket_addr(need()?)?),
+                    "verbose" => self.verbose = true,
+                    "exec" => self.noexec = false,
+                    "noexec" => self.noexec = true,
+                    // What mount(8), fstab and systemd use for every filesystem, and what FUSE
+                    // mounts always are (nodev, nosuid): nothing for s3mount to do.
+                    "dev" | "nodev" | "suid" | "nosuid" | "auto" | "noauto" | "user" | "nouser"
+                    | "users" | "owner" | "group" | "_netdev" | "nofail" | "defaults" | "atime"
+                    | "noatime" | "relatime" | "norelatime" | "strictatime" | "nostrictatime"
+                    | "lazytime" | "nolazytime" | "diratime" | "nodiratime" | "async" | "sync"
+                    | "dirsync" | "silent" | "loud" | "comment" => {}
+                    _ if name.starts_with("x-") => {}
+                    other if self.sloppy => {
+                        eprintln!("s3mount: warning: ignoring unknown mount option {other:?} (-s)")
+                    }
                     other => {
                         return Err(format!(
                             "unknown mount option {other:?} (see s3mount --help)"
@@ -377,6 +643,14 @@ impl Cli {
                     }
                 }
             }
+        }
+        if let Some(rest) = self.bucket.clone().strip_prefix("s3://") {
+            // s3://bucket/prefix is the same as bucket:prefix.
+            self.bucket = match rest.split_once('/') {
+                Some((bucket, prefix)) if !prefix.is_empty() => format!("{bucket}:{prefix}"),
+                Some((bucket, _)) => bucket.to_string(),
+                None => rest.to_string(),
+            };
         }
         if let Some((bucket, prefix)) = self.bucket.clone().split_once(':') {
             if self.prefix.is_some() {
@@ -429,6 +703,9 @@ impl Cli {
         {
             return Err("--sse-kms-key-id needs --sse aws:kms or --sse aws:kms:dsse".into());
         }
+        if self.bucket.is_empty() {
+            return Err("the bucket name is empty; give BUCKET[:PREFIX]".into());
+        }
         if self.allow_other && self.allow_root {
             return Err("--allow-other already includes root; give only one of --allow-other and --allow-root".into());
         }
@@ -463,7 +740,7 @@ mod tests {
         assert_eq!(c.prefix.as_deref(), Some("data/x/"));
         assert!(c.read_only);
         assert_eq!(c.uid, Some(5));
-        assert_eq!(c.file_mode, 0o600);
+        assert_eq!(c.file_mode, Some(0o600));
         assert_eq!(c.max_memory, 1 << 30);
         assert_eq!(c.metadata_ttl, Duration::from_millis(500));
     }
@@ -542,6 +819,105 @@ mod tests {
         assert!(cli(&["b", "/m", "-o", "sse=none"])
             .unwrap_err()
             .contains("AES256"));
+    }
+
+    /// A value the option accepts, by its value name.
+    fn sample(arg: &clap::Arg) -> &'static str {
+        let name = arg
+            .get_value_names()
+            .and_then(|v| v.first().map(|s| s.to_string()))
+            .unwrap_or_default();
+        match (arg.get_id().as_str(), name.as_str()) {
+            ("log_level", _) => "debug",
+            ("region", _) | ("profile", _) | ("prefix", _) => "p1",
+            (_, "SECONDS") => "7",
+            (_, "SIZE") => "16M",
+            (_, "N") => "3",
+            (_, "OCT") => "640",
+            (_, "URL") => "http://127.0.0.1:9",
+            (_, "FILE") | (_, "PATH") | (_, "DIR") | (_, "SOCKET") => "/tmp/x",
+            (_, "STYLE") => "path",
+            (_, "ALGORITHM") => "aws:kms",
+            (_, "KEY") => "alias/k",
+            (_, "CLASS") => "STANDARD_IA",
+            (_, "ACL") => "private",
+            (_, "ACCOUNT_ID") => "123456789012",
+            (_, "ADDR:PORT") => "127.0.0.1:9100",
+            (_, "TYPE") => "fuse.s3mount",
+            _ => "7",
+        }
+    }
+
+    #[test]
+    fn every_option_has_an_o_form_that_means_the_same() {
+        use clap::CommandFactory;
+        let cmd = Cli::command();
+        let mut checked = 0;
+        for arg in cmd.get_arguments() {
+            let Some(long) = arg.get_long() else { continue };
+            if matches!(long, "help" | "version" | "fake" | "sloppy") || arg.is_hide_set() {
+                continue;
+            }
+            let flag = matches!(arg.get_action(), clap::ArgAction::SetTrue);
+            let o_name = long.replace('-', "_");
+            let (long_form, o_form) = if flag {
+                (vec![format!("--{long}")], o_name)
+            } else {
+                let v = sample(arg);
+                (vec![format!("--{long}={v}")], format!("{o_name}={v}"))
+            };
+            // sse_kms_key_id needs an sse; give both forms the same one.
+            let extra = if long == "sse-kms-key-id" {
+                vec!["--sse".to_string(), "aws:kms".to_string()]
+            } else {
+                vec![]
+            };
+            let mut a: Vec<String> = vec!["b".into(), "/m".into()];
+            a.extend(extra.clone());
+            a.extend(long_form);
+            let mut b: Vec<String> = vec!["b".into(), "/m".into()];
+            b.extend(extra);
+            b.extend(["-o".to_string(), o_form.clone()]);
+            let a: Vec<&str> = a.iter().map(String::as_str).collect();
+            let b: Vec<&str> = b.iter().map(String::as_str).collect();
+            let by_flag = cli(&a).unwrap_or_else(|e| panic!("--{long}: {e}"));
+            let by_o = cli(&b).unwrap_or_else(|e| panic!("-o {o_form}: {e}"));
+            assert_eq!(
+                format!("{by_flag:?}"),
+                format!("{by_o:?}"),
+                "-o {o_form} differs from --{long}"
+            );
+            checked += 1;
+        }
+        assert!(checked >= 45, "only {checked} options checked");
+    }
+
+    #[test]
+    fn fstab_and_systemd_options_are_accepted() {
+        let c = cli(&[
+            "b:p",
+            "/m",
+            "-o",
+            "_netdev,nofail,noauto,user,users,defaults,x-systemd.automount,x-systemd.idle-timeout=60,x-systemd.requires=network-online.target,comment=systemd.automount,noexec,umask=027,credentials_file=/etc/s3/creds,config_file=/etc/s3/config",
+        ])
+        .unwrap();
+        assert!(c.noexec);
+        assert_eq!(c.umask, Some(0o027));
+        assert_eq!(c.credentials_file, Some(PathBuf::from("/etc/s3/creds")));
+        assert_eq!(c.config_file, Some(PathBuf::from("/etc/s3/config")));
+        assert_eq!(c.source.as_deref(), Some("b:p"));
+        let s3 = cli(&["s3://bkt/some/prefix", "/m"]).unwrap();
+        assert_eq!(
+            (s3.bucket.as_str(), s3.prefix.as_deref()),
+            ("bkt", Some("some/prefix/"))
+        );
+        assert!(cli(&["b", "/m", "-o", "x_systemd"])
+            .unwrap_err()
+            .contains("unknown mount option"));
+        assert!(cli(&["b", "/m", "-s", "-o", "whatever"]).is_ok());
+        assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert!(parse_duration("1w").is_err());
     }
 
     #[test]

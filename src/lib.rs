@@ -17,6 +17,7 @@
 
 pub mod activity;
 pub mod cli;
+pub mod commands;
 pub mod control;
 pub mod fs;
 pub mod fuse;
@@ -25,4 +26,5 @@ pub mod logging;
 pub mod mount;
 pub mod presign;
 pub mod s3;
+pub mod service;
 pub mod status;

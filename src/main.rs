@@ -1,18 +1,7 @@
-//! `s3mount`: parse the command line, then hand over to [`s3mount::mount::run`]. Any start-up
-//! problem is printed as one line and the exit status is 1.
-
-use clap::Parser;
+//! `s3mount`: everything happens in [`s3mount::commands::main`]: a mount (also as the mount(8)
+//! helper `mount.fuse.s3mount`), `status`, `presign` or `post-policy`. Any problem is printed as
+//! one line; the exit status is 2 for a malformed command line, 1 for anything else.
 
 fn main() {
-    let cli = match s3mount::cli::Cli::parse().resolve() {
-        Ok(cli) => cli,
-        Err(msg) => {
-            eprintln!("s3mount: error: {msg}");
-            std::process::exit(2);
-        }
-    };
-    if let Err(e) = s3mount::mount::run(cli) {
-        eprintln!("s3mount: error: {e}");
-        std::process::exit(1);
-    }
+    std::process::exit(s3mount::commands::main(std::env::args_os().collect()));
 }

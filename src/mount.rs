@@ -7,6 +7,13 @@
 //! pipe, and the parent exits 0 only once the mount is really there (or prints the child's
 //! error and exits 1). SIGINT and SIGTERM unmount cleanly; `umount` and `fusermount3 -u` end the
 //! process too.
+//!
+//! The same path serves mount(8): `mount.fuse.s3mount SOURCE DIR -o OPTIONS` is this program
+//! under another name (see `main.rs`), run with no `PATH` and no `HOME`, so nothing here may
+//! depend on either: credentials can come from `-o credentials_file=`, logs and the upload
+//! journal go under `/var/log/s3mount` and `/var/lib/s3mount` for root without `HOME`. Mounting
+//! itself is `fusemount.rs`; what the running mount does besides FUSE (signals, the control
+//! socket, metrics) is `service.rs`.
 
 use std::io::{Read, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
@@ -14,16 +21,20 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::activity::{Activity, Observed};
 use crate::cli::Cli;
 use crate::fs::{FsConfig, S3Filesystem};
-use crate::fuse::FuseAdapter;
-use crate::s3::credentials::{self, Auth, Chain, Context, ProcessEnv};
+use crate::fuse::{FuseAdapter, Ownership};
+use crate::fusemount::{self, MountSpec};
+use crate::logging::{self, Logging, Target};
+use crate::s3::credentials::{self, Auth, Chain, Context, Env, OverlayEnv, ProcessEnv};
 use crate::s3::sts::StsEndpoint;
 use crate::s3::transport::{self, TransportConfig};
 use crate::s3::{
     Addressing, ClientConfig, ClientError, ErrorKind, ListRequest, ObjectClient, RetryPolicy,
     S3Client, ServerSideEncryption, WriteDefaults,
 };
+use crate::status::{MountInfo, MountState};
 
 /// A fatal start-up problem: one line for the user.
 #[derive(Debug)]
@@ -50,6 +61,68 @@ pub struct MountPlan {
     pub log_level: String,
     pub log_file: Option<PathBuf>,
     pub source: String,
+    /// What every entry shows as owner and mode, whatever S3's metadata says.
+    pub ownership: Ownership,
+    pub noexec: bool,
+    pub log_syslog: Option<PathBuf>,
+    pub log_metrics: Option<Duration>,
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    pub verbose: bool,
+}
+
+/// Where the bucket is and how to reach it: what a mount, `presign` and `post-policy` share.
+#[derive(Debug, Clone, Default)]
+pub struct Connect {
+    pub bucket: String,
+    pub endpoint_url: Option<String>,
+    pub region: Option<String>,
+    pub profile: Option<String>,
+    pub credentials_file: Option<PathBuf>,
+    pub config_file: Option<PathBuf>,
+    pub addressing_style: Option<String>,
+    pub force_path_style: bool,
+    pub ca_bundle: Option<PathBuf>,
+    pub proxy: Option<String>,
+    pub no_verify_tls: bool,
+    pub no_sign_request: bool,
+}
+
+impl Connect {
+    pub fn of(cli: &Cli) -> Self {
+        Self {
+            bucket: cli.bucket.clone(),
+            endpoint_url: cli.endpoint_url.clone(),
+            region: cli.region.clone(),
+            profile: cli.profile.clone(),
+            credentials_file: cli.credentials_file.clone(),
+            config_file: cli.config_file.clone(),
+            addressing_style: cli.addressing_style.clone(),
+            force_path_style: cli.force_path_style,
+            ca_bundle: cli.ca_bundle.clone(),
+            proxy: cli.proxy.clone(),
+            no_verify_tls: cli.no_verify_tls,
+            no_sign_request: cli.no_sign_request,
+        }
+    }
+
+    /// The process environment, with `--credentials-file` and `--config-file` standing in for
+    /// `AWS_SHARED_CREDENTIALS_FILE` and `AWS_CONFIG_FILE`.
+    fn env(&self) -> OverlayEnv<ProcessEnv> {
+        let mut vars = Vec::new();
+        if let Some(f) = &self.credentials_file {
+            vars.push((
+                "AWS_SHARED_CREDENTIALS_FILE".to_string(),
+                f.to_string_lossy().into_owned(),
+            ));
+        }
+        if let Some(f) = &self.config_file {
+            vars.push((
+                "AWS_CONFIG_FILE".to_string(),
+                f.to_string_lossy().into_owned(),
+            ));
+        }
+        OverlayEnv::new(ProcessEnv, vars)
+    }
 }
 
 /// Resolves credentials (asking the chain's providers, which may mean STS, SSO, container or
@@ -57,10 +130,19 @@ pub struct MountPlan {
 pub fn plan(cli: Cli) -> Result<MountPlan, StartError> {
     // First what needs no network: the credential chain may take seconds (STS, IMDS).
     check_mountpoint(&cli.mountpoint)?;
-    let env = ProcessEnv;
-    let settings = credentials::settings(&env, cli.profile.as_deref());
+    let mut client = client_config(&Connect::of(&cli))?;
+    plan_with(cli, &mut client)
+}
+
+/// Credentials (asking the chain's providers, which may mean STS, SSO, container or instance
+/// metadata requests), region, endpoint, addressing and transport of `connect`.
+pub fn client_config(connect: &Connect) -> Result<ClientConfig, StartError> {
+    let cli = connect;
+    let env = connect.env();
+    let env: &dyn Env = &env;
+    let settings = credentials::settings(env, cli.profile.as_deref());
     let transport = TransportConfig::from_options(
-        &env,
+        env,
         cli.ca_bundle.clone(),
         cli.proxy.clone(),
         cli.no_verify_tls,
@@ -82,9 +164,9 @@ pub fn plan(cli: Cli) -> Result<MountPlan, StartError> {
             .unwrap_or_else(|| "us-east-1".to_string());
         let ctx = Context {
             transport: transport.clone(),
-            sts: StsEndpoint::from_env(&env, &sts_region),
+            sts: StsEndpoint::from_env(env, &sts_region),
         };
-        let chain = Chain::build(&env, cli.profile.as_deref(), ctx)
+        let chain = Chain::build(env, cli.profile.as_deref(), ctx)
             .map_err(|e| StartError(e.to_string()))?;
         // Its own runtime, dropped before any fork (see `run`).
         let rt = runtime()?;
@@ -117,6 +199,11 @@ pub fn plan(cli: Cli) -> Result<MountPlan, StartError> {
         _ => Addressing::Auto,
     };
     client.transport = transport;
+    Ok(client)
+}
+
+/// The rest of the plan, once `client` knows where the bucket is and how to reach it.
+fn plan_with(cli: Cli, client: &mut ClientConfig) -> Result<MountPlan, StartError> {
     client.write = WriteDefaults {
         sse: match cli.sse.as_deref() {
             Some("AES256") => Some(ServerSideEncryption::S3Managed),
@@ -147,8 +234,8 @@ pub fn plan(cli: Cli) -> Result<MountPlan, StartError> {
         read_only: cli.read_only,
         uid: cli.uid.unwrap_or(uid),
         gid: cli.gid.unwrap_or(gid),
-        file_mode: cli.file_mode,
-        dir_mode: cli.dir_mode,
+        file_mode: cli.file_mode.unwrap_or(0o644),
+        dir_mode: cli.dir_mode.unwrap_or(0o755),
         metadata_ttl: cli.metadata_ttl,
         max_memory: cli.max_memory,
         read: crate::fs::read::ReadConfig {
@@ -166,41 +253,62 @@ pub fn plan(cli: Cli) -> Result<MountPlan, StartError> {
         )),
     };
     Ok(MountPlan {
-        source: format!("s3://{}/{}", cli.bucket, fs.prefix),
-        client,
+        source: cli
+            .source
+            .clone()
+            .unwrap_or_else(|| format!("{}:{}", cli.bucket, fs.prefix)),
+        client: client.clone(),
         fs,
-        mountpoint: cli.mountpoint,
+        mountpoint: fusemount::canonical(&cli.mountpoint),
         allow_other: cli.allow_other,
         allow_root: cli.allow_root,
         foreground: cli.foreground,
         log_level: cli.log_level,
         log_file: cli.log_file,
+        ownership: Ownership {
+            uid: cli.uid,
+            gid: cli.gid,
+            file_mode: cli.file_mode,
+            dir_mode: cli.dir_mode,
+            umask: cli.umask,
+        },
+        noexec: cli.noexec,
+        log_syslog: cli.log_syslog,
+        log_metrics: cli.log_metrics,
+        metrics_addr: cli.metrics_addr,
+        verbose: cli.verbose,
     })
 }
 
-fn check_mountpoint(path: &Path) -> Result<(), StartError> {
-    match std::fs::metadata(path) {
+/// Checks the mount point without triggering an automount on it (`x-systemd.automount` makes
+/// it an autofs trigger whose mount is the one being made).
+pub fn check_mountpoint(path: &Path) -> Result<(), StartError> {
+    match fusemount::stat_no_automount(path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => fail(format!(
             "mount point {} does not exist; create it with mkdir first",
             path.display()
         )),
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => fail(format!(
+            "{0} is a dead FUSE mount (its process ended); free it with `fusermount3 -u -z {0}` (or `umount -l {0}`) and mount again",
+            path.display()
+        )),
         Err(e) => fail(format!("cannot use mount point {}: {e}", path.display())),
-        Ok(m) if !m.is_dir() => fail(format!("mount point {} is not a directory", path.display())),
+        Ok(st) if st.st_mode & libc::S_IFMT != libc::S_IFDIR => {
+            fail(format!("mount point {} is not a directory", path.display()))
+        }
         Ok(_) => {
-            let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-            let canonical = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
-            let taken = mounts.lines().any(|l| {
-                l.split(' ').nth(1).map(unescape_mount_path).as_deref()
-                    == Some(canonical.to_string_lossy().as_ref())
-                    && l.split(' ').nth(2).is_some_and(|t| t.starts_with("fuse"))
-            });
-            if taken {
+            let canonical = fusemount::canonical(path);
+            if let Some(top) = mount_taken(&fusemount::mounts(), &canonical) {
                 return fail(format!(
-                    "{} is already a FUSE mount; unmount it first",
-                    path.display()
+                    "{} is already a FUSE mount ({} from {}); unmount it first",
+                    path.display(),
+                    top.fstype,
+                    top.source
                 ));
             }
-            if !fusermount_installed() {
+            // Root mounts with mount(2); everyone else needs the setuid helper.
+            // SAFETY: geteuid cannot fail.
+            if unsafe { libc::geteuid() } != 0 && fusemount::find_fusermount().is_none() {
                 return fail(
                     "fusermount3 was not found: install the fuse3 package (apt-get install fuse3)",
                 );
@@ -210,17 +318,15 @@ fn check_mountpoint(path: &Path) -> Result<(), StartError> {
     }
 }
 
-fn unescape_mount_path(p: &str) -> String {
-    p.replace("\\040", " ")
-        .replace("\\011", "\t")
-        .replace("\\012", "\n")
-        .replace("\\134", "\\")
-}
-
-fn fusermount_installed() -> bool {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .any(|dir| dir.join("fusermount3").is_file() || dir.join("fusermount").is_file())
+/// The FUSE mount on top at `path`, if the topmost mount there is one. Any other mount under
+/// it (an autofs trigger of `x-systemd.automount`, a bind mount) is mounted over as usual.
+pub fn mount_taken(mounts: &[fusemount::MountEntry], path: &Path) -> Option<fusemount::MountEntry> {
+    mounts
+        .iter()
+        .rev()
+        .find(|m| m.mountpoint == path)
+        .filter(|m| m.fstype == "fuse" || m.fstype.starts_with("fuse."))
+        .cloned()
 }
 
 const NO_VERIFY_WARNING: &str = "--no-verify-tls: TLS certificates are not checked, so anyone on the network path can read and change this mount's traffic";
@@ -302,50 +408,107 @@ pub async fn check_bucket(cfg: &ClientConfig, prefix: &str) -> Result<(), StartE
         .map_err(|e| StartError(explain(&e, cfg)))
 }
 
-fn init_logging(level: &str, file: Option<&Path>) -> Result<(), StartError> {
-    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| format!("warn,s3mount={level}"));
-    let builder =
-        tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::new(filter));
-    match file {
-        Some(path) => {
-            if let Some(dir) = path.parent() {
-                let _ = std::fs::create_dir_all(dir);
-            }
-            let f = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-                .map_err(|e| StartError(format!("cannot open log file {}: {e}", path.display())))?;
-            builder.with_ansi(false).with_writer(Arc::new(f)).init();
-        }
-        None => {
-            // Colours only on a terminal: a redirected log stays plain text.
-            use std::io::IsTerminal;
-            builder
-                .with_ansi(std::io::stderr().is_terminal())
-                .with_writer(std::io::stderr)
-                .init()
-        }
-    }
-    // A panic is a bug: say so in the log (in the background stderr goes nowhere), with where
-    // it happened. The FUSE request it was serving is answered EIO by fuser.
-    std::panic::set_hook(Box::new(|info| {
-        let backtrace = std::backtrace::Backtrace::capture();
-        tracing::error!("bug: {info}\n{backtrace}");
-    }));
-    Ok(())
-}
-
 fn state_dir() -> PathBuf {
-    std::env::var_os("XDG_STATE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))
-        .unwrap_or_else(|| PathBuf::from("/tmp"))
-        .join("s3mount")
+    state_dir_for(
+        std::env::var_os("XDG_STATE_HOME").map(PathBuf::from),
+        std::env::var_os("HOME").map(PathBuf::from),
+        // SAFETY: geteuid cannot fail.
+        unsafe { libc::geteuid() },
+        "/var/lib/s3mount",
+    )
 }
 
-fn default_log_file(bucket: &str) -> PathBuf {
-    state_dir().join(format!("{bucket}.log"))
+/// `$XDG_STATE_HOME/s3mount`, else `~/.local/state/s3mount`; without either (mount(8) and
+/// systemd run helpers with no environment), `system` for root and `/tmp/s3mount-UID` for
+/// others.
+fn state_dir_for(xdg: Option<PathBuf>, home: Option<PathBuf>, uid: u32, system: &str) -> PathBuf {
+    let xdg = xdg.filter(|p| p.is_absolute());
+    let home = home.filter(|p| p.is_absolute() && p != Path::new("/"));
+    match (xdg, home) {
+        (Some(x), _) => x.join("s3mount"),
+        (None, Some(h)) => h.join(".local/state/s3mount"),
+        (None, None) if uid == 0 => PathBuf::from(system),
+        (None, None) => PathBuf::from(format!("/tmp/s3mount-{uid}")),
+    }
+}
+
+/// One log file per mount: `BUCKET[-PREFIX]@MOUNTPOINT.log`, so two mounts of one bucket never
+/// share one.
+pub fn default_log_file(bucket: &str, prefix: &str, mountpoint: &Path) -> PathBuf {
+    let dir = state_dir_for(
+        std::env::var_os("XDG_STATE_HOME").map(PathBuf::from),
+        std::env::var_os("HOME").map(PathBuf::from),
+        // SAFETY: geteuid cannot fail.
+        unsafe { libc::geteuid() },
+        "/var/log/s3mount",
+    );
+    dir.join(log_file_name(bucket, prefix, mountpoint))
+}
+
+fn log_file_name(bucket: &str, prefix: &str, mountpoint: &Path) -> String {
+    let clean = |s: &str| -> String {
+        s.trim_matches('/')
+            .chars()
+            .map(|c| match c {
+                '/' => '-',
+                c if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') => c,
+                _ => '_',
+            })
+            .collect()
+    };
+    let mut name = clean(bucket);
+    let prefix = clean(prefix);
+    if !prefix.is_empty() {
+        name.push('-');
+        name.push_str(&prefix);
+    }
+    name.push('@');
+    let at = clean(&mountpoint.to_string_lossy());
+    name.push_str(if at.is_empty() { "-" } else { &at });
+    if name.len() > 200 {
+        // Names stay under the file system's 255 bytes; the hash keeps them apart.
+        let tag = hex::encode(&<sha2::Sha256 as sha2::Digest>::digest(name.as_bytes())[..6]);
+        name.truncate(180);
+        name.push('~');
+        name.push_str(&tag);
+    }
+    name.push_str(".log");
+    name
+}
+
+/// Where a mount's logs go: `--log-syslog`, else `--log-file`, else stderr in the foreground;
+/// in the background, syslog when systemd runs it (its journal then has the lines), else the
+/// mount's own file.
+pub fn log_target(plan: &MountPlan, journal: bool) -> Target {
+    let tag = format!(
+        "{}:{} on {}: ",
+        plan.client.bucket,
+        plan.fs.prefix,
+        plan.mountpoint.display()
+    );
+    if let Some(socket) = &plan.log_syslog {
+        return Target::Syslog {
+            socket: socket.clone(),
+            tag,
+        };
+    }
+    if let Some(file) = &plan.log_file {
+        return Target::File(file.clone());
+    }
+    if plan.foreground {
+        return Target::Stderr;
+    }
+    if journal {
+        return Target::Syslog {
+            socket: PathBuf::from("/dev/log"),
+            tag,
+        };
+    }
+    Target::File(default_log_file(
+        &plan.client.bucket,
+        &plan.fs.prefix,
+        &plan.mountpoint,
+    ))
 }
 
 /// The upload journal of one bucket and prefix.
@@ -385,6 +548,18 @@ fn bound_allocator() {
 /// Runs the whole program; returns when the mount ends.
 pub fn run(cli: Cli) -> Result<(), StartError> {
     bound_allocator();
+    if cli.fake {
+        // mount -f: everything but the mount, and nothing that needs the network.
+        check_mountpoint(&cli.mountpoint)?;
+        if cli.verbose {
+            eprintln!(
+                "s3mount: -f: would mount {} on {}",
+                cli.source.as_deref().unwrap_or(&cli.bucket),
+                cli.mountpoint.display()
+            );
+        }
+        return Ok(());
+    }
     let plan = plan(cli)?;
     {
         // The checks use their own runtime, dropped before forking: a process must not fork
@@ -392,20 +567,42 @@ pub fn run(cli: Cli) -> Result<(), StartError> {
         let rt = runtime()?;
         rt.block_on(check_bucket(&plan.client, &plan.fs.prefix))?;
     }
-    if plan.foreground {
-        init_logging(&plan.log_level, plan.log_file.as_deref())?;
-        return mount_and_serve(&plan, |_| {});
+    // Run by systemd with its journal on stderr: the journal (through syslog) gets the lines.
+    let journal = std::env::var_os("JOURNAL_STREAM").is_some() && Path::new("/dev/log").exists();
+    let target = log_target(&plan, journal);
+    if plan.verbose {
+        eprintln!(
+            "s3mount: mounting s3://{}/{} from {} on {} (region {}, credentials: {}); logs: {}",
+            plan.client.bucket,
+            plan.fs.prefix,
+            plan.client.endpoint_url.as_deref().unwrap_or("AWS"),
+            plan.mountpoint.display(),
+            plan.client.region,
+            match &plan.client.auth {
+                Auth::Chain(shared) => shared.provider_name().to_string(),
+                Auth::Signed(_) => "the given keys".to_string(),
+                Auth::Anonymous => "none (unsigned requests)".to_string(),
+            },
+            match &target {
+                Target::Stderr => "stderr".to_string(),
+                Target::File(p) => p.display().to_string(),
+                Target::Syslog { socket, .. } => format!("syslog at {}", socket.display()),
+            }
+        );
     }
-    let log_file = plan
-        .log_file
-        .clone()
-        .unwrap_or_else(|| default_log_file(&plan.client.bucket));
+    if plan.foreground {
+        let logging = logging::init(&plan.log_level, &target).map_err(StartError)?;
+        return mount_and_serve(&plan, &target, logging, |_| {});
+    }
     daemonize(|report| {
-        if let Err(e) = init_logging(&plan.log_level, Some(&log_file)) {
-            report(Err(e.0.clone()));
-            return Err(e);
-        }
-        mount_and_serve(&plan, report)
+        let logging = match logging::init(&plan.log_level, &target) {
+            Ok(l) => l,
+            Err(e) => {
+                report(Err(e.clone()));
+                return Err(StartError(e));
+            }
+        };
+        mount_and_serve(&plan, &target, logging, report)
     })
 }
 
@@ -477,45 +674,119 @@ fn redirect_stdio() {
 
 fn mount_and_serve(
     plan: &MountPlan,
+    target: &Target,
+    logging: Arc<Logging>,
     mut mounted: impl FnMut(Result<(), String>),
 ) -> Result<(), StartError> {
     let rt = runtime()?;
-    let client =
-        Arc::new(S3Client::new(plan.client.clone()).map_err(|e| StartError(e.to_string()))?);
+    let _entered = rt.enter();
+    let activity = Activity::new();
+    let s3 = S3Client::new(plan.client.clone()).map_err(|e| StartError(e.to_string()))?;
+    let endpoint = s3.bucket_url();
+    let client = Arc::new(Observed::new(s3, activity.clone()));
     let fs = Arc::new(S3Filesystem::new(client.clone(), plan.fs.clone()));
-    let adapter = FuseAdapter::new(fs.clone(), rt.handle().clone());
+    let adapter = FuseAdapter::new(fs.clone(), rt.handle().clone())
+        .with_ownership(plan.ownership)
+        .with_activity(activity);
+    let state = Arc::new(MountState {
+        info: MountInfo {
+            mountpoint: plan.mountpoint.clone(),
+            source: plan.source.clone(),
+            bucket: plan.client.bucket.clone(),
+            prefix: plan.fs.prefix.clone(),
+            endpoint,
+            region: plan.client.region.clone(),
+            read_only: plan.fs.read_only,
+            spool_dir: plan
+                .fs
+                .write
+                .spool_dir
+                .clone()
+                .unwrap_or_else(std::env::temp_dir),
+        },
+        fs: fs.clone(),
+        client: client.clone(),
+        started: std::time::Instant::now(),
+        started_at: std::time::SystemTime::now(),
+    });
+    let mut report = |msg: String| {
+        mounted(Err(msg.clone()));
+        fail::<()>(msg)
+    };
+    // What can fail for reasons of this machine comes before the mount: a taken port.
+    let metrics = match plan.metrics_addr {
+        Some(addr) => match rt.block_on(crate::service::bind_metrics(addr)) {
+            Ok(l) => Some(l),
+            Err(e) => return report(e),
+        },
+        None => None,
+    };
 
-    let mut options = vec![
-        fuser::MountOption::FSName(plan.source.clone()),
-        fuser::MountOption::Subtype("s3mount".into()),
-        fuser::MountOption::DefaultPermissions,
-        fuser::MountOption::NoDev,
-        fuser::MountOption::NoSuid,
-    ];
-    if plan.fs.read_only {
-        options.push(fuser::MountOption::RO);
-    }
-    let mut config = fuser::Config::default();
-    config.mount_options = options;
-    config.acl = if plan.allow_other {
+    let spec = MountSpec {
+        source: &plan.source,
+        mountpoint: &plan.mountpoint,
+        read_only: plan.fs.read_only,
+        noexec: plan.noexec,
+        allow_other: plan.allow_other || plan.allow_root,
+    };
+    let (fd, mount) = match fusemount::mount(&spec) {
+        Ok(m) => m,
+        Err(e) => {
+            return report(format!(
+                "cannot mount on {}: {e}",
+                plan.mountpoint.display()
+            ))
+        }
+    };
+    let mount = Arc::new(mount);
+    let acl = if plan.allow_other {
         fuser::SessionACL::All
     } else if plan.allow_root {
         fuser::SessionACL::RootAndOwner
     } else {
         fuser::SessionACL::Owner
     };
+    let mut config = fuser::Config::default();
+    config.acl = acl;
     config.n_threads = Some(2);
     config.clone_fd = true;
-
-    let mut session = match fuser::Session::new(adapter, &plan.mountpoint, &config) {
+    let session = match fuser::Session::from_fd(adapter, fd, acl, config) {
         Ok(s) => s,
         Err(e) => {
-            let msg = format!("cannot mount on {}: {e}", plan.mountpoint.display());
-            mounted(Err(msg.clone()));
-            return fail(msg);
+            let _ = mount.unmount();
+            return report(format!(
+                "cannot start the FUSE session on {}: {e}",
+                plan.mountpoint.display()
+            ));
         }
     };
-    tracing::info!(source = %plan.source, mountpoint = %plan.mountpoint.display(), "mounted");
+    let control = match crate::control::serve(
+        &plan.mountpoint,
+        Arc::new(crate::service::Control {
+            state: state.clone(),
+        }),
+    ) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            tracing::warn!("no control socket, so `s3mount status` cannot reach this mount: {e}");
+            None
+        }
+    };
+    // Whatever ends this process, the mount does not outlive it.
+    let log_path = match target {
+        Target::File(p) => Some(p.as_path()),
+        _ => None,
+    };
+    let _watchdog = match mount.start_watchdog(log_path) {
+        Ok(pipe) => Some(pipe),
+        Err(e) => {
+            tracing::warn!("no watchdog (a killed s3mount would leave a dead mount): {e}");
+            None
+        }
+    };
+    tracing::info!(source = %plan.source, mountpoint = %plan.mountpoint.display(),
+        device = %mount.device, control = ?control.as_ref().map(|c| c.path().to_path_buf()),
+        "mounted");
     if plan.client.transport.no_verify_tls {
         tracing::warn!("{NO_VERIFY_WARNING}");
     }
@@ -529,7 +800,12 @@ fn mount_and_serve(
         );
         rt.spawn(shared.clone().keep_fresh());
     }
-    raise_kernel_readahead(&plan.mountpoint);
+    raise_kernel_readahead(&mount.device);
+    crate::service::handle_signals(state.clone(), logging, mount.clone());
+    if let Some(listener) = metrics {
+        crate::service::serve_metrics(listener, state.clone());
+    }
+    crate::service::log_periodically(state.clone(), plan.log_metrics);
     mounted(Ok(()));
     // Uploads an earlier s3mount left behind are cleaned up while the mount serves.
     let recovering = fs.clone();
@@ -542,26 +818,6 @@ fn mount_and_serve(
             );
         }
     });
-
-    let mut unmounter = session.unmount_callable();
-    let mountpoint = plan.mountpoint.clone();
-    rt.spawn(async move {
-        use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut int), Ok(mut term)) = (
-            signal(SignalKind::interrupt()),
-            signal(SignalKind::terminate()),
-        ) else {
-            return;
-        };
-        tokio::select! {
-            _ = int.recv() => {}
-            _ = term.recv() => {}
-        }
-        tracing::info!(mountpoint = %mountpoint.display(), "signal received, unmounting");
-        if let Err(e) = unmounter.unmount() {
-            tracing::error!("unmount failed: {e}");
-        }
-    });
     // Deferred attribute changes of closed files (chmod, utimens) go to S3 shortly after.
     let pending_fs = fs.clone();
     rt.spawn(async move {
@@ -572,20 +828,13 @@ fn mount_and_serve(
             pending_fs.store_pending_metadata(delay).await;
         }
     });
-    let stats_fs = fs.clone();
-    let stats_client = client.clone();
-    rt.spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(60));
-        tick.tick().await;
-        loop {
-            tick.tick().await;
-            log_stats(&stats_fs, &stats_client);
-        }
-    });
+    // Ends when the kernel lets go of the connection: an unmount, or after a detach, the
+    // last open file closed.
     let result = session.run();
     // What is still deferred goes now, before the process ends.
     rt.block_on(fs.store_pending_metadata(Duration::ZERO));
-    log_stats(&fs, &client);
+    crate::status::log_stats(&crate::status::snapshot(&state), false);
+    drop(control);
     tracing::info!("unmounted");
     result.map_err(|e| StartError(format!("the FUSE session ended with an error: {e}")))
 }
@@ -594,14 +843,8 @@ fn mount_and_serve(
 /// and fuser cannot ask for more at init. Each read costs a round trip through the kernel, so
 /// raise the window to 1 MiB through the mount's backing-device entry in sysfs (root only;
 /// without it reads still work, in smaller pieces).
-fn raise_kernel_readahead(mountpoint: &Path) {
-    // The device number comes from mountinfo: stat() on the mount point would ask this very
-    // process, whose session loop is not running yet.
-    let Some(dev) = mount_device(mountpoint) else {
-        tracing::info!("cannot find the mount in /proc/self/mountinfo; reads go in 128 KiB pieces");
-        return;
-    };
-    let path = format!("/sys/class/bdi/{dev}/read_ahead_kb");
+fn raise_kernel_readahead(device: &str) {
+    let path = format!("/sys/class/bdi/{device}/read_ahead_kb");
     match std::fs::write(&path, "1024") {
         Ok(()) => tracing::debug!(path, "kernel readahead raised to 1 MiB"),
         Err(e) => tracing::info!(
@@ -609,33 +852,4 @@ fn raise_kernel_readahead(mountpoint: &Path) {
             "cannot raise the kernel readahead ({e}); reads go in 128 KiB pieces"
         ),
     }
-}
-
-/// `major:minor` of the mount at `mountpoint`, from the last matching line of mountinfo.
-fn mount_device(mountpoint: &Path) -> Option<String> {
-    let canonical = std::fs::canonicalize(mountpoint).unwrap_or_else(|_| mountpoint.to_path_buf());
-    let wanted = canonical.to_string_lossy();
-    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    info.lines().rev().find_map(|line| {
-        let fields: Vec<&str> = line.split(' ').collect();
-        (fields.len() > 4 && unescape_mount_path(fields[4]) == wanted)
-            .then(|| fields[2].to_string())
-    })
-}
-
-fn log_stats(fs: &S3Filesystem<S3Client>, client: &S3Client) {
-    use std::sync::atomic::Ordering::Relaxed;
-    let (f, c) = (fs.stats(), client.stats());
-    tracing::info!(
-        lookups = f.lookups.load(Relaxed),
-        listings = f.listings.load(Relaxed),
-        reads = f.reads.load(Relaxed),
-        bytes_read = f.bytes_read.load(Relaxed),
-        s3_requests = c.requests.load(Relaxed),
-        s3_retries = c.retries.load(Relaxed),
-        s3_bytes_received = c.bytes_received.load(Relaxed),
-        s3_bytes_sent = c.bytes_sent.load(Relaxed),
-        memory_in_use = fs.memory_in_use(),
-        "stats"
-    );
 }

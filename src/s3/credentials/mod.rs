@@ -237,8 +237,63 @@ impl Env for ProcessEnv {
         std::env::var(name).ok().filter(|v| !v.is_empty())
     }
 
+    /// `HOME`, else the user's home directory from the password database: mount(8) and
+    /// systemd run mount helpers without `HOME`, and root's `~/.aws` is still `/root/.aws`.
     fn home(&self) -> Option<PathBuf> {
-        self.var("HOME").map(PathBuf::from)
+        self.var("HOME").map(PathBuf::from).or_else(passwd_home)
+    }
+}
+
+/// The home directory of the effective user, from `getpwuid_r`.
+fn passwd_home() -> Option<PathBuf> {
+    use std::os::unix::ffi::OsStrExt;
+    let mut buf = vec![0u8; 16 << 10];
+    // SAFETY: zeroed passwd for getpwuid_r to fill; buf outlives the call and the result
+    // points into it; geteuid cannot fail.
+    let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut result: *mut libc::passwd = std::ptr::null_mut();
+    let r = unsafe {
+        libc::getpwuid_r(
+            libc::geteuid(),
+            &mut pw,
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            &mut result,
+        )
+    };
+    if r != 0 || result.is_null() || pw.pw_dir.is_null() {
+        return None;
+    }
+    // SAFETY: getpwuid_r succeeded, so pw_dir is a NUL-terminated string inside buf.
+    let dir = unsafe { std::ffi::CStr::from_ptr(pw.pw_dir) };
+    let path = PathBuf::from(std::ffi::OsStr::from_bytes(dir.to_bytes()));
+    path.is_absolute().then_some(path)
+}
+
+/// An environment with some variables set over another: `--credentials-file` and
+/// `--config-file` are `AWS_SHARED_CREDENTIALS_FILE` and `AWS_CONFIG_FILE` this way, without
+/// changing the process's own environment.
+pub struct OverlayEnv<E: Env> {
+    base: E,
+    vars: Vec<(String, String)>,
+}
+
+impl<E: Env> OverlayEnv<E> {
+    pub fn new(base: E, vars: Vec<(String, String)>) -> Self {
+        Self { base, vars }
+    }
+}
+
+impl<E: Env> Env for OverlayEnv<E> {
+    fn var(&self, name: &str) -> Option<String> {
+        match self.vars.iter().find(|(k, _)| k == name) {
+            Some((_, v)) => Some(v.clone()).filter(|v| !v.is_empty()),
+            None => self.base.var(name),
+        }
+    }
+
+    fn home(&self) -> Option<PathBuf> {
+        self.base.home()
     }
 }
 
