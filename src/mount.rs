@@ -721,6 +721,10 @@ fn mount_and_serve(
         },
         None => None,
     };
+    let metrics_url = metrics
+        .as_ref()
+        .and_then(|l| l.local_addr().ok())
+        .map(|a| format!("http://{a}/metrics"));
 
     let spec = MountSpec {
         source: &plan.source,
@@ -786,7 +790,7 @@ fn mount_and_serve(
     };
     tracing::info!(source = %plan.source, mountpoint = %plan.mountpoint.display(),
         device = %mount.device, control = ?control.as_ref().map(|c| c.path().to_path_buf()),
-        "mounted");
+        metrics = metrics_url.as_deref().unwrap_or("off"), "mounted");
     if plan.client.transport.no_verify_tls {
         tracing::warn!("{NO_VERIFY_WARNING}");
     }
