@@ -192,9 +192,12 @@ fn process_of(pid: u32) -> u32 {
         .unwrap_or(pid)
 }
 
-/// Names that are not UTF-8 cannot be S3 keys we wrote or can list.
-fn utf8(name: &OsStr) -> Option<String> {
-    name.to_str().map(str::to_string)
+/// A name as the core takes it: names that are not UTF-8 cannot be S3 keys, and every callback
+/// refuses them the same way (EILSEQ).
+fn utf8(name: &OsStr) -> Result<String, Errno> {
+    name.to_str()
+        .map(str::to_string)
+        .ok_or_else(|| Errno::from_i32(FsError::NotUtf8.errno()))
 }
 
 impl<C: ObjectClient> Filesystem for FuseAdapter<C> {
@@ -214,8 +217,9 @@ impl<C: ObjectClient> Filesystem for FuseAdapter<C> {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let Some(name) = utf8(name) else {
-            return reply.error(Errno::ENOENT);
+        let name = match utf8(name) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e),
         };
         let own = self.ownership;
         self.spawn(|fs| async move {
@@ -305,8 +309,9 @@ impl<C: ObjectClient> Filesystem for FuseAdapter<C> {
                 "mknod",
             ));
         }
-        let Some(name) = utf8(name) else {
-            return reply.error(Errno::EINVAL);
+        let name = match utf8(name) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e),
         };
         let caller = caller(req);
         let own = self.ownership;
@@ -330,8 +335,9 @@ impl<C: ObjectClient> Filesystem for FuseAdapter<C> {
         _umask: u32,
         reply: ReplyEntry,
     ) {
-        let Some(name) = utf8(name) else {
-            return reply.error(Errno::EINVAL);
+        let name = match utf8(name) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e),
         };
         let caller = caller(req);
         let own = self.ownership;
@@ -347,8 +353,9 @@ impl<C: ObjectClient> Filesystem for FuseAdapter<C> {
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let Some(name) = utf8(name) else {
-            return reply.error(Errno::ENOENT);
+        let name = match utf8(name) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e),
         };
         self.spawn(|fs| async move {
             match fs.unlink(parent.0, &name).await {
@@ -359,8 +366,9 @@ impl<C: ObjectClient> Filesystem for FuseAdapter<C> {
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let Some(name) = utf8(name) else {
-            return reply.error(Errno::ENOENT);
+        let name = match utf8(name) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e),
         };
         self.spawn(|fs| async move {
             match fs.rmdir(parent.0, &name).await {
@@ -378,8 +386,10 @@ impl<C: ObjectClient> Filesystem for FuseAdapter<C> {
         target: &Path,
         reply: ReplyEntry,
     ) {
-        let (Some(name), Some(target)) = (utf8(name), target.to_str().map(str::to_string)) else {
-            return reply.error(Errno::EINVAL);
+        // The target is the object's content: it must be UTF-8 too.
+        let (name, target) = match (utf8(name), utf8(target.as_os_str())) {
+            (Ok(n), Ok(t)) => (n, t),
+            (Err(e), _) | (_, Err(e)) => return reply.error(e),
         };
         let caller = caller(req);
         let own = self.ownership;
@@ -404,8 +414,9 @@ impl<C: ObjectClient> Filesystem for FuseAdapter<C> {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        let (Some(name), Some(newname)) = (utf8(name), utf8(newname)) else {
-            return reply.error(Errno::ENOENT);
+        let (name, newname) = match (utf8(name), utf8(newname)) {
+            (Ok(a), Ok(b)) => (a, b),
+            (Err(e), _) | (_, Err(e)) => return reply.error(e),
         };
         if flags.contains(RenameFlags::RENAME_EXCHANGE)
             || flags.contains(RenameFlags::RENAME_WHITEOUT)
@@ -689,8 +700,9 @@ impl<C: ObjectClient> Filesystem for FuseAdapter<C> {
         _flags: i32,
         reply: ReplyCreate,
     ) {
-        let Some(name) = utf8(name) else {
-            return reply.error(Errno::EINVAL);
+        let name = match utf8(name) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e),
         };
         let caller = caller(req);
         let own = self.ownership;

@@ -7,7 +7,12 @@
 //! - `S3MOUNT_FAULT_SIZE`: bytes copied in and out (default 40M);
 //! - `S3MOUNT_FAULT_SEEDS`: `1,2,3` or `random:5` (default `7,11`);
 //! - `S3MOUNT_FAULT_UPLOADS`: multipart uploads before the journal check (default 20);
-//! - `S3MOUNT_FAULT_DEFAULT_TIMEOUTS=1`: the frozen-server test with the default timeouts.
+//! - `S3MOUNT_FAULT_DEFAULT_TIMEOUTS=1`: the frozen-server test with the default timeouts;
+//! - `S3MOUNT_FAULT_MEMORY_CAP` and `S3MOUNT_FAULT_MEMORY_FILE`: the memory test's
+//!   `--max-memory` (64M) and the size of each file read and written (24M);
+//! - `S3MOUNT_STOPPABLE_*` (a server of the test's own: endpoint, bucket, keys) and
+//!   `S3MOUNT_STOPPABLE_PID`: the same as the frozen-server test against a real server stopped
+//!   with SIGSTOP (skipped without them: the shared test server cannot be stopped).
 
 mod common;
 
@@ -511,13 +516,63 @@ async fn a_frozen_server_fails_close_in_bounded_time_and_nothing_is_stored_later
     assert!(left.is_empty(), "{left:?}");
 }
 
+/// SIGSTOP or SIGCONT to the stoppable server's process.
+fn signal_server(pid: i32, signal: i32) {
+    // SAFETY: kill(2) on the pid of a server the calling script started for this test.
+    assert_eq!(unsafe { libc::kill(pid, signal) }, 0, "signal the server");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_server_stopped_with_sigstop_fails_close_in_bounded_time() {
+    let (Some(env), Some(pid)) = (
+        ServerEnv::from_prefix("S3MOUNT_STOPPABLE"),
+        std::env::var("S3MOUNT_STOPPABLE_PID")
+            .ok()
+            .and_then(|p| p.parse::<i32>().ok()),
+    ) else {
+        eprintln!("skipped: no stoppable server (scripts/fault-suite starts one)");
+        return;
+    };
+    let c = env.client();
+    let prefix = unique_prefix("sigstop");
+    let state = tempfile::tempdir().unwrap();
+    let vars = [("XDG_STATE_HOME", state.path().as_os_str())];
+    let m = mount_env(&env, &format!("{}:{prefix}", env.bucket), &[], &vars);
+    let mut f = std::fs::File::create(m.path().join("f.bin")).unwrap();
+    f.write_all(&pattern(40 << 20, 12)).unwrap();
+    signal_server(pid, libc::SIGSTOP);
+    let started = Instant::now();
+    let result = f.sync_all();
+    let took = started.elapsed();
+    use std::os::fd::IntoRawFd;
+    // SAFETY: closing a descriptor this test owns, once.
+    let closed = unsafe { libc::close(f.into_raw_fd()) };
+    signal_server(pid, libc::SIGCONT);
+    eprintln!("fsync with the server stopped failed after {took:?}; close: {closed}");
+    assert_eq!(result.unwrap_err().raw_os_error(), Some(libc::EIO));
+    assert_eq!(closed, -1);
+    assert!(took < Duration::from_secs(45), "{took:?}");
+    // Whatever the server held while stopped has run by now.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    drop(m);
+    assert!(
+        c.head_object(&format!("{prefix}f.bin")).await.is_err(),
+        "not stored behind the application's back"
+    );
+    let again = mount_env(&env, &format!("{}:{prefix}", env.bucket), &[], &vars);
+    let left = uploads_left(&c, &prefix).await;
+    drop(again);
+    assert!(left.is_empty(), "{left:?}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn sixteen_writers_and_sixteen_readers_stay_within_the_memory_cap() {
     let env = ServerEnv::main();
     let c = std::sync::Arc::new(env.client());
     let prefix = unique_prefix("memory");
     let size = size_from_env("S3MOUNT_FAULT_MEMORY_FILE", 24 << 20) as usize;
-    let cap: u64 = 64 << 20;
+    let cap: u64 = size_from_env("S3MOUNT_FAULT_MEMORY_CAP", 64 << 20);
+    let cap_arg = format!("{}M", cap >> 20);
     // Sixteen objects to read, put directly.
     let puts: Vec<_> = (0..16)
         .map(|i| {
@@ -539,7 +594,7 @@ async fn sixteen_writers_and_sixteen_readers_stay_within_the_memory_cap() {
     let m = mount(
         &env,
         &format!("{}:{prefix}", env.bucket),
-        &["--max-memory", "64M"],
+        &["--max-memory", &cap_arg],
     );
     let root = m.path().to_path_buf();
     std::fs::create_dir(root.join("out")).unwrap();

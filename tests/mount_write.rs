@@ -536,3 +536,54 @@ async fn failed_upload_makes_close_fail_and_leaves_nothing_behind() {
         b"fine"
     );
 }
+
+fn listing(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn listings_show_the_mounts_own_changes_at_once() {
+    let env = ServerEnv::main();
+    let c = env.client();
+    let prefix = unique_prefix("ryw");
+    c.put_object(
+        &format!("{prefix}t/impl/a/b/c.txt"),
+        PutBody::from("c"),
+        &ObjectAttributes::default(),
+    )
+    .await
+    .unwrap();
+    // A long TTL: nothing here may depend on caches expiring.
+    let m = mount(
+        &env,
+        &format!("{}:{prefix}", env.bucket),
+        &["--metadata-ttl", "30"],
+    );
+    // A file created and still open shows in a directory never listed before.
+    std::fs::create_dir(m.path().join("x")).unwrap();
+    let mut f = std::fs::File::create(m.path().join("x/h")).unwrap();
+    f.write_all(&[b'x'; 70_000]).unwrap();
+    assert_eq!(listing(&m.path().join("x")), ["h"]);
+    assert_eq!(
+        std::fs::metadata(m.path().join("x/h")).unwrap().len(),
+        70_000
+    );
+    drop(f);
+    assert_eq!(listing(&m.path().join("x")), ["h"]);
+    // A listing fetched ahead (of t/impl/a, while listing t/impl) is not served after the
+    // mount changed that directory.
+    assert_eq!(listing(&m.path().join("t/impl")), ["a"]);
+    std::fs::write(m.path().join("t/impl/a/new.txt"), "x\n").unwrap();
+    assert_eq!(listing(&m.path().join("t/impl/a")), ["b", "new.txt"]);
+    // Removed and renamed entries go at once too.
+    std::fs::rename(m.path().join("t/impl/a/new.txt"), m.path().join("x/moved")).unwrap();
+    assert_eq!(listing(&m.path().join("t/impl/a")), ["b"]);
+    assert_eq!(listing(&m.path().join("x")), ["h", "moved"]);
+    std::fs::remove_file(m.path().join("x/h")).unwrap();
+    assert_eq!(listing(&m.path().join("x")), ["moved"]);
+}

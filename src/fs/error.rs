@@ -17,6 +17,8 @@ pub enum FsError {
     IsADirectory,
     #[error("file name longer than 255 bytes")]
     NameTooLong,
+    #[error("file name is not UTF-8 (S3 keys are)")]
+    NotUtf8,
     #[error("the mount is read-only")]
     ReadOnly,
     #[error("the object changed since it was opened")]
@@ -39,8 +41,9 @@ pub enum FsError {
     Exists,
     #[error("operation not permitted: {0}")]
     NotPermitted(&'static str),
+    /// What S3 or the network said, kept for the log; made only by [`from_client`].
     #[error(transparent)]
-    S3(#[from] ClientError),
+    S3(ClientError),
 }
 
 impl FsError {
@@ -50,6 +53,7 @@ impl FsError {
             FsError::NotADirectory => libc::ENOTDIR,
             FsError::IsADirectory => libc::EISDIR,
             FsError::NameTooLong => libc::ENAMETOOLONG,
+            FsError::NotUtf8 => libc::EILSEQ,
             FsError::ReadOnly => libc::EROFS,
             FsError::Stale => libc::ESTALE,
             FsError::Invalid(_) => libc::EINVAL,

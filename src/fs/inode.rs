@@ -99,6 +99,9 @@ pub struct Inode {
     pub kind: Kind,
     location: Mutex<Location>,
     pub state: Mutex<InodeState>,
+    /// For a directory: how many times this mount changed its entries (created, removed,
+    /// renamed, stored one). A listing that started before a change may miss it.
+    changes: std::sync::atomic::AtomicU64,
 }
 
 impl Inode {
@@ -126,6 +129,17 @@ impl Inode {
 
     pub fn stat(&self) -> Stat {
         self.lock().stat.clone()
+    }
+
+    /// This directory's entries changed here (see [`Inode::changes`]).
+    pub fn entries_changed(&self) {
+        self.changes
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    /// A mark of this directory's entries as this mount has changed them so far.
+    pub fn changes(&self) -> u64 {
+        self.changes.load(std::sync::atomic::Ordering::Acquire)
     }
 
     pub fn is_fresh(&self) -> bool {
@@ -213,6 +227,7 @@ impl InodeTable {
                 key: root_key.to_string(),
             }),
             kind: Kind::Directory,
+            changes: std::sync::atomic::AtomicU64::new(0),
             state: Mutex::new(InodeState {
                 stat: Stat::directory(SystemTime::now()),
                 // The root never expires: it exists as long as the mount does.
@@ -250,7 +265,9 @@ impl InodeTable {
     }
 
     /// Records that `parent/name` is `kind` with `stat`, valid for `ttl`. Reuses the inode when
-    /// the kind is unchanged, so the kernel's view stays stable across refreshes.
+    /// the kind is unchanged, so the kernel's view stays stable across refreshes. The check and
+    /// the insert are one step under the table's write lock: two callers racing on one name
+    /// (a lookup and a background listing) get the same inode.
     pub fn upsert(
         &self,
         parent: &Inode,
@@ -260,6 +277,18 @@ impl InodeTable {
         ttl: Duration,
     ) -> Arc<Inode> {
         if let Some(existing) = self.child(parent.ino, name).filter(|i| i.kind == kind) {
+            existing.refresh(stat, ttl);
+            return existing;
+        }
+        let mut t = self.write();
+        let existing = t
+            .by_name
+            .get(&(parent.ino, name.to_string()))
+            .and_then(|ino| t.by_ino.get(ino))
+            .filter(|i| i.kind == kind)
+            .cloned();
+        if let Some(existing) = existing {
+            drop(t);
             existing.refresh(stat, ttl);
             return existing;
         }
@@ -273,6 +302,7 @@ impl InodeTable {
                 key,
             }),
             kind,
+            changes: std::sync::atomic::AtomicU64::new(0),
             state: Mutex::new(InodeState {
                 stat,
                 expiry: Instant::now() + ttl,
@@ -280,7 +310,6 @@ impl InodeTable {
                 local_changes: false,
             }),
         });
-        let mut t = self.write();
         t.by_name.insert((parent.ino, name.to_string()), ino);
         t.by_ino.insert(ino, inode.clone());
         inode
@@ -396,6 +425,37 @@ mod tests {
             t.get(a.ino).is_some(),
             "the old inode lives until forgotten"
         );
+    }
+
+    #[test]
+    fn racing_upserts_of_one_name_make_one_inode() {
+        let t = Arc::new(InodeTable::new(""));
+        let root = t.get(ROOT_INO).unwrap();
+        let threads = 8;
+        let barrier = Arc::new(std::sync::Barrier::new(threads));
+        let handles: Vec<_> = (0..threads)
+            .map(|_| {
+                let (t, root, barrier) = (t.clone(), root.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    (0..300)
+                        .map(|round| {
+                            barrier.wait();
+                            let name = format!("n{round}");
+                            t.upsert(&root, &name, Kind::File, stat(1), Duration::from_secs(1))
+                                .ino
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        let inos: Vec<Vec<Ino>> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        for round in 0..300 {
+            let first = inos[0][round];
+            assert!(
+                inos.iter().all(|per_thread| per_thread[round] == first),
+                "round {round}: one name, one inode"
+            );
+        }
     }
 
     #[test]

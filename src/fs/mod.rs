@@ -153,6 +153,8 @@ struct DirHandle {
 /// when it was started, and its entries once done (`None` if it failed).
 type PrefetchedListing = (
     Instant,
+    // The directory's changes when it started: a listing older than a change is not used.
+    u64,
     futures_util::future::Shared<
         futures_util::future::BoxFuture<'static, Option<Arc<Vec<DirEntry>>>>,
     >,
@@ -380,6 +382,13 @@ impl<C: ObjectClient> S3Filesystem<C> {
             perm: stat.mode.map_or(default_perm, |m| (m & 0o7777) as u16),
             uid: stat.uid.unwrap_or(self.config.uid),
             gid: stat.gid.unwrap_or(self.config.gid),
+        }
+    }
+
+    /// This mount changed the entries of directory `dir`.
+    fn entries_changed(&self, dir: Ino) {
+        if let Some(d) = self.inodes.get(dir) {
+            d.entries_changed();
         }
     }
 
@@ -668,9 +677,9 @@ impl<C: ObjectClient> S3Filesystem<C> {
         let dir = self.dir_inode(ino)?;
         let prefetched = lock(&self.prefetched).remove(&ino);
         let mut entries = None;
-        if let Some((started, listing)) = prefetched {
+        if let Some((started, changes, listing)) = prefetched {
             if let Some(listed) = listing.await {
-                if started.elapsed() < self.config.metadata_ttl {
+                if started.elapsed() < self.config.metadata_ttl && dir.changes() == changes {
                     entries = Some(listed);
                 }
             }
@@ -679,6 +688,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
             Some(entries) => entries,
             None => Arc::new(self.list_dir(&dir).await?),
         };
+        let entries = self.as_it_is_now(&dir, &entries);
         let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
         lock(&self.dirs).insert(fh, Arc::new(DirHandle { entries }));
         Ok(fh)
@@ -700,7 +710,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
         let mut prefetched = lock(&self.prefetched);
         // Listings nobody opened in time are no use any more.
         let ttl = self.config.metadata_ttl;
-        prefetched.retain(|_, (started, _)| started.elapsed() < ttl);
+        prefetched.retain(|_, (started, _, _)| started.elapsed() < ttl);
         let subdirectories = handle
             .entries
             .iter()
@@ -714,17 +724,74 @@ impl<C: ObjectClient> S3Filesystem<C> {
             let Ok(dir) = self.dir_inode(ino) else {
                 continue;
             };
+            let changes = dir.changes();
             let fs = self.clone();
             let listing = async move { fs.list_dir(&dir).await.ok().map(Arc::new) }
                 .boxed()
                 .shared();
             // Driven by its own task, whether or not anyone opens the directory.
             tokio::spawn(listing.clone());
-            prefetched.insert(ino, (Instant::now(), listing));
+            prefetched.insert(ino, (Instant::now(), changes, listing));
         }
     }
 
+    /// The entries of a listing of `dir` as this mount sees them now: each with its inode's
+    /// current attributes (a file being written shows its size so far), and the files being
+    /// written there that S3 does not have yet added.
+    fn as_it_is_now(&self, dir: &Inode, listed: &[DirEntry]) -> Arc<Vec<DirEntry>> {
+        let mut entries: BTreeMap<String, DirEntry> = listed
+            .iter()
+            .map(|e| {
+                let attr = self
+                    .inodes
+                    .get(e.attr.ino)
+                    .map_or_else(|| e.attr.clone(), |i| self.attr_of(&i));
+                (
+                    e.name.clone(),
+                    DirEntry {
+                        name: e.name.clone(),
+                        attr,
+                    },
+                )
+            })
+            .collect();
+        let writing: Vec<Ino> = lock(&self.writers).keys().copied().collect();
+        for ino in writing {
+            let Some(inode) = self.inodes.get(ino) else {
+                continue;
+            };
+            let loc = inode.location();
+            // Still at that name (not unlinked, not replaced by another entry).
+            let linked = loc.parent == dir.ino
+                && self
+                    .inodes
+                    .child(dir.ino, &loc.name)
+                    .is_some_and(|c| c.ino == ino);
+            if linked {
+                entries.insert(
+                    loc.name.clone(),
+                    DirEntry {
+                        name: loc.name,
+                        attr: self.attr_of(&inode),
+                    },
+                );
+            }
+        }
+        Arc::new(entries.into_values().collect())
+    }
+
+    /// Lists `dir`; a listing during which this mount changed the directory is made again
+    /// (once), so it does not show what the mount just removed.
     async fn list_dir(&self, dir: &Arc<Inode>) -> FsResult<Vec<DirEntry>> {
+        let changes = dir.changes();
+        let entries = self.list_dir_once(dir).await?;
+        if dir.changes() == changes {
+            return Ok(entries);
+        }
+        self.list_dir_once(dir).await
+    }
+
+    async fn list_dir_once(&self, dir: &Arc<Inode>) -> FsResult<Vec<DirEntry>> {
         let ttl = self.config.metadata_ttl;
         let mut found: BTreeMap<String, (Kind, Stat)> = BTreeMap::new();
         let mut token: Option<String> = None;

@@ -123,6 +123,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
             .upsert(dir, name, kind, stat, self.config.metadata_ttl);
         self.forget_negative(dir.ino, name);
         self.inodes.add_lookup(&inode);
+        self.entries_changed(dir.ino);
         inode
     }
 
@@ -420,6 +421,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
                         ..inode.stat()
                     };
                     inode.stored(stat, self.config.metadata_ttl);
+                    self.entries_changed(inode.parent());
                 }
                 // The upload carried the attributes.
                 super::lock(&self.pending_metadata).remove(&ino);
@@ -550,7 +552,8 @@ impl<C: ObjectClient> S3Filesystem<C> {
                 let attrs = self.attrs_for(&stat, Kind::Directory);
                 self.client
                     .put_object(&inode.key(), PutBody::Bytes(Bytes::new()), &attrs)
-                    .await?;
+                    .await
+                    .map_err(from_client)?;
             }
             (Kind::Symlink, _) => self.defer_metadata(&inode),
         }
@@ -630,7 +633,8 @@ impl<C: ObjectClient> S3Filesystem<C> {
         } else {
             self.client
                 .copy_object(&key, &key, &MetadataDirective::Replace(attrs))
-                .await?
+                .await
+                .map_err(from_client)?
         };
         let stat = Stat {
             etag: Some(etag),
@@ -653,7 +657,8 @@ impl<C: ObjectClient> S3Filesystem<C> {
         let key = super::inode::child_key(&dir.key(), name, Kind::Directory);
         self.client
             .put_object(&key, PutBody::Bytes(Bytes::new()), &attrs)
-            .await?;
+            .await
+            .map_err(from_client)?;
         let inode = self.enter_new(&dir, name, Kind::Directory, stat);
         Ok(self.attr_of(&inode))
     }
@@ -677,7 +682,8 @@ impl<C: ObjectClient> S3Filesystem<C> {
                 PutBody::Bytes(Bytes::copy_from_slice(target.as_bytes())),
                 &attrs,
             )
-            .await?;
+            .await
+            .map_err(from_client)?;
         stat.etag = Some(etag);
         let inode = self.enter_new(&dir, name, Kind::Symlink, stat);
         Ok(self.attr_of(&inode))
@@ -690,10 +696,33 @@ impl<C: ObjectClient> S3Filesystem<C> {
             return Err(FsError::IsADirectory);
         }
         let _held = self.hold(inode.ino).await;
-        self.client.delete_object(&inode.key()).await?;
+        self.still_at(&inode, parent, name)?;
+        self.client
+            .delete_object(&inode.key())
+            .await
+            .map_err(from_client)?;
         super::lock(&self.pending_metadata).remove(&inode.ino);
         self.inodes.remove_name(parent, name);
+        self.entries_changed(parent);
         Ok(())
+    }
+
+    /// After waiting for the inode's change lock: fails with ENOENT if `inode` is no longer
+    /// `parent/name` (another rename or unlink moved it meanwhile), so a change never lands on
+    /// the object at its new place.
+    fn still_at(&self, inode: &Inode, parent: Ino, name: &str) -> FsResult<()> {
+        let loc = inode.location();
+        let linked = loc.parent == parent
+            && loc.name == name
+            && self
+                .inodes
+                .child(parent, name)
+                .is_some_and(|c| c.ino == inode.ino);
+        if linked {
+            Ok(())
+        } else {
+            Err(FsError::NotFound)
+        }
     }
 
     /// Whether the directory with key `prefix` has anything but its own marker.
@@ -705,7 +734,8 @@ impl<C: ObjectClient> S3Filesystem<C> {
                 max_keys: Some(2),
                 ..Default::default()
             })
-            .await?;
+            .await
+            .map_err(from_client)?;
         Ok(page.objects.iter().any(|o| o.key != prefix) || !page.common_prefixes.is_empty())
     }
 
@@ -715,12 +745,15 @@ impl<C: ObjectClient> S3Filesystem<C> {
         if inode.kind != Kind::Directory {
             return Err(FsError::NotADirectory);
         }
+        let _held = self.hold(inode.ino).await;
+        self.still_at(&inode, parent, name)?;
         let key = inode.key();
         if self.has_children(&key).await? {
             return Err(FsError::NotEmpty);
         }
-        self.client.delete_object(&key).await?;
+        self.client.delete_object(&key).await.map_err(from_client)?;
         self.inodes.remove_name(parent, name);
+        self.entries_changed(parent);
         Ok(())
     }
 
@@ -768,8 +801,12 @@ impl<C: ObjectClient> S3Filesystem<C> {
             return Err(FsError::Invalid("cannot move a directory into itself"));
         }
         let _held = self.hold(source.ino).await;
+        self.still_at(&source, parent, name)?;
         let old_key = source.key();
         let new_key = super::inode::child_key(&target_dir.key(), new_name, source.kind);
+        if new_key == old_key {
+            return Ok(());
+        }
         if new_key.len() > super::MAX_KEY_LEN {
             return Err(FsError::NameTooLong);
         }
@@ -817,6 +854,8 @@ impl<C: ObjectClient> S3Filesystem<C> {
             }
         }
         self.inodes.rename(&source, &target_dir, new_name);
+        self.entries_changed(parent);
+        self.entries_changed(new_parent);
         self.forget_negative(new_parent, new_name);
         super::lock(&self.negative).insert(
             (parent, name.to_string()),
@@ -854,9 +893,12 @@ impl<C: ObjectClient> S3Filesystem<C> {
             } else {
                 MetadataDirective::Keep(attrs)
             };
-            self.client.copy_object(from, to, &directive).await?
+            self.client
+                .copy_object(from, to, &directive)
+                .await
+                .map_err(from_client)?
         };
-        self.client.delete_object(from).await?;
+        self.client.delete_object(from).await.map_err(from_client)?;
         Ok((head.etag, new_etag))
     }
 
@@ -868,7 +910,11 @@ impl<C: ObjectClient> S3Filesystem<C> {
         size: u64,
         attrs: &ObjectAttributes,
     ) -> FsResult<String> {
-        let id = self.client.create_multipart_upload(to, attrs).await?;
+        let id = self
+            .client
+            .create_multipart_upload(to, attrs)
+            .await
+            .map_err(from_client)?;
         let mut parts = Vec::new();
         let mut start = 0;
         let mut n = 1;
@@ -885,7 +931,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
                 }),
                 Err(e) => {
                     let _ = self.client.abort_multipart_upload(to, &id).await;
-                    return Err(e.into());
+                    return Err(from_client(e));
                 }
             }
             start = end;
@@ -895,7 +941,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
             Ok(etag) => Ok(etag),
             Err(e) => {
                 let _ = self.client.abort_multipart_upload(to, &id).await;
-                Err(e.into())
+                Err(from_client(e))
             }
         }
     }
@@ -914,7 +960,8 @@ impl<C: ObjectClient> S3Filesystem<C> {
                     continuation_token: token.as_deref(),
                     ..Default::default()
                 })
-                .await?;
+                .await
+                .map_err(from_client)?;
             keys.extend(page.objects.into_iter().map(|o| o.key));
             match page.next_continuation_token {
                 Some(t) => token = Some(t),
@@ -940,7 +987,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
             }
         });
         for result in futures_util::future::join_all(copies).await {
-            result?;
+            result.map_err(from_client)?;
         }
         if keys.is_empty() {
             // An implicit directory with nothing in it cannot be: make the target exist.
@@ -950,10 +997,15 @@ impl<C: ObjectClient> S3Filesystem<C> {
                     PutBody::Bytes(Bytes::new()),
                     &ObjectAttributes::default(),
                 )
-                .await?;
+                .await
+                .map_err(from_client)?;
         }
         for chunk in keys.chunks(MAX_DELETE_KEYS) {
-            let out = self.client.delete_objects(chunk).await?;
+            let out = self
+                .client
+                .delete_objects(chunk)
+                .await
+                .map_err(from_client)?;
             if let Some(f) = out.failed.first() {
                 tracing::error!(
                     key = f.key,
@@ -961,7 +1013,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
                     f.code,
                     f.message
                 );
-                return Err(FsError::S3(
+                return Err(from_client(
                     crate::s3::ClientError::new(
                         crate::s3::Operation::DeleteObjects,
                         self.client.bucket(),

@@ -847,3 +847,114 @@ async fn entries_known_only_from_a_listing_are_not_renewed_by_one() {
     tokio::time::sleep(ttl + Duration::from_millis(50)).await;
     assert_eq!(fs.lookup(big.ino, "f00000").await.unwrap().perm, 0o600);
 }
+
+#[tokio::test]
+async fn a_file_being_written_shows_in_a_listing_of_a_directory_never_listed() {
+    let (_mock, fs) = fs_with(&[], Duration::from_secs(1));
+    let x = fs.mkdir(ROOT_INO, "x", 0o755, me()).await.unwrap();
+    let (_, fh) = fs.create(x.ino, "h", 0o644, me()).await.unwrap();
+    fs.write(fh, 0, &[7u8; 70_000]).await.unwrap();
+    let fh_dir = fs.opendir(x.ino).await.unwrap();
+    let entries = fs.readdir(x.ino, fh_dir, 2).unwrap();
+    fs.releasedir(fh_dir);
+    let h: Vec<_> = entries.iter().filter(|(_, e)| e.name == "h").collect();
+    assert_eq!(h.len(), 1, "listed while still open: {entries:?}");
+    assert_eq!(h[0].1.attr.size, 70_000, "with its size so far");
+    fs.flush(fh).await.unwrap();
+    fs.release_file(fh).await;
+    assert_eq!(names(&fs, x.ino).await, vec![("h".into(), Kind::File)]);
+}
+
+#[tokio::test]
+async fn a_listing_fetched_ahead_is_not_served_after_the_mount_changed_its_directory() {
+    let ttl = Duration::from_secs(5);
+    let (mock, fs) = fs_with(&["t/impl/a/b/c.txt"], ttl);
+    let fs = Arc::new(fs);
+    let imp = path(&fs, "t/impl").await.unwrap().ino;
+    // `ls t/impl` lists `a` ahead, in the background.
+    let fh = fs.opendir(imp).await.unwrap();
+    fs.prefetch_subdirectories(fh);
+    fs.releasedir(fh);
+    for _ in 0..200 {
+        if mock.count(Operation::ListObjectsV2) >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let a = path(&fs, "t/impl/a").await.unwrap().ino;
+    let (_, fh) = fs.create(a, "new.txt", 0o644, me()).await.unwrap();
+    fs.write(fh, 0, b"x\n").await.unwrap();
+    fs.flush(fh).await.unwrap();
+    fs.release_file(fh).await;
+    assert_eq!(
+        names(&fs, a).await,
+        vec![
+            ("b".into(), Kind::Directory),
+            ("new.txt".into(), Kind::File)
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_file_unlinked_while_being_written_is_not_listed() {
+    let (_mock, fs) = fs_with(&["d/keep"], Duration::from_secs(1));
+    let d = path(&fs, "d").await.unwrap().ino;
+    let (_, fh) = fs.create(d, "gone", 0o644, me()).await.unwrap();
+    fs.write(fh, 0, b"data").await.unwrap();
+    fs.unlink(d, "gone").await.unwrap();
+    assert_eq!(names(&fs, d).await, vec![("keep".into(), Kind::File)]);
+    fs.release_file(fh).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_inode_per_name_under_racing_lookups_listings_and_renames() {
+    let mut keys: Vec<String> = (0..40).map(|i| format!("dir/f{i}")).collect();
+    keys.push("dir/sub/x".into());
+    let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+    // A zero TTL: every lookup and listing goes to the mock and upserts.
+    let (_mock, fs) = fs_with(&refs, Duration::ZERO);
+    let fs = Arc::new(fs);
+    let dir = path(&fs, "dir").await.unwrap().ino;
+    let mut tasks = Vec::new();
+    for t in 0..8u64 {
+        let fs = fs.clone();
+        tasks.push(tokio::spawn(async move {
+            for round in 0..30u64 {
+                let i = (t * 7 + round * 3) % 40;
+                match (t + round) % 4 {
+                    0 => {
+                        let fh = fs.opendir(dir).await.unwrap();
+                        fs.releasedir(fh);
+                    }
+                    1 => {
+                        let _ = fs.lookup(dir, &format!("f{i}")).await;
+                    }
+                    2 => {
+                        // Renames back and forth keep the set of names.
+                        let (a, b) = (format!("f{i}"), format!("g{i}"));
+                        if fs.rename(dir, &a, dir, &b, true).await.is_ok() {
+                            fs.rename(dir, &b, dir, &a, true).await.unwrap();
+                        }
+                    }
+                    _ => {
+                        let _ = fs.lookup(dir, "sub").await;
+                    }
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    // Every name has one inode, the one the table maps it to, and no two names share one.
+    let fh = fs.opendir(dir).await.unwrap();
+    let entries = fs.readdir(dir, fh, 2).unwrap();
+    fs.releasedir(fh);
+    let mut seen = std::collections::HashSet::new();
+    for (_, e) in &entries {
+        let looked_up = fs.lookup(dir, &e.name).await.unwrap();
+        assert_eq!(looked_up.ino, e.attr.ino, "{} has one inode", e.name);
+        assert!(seen.insert(e.attr.ino), "{} shares an inode", e.name);
+    }
+    assert_eq!(entries.len(), 41);
+}

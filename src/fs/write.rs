@@ -1162,7 +1162,7 @@ impl<C: ObjectClient> WriteHandle<C> {
                 .client
                 .put_object(&s.key, body, &s.attrs)
                 .await
-                .map_err(FsError::from);
+                .map_err(from_client);
         }
         let last = part_index(s.size.max(1) - 1, base);
         let missing = |s: &WriteState, part: u64| {

@@ -50,7 +50,8 @@ impl ServerEnv {
         env
     }
 
-    fn from_prefix(prefix: &str) -> Option<Self> {
+    /// A server named by `<prefix>_ENDPOINT`, `_BUCKET`, `_ACCESS_KEY_ID`, ... if set.
+    pub fn from_prefix(prefix: &str) -> Option<Self> {
         let get = |suffix: &str| var(&format!("{prefix}_{suffix}"));
         Some(Self {
             endpoint: get("ENDPOINT")?,
