@@ -434,6 +434,16 @@ fn fusermount_unmount(mountpoint: &Path, lazy: bool) -> Result<bool, String> {
         .map_err(|e| format!("cannot run {}: {e}", fusermount.display()))
 }
 
+/// A daemon that was killed could not remove its control socket: the watchdog does, unless a
+/// new mount at the same place answers on it by now.
+fn remove_dead_control_socket(mountpoint: &Path) {
+    // SAFETY: geteuid cannot fail.
+    let path = crate::control::socket_path(unsafe { libc::geteuid() }, mountpoint);
+    if path.exists() && std::os::unix::net::UnixStream::connect(&path).is_err() {
+        let _ = std::fs::remove_file(&path);
+    }
+}
+
 /// `s3mount __watchdog DEVICE MOUNTPOINT [LOG]`: waits until the daemon's end of the pipe on
 /// stdin closes, then detaches the mount if it is still there. Returns the exit status.
 pub fn run_watchdog(device: &str, mountpoint: &Path, log: Option<&Path>) -> i32 {
@@ -452,6 +462,7 @@ pub fn run_watchdog(device: &str, mountpoint: &Path, log: Option<&Path>) -> i32 
             Err(_) => break,
         }
     }
+    remove_dead_control_socket(mountpoint);
     if !attached(mountpoint, device) {
         return 0;
     }

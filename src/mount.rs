@@ -688,27 +688,6 @@ fn mount_and_serve(
     let adapter = FuseAdapter::new(fs.clone(), rt.handle().clone())
         .with_ownership(plan.ownership)
         .with_activity(activity);
-    let state = Arc::new(MountState {
-        info: MountInfo {
-            mountpoint: plan.mountpoint.clone(),
-            source: plan.source.clone(),
-            bucket: plan.client.bucket.clone(),
-            prefix: plan.fs.prefix.clone(),
-            endpoint,
-            region: plan.client.region.clone(),
-            read_only: plan.fs.read_only,
-            spool_dir: plan
-                .fs
-                .write
-                .spool_dir
-                .clone()
-                .unwrap_or_else(std::env::temp_dir),
-        },
-        fs: fs.clone(),
-        client: client.clone(),
-        started: std::time::Instant::now(),
-        started_at: std::time::SystemTime::now(),
-    });
     let mut report = |msg: String| {
         mounted(Err(msg.clone()));
         fail::<()>(msg)
@@ -726,6 +705,28 @@ fn mount_and_serve(
         .and_then(|l| l.local_addr().ok())
         .map(|a| format!("http://{a}/metrics"));
 
+    let state = Arc::new(MountState {
+        info: MountInfo {
+            mountpoint: plan.mountpoint.clone(),
+            source: plan.source.clone(),
+            bucket: plan.client.bucket.clone(),
+            prefix: plan.fs.prefix.clone(),
+            endpoint,
+            region: plan.client.region.clone(),
+            read_only: plan.fs.read_only,
+            spool_dir: plan
+                .fs
+                .write
+                .spool_dir
+                .clone()
+                .unwrap_or_else(std::env::temp_dir),
+            metrics_url: metrics_url.clone(),
+        },
+        fs: fs.clone(),
+        client: client.clone(),
+        started: std::time::Instant::now(),
+        started_at: std::time::SystemTime::now(),
+    });
     let spec = MountSpec {
         source: &plan.source,
         mountpoint: &plan.mountpoint,

@@ -38,6 +38,8 @@ pub struct MountInfo {
     pub region: String,
     pub read_only: bool,
     pub spool_dir: PathBuf,
+    /// Where `--metrics-addr` serves, if it does.
+    pub metrics_url: Option<String>,
 }
 
 /// Everything a report needs from a running mount.
@@ -168,6 +170,12 @@ pub fn snapshot(m: &MountState) -> Value {
         "region": info.region,
         "read_only": info.read_only,
         "pid": std::process::id(),
+        "control_socket": crate::control::socket_path(
+            // SAFETY: geteuid cannot fail.
+            unsafe { libc::geteuid() },
+            &info.mountpoint
+        ),
+        "metrics_url": info.metrics_url,
         // SAFETY: geteuid cannot fail.
         "uid": unsafe { libc::geteuid() },
         "started": rfc3339(m.started_at),
@@ -276,6 +284,9 @@ pub fn render_text(v: &Value) -> String {
             ""
         }
     );
+    if let Some(url) = v.get("metrics_url").and_then(Value::as_str) {
+        let _ = writeln!(out, "  metrics: {url}");
+    }
     let uploads = v.get("uploads").and_then(Value::as_array);
     let _ = writeln!(
         out,
