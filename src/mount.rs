@@ -858,3 +858,78 @@ fn raise_kernel_readahead(device: &str) {
         ),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fusemount::parse_mountinfo;
+
+    #[test]
+    fn an_automount_trigger_is_not_a_taken_mount_point() {
+        // x-systemd.automount: systemd's autofs mount is on top until s3mount mounts over it.
+        let autofs = parse_mountinfo(
+            "27 1 254:0 / / rw - ext4 /dev/vda rw\n\
+             51 27 0:53 / /mnt/s3 rw,relatime - autofs systemd-1 rw,fd=48,pgrp=1,timeout=0\n",
+        );
+        assert_eq!(mount_taken(&autofs, Path::new("/mnt/s3")), None);
+        let fuse = parse_mountinfo(
+            "27 1 254:0 / / rw - ext4 /dev/vda rw\n\
+             51 27 0:53 / /mnt/s3 rw,relatime - autofs systemd-1 rw,fd=48,pgrp=1,timeout=0\n\
+             52 51 0:54 / /mnt/s3 rw,nosuid,nodev - fuse.s3mount b:p rw,user_id=0,group_id=0\n",
+        );
+        let taken = mount_taken(&fuse, Path::new("/mnt/s3")).expect("taken");
+        assert_eq!(
+            (taken.fstype.as_str(), taken.source.as_str()),
+            ("fuse.s3mount", "b:p")
+        );
+        assert_eq!(mount_taken(&fuse, Path::new("/mnt")), None);
+    }
+
+    #[test]
+    fn state_and_logs_need_no_environment() {
+        let root = |xdg: Option<&str>, home: Option<&str>, uid| {
+            state_dir_for(
+                xdg.map(PathBuf::from),
+                home.map(PathBuf::from),
+                uid,
+                "/var/log/s3mount",
+            )
+        };
+        assert_eq!(root(None, None, 0), PathBuf::from("/var/log/s3mount"));
+        assert_eq!(root(None, None, 1000), PathBuf::from("/tmp/s3mount-1000"));
+        assert_eq!(root(None, Some("/"), 0), PathBuf::from("/var/log/s3mount"));
+        assert_eq!(
+            root(None, Some("/home/u"), 1000),
+            PathBuf::from("/home/u/.local/state/s3mount")
+        );
+        assert_eq!(
+            root(Some("/x/state"), Some("/home/u"), 1000),
+            PathBuf::from("/x/state/s3mount")
+        );
+        assert_eq!(
+            root(Some("relative"), None, 0),
+            PathBuf::from("/var/log/s3mount")
+        );
+    }
+
+    #[test]
+    fn every_mount_has_a_log_file_of_its_own() {
+        assert_eq!(
+            log_file_name("b", "data/x/", Path::new("/mnt/s3")),
+            "b-data-x@mnt-s3.log"
+        );
+        assert_eq!(log_file_name("b", "", Path::new("/")), "b@-.log");
+        assert_ne!(
+            log_file_name("b", "", Path::new("/mnt/a")),
+            log_file_name("b", "", Path::new("/mnt/b"))
+        );
+        let long = "d/".repeat(200);
+        let a = log_file_name("b", &long, Path::new("/mnt/a"));
+        let b = log_file_name("b", &long, Path::new("/mnt/b"));
+        assert!(a.len() < 255 && a != b, "{a} {b}");
+        assert_eq!(
+            log_file_name("b", "sp ace", Path::new("/m")),
+            "b-sp_ace@m.log"
+        );
+    }
+}

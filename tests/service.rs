@@ -664,10 +664,20 @@ async fn hup_usr1_usr2_leave_it_serving_and_hup_reopens_a_moved_log() {
     let work = tempfile::tempdir().unwrap();
     let log = work.path().join("mount.log");
     let log_arg = log.to_string_lossy().into_owned();
-    let m = mount(
-        &env,
+    // Credentials from a file, which SIGHUP reads again.
+    let creds = credentials_file(&env, work.path());
+    let mut cmd = command(&env);
+    cmd.env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY");
+    let m = common::mount::mount_with(
+        cmd,
         &format!("{}:{prefix}", env.bucket),
-        &["--log-file", &log_arg],
+        &[
+            "--log-file",
+            &log_arg,
+            "--credentials-file",
+            &creds.to_string_lossy(),
+        ],
     );
     let pid = m.pid();
     serves(&m.path().join("before"), b"before");
@@ -675,6 +685,7 @@ async fn hup_usr1_usr2_leave_it_serving_and_hup_reopens_a_moved_log() {
     signal(pid, "HUP");
     wait_until("SIGHUP logged", Duration::from_secs(10), || {
         file_contains(&log, "SIGHUP: reopened the log file")
+            && file_contains(&log, "refresh: SIGHUP: reading the credentials again")
     });
     serves(&m.path().join("after-hup"), b"hup");
 
@@ -736,6 +747,42 @@ async fn hup_usr1_usr2_leave_it_serving_and_hup_reopens_a_moved_log() {
         .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
         .collect();
     assert!(warnings.is_empty(), "{warnings:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn log_syslog_sends_tagged_lines_to_the_socket() {
+    let env = ServerEnv::main();
+    let prefix = unique_prefix("syslog");
+    let work = tempfile::tempdir().unwrap();
+    let socket = work.path().join("dev-log");
+    let server = std::os::unix::net::UnixDatagram::bind(&socket).unwrap();
+    server
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let m = mount(
+        &env,
+        &format!("{}:{prefix}", env.bucket),
+        &[&format!("--log-syslog={}", socket.display())],
+    );
+    let mut buf = vec![0u8; 16 << 10];
+    let mut lines = Vec::new();
+    while !lines.iter().any(|l: &String| l.contains("mounted")) {
+        let n = server.recv(&mut buf).expect("a syslog datagram");
+        lines.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    let mounted = lines.iter().find(|l| l.contains("mounted")).unwrap();
+    // <daemon.info>s3mount[PID]: bucket:prefix on MOUNTPOINT: ...
+    let tag = format!(
+        "<30>s3mount[{}]: {}:{prefix} on {}: ",
+        m.pid(),
+        env.bucket,
+        m.path().display()
+    );
+    assert!(
+        mounted.starts_with(&tag),
+        "{mounted:?} does not start with {tag:?}"
+    );
+    assert!(lines.iter().all(|l| !l.contains(&env.secret_access_key)));
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -1045,6 +1092,44 @@ async fn status_during_a_512_mib_copy_and_metrics_that_match() {
     assert!(
         growing,
         "two reads of status show the stored bytes growing: {samples:?}"
+    );
+
+    // `--watch --json` redraws once a second, one document a line.
+    let mut watch = Command::new(binary())
+        .args(["status", "--watch", "--json"])
+        .arg(m.path())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut reader = BufReader::new(watch.stdout.take().unwrap());
+    let watch_started = Instant::now();
+    for _ in 0..2 {
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        let doc: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(doc["bucket"], env.bucket.as_str());
+    }
+    let watched = watch_started.elapsed();
+    let _ = watch.kill();
+    let _ = watch.wait();
+    assert!(watched >= Duration::from_millis(900), "{watched:?}");
+    // Only the mount's owner (and root) may ask it.
+    let nobody = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            binary(),
+            "status",
+        ])
+        .arg(m.path())
+        .output()
+        .unwrap();
+    assert!(!nobody.status.success(), "{}", text(&nobody));
+    assert!(
+        text(&nobody).contains("only its owner and root"),
+        "{}",
+        text(&nobody)
     );
 
     // After close: nothing in flight, and the totals add up.
