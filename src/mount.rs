@@ -367,6 +367,11 @@ pub fn explain(e: &ClientError, cfg: &ClientConfig) -> String {
             short(&e.message)
         );
     }
+    if is_clock_skew(e) {
+        return format!(
+            "{endpoint} refuses the requests because this machine's clock is wrong{said}; S3 accepts signatures made within 15 minutes of its own time: set the clock (timedatectl set-ntp true, or chrony/ntpd) and mount again"
+        );
+    }
     match &e.kind {
         ErrorKind::Connect => format!("cannot reach the S3 endpoint {endpoint}: {}; check --endpoint-url and that the server is running", short(&e.message)),
         ErrorKind::Timeout => format!("the S3 endpoint {endpoint} did not answer in time ({}); check --endpoint-url and the network", e.message),
@@ -379,6 +384,15 @@ pub fn explain(e: &ClientError, cfg: &ClientConfig) -> String {
         ErrorKind::WrongRegion => format!("bucket '{bucket}' is in another region: {}", e.message),
         _ => format!("checking bucket '{bucket}' at {endpoint} failed: {e}"),
     }
+}
+
+/// S3's RequestTimeTooSkewed, or what other stores say for it (Garage: "Date is too old").
+fn is_clock_skew(e: &ClientError) -> bool {
+    matches!(&e.kind, ErrorKind::Other(code) if code == "RequestTimeTooSkewed")
+        || (e.status.is_some_and(|s| s == 400 || s == 403)
+            && ["too old", "in the future", "too skewed"]
+                .iter()
+                .any(|m| e.message.to_ascii_lowercase().contains(m)))
 }
 
 fn short(message: &str) -> String {
@@ -883,6 +897,32 @@ mod tests {
             ("fuse.s3mount", "b:p")
         );
         assert_eq!(mount_taken(&fuse, Path::new("/mnt")), None);
+    }
+
+    #[test]
+    fn a_wrong_clock_is_named_as_such() {
+        let cfg = ClientConfig::new("b", "us-east-1", Auth::Anonymous);
+        let aws = ClientError::new(
+            crate::s3::Operation::ListObjectsV2,
+            "b",
+            None,
+            ErrorKind::from_code("RequestTimeTooSkewed"),
+        )
+        .with_status(403)
+        .with_message("The difference between the request time and the current time is too large.");
+        let garage = ClientError::new(
+            crate::s3::Operation::ListObjectsV2,
+            "b",
+            None,
+            ErrorKind::from_code("InvalidRequest"),
+        )
+        .with_status(400)
+        .with_message("Bad request: Date is too old");
+        for e in [aws, garage] {
+            let text = explain(&e, &cfg);
+            assert!(text.contains("clock is wrong"), "{text}");
+            assert!(text.contains("timedatectl"), "{text}");
+        }
     }
 
     #[test]
