@@ -1187,6 +1187,33 @@ async fn status_during_a_512_mib_copy_and_metrics_that_match() {
     assert!(series.keys().any(|k| k.starts_with("s3mount_info{")));
     assert_eq!(http_get(&url.replace("/metrics", "/other")).0, 404);
 
+    // docs/OPERATIONS.md names every field of the report and every metric.
+    let doc =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/OPERATIONS.md"))
+            .unwrap();
+    let mut fields = Vec::new();
+    collect_fields(&after, &mut fields);
+    collect_fields(&samples_doc(&m), &mut fields);
+    assert!(fields.len() > 50, "{fields:?}");
+    let undocumented: Vec<&String> = fields
+        .iter()
+        .filter(|f| !doc.contains(&format!("`{f}`")) && !doc.contains(&format!("`{f}(")))
+        .collect();
+    assert!(
+        undocumented.is_empty(),
+        "not in OPERATIONS.md: {undocumented:?}"
+    );
+    let families: HashSet<&str> = series
+        .keys()
+        .map(|k| k.split('{').next().unwrap())
+        .collect();
+    for family in families {
+        assert!(
+            doc.contains(&format!("`{family}")),
+            "metric {family} not in OPERATIONS.md"
+        );
+    }
+
     // The copy is whole in S3.
     let head = env
         .client()
@@ -1198,6 +1225,48 @@ async fn status_during_a_512_mib_copy_and_metrics_that_match() {
     let status = status_of(m.path());
     assert!(status["uptime_seconds"].as_f64().unwrap() > 0.0);
     assert!(status["memory"]["rss_bytes"].as_u64().unwrap() > 0);
+}
+
+/// The names of the fields of a status report (not of the operations it counts).
+fn collect_fields(v: &Value, out: &mut Vec<String>) {
+    match v {
+        Value::Object(map) => {
+            for (k, v) in map {
+                if !out.contains(k) {
+                    out.push(k.clone());
+                }
+                if k != "requests_by_operation" {
+                    collect_fields(v, out);
+                }
+            }
+        }
+        Value::Array(items) => items.iter().for_each(|i| collect_fields(i, out)),
+        _ => {}
+    }
+}
+
+/// A report with an upload and a read in flight, so their fields are seen too.
+fn samples_doc(m: &common::mount::Mounted) -> Value {
+    let path = m.path().join("doc-sample.bin");
+    let mut f = std::fs::File::create(&path).unwrap();
+    f.write_all(&pattern(20 << 20, 5)).unwrap();
+    let with_upload = status_of(m.path());
+    drop(f);
+    let mut r = std::fs::File::open(&path).unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    r.read_exact(&mut buf).unwrap();
+    let with_read = status_of(m.path());
+    drop(r);
+    std::fs::remove_file(&path).unwrap();
+    assert!(
+        !with_upload["uploads"].as_array().unwrap().is_empty(),
+        "{with_upload}"
+    );
+    assert!(
+        !with_read["reads"].as_array().unwrap().is_empty(),
+        "{with_read}"
+    );
+    serde_json::json!([with_upload, with_read])
 }
 
 #[test]
