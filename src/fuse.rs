@@ -559,9 +559,12 @@ impl<C: ObjectClient> Filesystem for FuseAdapter<C> {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        // The kernel sends RELEASE after close(2) returned and waits for no answer, so an
+        // unmount can complete while it is in flight; answered after the work, the reply would
+        // then fail ("Failed to send FUSE reply") on a clean unmount. Answered first, it cannot.
+        reply.ok();
         self.spawn(|fs| async move {
             fs.release_file(fh.0).await;
-            reply.ok();
         });
     }
 

@@ -8,9 +8,10 @@
 //!   with `AT_NO_AUTOMOUNT`): under `x-systemd.automount` the mount point is an autofs trigger,
 //!   and anything that triggers it from the mount helper would wait for itself. Other users go
 //!   through `fusermount3`, found without `PATH` in the usual places.
-//! - **Unmounting** (SIGTERM, SIGINT) of a busy mount detaches it instead (the lazy unmount of
-//!   `umount -l`): the mount point is free at once and the process ends when the last open file
-//!   is closed and the kernel lets go of the connection, as after `fusermount3 -u -z`. An
+//! - **Unmounting** (SIGTERM, SIGINT) of a mount still busy after a second detaches it instead
+//!   (the lazy unmount of `umount -l`): the mount point is free at once and the process ends
+//!   when the last open file is closed and the kernel lets go of the connection, as after
+//!   `fusermount3 -u -z`. An
 //!   unmount finds out first whether the mount is still attached, so a normal `umount` leaves
 //!   no error behind.
 //! - **A watchdog** (`s3mount __watchdog`, a small process started after mounting) holds a
@@ -157,6 +158,11 @@ pub struct MountSpec<'a> {
 }
 
 pub const FSTYPE: &str = "fuse.s3mount";
+
+/// How long an unmount tries again while the mount is busy before it detaches it: a request
+/// the kernel still has in flight (the RELEASE after a close) makes it busy for a moment, open
+/// files and working directories for good.
+pub const BUSY_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A mounted FUSE connection.
 #[derive(Debug, Clone)]
@@ -342,21 +348,31 @@ impl FuseMount {
         attached(&self.mountpoint, &self.device)
     }
 
-    /// Unmounts; a busy mount is detached instead.
+    /// Unmounts; a mount still busy after [`BUSY_GRACE`] is detached instead.
     pub fn unmount(&self) -> Result<Unmounted, String> {
-        if !self.attached() {
-            return Ok(Unmounted::AlreadyGone);
+        let start = std::time::Instant::now();
+        loop {
+            if !self.attached() {
+                return Ok(Unmounted::AlreadyGone);
+            }
+            match self.unmount_once()? {
+                Some(done) => return Ok(done),
+                None if start.elapsed() < BUSY_GRACE => {
+                    std::thread::sleep(std::time::Duration::from_millis(50))
+                }
+                None => return self.detach(),
+            }
         }
+    }
+
+    /// One plain unmount; `None` when the mount is busy.
+    fn unmount_once(&self) -> Result<Option<Unmounted>, String> {
         if is_root() {
             match umount2(&self.mountpoint, 0) {
-                Ok(()) => return Ok(Unmounted::Done),
-                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
-                    return umount2(&self.mountpoint, libc::MNT_DETACH)
-                        .map(|()| Unmounted::Detached)
-                        .map_err(|e| format!("detaching {}: {e}", self.mountpoint.display()));
-                }
+                Ok(()) => return Ok(Some(Unmounted::Done)),
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => return Ok(None),
                 Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                    return Ok(Unmounted::AlreadyGone)
+                    return Ok(Some(Unmounted::AlreadyGone))
                 }
                 // Root without the right (a user namespace): fusermount3 below.
                 Err(e) if e.raw_os_error() == Some(libc::EPERM) => {}
@@ -364,10 +380,25 @@ impl FuseMount {
             }
         }
         if fusermount_unmount(&self.mountpoint, false)? {
-            return Ok(Unmounted::Done);
+            return Ok(Some(Unmounted::Done));
         }
         if !self.attached() {
-            return Ok(Unmounted::AlreadyGone);
+            return Ok(Some(Unmounted::AlreadyGone));
+        }
+        Ok(None)
+    }
+
+    /// Detaches the busy mount (`umount -l`): the process ends when its last file is closed.
+    fn detach(&self) -> Result<Unmounted, String> {
+        if is_root() {
+            match umount2(&self.mountpoint, libc::MNT_DETACH) {
+                Ok(()) => return Ok(Unmounted::Detached),
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    return Ok(Unmounted::AlreadyGone)
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EPERM) => {}
+                Err(e) => return Err(format!("detaching {}: {e}", self.mountpoint.display())),
+            }
         }
         if fusermount_unmount(&self.mountpoint, true)? {
             return Ok(Unmounted::Detached);
@@ -435,11 +466,16 @@ fn fusermount_unmount(mountpoint: &Path, lazy: bool) -> Result<bool, String> {
 }
 
 /// A daemon that was killed could not remove its control socket: the watchdog does, unless a
-/// new mount at the same place answers on it by now.
+/// new mount at the same place answers on it by now. Only an answer counts: the pipe can close
+/// before the dying daemon's listening socket does, which still takes a connection and then
+/// resets it.
 fn remove_dead_control_socket(mountpoint: &Path) {
     // SAFETY: geteuid cannot fail.
     let path = crate::control::socket_path(unsafe { libc::geteuid() }, mountpoint);
-    if path.exists() && std::os::unix::net::UnixStream::connect(&path).is_err() {
+    let request = serde_json::json!({"op": "status"});
+    if path.exists()
+        && crate::control::request(&path, &request, std::time::Duration::from_secs(5)).is_err()
+    {
         let _ = std::fs::remove_file(&path);
     }
 }

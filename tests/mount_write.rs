@@ -10,7 +10,7 @@ use std::process::Command;
 use std::time::{Duration, SystemTime};
 
 use common::fault_proxy::{Fault, FaultProxy};
-use common::mount::mount;
+use common::mount::{last_stat, mount};
 use common::{pattern, read_object, unique_prefix, ServerEnv};
 use s3mount::s3::*;
 
@@ -75,24 +75,6 @@ async fn cp_of_a_large_file_in_and_out() {
     );
     std::fs::remove_file(m.path().join("big.bin")).unwrap();
     assert!(c.head_object(&format!("{prefix}big.bin")).await.is_err());
-}
-
-/// The number after `name=` in the last `stats` line of a mount log.
-fn last_stat(log: &str, name: &str) -> u64 {
-    let line = log
-        .lines()
-        .rev()
-        .find(|l| l.contains(" stats "))
-        .unwrap_or_else(|| panic!("no stats line in the log:\n{log}"));
-    let at = line
-        .find(&format!(" {name}="))
-        .unwrap_or_else(|| panic!("no {name} in {line}"));
-    line[at + name.len() + 2..]
-        .split(|c: char| !c.is_ascii_digit())
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -139,6 +139,24 @@ impl Drop for Mounted {
     }
 }
 
+/// The number after `name=` in the last `stats` line of a mount log.
+pub fn last_stat(log: &str, name: &str) -> u64 {
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.contains(" stats "))
+        .unwrap_or_else(|| panic!("no stats line in the log:\n{log}"));
+    let at = line
+        .find(&format!(" {name}="))
+        .unwrap_or_else(|| panic!("no {name} in {line}"));
+    line[at + name.len() + 2..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
 /// A panic (a bug, logged by s3mount's panic hook or Rust's default one) or a FUSE request
 /// left without an answer fails the test that mounted, whatever it checked itself.
 pub fn assert_no_bug(log: &str) {
