@@ -45,6 +45,44 @@ pub struct Stat {
     pub listing_only: bool,
 }
 
+/// Attributes an application set (chmod, chown, utimens), as far as S3 does not have them
+/// yet: a failed upload of the file's data does not take them back.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct AttrChange {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub mtime: Option<SystemTime>,
+}
+
+impl AttrChange {
+    pub fn apply(&self, s: &mut Stat) {
+        if let Some(m) = self.mode {
+            s.mode = Some(m & 0o7777);
+        }
+        if let Some(u) = self.uid {
+            s.uid = Some(u);
+        }
+        if let Some(g) = self.gid {
+            s.gid = Some(g);
+        }
+        if let Some(t) = self.mtime {
+            s.mtime = t;
+        }
+    }
+
+    fn merge(&mut self, later: &AttrChange) {
+        self.mode = later.mode.or(self.mode);
+        self.uid = later.uid.or(self.uid);
+        self.gid = later.gid.or(self.gid);
+        self.mtime = later.mtime.or(self.mtime);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        *self == AttrChange::default()
+    }
+}
+
 impl Stat {
     pub fn directory(mtime: SystemTime) -> Self {
         Self {
@@ -83,6 +121,20 @@ pub struct InodeState {
     /// The stat holds changes S3 does not have yet (a file being written, a chmod or utimens
     /// waiting for the next commit): what S3 says must not overwrite them.
     pub local_changes: bool,
+    /// The local changes are attributes only (a chmod or utimens of a closed file): if
+    /// another client replaces the object first, its version wins and they are given up.
+    pub attrs_only: bool,
+    /// Attributes set here that S3 does not have yet, and the ETag of the object they were
+    /// set on: they are never given to another object at that key.
+    pub kept: AttrChange,
+    pub kept_for: Option<String>,
+}
+
+impl InodeState {
+    fn forget_kept(&mut self) {
+        self.kept = AttrChange::default();
+        self.kept_for = None;
+    }
 }
 
 /// Where an inode is in the tree.
@@ -131,6 +183,13 @@ impl Inode {
         self.lock().stat.clone()
     }
 
+    /// What is cached of it is stale: the next lookup or getattr asks S3 (the root never is).
+    pub fn expire(&self) {
+        if self.ino != ROOT_INO {
+            self.lock().expiry = Instant::now();
+        }
+    }
+
     /// This directory's entries changed here (see [`Inode::changes`]).
     pub fn entries_changed(&self) {
         self.changes
@@ -149,8 +208,33 @@ impl Inode {
     /// Takes what S3 says, unless the inode has changes S3 does not have yet.
     pub fn refresh(&self, stat: Stat, ttl: Duration) {
         let mut s = self.lock();
+        let replaced = s.attrs_only
+            && stat.etag.is_some()
+            && s.stat.etag.is_some()
+            && stat.etag != s.stat.etag;
+        if replaced {
+            tracing::info!(
+                etag = stat.etag,
+                "another client replaced the object: its attributes win over the ones changed here"
+            );
+            s.local_changes = false;
+            s.attrs_only = false;
+            s.forget_kept();
+        }
         if !s.local_changes {
             s.stat = stat;
+            // What the application set stays set, on the object it was set on: it is stored
+            // with a copy.
+            if !s.kept.is_empty() {
+                if s.kept_for.is_some() && s.kept_for == s.stat.etag {
+                    let kept = s.kept;
+                    kept.apply(&mut s.stat);
+                    s.local_changes = true;
+                    s.attrs_only = true;
+                } else {
+                    s.forget_kept();
+                }
+            }
         }
         s.expiry = Instant::now() + ttl;
     }
@@ -171,10 +255,12 @@ impl Inode {
         true
     }
 
-    /// The changes S3 never got are given up: the next lookup takes what S3 says.
+    /// The data changes S3 never got are given up: the next lookup takes what S3 says, with
+    /// the attributes set here (see [`Inode::kept_attrs`]) on top.
     pub fn forget_local_changes(&self) {
         let mut s = self.lock();
         s.local_changes = false;
+        s.attrs_only = false;
         s.expiry = Instant::now();
         // No listing may confirm this stat: only a HEAD replaces it.
         s.stat.etag = None;
@@ -186,6 +272,37 @@ impl Inode {
         let mut s = self.lock();
         change(&mut s.stat);
         s.local_changes = true;
+        s.attrs_only = false;
+    }
+
+    /// The attributes changed here: of a closed file (`attrs_only`; S3 learns of them with a
+    /// copy), or of one being written (they go with its upload).
+    pub fn change_attrs(&self, change: AttrChange, attrs_only: bool) {
+        let mut s = self.lock();
+        change.apply(&mut s.stat);
+        if s.kept.is_empty() {
+            s.kept_for = s.stat.etag.clone();
+        }
+        s.kept.merge(&change);
+        s.attrs_only = attrs_only && (!s.local_changes || s.attrs_only);
+        s.local_changes = true;
+    }
+
+    /// Attributes S3 would not take are given up too: the next lookup takes what S3 says.
+    pub fn forget_all_changes(&self) {
+        self.lock().forget_kept();
+        self.forget_local_changes();
+    }
+
+    /// The attributes set here that S3 does not have yet.
+    pub fn kept_attrs(&self) -> AttrChange {
+        self.lock().kept
+    }
+
+    /// Whether attributes set here wait for a copy to an object S3 has.
+    pub fn has_kept_attrs(&self) -> bool {
+        let s = self.lock();
+        !s.kept.is_empty() && s.kept_for.is_some()
     }
 
     /// S3 now has exactly `stat` (a commit or a metadata copy just succeeded).
@@ -198,6 +315,8 @@ impl Inode {
             ..stat
         };
         s.local_changes = false;
+        s.attrs_only = false;
+        s.forget_kept();
         s.expiry = Instant::now() + ttl;
     }
 
@@ -234,6 +353,9 @@ impl InodeTable {
                 expiry: Instant::now() + Duration::from_secs(100 * 365 * 24 * 3600),
                 lookups: 1,
                 local_changes: false,
+                attrs_only: false,
+                kept: AttrChange::default(),
+                kept_for: None,
             }),
         });
         let mut tables = Tables::default();
@@ -308,6 +430,9 @@ impl InodeTable {
                 expiry: Instant::now() + ttl,
                 lookups: 0,
                 local_changes: false,
+                attrs_only: false,
+                kept: AttrChange::default(),
+                kept_for: None,
             }),
         });
         t.by_name.insert((parent.ino, name.to_string()), ino);

@@ -755,29 +755,34 @@ impl<C: ObjectClient> S3Filesystem<C> {
                 )
             })
             .collect();
-        let writing: Vec<Ino> = lock(&self.writers).keys().copied().collect();
-        for ino in writing {
-            let Some(inode) = self.inodes.get(ino) else {
-                continue;
-            };
-            let loc = inode.location();
-            // Still at that name (not unlinked, not replaced by another entry).
-            let linked = loc.parent == dir.ino
-                && self
-                    .inodes
-                    .child(dir.ino, &loc.name)
-                    .is_some_and(|c| c.ino == ino);
-            if linked {
-                entries.insert(
-                    loc.name.clone(),
-                    DirEntry {
-                        name: loc.name,
-                        attr: self.attr_of(&inode),
-                    },
-                );
-            }
+        for inode in self.being_written_in(dir) {
+            let name = inode.location().name;
+            let attr = self.attr_of(&inode);
+            entries.insert(name.clone(), DirEntry { name, attr });
         }
         Arc::new(entries.into_values().collect())
+    }
+
+    /// The files being written in `dir` and still linked there (not unlinked, not replaced).
+    fn being_written_in(&self, dir: &Inode) -> Vec<Arc<Inode>> {
+        let writing: Vec<Ino> = lock(&self.writers).keys().copied().collect();
+        writing
+            .into_iter()
+            .filter_map(|ino| self.inodes.get(ino))
+            .filter(|inode| {
+                let loc = inode.location();
+                loc.parent == dir.ino
+                    && self
+                        .inodes
+                        .child(dir.ino, &loc.name)
+                        .is_some_and(|c| c.ino == inode.ino)
+            })
+            .collect()
+    }
+
+    /// Whether `dir` has entries S3 may not show yet: files being written in it.
+    fn has_local_entries(&self, dir: &Inode) -> bool {
+        !self.being_written_in(dir).is_empty()
     }
 
     /// Lists `dir`; a listing during which this mount changed the directory is made again
@@ -1070,6 +1075,14 @@ impl<C: ObjectClient> S3Filesystem<C> {
             ffree: 1 << 32,
             bsize: BLOCK_SIZE,
             namelen: MAX_NAME_LEN as u32,
+        }
+    }
+
+    /// The inode a file handle open for writing belongs to.
+    pub fn handle_ino(&self, fh: u64) -> Option<Ino> {
+        match lock(&self.files).get(&fh) {
+            Some(OpenFile::Write { ino, .. }) => Some(*ino),
+            _ => None,
         }
     }
 

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::Bytes;
 
 use super::error::{from_client, FsError, FsResult};
-use super::inode::{Ino, Inode, Kind, Stat};
+use super::inode::{AttrChange, Ino, Inode, Kind, Stat};
 use super::write::{Appended, WriteHandle, MAX_COPY_PART};
 use super::{Attr, OpenFile, S3Filesystem};
 use crate::s3::{
@@ -232,6 +232,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
         if let Some(w) = existing {
             if truncate {
                 w.truncate(0).await?;
+                self.written(inode.ino, 0);
             }
             let writer = self.writer_for(&inode, ObjectAttributes::default())?;
             return Ok(self.register(OpenFile::Write {
@@ -252,7 +253,9 @@ impl<C: ObjectClient> S3Filesystem<C> {
         };
         inode.refresh(stat, self.config.metadata_ttl);
         let writer = self.writer_for(&inode, attrs)?;
-        if !truncate {
+        if truncate {
+            self.written(inode.ino, 0);
+        } else {
             writer.start_from(head.etag.clone(), head.size).await?;
         }
         Ok(self.register(OpenFile::Write {
@@ -396,24 +399,29 @@ impl<C: ObjectClient> S3Filesystem<C> {
         Ok(())
     }
 
+    /// The attributes as they are now (chmod or utimens while open) go into the upload.
+    async fn attrs_to_writer(&self, inode: &Inode, writer: &WriteHandle<C>) {
+        let stat = inode.stat();
+        let mut s = writer.state.lock().await;
+        let content_type = s.attrs.content_type.clone();
+        s.attrs = ObjectAttributes {
+            content_type,
+            ..self.attrs_for(&stat, inode.kind)
+        };
+    }
+
     async fn commit(&self, ino: Ino, writer: &WriteHandle<C>) -> FsResult<()> {
         {
-            // The attributes as they are now (chmod or utimens while open) go into the upload.
             let inode = self.inode(ino)?;
-            let stat = inode.stat();
-            let mut s = writer.state.lock().await;
-            let content_type = s.attrs.content_type.clone();
-            s.attrs = ObjectAttributes {
-                content_type,
-                ..self.attrs_for(&stat, inode.kind)
-            };
-            s.key = inode.key();
+            self.attrs_to_writer(&inode, writer).await;
+            writer.state.lock().await.key = inode.key();
         }
         match writer.commit().await {
             Ok(Some(etag)) => {
                 tracing::debug!(ino, etag, "committed");
                 let size = writer.size().await;
                 if let Some(inode) = self.inodes.get(ino) {
+                    let kept = inode.kept_attrs();
                     // What S3 has now is exactly what the inode says: fresh for a full TTL.
                     let stat = Stat {
                         etag: Some(etag),
@@ -422,6 +430,20 @@ impl<C: ObjectClient> S3Filesystem<C> {
                     };
                     inode.stored(stat, self.config.metadata_ttl);
                     self.entries_changed(inode.parent());
+                    if writer.state.lock().await.attrs_left_behind {
+                        // A chmod or touch after the multipart upload was created: S3 gave
+                        // the object the attributes of its creation. The data is stored: a
+                        // copy that fails is tried again later, not reported.
+                        inode.change_attrs(kept, true);
+                        if let Err(e) = self.replace_metadata(&inode).await {
+                            tracing::warn!(
+                                key = inode.key(),
+                                "attributes changed during the upload not stored yet: {e}"
+                            );
+                            self.defer_metadata(&inode);
+                        }
+                        return Ok(());
+                    }
                 }
                 // The upload carried the attributes.
                 super::lock(&self.pending_metadata).remove(&ino);
@@ -473,6 +495,10 @@ impl<C: ObjectClient> S3Filesystem<C> {
                 // What S3 has is the truth again: forget the changes it never got.
                 if let Some(inode) = self.inodes.get(ino) {
                     inode.forget_local_changes();
+                    if inode.has_kept_attrs() {
+                        // A chmod or touch of the file still holds: it is stored by a copy.
+                        self.defer_metadata(&inode);
+                    }
                 }
             }
         }
@@ -502,22 +528,26 @@ impl<C: ObjectClient> S3Filesystem<C> {
             // Bring the cached attributes up to date before changing them.
             self.refresh_from_s3(&inode).await?;
         }
-        {
-            inode.change_locally(|s| {
-                if let Some(m) = change.mode {
-                    s.mode = Some(m & 0o7777);
-                }
-                if let Some(u) = change.uid {
-                    s.uid = Some(u);
-                }
-                if let Some(g) = change.gid {
-                    s.gid = Some(g);
-                }
-                if let Some(t) = change.mtime {
-                    s.mtime = whole_seconds(t);
-                }
-            });
+        let attrs = AttrChange {
+            mode: change.mode.map(|m| m & 0o7777),
+            uid: change.uid,
+            gid: change.gid,
+            mtime: change.mtime.map(whole_seconds),
+        };
+        if inode.kind == Kind::Directory {
+            // Stored at once: the change shows only once S3 has it.
+            let mut stat = inode.stat();
+            attrs.apply(&mut stat);
+            let object_attrs = self.attrs_for(&stat, Kind::Directory);
+            self.client
+                .put_object(&inode.key(), PutBody::Bytes(Bytes::new()), &object_attrs)
+                .await
+                .map_err(from_client)?;
+            // A listing does not say a directory's attributes: they are kept here.
+            inode.change_locally(|s| attrs.apply(s));
+            return Ok(self.attr_of(&inode));
         }
+        inode.change_attrs(attrs, writer.is_none() && change.size.is_none());
         match (inode.kind, writer) {
             (Kind::File, Some(w)) => {
                 // Open for writing: everything goes into the upload at the next commit.
@@ -525,6 +555,8 @@ impl<C: ObjectClient> S3Filesystem<C> {
                     w.truncate(size).await?;
                     inode.lock().stat.size = size;
                 }
+                // Into an upload created from now on, too.
+                self.attrs_to_writer(&inode, &w).await;
                 w.state.lock().await.touch();
             }
             (Kind::File, None) => {
@@ -547,15 +579,8 @@ impl<C: ObjectClient> S3Filesystem<C> {
                     self.defer_metadata(&inode);
                 }
             }
-            (Kind::Directory, _) => {
-                let stat = inode.stat();
-                let attrs = self.attrs_for(&stat, Kind::Directory);
-                self.client
-                    .put_object(&inode.key(), PutBody::Bytes(Bytes::new()), &attrs)
-                    .await
-                    .map_err(from_client)?;
-            }
-            (Kind::Symlink, _) => self.defer_metadata(&inode),
+            // A symlink (a directory was stored above).
+            _ => self.defer_metadata(&inode),
         }
         Ok(self.attr_of(&inode))
     }
@@ -570,7 +595,8 @@ impl<C: ObjectClient> S3Filesystem<C> {
 
     /// Stores the deferred attributes changed more than `older_than` ago; failures are
     /// logged (the call that made the change has returned), and S3's attributes come back.
-    pub async fn store_pending_metadata(&self, older_than: Duration) {
+    /// Returns whether S3 took all of them.
+    pub async fn store_pending_metadata(&self, older_than: Duration) -> bool {
         let due: Vec<Ino> = super::lock(&self.pending_metadata)
             .iter()
             .filter(|(_, (changed, _))| changed.elapsed() >= older_than)
@@ -585,7 +611,9 @@ impl<C: ObjectClient> S3Filesystem<C> {
         futures_util::stream::iter(stores)
             .buffer_unordered(RENAME_PARALLELISM)
             .collect::<Vec<bool>>()
-            .await;
+            .await
+            .into_iter()
+            .all(|stored| stored)
     }
 
     /// Stores `ino`'s deferred attributes now, if it has any; the caller holds the inode.
@@ -601,7 +629,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
                     key = inode.key(),
                     "could not store changed attributes (mode, owner, mtime) in S3: {e}"
                 );
-                inode.forget_local_changes();
+                inode.forget_all_changes();
                 false
             }
         }
@@ -622,6 +650,12 @@ impl<C: ObjectClient> S3Filesystem<C> {
         let key = inode.key();
         tracing::debug!(key, mtime = ?inode.stat().mtime, "copy replace");
         let head = self.client.head_object(&key).await.map_err(from_client)?;
+        let (_, now) = super::stat_of_head(&head);
+        inode.refresh(now, self.config.metadata_ttl);
+        if !inode.lock().local_changes {
+            // Another client replaced the object since: its version wins.
+            return Ok(());
+        }
         let attrs = ObjectAttributes {
             content_type: head.content_type,
             storage_class: head.storage_class,
@@ -697,14 +731,39 @@ impl<C: ObjectClient> S3Filesystem<C> {
         }
         let _held = self.hold(inode.ino).await;
         self.still_at(&inode, parent, name)?;
+        let writer = self.writer_of(&inode);
+        if let Some(w) = &writer {
+            w.keep_bytes().await?;
+        }
         self.client
             .delete_object(&inode.key())
             .await
             .map_err(from_client)?;
+        if let Some(w) = writer {
+            w.unlinked().await;
+        }
         super::lock(&self.pending_metadata).remove(&inode.ino);
+        inode.forget_all_changes();
         self.inodes.remove_name(parent, name);
-        self.entries_changed(parent);
+        self.entry_removed(parent);
         Ok(())
+    }
+
+    /// The write handle of `inode`, if it is open for writing.
+    fn writer_of(&self, inode: &Inode) -> Option<Arc<WriteHandle<C>>> {
+        super::lock(&self.writers)
+            .get(&inode.ino)
+            .map(|(w, _)| w.clone())
+    }
+
+    /// An entry of `dir` is gone. If it was the last one of a directory that exists only
+    /// because of its entries (no marker), the directory is gone too: its cached attributes
+    /// expire, so the next lookup asks S3.
+    fn entry_removed(&self, dir: Ino) {
+        self.entries_changed(dir);
+        if let Some(d) = self.inodes.get(dir) {
+            d.expire();
+        }
     }
 
     /// After waiting for the inode's change lock: fails with ENOENT if `inode` is no longer
@@ -725,12 +784,17 @@ impl<C: ObjectClient> S3Filesystem<C> {
         }
     }
 
-    /// Whether the directory with key `prefix` has anything but its own marker.
-    async fn has_children(&self, prefix: &str) -> FsResult<bool> {
+    /// Whether directory `dir` has entries: in S3 (anything but its own marker), or here (a
+    /// file being written in it that S3 does not have yet).
+    async fn has_children(&self, dir: &Inode) -> FsResult<bool> {
+        if self.has_local_entries(dir) {
+            return Ok(true);
+        }
+        let prefix = dir.key();
         let page = self
             .client
             .list_objects(&ListRequest {
-                prefix,
+                prefix: &prefix,
                 max_keys: Some(2),
                 ..Default::default()
             })
@@ -748,12 +812,12 @@ impl<C: ObjectClient> S3Filesystem<C> {
         let _held = self.hold(inode.ino).await;
         self.still_at(&inode, parent, name)?;
         let key = inode.key();
-        if self.has_children(&key).await? {
+        if self.has_children(&inode).await? {
             return Err(FsError::NotEmpty);
         }
         self.client.delete_object(&key).await.map_err(from_client)?;
         self.inodes.remove_name(parent, name);
-        self.entries_changed(parent);
+        self.entry_removed(parent);
         Ok(())
     }
 
@@ -774,6 +838,11 @@ impl<C: ObjectClient> S3Filesystem<C> {
         }
         let source = self.resolve(parent, name).await?;
         let target_dir = self.dir_inode(new_parent)?;
+        // Checked first, as the kernel does.
+        if source.kind == Kind::Directory && target_dir.key().starts_with(&source.key()) {
+            return Err(FsError::Invalid("cannot move a directory into itself"));
+        }
+        let mut replaced = None;
         match self.resolve(new_parent, new_name).await {
             Ok(existing) => {
                 if no_replace {
@@ -782,13 +851,14 @@ impl<C: ObjectClient> S3Filesystem<C> {
                 if existing.ino == source.ino {
                     return Ok(());
                 }
+                replaced = Some(existing.clone());
                 match (
                     source.kind == Kind::Directory,
                     existing.kind == Kind::Directory,
                 ) {
                     (false, true) => return Err(FsError::IsADirectory),
                     (true, false) => return Err(FsError::NotADirectory),
-                    (true, true) if self.has_children(&existing.key()).await? => {
+                    (true, true) if self.has_children(&existing).await? => {
                         return Err(FsError::NotEmpty)
                     }
                     _ => {}
@@ -797,11 +867,13 @@ impl<C: ObjectClient> S3Filesystem<C> {
             Err(FsError::NotFound) => {}
             Err(e) => return Err(e),
         }
-        if source.kind == Kind::Directory && target_dir.key().starts_with(&source.key()) {
-            return Err(FsError::Invalid("cannot move a directory into itself"));
-        }
         let _held = self.hold(source.ino).await;
         self.still_at(&source, parent, name)?;
+        // An open file replaced by the rename keeps its bytes, and stops storing itself.
+        let replaced_writer = replaced.as_ref().and_then(|r| self.writer_of(r));
+        if let Some(w) = &replaced_writer {
+            w.keep_bytes().await?;
+        }
         let old_key = source.key();
         let new_key = super::inode::child_key(&target_dir.key(), new_name, source.kind);
         if new_key == old_key {
@@ -818,9 +890,20 @@ impl<C: ObjectClient> S3Filesystem<C> {
             (_, Some(w)) => {
                 // Open for writing: what S3 has (if anything) moves now, and the next commit
                 // writes the whole file at the new name.
-                let moved = match self.client.head_object(&old_key).await {
+                let moved = match self.client.head_object(&old_key).await.map_err(from_client) {
                     Ok(_) => Some(self.copy_then_delete(&old_key, &new_key, None).await?),
-                    Err(_) => None,
+                    Err(FsError::NotFound) => {
+                        if replaced.is_some() {
+                            // The object it replaces is gone now, whatever becomes of the
+                            // commit.
+                            self.client
+                                .delete_object(&new_key)
+                                .await
+                                .map_err(from_client)?;
+                        }
+                        None
+                    }
+                    Err(e) => return Err(e),
                 };
                 let mut s = w.state.lock().await;
                 if let Some((old_etag, new_etag)) = moved {
@@ -853,8 +936,16 @@ impl<C: ObjectClient> S3Filesystem<C> {
                 }
             }
         }
+        if let Some(w) = replaced_writer {
+            w.unlinked().await;
+        }
+        if let Some(r) = &replaced {
+            // Its deferred attributes are for an object that is gone.
+            super::lock(&self.pending_metadata).remove(&r.ino);
+            r.forget_all_changes();
+        }
         self.inodes.rename(&source, &target_dir, new_name);
-        self.entries_changed(parent);
+        self.entry_removed(parent);
         self.entries_changed(new_parent);
         self.forget_negative(new_parent, new_name);
         super::lock(&self.negative).insert(

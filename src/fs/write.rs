@@ -179,6 +179,8 @@ struct Upload {
     /// When it was created, and its entry in the journal (removed once it is completed or
     /// aborted).
     created: SystemTime,
+    /// The attributes it was created with: S3 gives the object these, whatever changed since.
+    attrs: ObjectAttributes,
     entry: Option<JournalEntry>,
     /// Creates of this upload whose answers were lost: looked for once it is over.
     lost: Vec<LostCreate>,
@@ -300,6 +302,12 @@ pub struct WriteState {
     commit_failed: bool,
     /// A part `append_now` completed, for `seal_full_part` to start.
     completed: Option<u64>,
+    /// The file was unlinked while open: it stays readable and writable through its
+    /// descriptors, and is never stored again.
+    unlinked: bool,
+    /// The last commit stored an object without `attrs` as they were then (a chmod or touch
+    /// after its multipart upload was created): they need a copy of their own.
+    pub attrs_left_behind: bool,
 }
 
 /// Why a handle failed, kept to answer every later call the same way.
@@ -471,6 +479,8 @@ impl<C: ObjectClient> WriteHandle<C> {
                 failed: None,
                 commit_failed: false,
                 completed: None,
+                unlinked: false,
+                attrs_left_behind: false,
             }),
         }
     }
@@ -961,6 +971,7 @@ impl<C: ObjectClient> WriteHandle<C> {
                 id,
                 parts: BTreeMap::new(),
                 created,
+                attrs: s.attrs.clone(),
                 entry,
                 lost,
             });
@@ -1103,7 +1114,7 @@ impl<C: ObjectClient> WriteHandle<C> {
         let result = match s.check() {
             // What the application wrote was not all kept: nothing may be stored.
             Err(e) => Err(e),
-            Ok(()) if !s.dirty => return Ok(None),
+            Ok(()) if !s.dirty || s.unlinked => return Ok(None),
             Ok(()) => self.commit_locked(&mut s).await,
         };
         if result.is_err() {
@@ -1123,6 +1134,31 @@ impl<C: ObjectClient> WriteHandle<C> {
             len: s.size,
         });
         Ok(Some(etag))
+    }
+
+    /// Starts the upload of part `part` and returns the last part number it covers: a run of
+    /// unchanged parts is one copy, up to MAX_COPY_PART (part numbers need not be consecutive,
+    /// so the run's other numbers go unused); anything else goes up from the spool.
+    async fn start_run(&self, s: &mut WriteState, part: u64, last: u64) -> FsResult<u64> {
+        let base = self.config.part_size;
+        if !self.copyable(s, part) {
+            let range = part_range(part, base);
+            self.fill(s, range.start..range.end.min(s.size)).await?;
+            self.start_part(s, part).await?;
+            return Ok(part);
+        }
+        let start = part_range(part, base).start;
+        let mut through = part;
+        while through < last
+            && missing(s, through + 1)
+            && self.copyable(s, through + 1)
+            && part_range(through + 1, base).end - start <= MAX_COPY_PART
+        {
+            through += 1;
+        }
+        let end = part_range(through, base).end.min(s.size);
+        self.start_copy(s, part, start..end).await?;
+        Ok(through)
     }
 
     async fn commit_locked(&self, s: &mut WriteState) -> FsResult<String> {
@@ -1158,6 +1194,7 @@ impl<C: ObjectClient> WriteHandle<C> {
                     }
                 }
             };
+            s.attrs_left_behind = false;
             return self
                 .client
                 .put_object(&s.key, body, &s.attrs)
@@ -1165,11 +1202,6 @@ impl<C: ObjectClient> WriteHandle<C> {
                 .map_err(from_client);
         }
         let last = part_index(s.size.max(1) - 1, base);
-        let missing = |s: &WriteState, part: u64| {
-            s.upload
-                .as_ref()
-                .is_none_or(|u| !u.parts.contains_key(&part))
-        };
         let mut part = 0;
         while part <= last {
             if !missing(s, part) {
@@ -1180,35 +1212,39 @@ impl<C: ObjectClient> WriteHandle<C> {
                 let (_, data) = in_memory.take().expect("checked");
                 let upload = self.upload(s).await?;
                 self.spawn_upload(upload, part, PutBody::Bytes(data));
-            } else if self.copyable(s, part) {
-                // A run of unchanged parts is one copy, up to MAX_COPY_PART: part numbers
-                // need not be consecutive, so the run's other numbers go unused.
-                let start = part_range(part, base).start;
-                let mut through = part;
-                while through < last
-                    && missing(s, through + 1)
-                    && self.copyable(s, through + 1)
-                    && part_range(through + 1, base).end - start <= MAX_COPY_PART
-                {
-                    through += 1;
-                }
-                let end = part_range(through, base).end.min(s.size);
-                self.start_copy(s, part, start..end).await?;
-                part = through;
             } else {
-                let range = part_range(part, base);
-                self.fill(s, range.start..range.end.min(s.size)).await?;
-                self.start_part(s, part).await?;
+                part = self.start_run(s, part, last).await?;
             }
             part += 1;
         }
-        let upload = s.upload.as_mut().expect("started above");
-        let numbers: Vec<u64> = upload.parts.keys().copied().collect();
+        let numbers: Vec<u64> = s
+            .upload
+            .as_ref()
+            .expect("started above")
+            .parts
+            .keys()
+            .copied()
+            .collect();
         let mut completed = Vec::with_capacity(numbers.len());
         for part in numbers {
+            let upload = s.upload.as_mut().expect("started above");
+            let etag = match settle(upload, part).await {
+                Ok(etag) => etag,
+                // Its retries were spent while the application went on writing: the bytes
+                // are in the spool (or the base object), so it gets one more round.
+                Err(e) => {
+                    tracing::warn!(
+                        "part {} of {} failed, sending it again: {e}",
+                        part + 1,
+                        s.key
+                    );
+                    self.start_run(s, part, last).await?;
+                    settle(s.upload.as_mut().expect("started above"), part).await?
+                }
+            };
             completed.push(CompletedPart {
                 part_number: part as u32 + 1,
-                etag: settle(upload, part).await?,
+                etag,
             });
         }
         let upload = s.upload.take().expect("present");
@@ -1229,6 +1265,7 @@ impl<C: ObjectClient> WriteHandle<C> {
         };
         match answer {
             Ok(etag) => {
+                s.attrs_left_behind = upload.attrs != s.attrs;
                 let Upload { entry, lost, .. } = upload;
                 if let Some(entry) = entry {
                     entry.remove();
@@ -1278,12 +1315,34 @@ impl<C: ObjectClient> WriteHandle<C> {
     /// failure nor a failed commit (already reported to a close) stands in the way.
     pub async fn commit_due_at_release(&self) -> bool {
         let s = self.state.lock().await;
-        s.dirty && s.failed.is_none() && !s.commit_failed
+        s.dirty && s.failed.is_none() && !s.commit_failed && !s.unlinked
     }
 
-    /// Whether something changed that S3 does not have.
+    /// Whether something changed that S3 does not have (and should).
     pub async fn has_unstored_changes(&self) -> bool {
-        self.state.lock().await.dirty
+        let s = self.state.lock().await;
+        s.dirty && !s.unlinked
+    }
+
+    /// The file's object is about to go (unlinked, or replaced by a rename) while the file is
+    /// open: fetches into the spool the bytes it has only in S3, so it stays readable.
+    pub async fn keep_bytes(&self) -> FsResult<()> {
+        let mut s = self.state.lock().await;
+        let size = s.size;
+        self.spill(&mut s).await?;
+        self.fill(&mut s, 0..size).await
+    }
+
+    /// The file's name is gone (after [`WriteHandle::keep_bytes`]): what is open of it stays
+    /// readable and writable, nothing of it is stored any more, and an upload under way is
+    /// aborted.
+    pub async fn unlinked(&self) {
+        let mut s = self.state.lock().await;
+        s.base = None;
+        s.unlinked = true;
+        if let Some(upload) = s.upload.take() {
+            self.abort(upload);
+        }
     }
 
     /// Gives up: aborts any multipart upload (on release of a handle whose commit failed).
@@ -1353,6 +1412,13 @@ fn multipart_etag(parts: &[CompletedPart]) -> Option<String> {
         hex::encode(md5::Md5::digest(&md5s)),
         parts.len()
     ))
+}
+
+/// Whether part `part` is neither uploaded nor under way.
+fn missing(s: &WriteState, part: u64) -> bool {
+    s.upload
+        .as_ref()
+        .is_none_or(|u| !u.parts.contains_key(&part))
 }
 
 /// Waits for part `part`'s upload and returns its ETag. A failed part is no longer in the
@@ -1642,13 +1708,33 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn failed_part_aborts_and_reports() {
+    async fn a_part_that_failed_in_the_background_gets_one_more_round_at_commit() {
         let mock = Arc::new(MockClient::new("b"));
         let h = handle(&mock, 1000);
         mock.fail_next(
             Operation::UploadPart,
             crate::s3::ErrorKind::InternalError,
             1,
+        );
+        h.write(0, &[1u8; 3000]).await.unwrap();
+        h.commit().await.unwrap();
+        assert_eq!(&mock.object("k").unwrap().data[..], &[1u8; 3000][..]);
+        assert_eq!(
+            mock.count(Operation::UploadPart),
+            4,
+            "three parts, one sent twice"
+        );
+    }
+
+    #[tokio::test]
+    async fn failed_part_aborts_and_reports() {
+        let mock = Arc::new(MockClient::new("b"));
+        let h = handle(&mock, 1000);
+        // Every round, the one more at commit too.
+        mock.fail_next(
+            Operation::UploadPart,
+            crate::s3::ErrorKind::InternalError,
+            100,
         );
         h.write(0, &[1u8; 3000]).await.unwrap();
         let err = h.commit().await.unwrap_err();

@@ -160,6 +160,16 @@ impl MockClient {
         self.open_uploads()
     }
 
+    /// Forgets every failure planned and not yet met.
+    pub fn clear_failures(&self) {
+        self.lock().failures.clear();
+    }
+
+    /// Removes an object directly, without counting a call (another client's delete).
+    pub fn remove(&self, key: &str) {
+        self.lock().objects.remove(key);
+    }
+
     /// The keys of the uploads in progress.
     pub fn upload_keys(&self) -> Vec<String> {
         self.lock()

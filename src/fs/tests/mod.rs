@@ -958,3 +958,29 @@ async fn one_inode_per_name_under_racing_lookups_listings_and_renames() {
     }
     assert_eq!(entries.len(), 41);
 }
+
+#[tokio::test]
+async fn a_file_unlinked_while_open_stays_usable_and_is_never_stored() {
+    let (mock, fs) = fs_with(&[], Duration::from_secs(1));
+    let d = fs.mkdir(ROOT_INO, "d", 0o755, me()).await.unwrap();
+    let (_, fh) = fs.create(d.ino, "f", 0o644, me()).await.unwrap();
+    fs.write(fh, 0, &[1u8; 3000]).await.unwrap();
+    fs.flush(fh).await.unwrap();
+    assert!(mock.object("d/f").is_some());
+    fs.unlink(d.ino, "f").await.unwrap();
+    assert!(mock.object("d/f").is_none());
+    // Still readable and writable through the open descriptor.
+    fs.write(fh, 3000, b"more").await.unwrap();
+    let got = fs.read(fh, 2998, 10).await.unwrap();
+    assert_eq!(&got[..], &[1, 1, b'm', b'o', b'r', b'e']);
+    // Neither the close nor the release stores it again.
+    fs.flush(fh).await.unwrap();
+    fs.release_file(fh).await;
+    assert!(mock.object("d/f").is_none(), "never stored again");
+    assert_eq!(mock.open_uploads_settled().await, 0);
+    // And its directory can go.
+    fs.rmdir(ROOT_INO, "d").await.unwrap();
+    assert!(mock.keys().is_empty(), "{:?}", mock.keys());
+}
+
+mod model;
