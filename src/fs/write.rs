@@ -40,7 +40,7 @@
 //! **Metadata.** Mode, owner and mtime go into the upload itself as `x-amz-meta-*`, in the
 //! format s3fs-fuse uses.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
@@ -1168,6 +1168,21 @@ impl<C: ObjectClient> WriteHandle<C> {
             let stale = s.upload.take().expect("checked");
             self.abort(stale);
         }
+        // Parts whose upload had already ended before this commit: one of them that failed
+        // spent its retries while the application went on writing, and gets one more round
+        // below. A part that fails while the commit waits for it has had its round: sending
+        // it again would make a close against a dead server take twice the retry budget.
+        let ended_before: BTreeSet<u64> = s
+            .upload
+            .as_ref()
+            .map(|u| {
+                u.parts
+                    .iter()
+                    .filter(|(_, p)| matches!(p, PartState::Uploading(t) if t.is_finished()))
+                    .map(|(n, _)| *n)
+                    .collect()
+            })
+            .unwrap_or_default();
         // A last part written in order goes up from memory; anything else held there moves to
         // the spool first.
         let mut in_memory = match &s.filling {
@@ -1232,7 +1247,7 @@ impl<C: ObjectClient> WriteHandle<C> {
                 Ok(etag) => etag,
                 // Its retries were spent while the application went on writing: the bytes
                 // are in the spool (or the base object), so it gets one more round.
-                Err(e) => {
+                Err(e) if ended_before.contains(&part) => {
                     tracing::warn!(
                         "part {} of {} failed, sending it again: {e}",
                         part + 1,
@@ -1241,6 +1256,7 @@ impl<C: ObjectClient> WriteHandle<C> {
                     self.start_run(s, part, last).await?;
                     settle(s.upload.as_mut().expect("started above"), part).await?
                 }
+                Err(e) => return Err(e),
             };
             completed.push(CompletedPart {
                 part_number: part as u32 + 1,
