@@ -562,16 +562,7 @@ fn mount_and_serve(
             tracing::error!("unmount failed: {e}");
         }
     });
-    // Deferred attribute changes of closed files (chmod, utimens) go to S3 shortly after.
-    let pending_fs = fs.clone();
-    rt.spawn(async move {
-        let delay = crate::fs::METADATA_WRITE_DELAY;
-        let mut tick = tokio::time::interval(delay);
-        loop {
-            tick.tick().await;
-            pending_fs.store_pending_metadata(delay).await;
-        }
-    });
+    fs.start_deferred_store(rt.handle());
     let stats_fs = fs.clone();
     let stats_client = client.clone();
     rt.spawn(async move {
@@ -583,8 +574,7 @@ fn mount_and_serve(
         }
     });
     let result = session.run();
-    // What is still deferred goes now, before the process ends.
-    rt.block_on(fs.store_pending_metadata(Duration::ZERO));
+    rt.block_on(fs.unmounting());
     log_stats(&fs, &client);
     tracing::info!("unmounted");
     result.map_err(|e| StartError(format!("the FUSE session ended with an error: {e}")))

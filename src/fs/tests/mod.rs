@@ -286,7 +286,7 @@ async fn read_only_mount_refuses_writes() {
         fs.open(f.ino, true, false).await.unwrap_err().errno(),
         libc::EROFS
     );
-    let me = mutate::Caller {
+    let me = attributes::Caller {
         uid: 0,
         gid: 0,
         process: 1,
@@ -356,8 +356,8 @@ async fn s3_failures_surface_as_eio_with_the_request() {
     assert_eq!(path(&fs, "f").await.unwrap_err().errno(), libc::EACCES);
 }
 
-fn me() -> mutate::Caller {
-    mutate::Caller {
+fn me() -> attributes::Caller {
+    attributes::Caller {
         uid: 1000,
         gid: 1000,
         process: 1,
@@ -486,11 +486,11 @@ async fn chmod_and_utimens_on_a_closed_file_use_copy_replace() {
     let (mock, fs) = fs_with(&["f"], Duration::from_secs(1));
     let f = path(&fs, "f").await.unwrap();
     let when = SystemTime::UNIX_EPOCH + Duration::from_secs(1_600_000_000);
-    let chmod = mutate::SetAttr {
+    let chmod = attributes::SetAttr {
         mode: Some(0o600),
         ..Default::default()
     };
-    let touch = mutate::SetAttr {
+    let touch = attributes::SetAttr {
         mtime: Some(when),
         ..Default::default()
     };
@@ -518,7 +518,7 @@ async fn chmod_and_utimens_on_a_closed_file_use_copy_replace() {
     let a = fs
         .setattr(
             f.ino,
-            mutate::SetAttr {
+            attributes::SetAttr {
                 size: Some(3),
                 ..Default::default()
             },
@@ -761,12 +761,12 @@ async fn attributes_changed_before_a_rename_travel_with_its_copy() {
     let f = path(&fs, "d/.f.tmp").await.unwrap();
     let when = SystemTime::UNIX_EPOCH + Duration::from_secs(1_600_000_000);
     // What rsync does with each file it receives: chmod, utimens, rename into place.
-    let change = mutate::SetAttr {
+    let change = attributes::SetAttr {
         mode: Some(0o640),
         ..Default::default()
     };
     fs.setattr(f.ino, change).await.unwrap();
-    let change = mutate::SetAttr {
+    let change = attributes::SetAttr {
         mtime: Some(when),
         ..Default::default()
     };
@@ -810,7 +810,7 @@ async fn attributes_changed_before_a_rename_travel_with_its_copy() {
 async fn deferred_attributes_that_cannot_be_stored_give_way_to_s3s() {
     let (mock, fs) = fs_with(&["f"], Duration::from_secs(1));
     let f = path(&fs, "f").await.unwrap();
-    let change = mutate::SetAttr {
+    let change = attributes::SetAttr {
         mode: Some(0o600),
         ..Default::default()
     };
