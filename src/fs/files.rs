@@ -248,14 +248,16 @@ impl<C: ObjectClient> S3Filesystem<C> {
         None
     }
 
+    /// The write handle of open file `fh`, and its inode.
+    fn writer_of_handle(&self, fh: u64) -> FsResult<(Ino, Arc<WriteHandle<C>>)> {
+        match super::lock(&self.files).get(&fh) {
+            Some(OpenFile::Write { ino, writer, .. }) => Ok((*ino, writer.clone())),
+            _ => Err(FsError::BadHandle),
+        }
+    }
+
     pub async fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
-        let file = super::lock(&self.files)
-            .get(&fh)
-            .cloned()
-            .ok_or(FsError::BadHandle)?;
-        let OpenFile::Write { ino, writer, .. } = file else {
-            return Err(FsError::BadHandle);
-        };
+        let (ino, writer) = self.writer_of_handle(fh)?;
         let n = writer.write(offset, data).await?;
         let size = writer.size().await;
         self.written(ino, size);
@@ -266,13 +268,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
     /// as soon as it is taken, before the writer waits for uploads to leave room, so copies
     /// of requests in flight stay few and short-lived.
     pub async fn write_owned(&self, fh: u64, offset: u64, data: bytes::Bytes) -> FsResult<u32> {
-        let file = super::lock(&self.files)
-            .get(&fh)
-            .cloned()
-            .ok_or(FsError::BadHandle)?;
-        let OpenFile::Write { ino, writer, .. } = file else {
-            return Err(FsError::BadHandle);
-        };
+        let (ino, writer) = self.writer_of_handle(fh)?;
         let n = writer.take(offset, &data).await?;
         drop(data);
         let size = writer.size().await;
