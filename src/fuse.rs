@@ -22,8 +22,8 @@ use fuser::{
 use crate::activity::Activity;
 use crate::fs::error::{FsError, FsResult};
 use crate::fs::inode::Kind;
-use crate::fs::mutate::{Caller, SetAttr, WrittenNow};
 use crate::fs::{Attr, S3Filesystem};
+use crate::fs::{Caller, SetAttr, WrittenNow};
 use crate::s3::ObjectClient;
 
 /// Largest read and write the kernel sends us (it asks for at most this much readahead too).

@@ -838,20 +838,12 @@ fn mount_and_serve(
         }
     });
     // Deferred attribute changes of closed files (chmod, utimens) go to S3 shortly after.
-    let pending_fs = fs.clone();
-    rt.spawn(async move {
-        let delay = crate::fs::METADATA_WRITE_DELAY;
-        let mut tick = tokio::time::interval(delay);
-        loop {
-            tick.tick().await;
-            pending_fs.store_pending_metadata(delay).await;
-        }
-    });
+    fs.start_deferred_store(rt.handle());
     // Ends when the kernel lets go of the connection: an unmount, or after a detach, the
     // last open file closed.
     let result = session.run();
     // What is still deferred goes now, before the process ends.
-    rt.block_on(fs.store_pending_metadata(Duration::ZERO));
+    rt.block_on(fs.unmounting());
     crate::status::log_stats(&crate::status::snapshot(&state), false);
     drop(control);
     tracing::info!("unmounted");

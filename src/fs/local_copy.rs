@@ -21,7 +21,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
 use super::error::{FsError, FsResult};
-use super::read::{fetch, ReadContext};
+use super::get::{fetch, ReadContext};
 use crate::s3::ObjectClient;
 
 /// Which chunks are on disk, and which are being fetched.

@@ -40,7 +40,7 @@
 //! **Metadata.** Mode, owner and mtime go into the upload itself as `x-amz-meta-*`, in the
 //! format s3fs-fuse uses.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
@@ -1163,26 +1163,21 @@ impl<C: ObjectClient> WriteHandle<C> {
 
     async fn commit_locked(&self, s: &mut WriteState) -> FsResult<String> {
         let base = self.config.part_size;
+        // Parts whose uploads ended before the close: one that failed gets one more round,
+        // as the application could not be told while it wrote. A part failing during the
+        // close is reported (its retry budget is the close's time limit).
+        let ended_before: HashSet<u64> = s.upload.as_ref().map_or_else(HashSet::new, |u| {
+            u.parts
+                .iter()
+                .filter(|(_, st)| matches!(st, PartState::Uploading(t) if t.is_finished()))
+                .map(|(p, _)| *p)
+                .collect()
+        });
         // A rename since the upload began: it cannot move, so start over at the new key.
         if s.upload.as_ref().is_some_and(|u| u.key != s.key) {
             let stale = s.upload.take().expect("checked");
             self.abort(stale);
         }
-        // Parts whose upload had already ended before this commit: one of them that failed
-        // spent its retries while the application went on writing, and gets one more round
-        // below. A part that fails while the commit waits for it has had its round: sending
-        // it again would make a close against a dead server take twice the retry budget.
-        let ended_before: BTreeSet<u64> = s
-            .upload
-            .as_ref()
-            .map(|u| {
-                u.parts
-                    .iter()
-                    .filter(|(_, p)| matches!(p, PartState::Uploading(t) if t.is_finished()))
-                    .map(|(n, _)| *n)
-                    .collect()
-            })
-            .unwrap_or_default();
         // A last part written in order goes up from memory; anything else held there moves to
         // the spool first.
         let mut in_memory = match &s.filling {
@@ -1245,9 +1240,10 @@ impl<C: ObjectClient> WriteHandle<C> {
             let upload = s.upload.as_mut().expect("started above");
             let etag = match settle(upload, part).await {
                 Ok(etag) => etag,
+                Err(e) if !ended_before.contains(&part) => return Err(e),
                 // Its retries were spent while the application went on writing: the bytes
-                // are in the spool (or the base object), so it gets one more round.
-                Err(e) if ended_before.contains(&part) => {
+                // are in the spool (or the base object).
+                Err(e) => {
                     tracing::warn!(
                         "part {} of {} failed, sending it again: {e}",
                         part + 1,
@@ -1256,7 +1252,6 @@ impl<C: ObjectClient> WriteHandle<C> {
                     self.start_run(s, part, last).await?;
                     settle(s.upload.as_mut().expect("started above"), part).await?
                 }
-                Err(e) => return Err(e),
             };
             completed.push(CompletedPart {
                 part_number: part as u32 + 1,
@@ -1724,43 +1719,26 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_part_that_failed_in_the_background_gets_one_more_round_at_commit() {
-        let mock = Arc::new(MockClient::new("b"));
-        let h = handle(&mock, 1000);
-        mock.fail_next(
-            Operation::UploadPart,
-            crate::s3::ErrorKind::InternalError,
-            1,
-        );
-        h.write(0, &[1u8; 3000]).await.unwrap();
-        h.commit().await.unwrap();
-        assert_eq!(&mock.object("k").unwrap().data[..], &[1u8; 3000][..]);
-        assert_eq!(
-            mock.count(Operation::UploadPart),
-            4,
-            "three parts, one sent twice"
-        );
-    }
-
-    #[tokio::test]
-    async fn failed_part_aborts_and_reports() {
-        let mock = Arc::new(MockClient::new("b"));
-        let h = handle(&mock, 1000);
-        // Every round, the one more at commit too.
-        mock.fail_next(
-            Operation::UploadPart,
-            crate::s3::ErrorKind::InternalError,
-            100,
-        );
-        h.write(0, &[1u8; 3000]).await.unwrap();
-        let err = h.commit().await.unwrap_err();
-        assert_eq!(err.errno(), libc::EIO);
-        assert!(mock.object("k").is_none(), "nothing half-visible");
-        assert_eq!(
-            mock.open_uploads_settled().await,
-            0,
-            "no orphaned multipart upload"
-        );
+    async fn a_part_failed_before_the_close_is_sent_once_more_and_then_reported() {
+        for (failures, stored) in [(1, true), (100, false)] {
+            let mock = Arc::new(MockClient::new("b"));
+            let h = handle(&mock, 1000);
+            let kind = crate::s3::ErrorKind::InternalError;
+            mock.fail_next(Operation::UploadPart, kind, failures);
+            h.write(0, &[1u8; 3000]).await.unwrap();
+            // The parts sent while writing have their answers before the close.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let result = h.commit().await;
+            if stored {
+                result.unwrap();
+                assert_eq!(&mock.object("k").unwrap().data[..], &[1u8; 3000][..]);
+                assert_eq!(mock.count(Operation::UploadPart), 4, "one part sent twice");
+            } else {
+                assert_eq!(result.unwrap_err().errno(), libc::EIO);
+                assert!(mock.object("k").is_none(), "nothing half-visible");
+            }
+            assert_eq!(mock.open_uploads_settled().await, 0, "no orphaned upload");
+        }
     }
 
     #[tokio::test]

@@ -286,7 +286,7 @@ async fn read_only_mount_refuses_writes() {
         fs.open(f.ino, true, false).await.unwrap_err().errno(),
         libc::EROFS
     );
-    let me = mutate::Caller {
+    let me = attributes::Caller {
         uid: 0,
         gid: 0,
         process: 1,
@@ -356,8 +356,8 @@ async fn s3_failures_surface_as_eio_with_the_request() {
     assert_eq!(path(&fs, "f").await.unwrap_err().errno(), libc::EACCES);
 }
 
-fn me() -> mutate::Caller {
-    mutate::Caller {
+fn me() -> attributes::Caller {
+    attributes::Caller {
         uid: 1000,
         gid: 1000,
         process: 1,
@@ -486,11 +486,11 @@ async fn chmod_and_utimens_on_a_closed_file_use_copy_replace() {
     let (mock, fs) = fs_with(&["f"], Duration::from_secs(1));
     let f = path(&fs, "f").await.unwrap();
     let when = SystemTime::UNIX_EPOCH + Duration::from_secs(1_600_000_000);
-    let chmod = mutate::SetAttr {
+    let chmod = attributes::SetAttr {
         mode: Some(0o600),
         ..Default::default()
     };
-    let touch = mutate::SetAttr {
+    let touch = attributes::SetAttr {
         mtime: Some(when),
         ..Default::default()
     };
@@ -518,7 +518,7 @@ async fn chmod_and_utimens_on_a_closed_file_use_copy_replace() {
     let a = fs
         .setattr(
             f.ino,
-            mutate::SetAttr {
+            attributes::SetAttr {
                 size: Some(3),
                 ..Default::default()
             },
@@ -761,12 +761,12 @@ async fn attributes_changed_before_a_rename_travel_with_its_copy() {
     let f = path(&fs, "d/.f.tmp").await.unwrap();
     let when = SystemTime::UNIX_EPOCH + Duration::from_secs(1_600_000_000);
     // What rsync does with each file it receives: chmod, utimens, rename into place.
-    let change = mutate::SetAttr {
+    let change = attributes::SetAttr {
         mode: Some(0o640),
         ..Default::default()
     };
     fs.setattr(f.ino, change).await.unwrap();
-    let change = mutate::SetAttr {
+    let change = attributes::SetAttr {
         mtime: Some(when),
         ..Default::default()
     };
@@ -810,7 +810,7 @@ async fn attributes_changed_before_a_rename_travel_with_its_copy() {
 async fn deferred_attributes_that_cannot_be_stored_give_way_to_s3s() {
     let (mock, fs) = fs_with(&["f"], Duration::from_secs(1));
     let f = path(&fs, "f").await.unwrap();
-    let change = mutate::SetAttr {
+    let change = attributes::SetAttr {
         mode: Some(0o600),
         ..Default::default()
     };
@@ -981,6 +981,98 @@ async fn a_file_unlinked_while_open_stays_usable_and_is_never_stored() {
     // And its directory can go.
     fs.rmdir(ROOT_INO, "d").await.unwrap();
     assert!(mock.keys().is_empty(), "{:?}", mock.keys());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn many_tasks_on_overlapping_names_leave_a_consistent_tree() {
+    let (mock, fs) = fs_with(&[], Duration::ZERO);
+    let fs = Arc::new(fs);
+    let d = fs.mkdir(ROOT_INO, "s", 0o755, me()).await.unwrap().ino;
+    let names = ["a", "b", "c", "sub"];
+    let mut tasks = Vec::new();
+    for t in 0..8u64 {
+        let fs = fs.clone();
+        tasks.push(tokio::spawn(async move {
+            for round in 0..60u64 {
+                let x = (t * 31 + round * 17) as usize;
+                let (n, m) = (names[x % 4], names[(x / 4) % 4]);
+                match (x / 16) % 6 {
+                    0 | 1 => {
+                        if let Ok((_, fh)) = fs.create(d, n, 0o644, me()).await {
+                            let data = vec![t as u8; 500 + (x % 3000)];
+                            let _ = fs.write(fh, 0, &data).await;
+                            let _ = fs.flush(fh).await;
+                            fs.release_file(fh).await;
+                        }
+                    }
+                    2 => {
+                        let _ = fs.unlink(d, n).await;
+                    }
+                    3 => {
+                        let _ = fs.rename(d, n, d, m, false).await;
+                    }
+                    4 => {
+                        if let Ok(a) = fs.lookup(d, n).await {
+                            if let Ok(fh) = fs.open(a.ino, false, false).await {
+                                let _ = fs.read(fh, 0, 4096).await;
+                                fs.release_file(fh).await;
+                            }
+                        }
+                    }
+                    _ => {
+                        if fs.mkdir(d, n, 0o755, me()).await.is_ok() {
+                            let _ = fs.rmdir(d, n).await;
+                        }
+                        let fh = fs.opendir(d).await.unwrap();
+                        let _ = fs.readdir(d, fh, 0);
+                        fs.releasedir(fh);
+                    }
+                }
+            }
+        }));
+    }
+    let all = futures_util::future::join_all(tasks);
+    for t in tokio::time::timeout(Duration::from_secs(60), all)
+        .await
+        .expect("no task hangs")
+    {
+        t.expect("no task panics");
+    }
+    // Everything is closed: what the core shows is what S3 has, name by name and byte by byte.
+    let fh = fs.opendir(d).await.unwrap();
+    let entries = fs.readdir(d, fh, 0).unwrap();
+    fs.releasedir(fh);
+    let mut shown: Vec<String> = entries
+        .iter()
+        .map(|(_, e)| e.name.clone())
+        .filter(|n| n != "." && n != "..")
+        .collect();
+    shown.sort();
+    let mut stored: Vec<String> = mock
+        .keys()
+        .into_iter()
+        .filter_map(|k| {
+            k.strip_prefix("s/")
+                .map(|n| n.trim_end_matches('/').to_string())
+        })
+        .filter(|n| !n.is_empty())
+        .collect();
+    stored.sort();
+    stored.dedup();
+    assert_eq!(shown, stored);
+    for name in shown {
+        let a = fs.lookup(d, &name).await.unwrap();
+        if a.kind != Kind::File {
+            continue;
+        }
+        let fh = fs.open(a.ino, false, false).await.unwrap();
+        let got = fs.read(fh, 0, 1 << 20).await.unwrap();
+        fs.release_file(fh).await;
+        let object = mock.object(&format!("s/{name}")).unwrap();
+        assert_eq!(&got[..], &object.data[..], "{name} reads as S3 has it");
+        assert_eq!(a.size, object.data.len() as u64, "{name}'s size");
+    }
+    assert_eq!(mock.open_uploads_settled().await, 0);
 }
 
 mod model;

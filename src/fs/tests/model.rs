@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use proptest::prelude::*;
 
-use super::super::mutate::{Caller, SetAttr};
+use super::super::attributes::{Caller, SetAttr};
 use super::super::*;
 use crate::s3::{ErrorKind, MockClient, Operation};
 

@@ -1,0 +1,97 @@
+//! Server-side copies of one object: CopyObject, or UploadPartCopy in parts above 5 GiB,
+//! keeping the object's content type, metadata, storage class and encryption.
+
+use super::error::{from_client, FsResult};
+use super::write::MAX_COPY_PART;
+use super::S3Filesystem;
+use crate::s3::{CompletedPart, CopySource, MetadataDirective, ObjectAttributes, ObjectClient};
+
+/// Objects up to this size are renamed with one CopyObject; above, with UploadPartCopy.
+pub(super) const MAX_SINGLE_COPY: u64 = 5 << 30;
+
+/// Keys copied at once in a directory rename.
+pub(super) const RENAME_PARALLELISM: usize = 16;
+
+impl<C: ObjectClient> S3Filesystem<C> {
+    /// Moves one object, with its metadata replaced by `replace`'s if given; returns its ETag
+    /// before and the copy's ETag.
+    pub(super) async fn copy_then_delete(
+        &self,
+        from: &str,
+        to: &str,
+        replace: Option<ObjectAttributes>,
+    ) -> FsResult<(String, String)> {
+        let head = self.client.head_object(from).await.map_err(from_client)?;
+        let mut attrs = ObjectAttributes {
+            content_type: head.content_type.clone(),
+            metadata: head.metadata.clone(),
+            storage_class: head.storage_class.clone(),
+            sse: head.sse.clone(),
+        };
+        let replacing = replace.is_some();
+        if let Some(r) = replace {
+            attrs.metadata.extend(r.metadata); // ours win; other user metadata stays
+        }
+        let new_etag = if head.size > MAX_SINGLE_COPY {
+            self.multipart_copy(from, to, head.size, &attrs).await?
+        } else {
+            // Not Copy: S3 would store the copy with the bucket's default encryption and
+            // storage class, not the object's.
+            let directive = if replacing {
+                MetadataDirective::Replace(attrs)
+            } else {
+                MetadataDirective::Keep(attrs)
+            };
+            self.client
+                .copy_object(from, to, &directive)
+                .await
+                .map_err(from_client)?
+        };
+        self.client.delete_object(from).await.map_err(from_client)?;
+        Ok((head.etag, new_etag))
+    }
+
+    /// Copies `from` to `to` server-side in parts (objects over 5 GiB); returns the new ETag.
+    pub(super) async fn multipart_copy(
+        &self,
+        from: &str,
+        to: &str,
+        size: u64,
+        attrs: &ObjectAttributes,
+    ) -> FsResult<String> {
+        let id = self
+            .client
+            .create_multipart_upload(to, attrs)
+            .await
+            .map_err(from_client)?;
+        let mut parts = Vec::new();
+        let mut start = 0;
+        let mut n = 1;
+        while start < size {
+            let end = (start + MAX_COPY_PART).min(size);
+            match self
+                .client
+                .upload_part_copy(to, &id, n, CopySource::range(from, start..end))
+                .await
+            {
+                Ok(etag) => parts.push(CompletedPart {
+                    part_number: n,
+                    etag,
+                }),
+                Err(e) => {
+                    let _ = self.client.abort_multipart_upload(to, &id).await;
+                    return Err(from_client(e));
+                }
+            }
+            start = end;
+            n += 1;
+        }
+        match self.client.complete_multipart_upload(to, &id, &parts).await {
+            Ok(etag) => Ok(etag),
+            Err(e) => {
+                let _ = self.client.abort_multipart_upload(to, &id).await;
+                Err(from_client(e))
+            }
+        }
+    }
+}

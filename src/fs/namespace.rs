@@ -1,0 +1,1039 @@
+//! The namespace: names to inodes (lookup, with the bulk revalidation of expired entries),
+//! directory listings with the mount's own changes merged in (cached, fetched ahead, or
+//! fresh), and the changes of names: mkdir, symlink, unlink, rmdir and rename (a file by one
+//! server-side copy, a directory by copying every key under it).
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::FutureExt;
+
+use std::sync::atomic::Ordering;
+
+use super::attributes::{stat_of_head, Caller};
+use super::copy::RENAME_PARALLELISM;
+use super::error::{from_client, FsError, FsResult};
+use super::inode::{Ino, Inode, Kind, Stat};
+use super::{lock, valid_name, Attr, DirEntry, S3Filesystem};
+use super::{MAX_KEY_LEN, MAX_NAME_LEN, METADATA_LISTING_LIMIT};
+use crate::s3::{
+    ErrorKind, ListPage, ListRequest, MetadataDirective, ObjectAttributes, ObjectClient, PutBody,
+    MAX_DELETE_KEYS,
+};
+
+pub(super) const METADATA_HEADS_AT_ONCE: usize = 32;
+
+/// Entries a lookup's revalidation of a large directory lists (see
+/// [`S3Filesystem::revalidate_children`]), and the size of a directory listing's first page:
+/// enough for most directories in one request, and some servers (Garage) take several times
+/// longer to answer for 1,000 keys, even when the directory has only a few.
+pub(super) const REVALIDATION_PAGE: u32 = 200;
+
+pub(super) struct DirHandle {
+    entries: Arc<Vec<DirEntry>>,
+}
+
+/// A listing started ahead of its `opendir` (see [`S3Filesystem::prefetch_subdirectories`]):
+/// when it was started, and its entries once done (`None` if it failed).
+pub(super) type PrefetchedListing = (
+    Instant,
+    // The directory's changes when it started: a listing older than a change is not used.
+    u64,
+    futures_util::future::Shared<
+        futures_util::future::BoxFuture<'static, Option<Arc<Vec<DirEntry>>>>,
+    >,
+);
+
+/// A revalidation of a directory's children (see [`S3Filesystem::revalidate_children`]): when
+/// it started, and whether its listing worked once done.
+pub(super) type Revalidation = (Instant, Arc<tokio::sync::OnceCell<bool>>);
+
+/// Subdirectories whose listings one `opendir` starts ahead.
+pub(super) const SUBDIRECTORIES_PREFETCHED: usize = 8;
+
+impl<C: ObjectClient> S3Filesystem<C> {
+    /// This mount changed the entries of directory `dir`.
+    pub(super) fn entries_changed(&self, dir: Ino) {
+        if let Some(d) = self.inodes.get(dir) {
+            d.entries_changed();
+        }
+    }
+
+    pub(super) fn warn_skipped(&self, key: &str) {
+        if lock(&self.warned_names).insert(key.to_string()) {
+            tracing::warn!(key, "skipping a key that cannot be a file name (empty segment, '.', '..' or over 255 bytes)");
+        }
+    }
+
+    pub(super) fn warn_shadowed(&self, key: &str) {
+        if lock(&self.warned_names).insert(key.to_string()) {
+            tracing::warn!(
+                key,
+                "skipping an object hidden by a directory of the same name (keys below {key}/)"
+            );
+        }
+    }
+
+    /// Looks `name` up in `parent` and counts one kernel reference on the result.
+    pub async fn lookup(&self, parent: Ino, name: &str) -> FsResult<Attr> {
+        if name.len() > MAX_NAME_LEN {
+            return Err(FsError::NameTooLong);
+        }
+        let inode = self.resolve(parent, name).await?;
+        self.inodes.add_lookup(&inode);
+        Ok(self.attr_of(&inode))
+    }
+
+    pub(super) async fn resolve(&self, parent: Ino, name: &str) -> FsResult<Arc<Inode>> {
+        let dir = self.dir_inode(parent)?;
+        if !valid_name(name) {
+            return Err(FsError::NotFound);
+        }
+        let ttl = self.config.metadata_ttl;
+        // Refreshing a known inode waits for changes of it under way (a commit, a setattr), or
+        // an older version read from S3 could overwrite what they just set.
+        let mut _held = None;
+        if let Some(child) = self.inodes.child(parent, name) {
+            // A file open for writing is what we say it is: S3 has an older version, if any.
+            if child.is_fresh() || lock(&self.writers).contains_key(&child.ino) {
+                return Ok(child);
+            }
+            _held = Some(self.hold(child.ino).await);
+            if child.is_fresh() {
+                return Ok(child);
+            }
+            // One listing of the directory revalidates all the children it knows: a program
+            // that stats every file of a tree (rsync, make) sends one request per directory
+            // instead of two per file.
+            if self.revalidate_children(&dir).await && child.is_fresh() {
+                return Ok(child);
+            }
+        }
+        let neg_key = (parent, name.to_string());
+        if lock(&self.negative)
+            .get(&neg_key)
+            .is_some_and(|exp| *exp > Instant::now())
+        {
+            return Err(FsError::NotFound);
+        }
+        self.stats.lookups.fetch_add(1, Ordering::Relaxed);
+
+        let key = format!("{}{name}", dir.key());
+        if key.len() > MAX_KEY_LEN {
+            return Err(FsError::NameTooLong);
+        }
+        let dir_prefix = format!("{key}/");
+        let listing = ListRequest {
+            prefix: &dir_prefix,
+            delimiter: Some("/"),
+            max_keys: Some(1),
+            ..Default::default()
+        };
+        let (head, list) = tokio::join!(
+            self.client.head_object(&key),
+            self.client.list_objects(&listing)
+        );
+        let list = list.map_err(from_client)?;
+        if !list.objects.is_empty() || !list.common_prefixes.is_empty() {
+            if head.is_ok() {
+                self.warn_shadowed(&key);
+            }
+            let marker = list.objects.first().filter(|o| o.key == dir_prefix);
+            let mut stat = Stat::directory(marker.map_or(self.mounted_at, |o| o.last_modified));
+            if marker.is_some() {
+                // The marker carries the directory's mode, owner and mtime (s3fs-style), if any.
+                if let Ok(head) = self.client.head_object(&dir_prefix).await {
+                    let (_, meta) = stat_of_head(&head);
+                    stat = Stat {
+                        size: 0,
+                        etag: None,
+                        ..meta
+                    };
+                }
+            }
+            lock(&self.negative).remove(&neg_key);
+            return Ok(self.inodes.upsert(&dir, name, Kind::Directory, stat, ttl));
+        }
+        match head {
+            Ok(head) => {
+                let (kind, stat) = stat_of_head(&head);
+                lock(&self.negative).remove(&neg_key);
+                Ok(self.inodes.upsert(&dir, name, kind, stat, ttl))
+            }
+            Err(e) if e.kind == ErrorKind::NoSuchKey => {
+                self.inodes.remove_name(parent, name);
+                if !ttl.is_zero() {
+                    lock(&self.negative).insert(neg_key, Instant::now() + ttl);
+                }
+                Err(FsError::NotFound)
+            }
+            Err(e) => Err(from_client(e)),
+        }
+    }
+
+    /// Revalidates the known children of `dir`, and their descendants, with one listing: the
+    /// keys of the whole subtree when it fits in one page (recursive ListObjectsV2), else the
+    /// first [`REVALIDATION_PAGE`] entries of `dir` itself (with delimiter). Each known inode
+    /// the listing shows unchanged is confirmed (see [`Inode::confirm`]); changed, missing or
+    /// unlisted ones stay stale, for a lookup of their own. Runs at most once per directory
+    /// per TTL, shared by concurrent lookups. Returns false when the listing failed.
+    pub(super) async fn revalidate_children(&self, dir: &Arc<Inode>) -> bool {
+        let ttl = self.config.metadata_ttl;
+        if ttl.is_zero() {
+            return false;
+        }
+        let done = {
+            let mut revalidations = lock(&self.revalidations);
+            revalidations.retain(|_, (started, _)| started.elapsed() < ttl);
+            let (_, done) = revalidations
+                .entry(dir.ino)
+                .or_insert_with(|| (Instant::now(), Default::default()));
+            done.clone()
+        };
+        *done
+            .get_or_init(|| async {
+                let dir_key = dir.key();
+                let recursive = !lock(&self.large_trees).contains(&dir.ino);
+                self.stats.listings.fetch_add(1, Ordering::Relaxed);
+                let request = ListRequest {
+                    prefix: &dir_key,
+                    delimiter: (!recursive).then_some("/"),
+                    max_keys: Some(if recursive { 1000 } else { REVALIDATION_PAGE }),
+                    ..Default::default()
+                };
+                let page = match self.client.list_objects(&request).await {
+                    Ok(page) => page,
+                    Err(_) => return false,
+                };
+                if recursive && page.next_continuation_token.is_some() {
+                    // Too large to list whole each time: its own entries from now on.
+                    lock(&self.large_trees).insert(dir.ino);
+                }
+                self.confirm_listed(dir, &dir_key, &page, ttl);
+                true
+            })
+            .await
+    }
+
+    /// Confirms the known inodes below `dir` that `page` (a listing of `dir_key`, with or
+    /// without delimiter) shows unchanged.
+    pub(super) fn confirm_listed(
+        &self,
+        dir: &Arc<Inode>,
+        dir_key: &str,
+        page: &ListPage,
+        ttl: Duration,
+    ) {
+        // Directories seen, as paths below `dir` ending in `/`: those of common prefixes and
+        // every level of every key.
+        let mut directories: HashSet<&str> = page
+            .common_prefixes
+            .iter()
+            .filter_map(|p| p.strip_prefix(dir_key))
+            .collect();
+        for obj in &page.objects {
+            let path = &obj.key[dir_key.len()..];
+            directories.extend(path.match_indices('/').map(|(i, _)| &path[..=i]));
+        }
+        // What a later page could still hold: everything after the last entry.
+        let last = page
+            .objects
+            .last()
+            .map(|o| &o.key[dir_key.len()..])
+            .max(page.common_prefixes.last().map(|p| &p[dir_key.len()..]))
+            .unwrap_or("");
+        let complete = page.next_continuation_token.is_none();
+        // The inode at `path` (below `dir`), if known.
+        let known = |path: &str| -> Option<Arc<Inode>> {
+            let mut inode = dir.clone();
+            for name in path.split('/') {
+                inode = self.inodes.child(inode.ino, name)?;
+            }
+            Some(inode)
+        };
+        let expire = Instant::now() + ttl;
+        for path in &directories {
+            if let Some(child) = known(path.trim_end_matches('/')) {
+                if child.kind == Kind::Directory {
+                    child.lock().expiry = expire;
+                }
+            }
+        }
+        for obj in &page.objects {
+            let path = &obj.key[dir_key.len()..];
+            if path.is_empty() || path.ends_with('/') {
+                continue; // a directory marker
+            }
+            // A file is one only if no directory of the same name shadows it, which a later
+            // page could show unless this one went past where it would sort.
+            let as_dir = format!("{path}/");
+            let past = complete || (last > as_dir.as_str() && !last.starts_with(&as_dir));
+            if !past || directories.contains(as_dir.as_str()) {
+                continue;
+            }
+            let Some(child) = known(path) else {
+                continue;
+            };
+            if child.kind != Kind::Directory {
+                let listed = Stat {
+                    size: obj.size,
+                    etag: Some(obj.etag.clone()),
+                    s3_modified: Some(obj.last_modified),
+                    ..Stat::directory(obj.last_modified)
+                };
+                child.confirm(&listed, ttl);
+            }
+        }
+    }
+
+    pub fn forget(&self, ino: Ino, n: u64) {
+        self.inodes.forget(ino, n);
+        if self.inodes.get(ino).is_none() {
+            lock(&self.changing).remove(&ino);
+        }
+    }
+
+    /// The kernel took a reference through a readdirplus entry.
+    pub fn entry_returned(&self, ino: Ino) {
+        if let Some(inode) = self.inodes.get(ino) {
+            self.inodes.add_lookup(&inode);
+        }
+    }
+
+    pub async fn getattr(&self, ino: Ino) -> FsResult<Attr> {
+        let inode = self.inode(ino)?;
+        let being_written = lock(&self.writers).contains_key(&ino);
+        if being_written || inode.is_fresh() || inode.kind == Kind::Directory {
+            if inode.kind == Kind::Directory && !inode.is_fresh() {
+                let stat = inode.stat();
+                inode.refresh(stat, self.config.metadata_ttl);
+            }
+            return Ok(self.attr_of(&inode));
+        }
+        // Not while a change of this inode is under way: a HEAD sent before it could land
+        // after it and put the old attributes back.
+        let _held = self.hold(ino).await;
+        if inode.is_fresh() {
+            return Ok(self.attr_of(&inode));
+        }
+        if let Some(parent) = self.inodes.get(inode.parent()) {
+            if self.revalidate_children(&parent).await && inode.is_fresh() {
+                return Ok(self.attr_of(&inode));
+            }
+        }
+        self.refresh_from_s3(&inode).await
+    }
+
+    /// HEADs the object and caches what it says; the caller holds the inode (see `hold`).
+    pub(super) async fn refresh_from_s3(&self, inode: &Inode) -> FsResult<Attr> {
+        match self.client.head_object(&inode.key()).await {
+            Ok(head) => {
+                let (_, stat) = stat_of_head(&head);
+                inode.refresh(stat, self.config.metadata_ttl);
+                Ok(self.attr_of(inode))
+            }
+            Err(e) => {
+                if e.kind == ErrorKind::NoSuchKey {
+                    {
+                        let loc = inode.location();
+                        self.inodes.remove_name(loc.parent, &loc.name);
+                    }
+                }
+                Err(from_client(e))
+            }
+        }
+    }
+
+    /// Lists a directory whole (paged ListObjectsV2) and keeps the entries for `readdir`. A
+    /// listing prefetched less than the metadata TTL ago is used instead, once.
+    pub async fn opendir(&self, ino: Ino) -> FsResult<u64> {
+        let dir = self.dir_inode(ino)?;
+        let prefetched = lock(&self.prefetched).remove(&ino);
+        let mut entries = None;
+        if let Some((started, changes, listing)) = prefetched {
+            if let Some(listed) = listing.await {
+                if started.elapsed() < self.config.metadata_ttl && dir.changes() == changes {
+                    entries = Some(listed);
+                }
+            }
+        }
+        let entries = match entries {
+            Some(entries) => entries,
+            None => Arc::new(self.list_dir(&dir).await?),
+        };
+        let entries = self.as_it_is_now(&dir, &entries);
+        let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
+        lock(&self.dirs).insert(fh, Arc::new(DirHandle { entries }));
+        Ok(fh)
+    }
+
+    /// Starts listing the first subdirectories of directory handle `fh` in the background:
+    /// programs that walk a tree (find, du, rsync, ls -R) open them next, one after another,
+    /// and would otherwise wait for one listing at a time.
+    pub fn prefetch_subdirectories(self: &Arc<Self>, fh: u64)
+    where
+        C: 'static,
+    {
+        if self.config.metadata_ttl.is_zero() {
+            return;
+        }
+        let Some(handle) = lock(&self.dirs).get(&fh).cloned() else {
+            return;
+        };
+        let mut prefetched = lock(&self.prefetched);
+        // Listings nobody opened in time are no use any more.
+        let ttl = self.config.metadata_ttl;
+        prefetched.retain(|_, (started, _, _)| started.elapsed() < ttl);
+        let subdirectories = handle
+            .entries
+            .iter()
+            .filter(|e| e.attr.kind == Kind::Directory)
+            .take(SUBDIRECTORIES_PREFETCHED);
+        for entry in subdirectories {
+            let ino = entry.attr.ino;
+            if prefetched.contains_key(&ino) {
+                continue;
+            }
+            let Ok(dir) = self.dir_inode(ino) else {
+                continue;
+            };
+            let changes = dir.changes();
+            let fs = self.clone();
+            let listing = async move { fs.list_dir(&dir).await.ok().map(Arc::new) }
+                .boxed()
+                .shared();
+            // Driven by its own task, whether or not anyone opens the directory.
+            tokio::spawn(listing.clone());
+            prefetched.insert(ino, (Instant::now(), changes, listing));
+        }
+    }
+
+    /// The entries of a listing of `dir` as this mount sees them now: each with its inode's
+    /// current attributes (a file being written shows its size so far), and the files being
+    /// written there that S3 does not have yet added.
+    pub(super) fn as_it_is_now(&self, dir: &Inode, listed: &[DirEntry]) -> Arc<Vec<DirEntry>> {
+        let mut entries: BTreeMap<String, DirEntry> = listed
+            .iter()
+            .map(|e| {
+                let attr = self
+                    .inodes
+                    .get(e.attr.ino)
+                    .map_or_else(|| e.attr.clone(), |i| self.attr_of(&i));
+                (
+                    e.name.clone(),
+                    DirEntry {
+                        name: e.name.clone(),
+                        attr,
+                    },
+                )
+            })
+            .collect();
+        for inode in self.being_written_in(dir) {
+            let name = inode.location().name;
+            let attr = self.attr_of(&inode);
+            entries.insert(name.clone(), DirEntry { name, attr });
+        }
+        Arc::new(entries.into_values().collect())
+    }
+
+    /// The files being written in `dir` and still linked there (not unlinked, not replaced).
+    pub(super) fn being_written_in(&self, dir: &Inode) -> Vec<Arc<Inode>> {
+        let writing: Vec<Ino> = lock(&self.writers).keys().copied().collect();
+        writing
+            .into_iter()
+            .filter_map(|ino| self.inodes.get(ino))
+            .filter(|inode| {
+                let loc = inode.location();
+                loc.parent == dir.ino
+                    && self
+                        .inodes
+                        .child(dir.ino, &loc.name)
+                        .is_some_and(|c| c.ino == inode.ino)
+            })
+            .collect()
+    }
+
+    /// Whether `dir` has entries S3 may not show yet: files being written in it.
+    pub(super) fn has_local_entries(&self, dir: &Inode) -> bool {
+        !self.being_written_in(dir).is_empty()
+    }
+
+    /// Lists `dir`; a listing during which this mount changed the directory is made again
+    /// (once), so it does not show what the mount just removed.
+    pub(super) async fn list_dir(&self, dir: &Arc<Inode>) -> FsResult<Vec<DirEntry>> {
+        let changes = dir.changes();
+        let entries = self.list_dir_once(dir).await?;
+        if dir.changes() == changes {
+            return Ok(entries);
+        }
+        self.list_dir_once(dir).await
+    }
+
+    pub(super) async fn list_dir_once(&self, dir: &Arc<Inode>) -> FsResult<Vec<DirEntry>> {
+        let ttl = self.config.metadata_ttl;
+        let mut found: BTreeMap<String, (Kind, Stat)> = BTreeMap::new();
+        let mut token: Option<String> = None;
+        let dir_key = dir.key();
+        loop {
+            self.stats.listings.fetch_add(1, Ordering::Relaxed);
+            let page = self
+                .client
+                .list_objects(&ListRequest {
+                    prefix: &dir_key,
+                    delimiter: Some("/"),
+                    continuation_token: token.as_deref(),
+                    // A small first page for small directories, then full pages.
+                    max_keys: token.is_none().then_some(REVALIDATION_PAGE),
+                    ..Default::default()
+                })
+                .await
+                .map_err(from_client)?;
+            for obj in page.objects {
+                let name = &obj.key[dir_key.len()..];
+                if name.is_empty() {
+                    continue; // the directory's own marker
+                }
+                if !valid_name(name) {
+                    self.warn_skipped(&obj.key);
+                    continue;
+                }
+                let stat = Stat {
+                    size: obj.size,
+                    mtime: obj.last_modified,
+                    etag: Some(obj.etag),
+                    mode: None,
+                    uid: None,
+                    gid: None,
+                    s3_modified: Some(obj.last_modified),
+                    listing_only: true,
+                };
+                match found.entry(name.to_string()) {
+                    std::collections::btree_map::Entry::Vacant(v) => {
+                        v.insert((Kind::File, stat));
+                    }
+                    std::collections::btree_map::Entry::Occupied(_) => self.warn_shadowed(&obj.key),
+                }
+            }
+            for prefix in page.common_prefixes {
+                let name = prefix[dir_key.len()..].trim_end_matches('/');
+                if !valid_name(name) || prefix.len() - dir_key.len() != name.len() + 1 {
+                    self.warn_skipped(&prefix);
+                    continue;
+                }
+                // A directory shadows a file of the same name.
+                let shadowed = found.insert(
+                    name.to_string(),
+                    (Kind::Directory, Stat::directory(self.mounted_at)),
+                );
+                if shadowed.is_some_and(|(kind, _)| kind == Kind::File) {
+                    self.warn_shadowed(&format!("{dir_key}{name}"));
+                }
+            }
+            match page.next_continuation_token {
+                Some(t) => token = Some(t),
+                None => break,
+            }
+        }
+        // Listings carry no user metadata (s3fs mode, owner, mtime). Keep what a HEAD already
+        // told us while the object is unchanged; in directories small enough, ask for the
+        // rest now, in parallel, so `stat` after `readdir` (rsync, ls -l) shows the stored
+        // mode and mtime. Large directories keep the listing's attributes: no HEAD per entry.
+        let mut heads_needed = Vec::new();
+        let mut resolved: Vec<(String, Kind, Stat)> = Vec::with_capacity(found.len());
+        for (name, (kind, stat)) in found {
+            let known = self.inodes.child(dir.ino, &name).filter(|c| {
+                let same_object = (c.kind == kind
+                    || (kind == Kind::File && c.kind == Kind::Symlink))
+                    && c.stat().same_version(&stat);
+                same_object || lock(&self.writers).contains_key(&c.ino)
+            });
+            match known {
+                Some(c) => {
+                    let mut known_stat = c.stat();
+                    if known_stat.etag == stat.etag {
+                        known_stat.s3_modified = known_stat.s3_modified.or(stat.s3_modified);
+                    }
+                    resolved.push((name, c.kind, known_stat))
+                }
+                None => {
+                    if kind == Kind::File {
+                        heads_needed.push(resolved.len());
+                    }
+                    resolved.push((name, kind, stat));
+                }
+            }
+        }
+        if !heads_needed.is_empty() && resolved.len() <= METADATA_LISTING_LIMIT {
+            use futures_util::StreamExt;
+            let requests: Vec<_> = heads_needed
+                .iter()
+                .map(|&i| {
+                    let (client, key) =
+                        (self.client.clone(), format!("{dir_key}{}", resolved[i].0));
+                    async move { client.head_object(&key).await }
+                })
+                .collect();
+            let heads: Vec<_> = futures_util::stream::iter(requests)
+                .buffered(METADATA_HEADS_AT_ONCE)
+                .collect()
+                .await;
+            for (i, head) in heads_needed.iter().zip(heads) {
+                if let Ok(head) = head {
+                    let (kind, stat) = stat_of_head(&head);
+                    resolved[*i].1 = kind;
+                    resolved[*i].2 = stat;
+                }
+            }
+        }
+        let mut entries = Vec::with_capacity(resolved.len());
+        for (name, kind, stat) in resolved {
+            let inode = self.inodes.upsert(dir, &name, kind, stat, ttl);
+            entries.push(DirEntry {
+                name,
+                attr: self.attr_of(&inode),
+            });
+        }
+        Ok(entries)
+    }
+
+    /// Entries from `offset` on. Offsets: 0 is the start, `i + 1` follows entry `i`; `.` and
+    /// `..` come first.
+    pub fn readdir(&self, ino: Ino, fh: u64, offset: u64) -> FsResult<Vec<(u64, DirEntry)>> {
+        let dir = self.dir_inode(ino)?;
+        let handle = lock(&self.dirs)
+            .get(&fh)
+            .cloned()
+            .ok_or(FsError::BadHandle)?;
+        let parent_attr = self
+            .inodes
+            .get(dir.parent())
+            .map(|p| self.attr_of(&p))
+            .unwrap_or_else(|| self.attr_of(&dir));
+        let dots = [
+            DirEntry {
+                name: ".".into(),
+                attr: self.attr_of(&dir),
+            },
+            DirEntry {
+                name: "..".into(),
+                attr: parent_attr,
+            },
+        ];
+        Ok(dots
+            .into_iter()
+            .chain(handle.entries.iter().cloned())
+            .enumerate()
+            .skip(offset as usize)
+            .map(|(i, e)| (i as u64 + 1, e))
+            .collect())
+    }
+
+    pub fn releasedir(&self, fh: u64) {
+        lock(&self.dirs).remove(&fh);
+    }
+
+    /// A symlink's target is its object's content (as s3fs-fuse stores it).
+    pub async fn readlink(&self, ino: Ino) -> FsResult<Vec<u8>> {
+        let inode = self.inode(ino)?;
+        if inode.kind != Kind::Symlink {
+            return Err(FsError::Invalid("not a symlink"));
+        }
+        let out = self
+            .client
+            .get_object(&inode.key(), None, None)
+            .await
+            .map_err(from_client)?;
+        let len = out.head.size as usize;
+        Ok(out.body.collect(len).await.map_err(from_client)?.to_vec())
+    }
+
+    /// The name must be new in `parent`; returns the parent.
+    pub(super) async fn new_name(&self, parent: Ino, name: &str) -> FsResult<Arc<Inode>> {
+        self.check_writable()?;
+        if name.len() > super::MAX_NAME_LEN {
+            return Err(FsError::NameTooLong);
+        }
+        if !super::valid_name(name) {
+            return Err(FsError::Invalid("not a valid file name"));
+        }
+        let dir = self.dir_inode(parent)?;
+        // A directory's marker adds a `/`: the longest key the new entry may need.
+        if dir.key().len() + name.len() + 1 > super::MAX_KEY_LEN {
+            return Err(FsError::NameTooLong);
+        }
+        match self.resolve(parent, name).await {
+            Ok(_) => Err(FsError::Exists),
+            Err(FsError::NotFound) => Ok(dir),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Records a new entry made here: in the inode table, no longer negative, and referenced
+    /// once by the kernel (the entry reply that follows).
+    pub(super) fn enter_new(&self, dir: &Inode, name: &str, kind: Kind, stat: Stat) -> Arc<Inode> {
+        let inode = self
+            .inodes
+            .upsert(dir, name, kind, stat, self.config.metadata_ttl);
+        self.forget_negative(dir.ino, name);
+        self.inodes.add_lookup(&inode);
+        self.entries_changed(dir.ino);
+        inode
+    }
+
+    pub(super) fn forget_negative(&self, parent: Ino, name: &str) {
+        super::lock(&self.negative).remove(&(parent, name.to_string()));
+    }
+
+    pub async fn mkdir(
+        &self,
+        parent: Ino,
+        name: &str,
+        mode: u32,
+        caller: Caller,
+    ) -> FsResult<Attr> {
+        let dir = self.new_name(parent, name).await?;
+        let stat = Self::new_stat(mode, caller);
+        let attrs = self.attrs_for(&stat, Kind::Directory);
+        let key = super::inode::child_key(&dir.key(), name, Kind::Directory);
+        self.client
+            .put_object(&key, PutBody::Bytes(Bytes::new()), &attrs)
+            .await
+            .map_err(from_client)?;
+        let inode = self.enter_new(&dir, name, Kind::Directory, stat);
+        Ok(self.attr_of(&inode))
+    }
+
+    pub async fn symlink(
+        &self,
+        parent: Ino,
+        name: &str,
+        target: &str,
+        caller: Caller,
+    ) -> FsResult<Attr> {
+        let dir = self.new_name(parent, name).await?;
+        let mut stat = Self::new_stat(0o777, caller);
+        stat.size = target.len() as u64;
+        let attrs = self.attrs_for(&stat, Kind::Symlink);
+        let key = super::inode::child_key(&dir.key(), name, Kind::Symlink);
+        let etag = self
+            .client
+            .put_object(
+                &key,
+                PutBody::Bytes(Bytes::copy_from_slice(target.as_bytes())),
+                &attrs,
+            )
+            .await
+            .map_err(from_client)?;
+        stat.etag = Some(etag);
+        let inode = self.enter_new(&dir, name, Kind::Symlink, stat);
+        Ok(self.attr_of(&inode))
+    }
+
+    pub async fn unlink(&self, parent: Ino, name: &str) -> FsResult<()> {
+        self.check_writable()?;
+        let inode = self.resolve(parent, name).await?;
+        if inode.kind == Kind::Directory {
+            return Err(FsError::IsADirectory);
+        }
+        let _held = self.hold(inode.ino).await;
+        self.still_at(&inode, parent, name)?;
+        let writer = self.writer_of(&inode);
+        if let Some(w) = &writer {
+            w.keep_bytes().await?;
+        }
+        self.client
+            .delete_object(&inode.key())
+            .await
+            .map_err(from_client)?;
+        if let Some(w) = writer {
+            w.unlinked().await;
+        }
+        super::lock(&self.pending_metadata).remove(&inode.ino);
+        inode.forget_all_changes();
+        self.inodes.remove_name(parent, name);
+        self.entry_removed(parent);
+        Ok(())
+    }
+
+    /// An entry of `dir` is gone. If it was the last one of a directory that exists only
+    /// because of its entries (no marker), the directory is gone too: its cached attributes
+    /// expire, so the next lookup asks S3.
+    pub(super) fn entry_removed(&self, dir: Ino) {
+        self.entries_changed(dir);
+        if let Some(d) = self.inodes.get(dir) {
+            d.expire();
+        }
+    }
+
+    /// After waiting for the inode's change lock: fails with ENOENT if `inode` is no longer
+    /// `parent/name` (another rename or unlink moved it meanwhile), so a change never lands on
+    /// the object at its new place.
+    pub(super) fn still_at(&self, inode: &Inode, parent: Ino, name: &str) -> FsResult<()> {
+        let loc = inode.location();
+        let linked = loc.parent == parent
+            && loc.name == name
+            && self
+                .inodes
+                .child(parent, name)
+                .is_some_and(|c| c.ino == inode.ino);
+        if linked {
+            Ok(())
+        } else {
+            Err(FsError::NotFound)
+        }
+    }
+
+    /// Whether directory `dir` has entries: in S3 (anything but its own marker), or here (a
+    /// file being written in it that S3 does not have yet).
+    pub(super) async fn has_children(&self, dir: &Inode) -> FsResult<bool> {
+        if self.has_local_entries(dir) {
+            return Ok(true);
+        }
+        let prefix = dir.key();
+        let page = self
+            .client
+            .list_objects(&ListRequest {
+                prefix: &prefix,
+                max_keys: Some(2),
+                ..Default::default()
+            })
+            .await
+            .map_err(from_client)?;
+        Ok(page.objects.iter().any(|o| o.key != prefix) || !page.common_prefixes.is_empty())
+    }
+
+    pub async fn rmdir(&self, parent: Ino, name: &str) -> FsResult<()> {
+        self.check_writable()?;
+        let inode = self.resolve(parent, name).await?;
+        if inode.kind != Kind::Directory {
+            return Err(FsError::NotADirectory);
+        }
+        let _held = self.hold(inode.ino).await;
+        self.still_at(&inode, parent, name)?;
+        let key = inode.key();
+        if self.has_children(&inode).await? {
+            return Err(FsError::NotEmpty);
+        }
+        self.client.delete_object(&key).await.map_err(from_client)?;
+        self.inodes.remove_name(parent, name);
+        self.entry_removed(parent);
+        Ok(())
+    }
+
+    pub async fn rename(
+        &self,
+        parent: Ino,
+        name: &str,
+        new_parent: Ino,
+        new_name: &str,
+        no_replace: bool,
+    ) -> FsResult<()> {
+        self.check_writable()?;
+        if new_name.len() > super::MAX_NAME_LEN {
+            return Err(FsError::NameTooLong);
+        }
+        if !super::valid_name(new_name) {
+            return Err(FsError::Invalid("not a valid file name"));
+        }
+        let source = self.resolve(parent, name).await?;
+        let target_dir = self.dir_inode(new_parent)?;
+        // Checked first, as the kernel does.
+        if source.kind == Kind::Directory && target_dir.key().starts_with(&source.key()) {
+            return Err(FsError::Invalid("cannot move a directory into itself"));
+        }
+        let mut replaced = None;
+        match self.resolve(new_parent, new_name).await {
+            Ok(existing) => {
+                if no_replace {
+                    return Err(FsError::Exists);
+                }
+                if existing.ino == source.ino {
+                    return Ok(());
+                }
+                replaced = Some(existing.clone());
+                match (
+                    source.kind == Kind::Directory,
+                    existing.kind == Kind::Directory,
+                ) {
+                    (false, true) => return Err(FsError::IsADirectory),
+                    (true, false) => return Err(FsError::NotADirectory),
+                    (true, true) if self.has_children(&existing).await? => {
+                        return Err(FsError::NotEmpty)
+                    }
+                    _ => {}
+                }
+            }
+            Err(FsError::NotFound) => {}
+            Err(e) => return Err(e),
+        }
+        let _held = self.hold(source.ino).await;
+        self.still_at(&source, parent, name)?;
+        // An open file replaced by the rename keeps its bytes, and stops storing itself.
+        let replaced_writer = replaced.as_ref().and_then(|r| self.writer_of(r));
+        if let Some(w) = &replaced_writer {
+            w.keep_bytes().await?;
+        }
+        let old_key = source.key();
+        let new_key = super::inode::child_key(&target_dir.key(), new_name, source.kind);
+        if new_key == old_key {
+            return Ok(());
+        }
+        if new_key.len() > super::MAX_KEY_LEN {
+            return Err(FsError::NameTooLong);
+        }
+        let writer = super::lock(&self.writers)
+            .get(&source.ino)
+            .map(|(w, _)| w.clone());
+        match (source.kind, writer) {
+            (Kind::Directory, _) => self.rename_prefix(&old_key, &new_key).await?,
+            (_, Some(w)) => {
+                // Open for writing: what S3 has (if anything) moves now, and the next commit
+                // writes the whole file at the new name.
+                let moved = match self.client.head_object(&old_key).await.map_err(from_client) {
+                    Ok(_) => Some(self.copy_then_delete(&old_key, &new_key, None).await?),
+                    Err(FsError::NotFound) => {
+                        if replaced.is_some() {
+                            // The object it replaces is gone now, whatever becomes of the
+                            // commit.
+                            self.client
+                                .delete_object(&new_key)
+                                .await
+                                .map_err(from_client)?;
+                        }
+                        None
+                    }
+                    Err(e) => return Err(e),
+                };
+                let mut s = w.state.lock().await;
+                if let Some((old_etag, new_etag)) = moved {
+                    s.base_moved(&old_key, &old_etag, &new_key, new_etag);
+                }
+                s.key = new_key.clone();
+                s.touch();
+            }
+            (_, None) => {
+                // Deferred attributes travel with the copy.
+                let pending = super::lock(&self.pending_metadata).remove(&source.ino);
+                let attrs = pending
+                    .as_ref()
+                    .map(|_| self.attrs_for(&source.stat(), source.kind));
+                match self.copy_then_delete(&old_key, &new_key, attrs).await {
+                    Ok((_, etag)) if pending.is_some() => {
+                        let stat = Stat {
+                            etag: Some(etag),
+                            ..source.stat()
+                        };
+                        source.stored(stat, self.config.metadata_ttl);
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        if let Some(changed) = pending {
+                            super::lock(&self.pending_metadata).insert(source.ino, changed);
+                        }
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        if let Some(w) = replaced_writer {
+            w.unlinked().await;
+        }
+        if let Some(r) = &replaced {
+            // Its deferred attributes are for an object that is gone.
+            super::lock(&self.pending_metadata).remove(&r.ino);
+            r.forget_all_changes();
+        }
+        self.inodes.rename(&source, &target_dir, new_name);
+        self.entry_removed(parent);
+        self.entries_changed(new_parent);
+        self.forget_negative(new_parent, new_name);
+        super::lock(&self.negative).insert(
+            (parent, name.to_string()),
+            std::time::Instant::now() + self.config.metadata_ttl,
+        );
+        Ok(())
+    }
+
+    /// Moves every key under `from` (a directory prefix) to `to`: copies, 16 at a time, then
+    /// deletes in batches. The copies finish before any delete, so a failure leaves the
+    /// source whole.
+    pub(super) async fn rename_prefix(&self, from: &str, to: &str) -> FsResult<()> {
+        let mut keys = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let page = self
+                .client
+                .list_objects(&ListRequest {
+                    prefix: from,
+                    continuation_token: token.as_deref(),
+                    ..Default::default()
+                })
+                .await
+                .map_err(from_client)?;
+            keys.extend(page.objects.into_iter().map(|o| o.key));
+            match page.next_continuation_token {
+                Some(t) => token = Some(t),
+                None => break,
+            }
+        }
+        // Every key must fit at its new place before anything moves.
+        if keys
+            .iter()
+            .any(|k| k.len() - from.len() + to.len() > super::MAX_KEY_LEN)
+        {
+            return Err(FsError::NameTooLong);
+        }
+        let semaphore = Arc::new(tokio::sync::Semaphore::new(RENAME_PARALLELISM));
+        let copies = keys.iter().map(|key| {
+            let semaphore = semaphore.clone();
+            let target = format!("{to}{}", &key[from.len()..]);
+            async move {
+                let _permit = semaphore.acquire().await.expect("never closed");
+                self.client
+                    .copy_object(key, &target, &MetadataDirective::Copy)
+                    .await
+            }
+        });
+        for result in futures_util::future::join_all(copies).await {
+            result.map_err(from_client)?;
+        }
+        if keys.is_empty() {
+            // An implicit directory with nothing in it cannot be: make the target exist.
+            self.client
+                .put_object(
+                    to,
+                    PutBody::Bytes(Bytes::new()),
+                    &ObjectAttributes::default(),
+                )
+                .await
+                .map_err(from_client)?;
+        }
+        for chunk in keys.chunks(MAX_DELETE_KEYS) {
+            let out = self
+                .client
+                .delete_objects(chunk)
+                .await
+                .map_err(from_client)?;
+            if let Some(f) = out.failed.first() {
+                tracing::error!(
+                    key = f.key,
+                    "rename: delete failed: {} {}",
+                    f.code,
+                    f.message
+                );
+                return Err(from_client(
+                    crate::s3::ClientError::new(
+                        crate::s3::Operation::DeleteObjects,
+                        self.client.bucket(),
+                        Some(&f.key),
+                        ErrorKind::from_code(&f.code),
+                    )
+                    .with_message(f.message.clone()),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
