@@ -307,11 +307,15 @@ impl<C: ObjectClient> S3Filesystem<C> {
             // Another client replaced the object since: its version wins.
             return Ok(());
         }
+        // Only ours change: other clients' user metadata stays.
+        let ours = self.attrs_for(&inode.stat(), inode.kind);
+        let mut metadata = head.metadata;
+        metadata.extend(ours.metadata);
         let attrs = ObjectAttributes {
             content_type: head.content_type,
             storage_class: head.storage_class,
             sse: head.sse,
-            ..self.attrs_for(&inode.stat(), inode.kind)
+            metadata,
         };
         let etag = if head.size > MAX_SINGLE_COPY {
             self.multipart_copy(&key, &key, head.size, &attrs).await?

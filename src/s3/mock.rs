@@ -113,6 +113,14 @@ impl MockClient {
         );
     }
 
+    /// Stores an object with attributes (another client's metadata), without counting a call.
+    pub fn insert_with(&self, key: &str, data: impl Into<Bytes>, attrs: ObjectAttributes) {
+        self.insert(key, data);
+        if let Some(obj) = self.lock().objects.get_mut(key) {
+            obj.attrs = attrs;
+        }
+    }
+
     /// Moves an object's Last-Modified, as a copy onto itself a while later would.
     pub fn set_last_modified(&self, key: &str, when: SystemTime) {
         if let Some(obj) = self.lock().objects.get_mut(key) {

@@ -1075,4 +1075,32 @@ async fn many_tasks_on_overlapping_names_leave_a_consistent_tree() {
     assert_eq!(mock.open_uploads_settled().await, 0);
 }
 
+#[tokio::test]
+async fn chmod_keeps_other_clients_metadata_and_content_type() {
+    let (mock, fs) = fs_with(&[], Duration::ZERO);
+    let mut theirs = crate::s3::ObjectAttributes {
+        content_type: Some("text/csv".into()),
+        ..Default::default()
+    };
+    theirs.metadata.insert("origin".into(), "etl-job-7".into());
+    mock.insert_with("data.csv", "a,b\n", theirs);
+    let a = fs.lookup(ROOT_INO, "data.csv").await.unwrap();
+    let change = attributes::SetAttr {
+        mode: Some(0o600),
+        ..Default::default()
+    };
+    fs.setattr(a.ino, change).await.unwrap();
+    fs.store_pending_metadata(Duration::ZERO).await;
+    let stored = mock.object("data.csv").unwrap().attrs;
+    assert_eq!(stored.content_type.as_deref(), Some("text/csv"));
+    assert_eq!(
+        stored.metadata.get("origin").map(String::as_str),
+        Some("etl-job-7")
+    );
+    assert_eq!(
+        stored.metadata.get("mode").map(String::as_str),
+        Some("33152")
+    );
+}
+
 mod model;
