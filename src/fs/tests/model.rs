@@ -517,6 +517,12 @@ impl Run {
         Ok((dir.ino, name.to_string()))
     }
 
+    /// setattr of the path `p` in the core.
+    async fn setattr_at(&self, p: &str, change: SetAttr) -> Result<Outcome, Errno> {
+        let attr = self.resolve(p).await?;
+        errno(self.fs.setattr(attr.ino, change).await).map(|_| Outcome::Done)
+    }
+
     fn handle(&self, i: u8) -> Option<(usize, Handle)> {
         if self.model.handles.is_empty() {
             return None;
@@ -687,21 +693,11 @@ impl Run {
                 let Ok(Seen::File { .. }) = self.model.stat(&p) else {
                     return (Ok(Outcome::Done), Ok(Outcome::Done), None);
                 };
-                let got = match self.resolve(&p).await {
-                    Err(e) => Err(e),
-                    Ok(attr) => errno(
-                        self.fs
-                            .setattr(
-                                attr.ino,
-                                SetAttr {
-                                    size: Some(*size as u64),
-                                    ..SetAttr::default()
-                                },
-                            )
-                            .await,
-                    )
-                    .map(|_| Outcome::Done),
+                let change = SetAttr {
+                    size: Some(*size as u64),
+                    ..SetAttr::default()
                 };
+                let got = self.setattr_at(&p, change).await;
                 if got.is_ok() {
                     let Some(Node::File(id)) = self.model.nodes.get(&p).cloned() else {
                         unreachable!("a file");
@@ -830,21 +826,11 @@ impl Run {
                     return (Ok(Outcome::Done), Ok(Outcome::Done), None);
                 }
                 let expected = seen.map(|_| Outcome::Done);
-                let got = match self.resolve(&p).await {
-                    Err(e) => Err(e),
-                    Ok(attr) => errno(
-                        self.fs
-                            .setattr(
-                                attr.ino,
-                                SetAttr {
-                                    mode: Some(*perm as u32),
-                                    ..SetAttr::default()
-                                },
-                            )
-                            .await,
-                    )
-                    .map(|_| Outcome::Done),
+                let change = SetAttr {
+                    mode: Some(*perm as u32),
+                    ..SetAttr::default()
                 };
+                let got = self.setattr_at(&p, change).await;
                 if let (Ok(_), Ok(_)) = (&expected, &got) {
                     match self.model.nodes.get(&p).cloned() {
                         Some(Node::File(id)) => {
