@@ -4,8 +4,8 @@
 //! they are applied with CopyObject REPLACE (the data stays on the server) after
 //! [`super::METADATA_WRITE_DELAY`], by the core's own deferred store.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
@@ -62,6 +62,14 @@ pub(super) fn stat_of_head(head: &ObjectHead) -> (Kind, Stat) {
 pub(super) const S_IFREG: u32 = 0o100000;
 
 pub(super) const S_IFDIR: u32 = 0o040000;
+
+/// Closed files whose changed attributes S3 does not have yet, when they last changed, and
+/// the inode (kept even if the kernel forgets it meanwhile); see
+/// [`S3Filesystem::defer_metadata`].
+#[derive(Default)]
+pub(super) struct Deferred {
+    pub(super) pending: Mutex<HashMap<Ino, (Instant, Arc<Inode>)>>,
+}
 
 /// Who is asking, for the ownership of new entries.
 #[derive(Debug, Clone, Copy)]
@@ -184,7 +192,9 @@ impl<C: ObjectClient> S3Filesystem<C> {
         {
             return Ok(self.attr_of(&inode)); // atime only: S3 keeps no atime
         }
-        let writer = super::lock(&self.writers).get(&ino).map(|(w, _)| w.clone());
+        let writer = super::lock(&self.handles.writers)
+            .get(&ino)
+            .map(|(w, _)| w.clone());
         if inode.kind == Kind::File && writer.is_none() && !inode.is_fresh() {
             // Bring the cached attributes up to date before changing them.
             self.refresh_from_s3(&inode).await?;
@@ -225,7 +235,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
                     let fh = self.open_for_write(inode.clone(), size == 0, None).await?;
                     // This inode is held already: commit and release without taking it again.
                     let result = async {
-                        let file = super::lock(&self.files).get(&fh).cloned();
+                        let file = super::lock(&self.handles.files).get(&fh).cloned();
                         if let Some(OpenFile::Write { writer, .. }) = file {
                             writer.truncate(size).await?;
                             self.commit(ino, &writer).await?;
@@ -251,14 +261,14 @@ impl<C: ObjectClient> S3Filesystem<C> {
     /// fsync, with the upload of a commit, or with the copy of a rename: `chmod` and `touch`
     /// right before a rename (what rsync does with each file) cost no copy of their own.
     pub(super) fn defer_metadata(&self, inode: &Arc<Inode>) {
-        super::lock(&self.pending_metadata).insert(inode.ino, (Instant::now(), inode.clone()));
+        super::lock(&self.deferred.pending).insert(inode.ino, (Instant::now(), inode.clone()));
     }
 
     /// Stores the deferred attributes changed more than `older_than` ago; failures are
     /// logged (the call that made the change has returned), and S3's attributes come back.
     /// Returns whether S3 took all of them.
     pub async fn store_pending_metadata(&self, older_than: Duration) -> bool {
-        let due: Vec<Ino> = super::lock(&self.pending_metadata)
+        let due: Vec<Ino> = super::lock(&self.deferred.pending)
             .iter()
             .filter(|(_, (changed, _))| changed.elapsed() >= older_than)
             .map(|(ino, _)| *ino)
@@ -280,7 +290,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
     /// Stores `ino`'s deferred attributes now, if it has any; the caller holds the inode.
     /// Returns false if S3 did not take them.
     pub(super) async fn store_metadata_held(&self, ino: Ino) -> bool {
-        let Some((_, inode)) = super::lock(&self.pending_metadata).remove(&ino) else {
+        let Some((_, inode)) = super::lock(&self.deferred.pending).remove(&ino) else {
             return true;
         };
         match self.replace_metadata(&inode).await {

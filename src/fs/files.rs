@@ -3,12 +3,12 @@
 //! and shared by all of them, so two descriptors of one file write one spool and the last
 //! close leaves the complete file. flush commits, release commits what no close stored.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use bytes::Bytes;
-
-use std::sync::atomic::Ordering;
 
 use super::attributes::{stat_of_head, whole_seconds, Caller};
 use super::error::{from_client, FsError, FsResult};
@@ -24,6 +24,37 @@ use crate::s3::{ErrorKind, ObjectAttributes, ObjectClient};
 pub enum WrittenNow {
     Done(u32),
     Then(u32),
+}
+
+/// The tables of open things: file handles, the shared write handle of each inode open for
+/// writing, the per-inode change locks, and the counter that numbers handles (file and
+/// directory handles share it).
+pub(super) struct Handles<C> {
+    pub(super) files: Mutex<HashMap<u64, OpenFile<C>>>,
+    /// The write handle of each inode open for writing, with its count of opens.
+    pub(super) writers: Mutex<HashMap<Ino, SharedWriter<C>>>,
+    /// One lock per inode that is being changed (see `S3Filesystem::hold`).
+    pub(super) changing: Mutex<HashMap<Ino, Arc<tokio::sync::Mutex<()>>>>,
+    next_handle: AtomicU64,
+}
+
+/// An inode's write handle and how many descriptors have it open.
+type SharedWriter<C> = (Arc<WriteHandle<C>>, usize);
+
+impl<C> Handles<C> {
+    pub(super) fn new() -> Self {
+        Self {
+            files: Mutex::default(),
+            writers: Mutex::default(),
+            changing: Mutex::default(),
+            next_handle: AtomicU64::new(1),
+        }
+    }
+
+    /// A number for a new file or directory handle.
+    pub(super) fn next_number(&self) -> u64 {
+        self.next_handle.fetch_add(1, Ordering::Relaxed)
+    }
 }
 
 impl<C: ObjectClient> S3Filesystem<C> {
@@ -51,13 +82,17 @@ impl<C: ObjectClient> S3Filesystem<C> {
         if write {
             return self.open_for_write(inode, truncate, opener).await;
         }
-        if lock(&self.writers).contains_key(&ino) {
+        if lock(&self.handles.writers).contains_key(&ino) {
             // Being written through another descriptor: read what is being written.
-            let writer = lock(&self.writers).get(&ino).map(|(w, _)| w.clone());
+            let writer = lock(&self.handles.writers)
+                .get(&ino)
+                .map(|(w, _)| w.clone());
             if let Some(writer) = writer {
-                let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
-                lock(&self.writers).entry(ino).and_modify(|(_, n)| *n += 1);
-                lock(&self.files).insert(
+                let fh = self.handles.next_number();
+                lock(&self.handles.writers)
+                    .entry(ino)
+                    .and_modify(|(_, n)| *n += 1);
+                lock(&self.handles.files).insert(
                     fh,
                     OpenFile::Write {
                         ino,
@@ -74,7 +109,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
             if e.kind == ErrorKind::NoSuchKey {
                 {
                     let loc = inode.location();
-                    self.inodes.remove_name(loc.parent, &loc.name);
+                    self.ns.inodes.remove_name(loc.parent, &loc.name);
                 }
             }
             from_client(e)
@@ -82,13 +117,13 @@ impl<C: ObjectClient> S3Filesystem<C> {
         let (_, stat) = stat_of_head(&head);
         inode.refresh(stat, self.config.metadata_ttl);
         let handle = ReadHandle::new(inode.key(), head.etag, head.size, self.read_ctx.clone());
-        let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
-        lock(&self.files).insert(fh, OpenFile::Read(Arc::new(handle)));
+        let fh = self.handles.next_number();
+        lock(&self.handles.files).insert(fh, OpenFile::Read(Arc::new(handle)));
         Ok(fh)
     }
 
     pub async fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Bytes> {
-        let file = lock(&self.files)
+        let file = lock(&self.handles.files)
             .get(&fh)
             .cloned()
             .ok_or(FsError::BadHandle)?;
@@ -102,7 +137,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
 
     /// A read that needs no waiting (data already on local disk), or `None`.
     pub fn read_now(&self, fh: u64, offset: u64, size: u32) -> Option<FsResult<Bytes>> {
-        let handle = match lock(&self.files).get(&fh) {
+        let handle = match lock(&self.handles.files).get(&fh) {
             Some(OpenFile::Read(handle)) => handle.clone(),
             _ => return None,
         };
@@ -122,7 +157,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
 
     /// The inode a file handle open for writing belongs to.
     pub fn handle_ino(&self, fh: u64) -> Option<Ino> {
-        match lock(&self.files).get(&fh) {
+        match lock(&self.handles.files).get(&fh) {
             Some(OpenFile::Write { ino, .. }) => Some(*ino),
             _ => None,
         }
@@ -142,28 +177,32 @@ impl<C: ObjectClient> S3Filesystem<C> {
         inode: &Inode,
         attrs: ObjectAttributes,
     ) -> FsResult<Arc<WriteHandle<C>>> {
-        let mut writers = super::lock(&self.writers);
-        if let Some((w, opens)) = writers.get_mut(&inode.ino) {
+        let shared = |writers: &mut HashMap<Ino, SharedWriter<C>>| {
+            let (w, opens) = writers.get_mut(&inode.ino)?;
             *opens += 1;
-            return Ok(w.clone());
+            Some(w.clone())
+        };
+        if let Some(w) = shared(&mut super::lock(&self.handles.writers)) {
+            return Ok(w);
         }
-        let w = Arc::new(WriteHandle::new(
-            self.client.clone(),
-            self.config.write.clone(),
-            self.journal.clone(),
-            self.read_ctx.budget.clone(),
+        // Made outside the lock (it creates the spool file); another open of the same inode
+        // may have made one meanwhile, and then that one is shared.
+        let new = Arc::new(WriteHandle::new(
+            self.write_ctx.clone(),
             inode.key(),
             attrs,
         )?);
-        writers.insert(inode.ino, (w.clone(), 1));
-        Ok(w)
+        let mut writers = super::lock(&self.handles.writers);
+        if let Some(w) = shared(&mut writers) {
+            return Ok(w);
+        }
+        writers.insert(inode.ino, (new.clone(), 1));
+        Ok(new)
     }
 
     pub(super) fn register(&self, file: OpenFile<C>) -> u64 {
-        let fh = self
-            .next_handle
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        super::lock(&self.files).insert(fh, file);
+        let fh = self.handles.next_number();
+        super::lock(&self.handles.files).insert(fh, file);
         fh
     }
 
@@ -197,7 +236,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
         opener: Option<u32>,
     ) -> FsResult<u64> {
         self.check_writable()?;
-        let existing = super::lock(&self.writers)
+        let existing = super::lock(&self.handles.writers)
             .get(&inode.ino)
             .map(|(w, _)| w.clone());
         if let Some(w) = existing {
@@ -237,7 +276,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
     }
 
     pub(super) fn drop_writer(&self, ino: Ino) -> Option<Arc<WriteHandle<C>>> {
-        let mut writers = super::lock(&self.writers);
+        let mut writers = super::lock(&self.handles.writers);
         let (w, opens) = writers.get_mut(&ino)?;
         *opens -= 1;
         let w = w.clone();
@@ -250,7 +289,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
 
     /// The write handle of open file `fh`, and its inode.
     fn writer_of_handle(&self, fh: u64) -> FsResult<(Ino, Arc<WriteHandle<C>>)> {
-        match super::lock(&self.files).get(&fh) {
+        match super::lock(&self.handles.files).get(&fh) {
             Some(OpenFile::Write { ino, writer, .. }) => Ok((*ino, writer.clone())),
             _ => Err(FsError::BadHandle),
         }
@@ -282,7 +321,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
     /// [`WriteHandle::append_now`]). [`WrittenNow::Then`] asks for
     /// [`S3Filesystem::after_write_now`] before the writer is answered.
     pub fn write_now(&self, fh: u64, offset: u64, data: &[u8]) -> Option<WrittenNow> {
-        let (ino, writer) = match super::lock(&self.files).get(&fh) {
+        let (ino, writer) = match super::lock(&self.handles.files).get(&fh) {
             Some(OpenFile::Write { ino, writer, .. }) => (*ino, writer.clone()),
             _ => return None,
         };
@@ -303,7 +342,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
     /// Finishes a write that [`S3Filesystem::write_now`] took and that completed a part: the
     /// part's upload starts, and the writer waits for room (back-pressure).
     pub async fn after_write_now(&self, fh: u64) -> FsResult<()> {
-        let file = super::lock(&self.files)
+        let file = super::lock(&self.handles.files)
             .get(&fh)
             .cloned()
             .ok_or(FsError::BadHandle)?;
@@ -314,7 +353,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
     }
 
     pub(super) fn written(&self, ino: Ino, size: u64) {
-        if let Some(inode) = self.inodes.get(ino) {
+        if let Some(inode) = self.ns.inodes.get(ino) {
             inode.change_locally(|s| {
                 s.size = size;
                 s.mtime = whole_seconds(SystemTime::now());
@@ -325,7 +364,10 @@ impl<C: ObjectClient> S3Filesystem<C> {
     /// Changes to one inode (commit, setattr, rename) happen one at a time: a close's commit
     /// and a utimens right after it must not overtake each other.
     pub(super) async fn hold(&self, ino: Ino) -> tokio::sync::OwnedMutexGuard<()> {
-        let lock = super::lock(&self.changing).entry(ino).or_default().clone();
+        let lock = super::lock(&self.handles.changing)
+            .entry(ino)
+            .or_default()
+            .clone();
         lock.lock_owned().await
     }
 
@@ -339,7 +381,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
     /// fork of a program writing a file, closing it at exec or exit) must not store the file
     /// half-written; the opener's own close, or the last release, stores it.
     pub async fn flush_by(&self, fh: u64, closer: Option<u32>) -> FsResult<()> {
-        let file = super::lock(&self.files)
+        let file = super::lock(&self.handles.files)
             .get(&fh)
             .cloned()
             .ok_or(FsError::BadHandle)?;
@@ -387,7 +429,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
             Ok(Some(etag)) => {
                 tracing::debug!(ino, etag, "committed");
                 let size = writer.size().await;
-                if let Some(inode) = self.inodes.get(ino) {
+                if let Some(inode) = self.ns.inodes.get(ino) {
                     let kept = inode.kept_attrs();
                     // What S3 has now is exactly what the inode says: fresh for a full TTL.
                     let stat = Stat {
@@ -413,12 +455,12 @@ impl<C: ObjectClient> S3Filesystem<C> {
                     }
                 }
                 // The upload carried the attributes.
-                super::lock(&self.pending_metadata).remove(&ino);
+                super::lock(&self.deferred.pending).remove(&ino);
                 Ok(())
             }
             Ok(None) => Ok(()),
             Err(e) => {
-                let key = self.inodes.get(ino).map(|i| i.key()).unwrap_or_default();
+                let key = self.ns.inodes.get(ino).map(|i| i.key()).unwrap_or_default();
                 tracing::error!(key, "could not store the file in S3: {e}");
                 Err(e)
             }
@@ -427,7 +469,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
 
     /// Closes a handle; the last writer of a file commits what is left.
     pub async fn release_file(&self, fh: u64) {
-        let ino = match super::lock(&self.files).get(&fh) {
+        let ino = match super::lock(&self.handles.files).get(&fh) {
             Some(OpenFile::Write { ino, .. }) => Some(*ino),
             _ => None,
         };
@@ -437,13 +479,13 @@ impl<C: ObjectClient> S3Filesystem<C> {
                 self.release_held(fh).await;
             }
             None => {
-                super::lock(&self.files).remove(&fh);
+                super::lock(&self.handles.files).remove(&fh);
             }
         }
     }
 
     pub(super) async fn release_held(&self, fh: u64) {
-        let file = super::lock(&self.files).remove(&fh);
+        let file = super::lock(&self.handles.files).remove(&fh);
         if let Some(OpenFile::Write { ino, writer, .. }) = file {
             if self.drop_writer(ino).is_none() {
                 return; // other descriptors still have it open
@@ -460,7 +502,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
             if !stored {
                 writer.discard().await;
                 // What S3 has is the truth again: forget the changes it never got.
-                if let Some(inode) = self.inodes.get(ino) {
+                if let Some(inode) = self.ns.inodes.get(ino) {
                     inode.forget_local_changes();
                     if inode.has_kept_attrs() {
                         // A chmod or touch of the file still holds: it is stored by a copy.
@@ -483,7 +525,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
 
     /// The write handle of `inode`, if it is open for writing.
     pub(super) fn writer_of(&self, inode: &Inode) -> Option<Arc<WriteHandle<C>>> {
-        super::lock(&self.writers)
+        super::lock(&self.handles.writers)
             .get(&inode.ino)
             .map(|(w, _)| w.clone())
     }

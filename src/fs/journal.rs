@@ -26,6 +26,7 @@ use std::time::{Duration, SystemTime};
 
 use futures_util::StreamExt;
 
+use super::local_io;
 use crate::s3::{ErrorKind, ObjectClient};
 
 /// Slack for the server's clock when matching a lost create's uploads by time.
@@ -132,8 +133,15 @@ impl Entry {
 /// an entry.
 fn write_entry(path: &Path, text: &str) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text)?;
-    std::fs::rename(&tmp, path)
+    local_io(|| {
+        std::fs::write(&tmp, text)?;
+        std::fs::rename(&tmp, path)
+    })
+}
+
+/// Removes the entry at `path`; one already gone is no error.
+fn remove_entry(path: &Path) {
+    let _ = local_io(|| std::fs::remove_file(path));
 }
 
 fn process_alive(pid: u32) -> bool {
@@ -161,7 +169,7 @@ impl JournalEntry {
 
     /// The upload is completed or aborted: nothing is left to clean up.
     pub fn remove(self) {
-        let _ = std::fs::remove_file(&self.path);
+        remove_entry(&self.path);
     }
 }
 
@@ -182,18 +190,11 @@ impl UploadJournal {
     /// Records that an upload of `key` is about to be created (before the request is sent).
     pub fn begin(&self, key: &str) -> JournalEntry {
         let started = SystemTime::now();
-        let path = self.new_path("up");
-        let entry = Entry {
-            pid: std::process::id(),
-            key: key.to_string(),
-            kind: EntryKind::Upload {
-                started,
-                upload_id: None,
-            },
+        let kind = EntryKind::Upload {
+            started,
+            upload_id: None,
         };
-        if let Err(e) = write_entry(&path, &entry.render()) {
-            tracing::warn!(key, "cannot record an upload in the journal: {e}");
-        }
+        let path = self.record("up", key, kind, "an upload in the journal");
         JournalEntry {
             path,
             key: key.to_string(),
@@ -201,20 +202,28 @@ impl UploadJournal {
         }
     }
 
+    /// Writes a new entry of this process for `key` to a file named from `prefix`; a failure
+    /// to record `what` is logged (the upload goes on, unjournalled).
+    fn record(&self, prefix: &str, key: &str, kind: EntryKind, what: &str) -> PathBuf {
+        let path = self.new_path(prefix);
+        let entry = Entry {
+            pid: std::process::id(),
+            key: key.to_string(),
+            kind,
+        };
+        if let Err(e) = write_entry(&path, &entry.render()) {
+            tracing::warn!(key, "cannot record {what}: {e}");
+        }
+        path
+    }
+
     /// A CreateMultipartUpload of `key` sent at `from` got no answer by `to`: S3 may hold an
     /// upload nobody knows. Recorded at once (so a crash does not lose it); search for it with
     /// [`UploadJournal::find_lost`] once no upload of the same handle is in progress, or the
     /// search could take that one for the orphan.
     pub fn lost_create(&self, key: &str, from: SystemTime, to: SystemTime) -> LostCreate {
-        let path = self.new_path("lost");
-        let entry = Entry {
-            pid: std::process::id(),
-            key: key.to_string(),
-            kind: EntryKind::LostCreate { from, to },
-        };
-        if let Err(e) = write_entry(&path, &entry.render()) {
-            tracing::warn!(key, "cannot record a lost CreateMultipartUpload: {e}");
-        }
+        let kind = EntryKind::LostCreate { from, to };
+        let path = self.record("lost", key, kind, "a lost CreateMultipartUpload");
         LostCreate {
             path,
             key: key.to_string(),
@@ -231,23 +240,25 @@ impl UploadJournal {
             .search(client, &lost.key, lost.from, lost.to, &known)
             .await
         {
-            let _ = std::fs::remove_file(&lost.path);
+            remove_entry(&lost.path);
         }
     }
 
     /// Every entry, with its file.
     fn entries(&self) -> Vec<(PathBuf, Entry)> {
-        let Ok(dir) = std::fs::read_dir(&self.dir) else {
-            return Vec::new();
-        };
-        dir.filter_map(|e| e.ok())
-            .map(|e| e.path())
-            .filter(|p| p.extension().is_none())
-            .filter_map(|p| {
-                let entry = Entry::parse(&std::fs::read_to_string(&p).ok()?)?;
-                Some((p, entry))
-            })
-            .collect()
+        local_io(|| {
+            let Ok(dir) = std::fs::read_dir(&self.dir) else {
+                return Vec::new();
+            };
+            dir.filter_map(|e| e.ok())
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_none())
+                .filter_map(|p| {
+                    let entry = Entry::parse(&std::fs::read_to_string(&p).ok()?)?;
+                    Some((p, entry))
+                })
+                .collect()
+        })
     }
 
     /// Upload ids the journal knows, of any process: never aborted by a search.
@@ -383,7 +394,7 @@ impl UploadJournal {
             .map(|(path, entry)| async move {
                 let done = self.clean(client, &entry, known).await;
                 if done {
-                    let _ = std::fs::remove_file(&path);
+                    remove_entry(&path);
                 }
                 done
             })
@@ -440,10 +451,16 @@ mod tests {
         assert_eq!(Entry::parse("garbage"), None);
     }
 
-    #[tokio::test]
-    async fn uploads_of_dead_processes_are_aborted_and_entries_removed() {
+    /// A journal in a new temporary directory (removed when the first value is dropped).
+    fn journal() -> (tempfile::TempDir, UploadJournal) {
         let dir = tempfile::tempdir().unwrap();
         let j = UploadJournal::open(dir.path().join("j")).unwrap();
+        (dir, j)
+    }
+
+    #[tokio::test]
+    async fn uploads_of_dead_processes_are_aborted_and_entries_removed() {
+        let (_dir, j) = journal();
         let mock = MockClient::new("b");
         let entry = j.begin("k");
         let id = mock
@@ -460,8 +477,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_completed_upload_leaves_no_entry() {
-        let dir = tempfile::tempdir().unwrap();
-        let j = UploadJournal::open(dir.path().join("j")).unwrap();
+        let (_dir, j) = journal();
         let entry = j.begin("k");
         entry.created("id-1");
         assert_eq!(j.len(), 1);
@@ -471,8 +487,7 @@ mod tests {
 
     #[tokio::test]
     async fn lost_creates_are_found_by_key_and_time_and_others_are_kept() {
-        let dir = tempfile::tempdir().unwrap();
-        let j = UploadJournal::open(dir.path().join("j")).unwrap();
+        let (_dir, j) = journal();
         let mock = MockClient::new("b");
         let attrs = ObjectAttributes::default();
         // Ours, answered and recorded: kept.
@@ -495,8 +510,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_process_that_died_while_creating_leaves_no_upload() {
-        let dir = tempfile::tempdir().unwrap();
-        let j = UploadJournal::open(dir.path().join("j")).unwrap();
+        let (_dir, j) = journal();
         let mock = MockClient::new("b");
         let _entry = j.begin("k");
         mock.create_multipart_upload("k", &ObjectAttributes::default())

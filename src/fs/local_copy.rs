@@ -22,6 +22,7 @@ use tokio::task::JoinHandle;
 
 use super::error::{FsError, FsResult};
 use super::get::{fetch, ReadContext};
+use super::local_io;
 use crate::s3::ObjectClient;
 
 /// Which chunks are on disk, and which are being fetched.
@@ -63,8 +64,12 @@ impl<C: ObjectClient> LocalCopy<C> {
     /// An empty local copy of `key` at `etag`, `size` bytes long, with its background fill
     /// started.
     pub fn start(key: String, etag: String, size: u64, ctx: ReadContext<C>) -> FsResult<Self> {
-        let file = tempfile::tempfile().map_err(io_error)?;
-        file.set_len(size).map_err(io_error)?;
+        let file = local_io(|| {
+            let file = tempfile::tempfile()?;
+            file.set_len(size)?;
+            Ok(file)
+        })
+        .map_err(io_error)?;
         let chunk = ctx.config.local_chunk.max(4096);
         let count = size.div_ceil(chunk) as usize;
         let shared = Arc::new(Shared {
@@ -120,12 +125,9 @@ impl<C: ObjectClient> LocalCopy<C> {
     }
 
     fn read_here(&self, offset: u64, end: u64) -> FsResult<Bytes> {
-        // From the page cache almost always: cheap enough to do on this thread.
+        // From the page cache almost always, but a disk read when memory is short.
         let mut buf = BytesMut::zeroed((end - offset) as usize);
-        self.shared
-            .file
-            .read_exact_at(&mut buf, offset)
-            .map_err(io_error)?;
+        local_io(|| self.shared.file.read_exact_at(&mut buf, offset)).map_err(io_error)?;
         Ok(buf.freeze())
     }
 
@@ -243,7 +245,7 @@ async fn fetch_chunks<C: ObjectClient>(
     };
     let bytes = span.start * s.chunk..(span.end * s.chunk).min(s.size);
     let data = fetch(ctx, key, etag, bytes.clone()).await?;
-    if let Err(e) = s.file.write_all_at(&data, bytes.start) {
+    if let Err(e) = local_io(|| s.file.write_all_at(&data, bytes.start)) {
         s.broken.store(true, std::sync::atomic::Ordering::Relaxed);
         return Err(io_error(e));
     }

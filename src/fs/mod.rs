@@ -40,17 +40,18 @@ pub mod write;
 pub use attributes::{Caller, SetAttr};
 pub use files::WrittenNow;
 
-use std::collections::{HashMap, HashSet};
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use crate::s3::ObjectClient;
+use attributes::Deferred;
 use error::{FsError, FsResult};
-use inode::{Ino, Inode, InodeTable, Kind, ROOT_INO};
-use namespace::{DirHandle, PrefetchedListing, Revalidation};
+use files::Handles;
+use inode::{Ino, Inode, Kind, ROOT_INO};
+use namespace::Namespace;
 use read::{BlockCache, MemoryBudget, ReadConfig, ReadContext, ReadHandle};
-use write::{WriteConfig, WriteHandle};
+use write::{WriteConfig, WriteContext, WriteHandle};
 
 /// The longest file name Linux accepts.
 pub const MAX_NAME_LEN: usize = 255;
@@ -141,9 +142,6 @@ pub struct FsStats {
     pub bytes_read: AtomicU64,
 }
 
-/// An inode's write handle and how many descriptors have it open.
-type SharedWriter<C> = (Arc<WriteHandle<C>>, usize);
-
 /// An open file: read handles pin an ETag; write handles share one spool per inode.
 pub(crate) enum OpenFile<C> {
     Read(Arc<ReadHandle<C>>),
@@ -173,38 +171,35 @@ impl<C> Clone for OpenFile<C> {
     }
 }
 
+/// The core: the client and settings, and the parts it is composed of. Its methods are
+/// `impl` blocks by subsystem: namespace.rs (names, listings, rename), files.rs (open files),
+/// attributes.rs (s3fs attributes and their deferred store).
 pub struct S3Filesystem<C> {
     client: Arc<C>,
     config: FsConfig,
-    inodes: InodeTable,
-    negative: Mutex<HashMap<(Ino, String), Instant>>,
-    files: Mutex<HashMap<u64, OpenFile<C>>>,
-    /// The write handle of each inode open for writing, with its count of opens.
-    writers: Mutex<HashMap<Ino, SharedWriter<C>>>,
-    /// One lock per inode that is being changed (see `files::hold`).
-    changing: Mutex<HashMap<Ino, Arc<tokio::sync::Mutex<()>>>>,
-    dirs: Mutex<HashMap<u64, Arc<DirHandle>>>,
-    /// Listings of subdirectories started ahead, each used by at most one `opendir`.
-    prefetched: Mutex<HashMap<Ino, PrefetchedListing>>,
-    /// Directories whose children a lookup revalidated with one listing, since when, and
-    /// whether it worked (see [`S3Filesystem::revalidate_children`]).
-    revalidations: Mutex<HashMap<Ino, Revalidation>>,
-    /// Closed files whose changed attributes S3 does not have yet, when they last changed, and
-    /// the inode (kept even if the kernel forgets it meanwhile); see `defer_metadata`.
-    pending_metadata: Mutex<HashMap<Ino, (Instant, Arc<Inode>)>>,
-    /// Directories with more keys below them than one listing page: revalidated by their own
-    /// entries only.
-    large_trees: Mutex<HashSet<Ino>>,
-    next_handle: AtomicU64,
+    ns: Namespace,
+    handles: Handles<C>,
+    deferred: Deferred,
     read_ctx: ReadContext<C>,
-    journal: Option<Arc<journal::UploadJournal>>,
-    warned_names: Mutex<std::collections::HashSet<String>>,
+    write_ctx: WriteContext<C>,
     stats: FsStats,
     mounted_at: SystemTime,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Runs `f`, blocking local file I/O (spool, local copies, journal), without stalling the
+/// async workers: on the mount's multi-threaded runtime the worker first hands its other tasks
+/// to another thread (`block_in_place`); on a single-threaded runtime (core tests) it just
+/// runs. Bulk copies that need not be waited for go to `spawn_blocking` instead.
+pub(crate) fn local_io<R>(f: impl FnOnce() -> R) -> R {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
+        _ => f(),
+    }
 }
 
 /// Whether a key segment can be a file name here.
@@ -239,23 +234,20 @@ impl<C: ObjectClient> S3Filesystem<C> {
                     }
                 }
             });
-        Self {
+        let write_ctx = WriteContext {
+            client: client.clone(),
+            config: config.write.clone(),
             journal,
-            inodes: InodeTable::new(&config.prefix),
+            budget: read_ctx.budget.clone(),
+        };
+        Self {
+            ns: Namespace::new(&config.prefix),
+            handles: Handles::new(),
+            deferred: Deferred::default(),
             client,
             config,
-            negative: Mutex::new(HashMap::new()),
-            files: Mutex::new(HashMap::new()),
-            writers: Mutex::new(HashMap::new()),
-            changing: Mutex::new(HashMap::new()),
-            dirs: Mutex::new(HashMap::new()),
-            prefetched: Mutex::new(HashMap::new()),
-            revalidations: Mutex::new(HashMap::new()),
-            pending_metadata: Mutex::new(HashMap::new()),
-            large_trees: Mutex::new(HashSet::new()),
-            next_handle: AtomicU64::new(1),
             read_ctx,
-            warned_names: Mutex::new(Default::default()),
+            write_ctx,
             stats: FsStats::default(),
             mounted_at: SystemTime::now(),
         }
@@ -263,7 +255,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
 
     /// Aborts multipart uploads an earlier s3mount left unfinished; returns how many.
     pub async fn recover_uploads(&self) -> usize {
-        match &self.journal {
+        match &self.write_ctx.journal {
             Some(j) => j.recover(&*self.client).await,
             None => 0,
         }
@@ -279,7 +271,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
 
     /// The S3 key of inode `ino`, if the inode is known (for `s3mount status`).
     pub fn key_of(&self, ino: Ino) -> Option<String> {
-        self.inodes.get(ino).map(|inode| inode.key())
+        self.ns.inodes.get(ino).map(|inode| inode.key())
     }
 
     pub fn memory_in_use(&self) -> u64 {
@@ -291,7 +283,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
     }
 
     fn inode(&self, ino: Ino) -> FsResult<Arc<Inode>> {
-        self.inodes.get(ino).ok_or(FsError::NotFound)
+        self.ns.inodes.get(ino).ok_or(FsError::NotFound)
     }
 
     fn dir_inode(&self, ino: Ino) -> FsResult<Arc<Inode>> {

@@ -3,8 +3,8 @@
 //! fresh), and the changes of names: mkdir, symlink, unlink, rmdir and rename (a file by one
 //! server-side copy, a directory by copying every key under it).
 
-use std::collections::{BTreeMap, HashSet};
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -15,7 +15,7 @@ use std::sync::atomic::Ordering;
 use super::attributes::{stat_of_head, Caller};
 use super::copy::RENAME_PARALLELISM;
 use super::error::{from_client, FsError, FsResult};
-use super::inode::{Ino, Inode, Kind, Stat};
+use super::inode::{Ino, Inode, InodeTable, Kind, Stat};
 use super::{lock, valid_name, Attr, DirEntry, S3Filesystem};
 use super::{MAX_KEY_LEN, MAX_NAME_LEN, METADATA_LISTING_LIMIT};
 use crate::s3::{
@@ -53,22 +53,56 @@ pub(super) type Revalidation = (Instant, Arc<tokio::sync::OnceCell<bool>>);
 /// Subdirectories whose listings one `opendir` starts ahead.
 pub(super) const SUBDIRECTORIES_PREFETCHED: usize = 8;
 
+/// What the mount knows of names: the inode table, and what listings and lookups have learnt
+/// besides it. Each map is a leaf lock (see docs/ARCHITECTURE.md, "Lock order").
+pub(super) struct Namespace {
+    pub(super) inodes: InodeTable,
+    /// Names known to be absent, and since when.
+    pub(super) negative: Mutex<HashMap<(Ino, String), Instant>>,
+    /// Open directory handles, each with the entries its `opendir` listed.
+    pub(super) dirs: Mutex<HashMap<u64, Arc<DirHandle>>>,
+    /// Listings of subdirectories started ahead, each used by at most one `opendir`.
+    pub(super) prefetched: Mutex<HashMap<Ino, PrefetchedListing>>,
+    /// Directories whose children a lookup revalidated with one listing, since when, and
+    /// whether it worked (see [`S3Filesystem::revalidate_children`]).
+    pub(super) revalidations: Mutex<HashMap<Ino, Revalidation>>,
+    /// Directories with more keys below them than one listing page: revalidated by their own
+    /// entries only.
+    pub(super) large_trees: Mutex<HashSet<Ino>>,
+    /// Keys skipped with a warning, so each is warned of once.
+    pub(super) warned_names: Mutex<HashSet<String>>,
+}
+
+impl Namespace {
+    pub(super) fn new(prefix: &str) -> Self {
+        Self {
+            inodes: InodeTable::new(prefix),
+            negative: Mutex::default(),
+            dirs: Mutex::default(),
+            prefetched: Mutex::default(),
+            revalidations: Mutex::default(),
+            large_trees: Mutex::default(),
+            warned_names: Mutex::default(),
+        }
+    }
+}
+
 impl<C: ObjectClient> S3Filesystem<C> {
     /// This mount changed the entries of directory `dir`.
     pub(super) fn entries_changed(&self, dir: Ino) {
-        if let Some(d) = self.inodes.get(dir) {
+        if let Some(d) = self.ns.inodes.get(dir) {
             d.entries_changed();
         }
     }
 
     pub(super) fn warn_skipped(&self, key: &str) {
-        if lock(&self.warned_names).insert(key.to_string()) {
+        if lock(&self.ns.warned_names).insert(key.to_string()) {
             tracing::warn!(key, "skipping a key that cannot be a file name (empty segment, '.', '..' or over 255 bytes)");
         }
     }
 
     pub(super) fn warn_shadowed(&self, key: &str) {
-        if lock(&self.warned_names).insert(key.to_string()) {
+        if lock(&self.ns.warned_names).insert(key.to_string()) {
             tracing::warn!(
                 key,
                 "skipping an object hidden by a directory of the same name (keys below {key}/)"
@@ -82,7 +116,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
             return Err(FsError::NameTooLong);
         }
         let inode = self.resolve(parent, name).await?;
-        self.inodes.add_lookup(&inode);
+        self.ns.inodes.add_lookup(&inode);
         Ok(self.attr_of(&inode))
     }
 
@@ -95,9 +129,9 @@ impl<C: ObjectClient> S3Filesystem<C> {
         // Refreshing a known inode waits for changes of it under way (a commit, a setattr), or
         // an older version read from S3 could overwrite what they just set.
         let mut _held = None;
-        if let Some(child) = self.inodes.child(parent, name) {
+        if let Some(child) = self.ns.inodes.child(parent, name) {
             // A file open for writing is what we say it is: S3 has an older version, if any.
-            if child.is_fresh() || lock(&self.writers).contains_key(&child.ino) {
+            if child.is_fresh() || lock(&self.handles.writers).contains_key(&child.ino) {
                 return Ok(child);
             }
             _held = Some(self.hold(child.ino).await);
@@ -112,7 +146,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
             }
         }
         let neg_key = (parent, name.to_string());
-        if lock(&self.negative)
+        if lock(&self.ns.negative)
             .get(&neg_key)
             .is_some_and(|exp| *exp > Instant::now())
         {
@@ -153,19 +187,22 @@ impl<C: ObjectClient> S3Filesystem<C> {
                     };
                 }
             }
-            lock(&self.negative).remove(&neg_key);
-            return Ok(self.inodes.upsert(&dir, name, Kind::Directory, stat, ttl));
+            lock(&self.ns.negative).remove(&neg_key);
+            return Ok(self
+                .ns
+                .inodes
+                .upsert(&dir, name, Kind::Directory, stat, ttl));
         }
         match head {
             Ok(head) => {
                 let (kind, stat) = stat_of_head(&head);
-                lock(&self.negative).remove(&neg_key);
-                Ok(self.inodes.upsert(&dir, name, kind, stat, ttl))
+                lock(&self.ns.negative).remove(&neg_key);
+                Ok(self.ns.inodes.upsert(&dir, name, kind, stat, ttl))
             }
             Err(e) if e.kind == ErrorKind::NoSuchKey => {
-                self.inodes.remove_name(parent, name);
+                self.ns.inodes.remove_name(parent, name);
                 if !ttl.is_zero() {
-                    lock(&self.negative).insert(neg_key, Instant::now() + ttl);
+                    lock(&self.ns.negative).insert(neg_key, Instant::now() + ttl);
                 }
                 Err(FsError::NotFound)
             }
@@ -185,7 +222,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
             return false;
         }
         let done = {
-            let mut revalidations = lock(&self.revalidations);
+            let mut revalidations = lock(&self.ns.revalidations);
             revalidations.retain(|_, (started, _)| started.elapsed() < ttl);
             let (_, done) = revalidations
                 .entry(dir.ino)
@@ -195,7 +232,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
         *done
             .get_or_init(|| async {
                 let dir_key = dir.key();
-                let recursive = !lock(&self.large_trees).contains(&dir.ino);
+                let recursive = !lock(&self.ns.large_trees).contains(&dir.ino);
                 self.stats.listings.fetch_add(1, Ordering::Relaxed);
                 let request = ListRequest {
                     prefix: &dir_key,
@@ -209,7 +246,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
                 };
                 if recursive && page.next_continuation_token.is_some() {
                     // Too large to list whole each time: its own entries from now on.
-                    lock(&self.large_trees).insert(dir.ino);
+                    lock(&self.ns.large_trees).insert(dir.ino);
                 }
                 self.confirm_listed(dir, &dir_key, &page, ttl);
                 true
@@ -249,7 +286,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
         let known = |path: &str| -> Option<Arc<Inode>> {
             let mut inode = dir.clone();
             for name in path.split('/') {
-                inode = self.inodes.child(inode.ino, name)?;
+                inode = self.ns.inodes.child(inode.ino, name)?;
             }
             Some(inode)
         };
@@ -289,22 +326,22 @@ impl<C: ObjectClient> S3Filesystem<C> {
     }
 
     pub fn forget(&self, ino: Ino, n: u64) {
-        self.inodes.forget(ino, n);
-        if self.inodes.get(ino).is_none() {
-            lock(&self.changing).remove(&ino);
+        self.ns.inodes.forget(ino, n);
+        if self.ns.inodes.get(ino).is_none() {
+            lock(&self.handles.changing).remove(&ino);
         }
     }
 
     /// The kernel took a reference through a readdirplus entry.
     pub fn entry_returned(&self, ino: Ino) {
-        if let Some(inode) = self.inodes.get(ino) {
-            self.inodes.add_lookup(&inode);
+        if let Some(inode) = self.ns.inodes.get(ino) {
+            self.ns.inodes.add_lookup(&inode);
         }
     }
 
     pub async fn getattr(&self, ino: Ino) -> FsResult<Attr> {
         let inode = self.inode(ino)?;
-        let being_written = lock(&self.writers).contains_key(&ino);
+        let being_written = lock(&self.handles.writers).contains_key(&ino);
         if being_written || inode.is_fresh() || inode.kind == Kind::Directory {
             if inode.kind == Kind::Directory && !inode.is_fresh() {
                 let stat = inode.stat();
@@ -318,7 +355,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
         if inode.is_fresh() {
             return Ok(self.attr_of(&inode));
         }
-        if let Some(parent) = self.inodes.get(inode.parent()) {
+        if let Some(parent) = self.ns.inodes.get(inode.parent()) {
             if self.revalidate_children(&parent).await && inode.is_fresh() {
                 return Ok(self.attr_of(&inode));
             }
@@ -338,7 +375,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
                 if e.kind == ErrorKind::NoSuchKey {
                     {
                         let loc = inode.location();
-                        self.inodes.remove_name(loc.parent, &loc.name);
+                        self.ns.inodes.remove_name(loc.parent, &loc.name);
                     }
                 }
                 Err(from_client(e))
@@ -350,7 +387,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
     /// listing prefetched less than the metadata TTL ago is used instead, once.
     pub async fn opendir(&self, ino: Ino) -> FsResult<u64> {
         let dir = self.dir_inode(ino)?;
-        let prefetched = lock(&self.prefetched).remove(&ino);
+        let prefetched = lock(&self.ns.prefetched).remove(&ino);
         let mut entries = None;
         if let Some((started, changes, listing)) = prefetched {
             if let Some(listed) = listing.await {
@@ -364,8 +401,8 @@ impl<C: ObjectClient> S3Filesystem<C> {
             None => Arc::new(self.list_dir(&dir).await?),
         };
         let entries = self.as_it_is_now(&dir, &entries);
-        let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
-        lock(&self.dirs).insert(fh, Arc::new(DirHandle { entries }));
+        let fh = self.handles.next_number();
+        lock(&self.ns.dirs).insert(fh, Arc::new(DirHandle { entries }));
         Ok(fh)
     }
 
@@ -379,10 +416,10 @@ impl<C: ObjectClient> S3Filesystem<C> {
         if self.config.metadata_ttl.is_zero() {
             return;
         }
-        let Some(handle) = lock(&self.dirs).get(&fh).cloned() else {
+        let Some(handle) = lock(&self.ns.dirs).get(&fh).cloned() else {
             return;
         };
-        let mut prefetched = lock(&self.prefetched);
+        let mut prefetched = lock(&self.ns.prefetched);
         // Listings nobody opened in time are no use any more.
         let ttl = self.config.metadata_ttl;
         prefetched.retain(|_, (started, _, _)| started.elapsed() < ttl);
@@ -418,6 +455,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
             .iter()
             .map(|e| {
                 let attr = self
+                    .ns
                     .inodes
                     .get(e.attr.ino)
                     .map_or_else(|| e.attr.clone(), |i| self.attr_of(&i));
@@ -440,14 +478,15 @@ impl<C: ObjectClient> S3Filesystem<C> {
 
     /// The files being written in `dir` and still linked there (not unlinked, not replaced).
     pub(super) fn being_written_in(&self, dir: &Inode) -> Vec<Arc<Inode>> {
-        let writing: Vec<Ino> = lock(&self.writers).keys().copied().collect();
+        let writing: Vec<Ino> = lock(&self.handles.writers).keys().copied().collect();
         writing
             .into_iter()
-            .filter_map(|ino| self.inodes.get(ino))
+            .filter_map(|ino| self.ns.inodes.get(ino))
             .filter(|inode| {
                 let loc = inode.location();
                 loc.parent == dir.ino
                     && self
+                        .ns
                         .inodes
                         .child(dir.ino, &loc.name)
                         .is_some_and(|c| c.ino == inode.ino)
@@ -543,11 +582,11 @@ impl<C: ObjectClient> S3Filesystem<C> {
         let mut heads_needed = Vec::new();
         let mut resolved: Vec<(String, Kind, Stat)> = Vec::with_capacity(found.len());
         for (name, (kind, stat)) in found {
-            let known = self.inodes.child(dir.ino, &name).filter(|c| {
+            let known = self.ns.inodes.child(dir.ino, &name).filter(|c| {
                 let same_object = (c.kind == kind
                     || (kind == Kind::File && c.kind == Kind::Symlink))
                     && c.stat().same_version(&stat);
-                same_object || lock(&self.writers).contains_key(&c.ino)
+                same_object || lock(&self.handles.writers).contains_key(&c.ino)
             });
             match known {
                 Some(c) => {
@@ -589,7 +628,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
         }
         let mut entries = Vec::with_capacity(resolved.len());
         for (name, kind, stat) in resolved {
-            let inode = self.inodes.upsert(dir, &name, kind, stat, ttl);
+            let inode = self.ns.inodes.upsert(dir, &name, kind, stat, ttl);
             entries.push(DirEntry {
                 name,
                 attr: self.attr_of(&inode),
@@ -602,11 +641,12 @@ impl<C: ObjectClient> S3Filesystem<C> {
     /// `..` come first.
     pub fn readdir(&self, ino: Ino, fh: u64, offset: u64) -> FsResult<Vec<(u64, DirEntry)>> {
         let dir = self.dir_inode(ino)?;
-        let handle = lock(&self.dirs)
+        let handle = lock(&self.ns.dirs)
             .get(&fh)
             .cloned()
             .ok_or(FsError::BadHandle)?;
         let parent_attr = self
+            .ns
             .inodes
             .get(dir.parent())
             .map(|p| self.attr_of(&p))
@@ -631,7 +671,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
     }
 
     pub fn releasedir(&self, fh: u64) {
-        lock(&self.dirs).remove(&fh);
+        lock(&self.ns.dirs).remove(&fh);
     }
 
     /// A symlink's target is its object's content (as s3fs-fuse stores it).
@@ -674,16 +714,17 @@ impl<C: ObjectClient> S3Filesystem<C> {
     /// once by the kernel (the entry reply that follows).
     pub(super) fn enter_new(&self, dir: &Inode, name: &str, kind: Kind, stat: Stat) -> Arc<Inode> {
         let inode = self
+            .ns
             .inodes
             .upsert(dir, name, kind, stat, self.config.metadata_ttl);
         self.forget_negative(dir.ino, name);
-        self.inodes.add_lookup(&inode);
+        self.ns.inodes.add_lookup(&inode);
         self.entries_changed(dir.ino);
         inode
     }
 
     pub(super) fn forget_negative(&self, parent: Ino, name: &str) {
-        super::lock(&self.negative).remove(&(parent, name.to_string()));
+        super::lock(&self.ns.negative).remove(&(parent, name.to_string()));
     }
 
     pub async fn mkdir(
@@ -750,9 +791,9 @@ impl<C: ObjectClient> S3Filesystem<C> {
         if let Some(w) = writer {
             w.unlinked().await;
         }
-        super::lock(&self.pending_metadata).remove(&inode.ino);
+        super::lock(&self.deferred.pending).remove(&inode.ino);
         inode.forget_all_changes();
-        self.inodes.remove_name(parent, name);
+        self.ns.inodes.remove_name(parent, name);
         self.entry_removed(parent);
         Ok(())
     }
@@ -762,7 +803,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
     /// expire, so the next lookup asks S3.
     pub(super) fn entry_removed(&self, dir: Ino) {
         self.entries_changed(dir);
-        if let Some(d) = self.inodes.get(dir) {
+        if let Some(d) = self.ns.inodes.get(dir) {
             d.expire();
         }
     }
@@ -775,6 +816,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
         let linked = loc.parent == parent
             && loc.name == name
             && self
+                .ns
                 .inodes
                 .child(parent, name)
                 .is_some_and(|c| c.ino == inode.ino);
@@ -817,7 +859,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
             return Err(FsError::NotEmpty);
         }
         self.client.delete_object(&key).await.map_err(from_client)?;
-        self.inodes.remove_name(parent, name);
+        self.ns.inodes.remove_name(parent, name);
         self.entry_removed(parent);
         Ok(())
     }
@@ -883,7 +925,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
         if new_key.len() > super::MAX_KEY_LEN {
             return Err(FsError::NameTooLong);
         }
-        let writer = super::lock(&self.writers)
+        let writer = super::lock(&self.handles.writers)
             .get(&source.ino)
             .map(|(w, _)| w.clone());
         match (source.kind, writer) {
@@ -915,7 +957,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
             }
             (_, None) => {
                 // Deferred attributes travel with the copy.
-                let pending = super::lock(&self.pending_metadata).remove(&source.ino);
+                let pending = super::lock(&self.deferred.pending).remove(&source.ino);
                 let attrs = pending
                     .as_ref()
                     .map(|_| self.attrs_for(&source.stat(), source.kind));
@@ -930,7 +972,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
                     Ok(_) => {}
                     Err(e) => {
                         if let Some(changed) = pending {
-                            super::lock(&self.pending_metadata).insert(source.ino, changed);
+                            super::lock(&self.deferred.pending).insert(source.ino, changed);
                         }
                         return Err(e);
                     }
@@ -942,14 +984,14 @@ impl<C: ObjectClient> S3Filesystem<C> {
         }
         if let Some(r) = &replaced {
             // Its deferred attributes are for an object that is gone.
-            super::lock(&self.pending_metadata).remove(&r.ino);
+            super::lock(&self.deferred.pending).remove(&r.ino);
             r.forget_all_changes();
         }
-        self.inodes.rename(&source, &target_dir, new_name);
+        self.ns.inodes.rename(&source, &target_dir, new_name);
         self.entry_removed(parent);
         self.entries_changed(new_parent);
         self.forget_negative(new_parent, new_name);
-        super::lock(&self.negative).insert(
+        super::lock(&self.ns.negative).insert(
             (parent, name.to_string()),
             std::time::Instant::now() + self.config.metadata_ttl,
         );

@@ -51,6 +51,7 @@ use tokio::task::JoinHandle;
 
 use super::error::{from_client, FsError, FsResult};
 use super::journal::{JournalEntry, LostCreate, UploadJournal};
+use super::local_io;
 use super::memory::{MemoryBudget, PartBuffer, BUFFER_ALIGN};
 use crate::s3::{
     ClientError, CompletedPart, CopySource, ErrorKind, ObjectAttributes, ObjectClient, PutBody,
@@ -415,52 +416,54 @@ impl WriteState {
     }
 }
 
+/// What every write handle of a filesystem shares: the client, the settings, the journal of
+/// uploads in progress and the memory budget that part buffers are taken from.
+pub struct WriteContext<C> {
+    pub client: Arc<C>,
+    pub config: WriteConfig,
+    pub journal: Option<Arc<UploadJournal>>,
+    pub budget: Arc<MemoryBudget>,
+}
+
+impl<C> Clone for WriteContext<C> {
+    fn clone(&self) -> Self {
+        Self {
+            client: self.client.clone(),
+            config: self.config.clone(),
+            journal: self.journal.clone(),
+            budget: self.budget.clone(),
+        }
+    }
+}
+
 pub struct WriteHandle<C> {
-    client: Arc<C>,
-    config: WriteConfig,
-    journal: Option<Arc<UploadJournal>>,
+    ctx: WriteContext<C>,
     uploads: Arc<Semaphore>,
-    budget: Arc<MemoryBudget>,
     pub state: tokio::sync::Mutex<WriteState>,
 }
 
 impl<C: ObjectClient> WriteHandle<C> {
     /// A handle for a new (or truncated) object at `key`.
-    pub fn new(
-        client: Arc<C>,
-        config: WriteConfig,
-        journal: Option<Arc<UploadJournal>>,
-        budget: Arc<MemoryBudget>,
-        key: String,
-        attrs: ObjectAttributes,
-    ) -> FsResult<Self> {
-        let spool = match &config.spool_dir {
+    pub fn new(ctx: WriteContext<C>, key: String, attrs: ObjectAttributes) -> FsResult<Self> {
+        let spool = local_io(|| match &ctx.config.spool_dir {
             Some(dir) => tempfile::tempfile_in(dir),
             None => tempfile::tempfile(),
-        }
+        })
         .map_err(|e| FsError::local(&format!("creating the spool file of {key}"), e))?;
-        Ok(Self::with_spool(
-            client, config, journal, budget, key, attrs, spool,
-        ))
+        Ok(Self::with_spool(ctx, key, attrs, spool))
     }
 
     /// A handle whose spool is `spool` (an empty file).
     fn with_spool(
-        client: Arc<C>,
-        config: WriteConfig,
-        journal: Option<Arc<UploadJournal>>,
-        budget: Arc<MemoryBudget>,
+        ctx: WriteContext<C>,
         key: String,
         attrs: ObjectAttributes,
         spool: std::fs::File,
     ) -> Self {
         let direct = open_direct(&spool).map(Arc::new);
         Self {
-            client,
-            journal,
-            budget,
-            uploads: Arc::new(Semaphore::new(config.upload_concurrency.max(1))),
-            config,
+            uploads: Arc::new(Semaphore::new(ctx.config.upload_concurrency.max(1))),
+            ctx,
             state: tokio::sync::Mutex::new(WriteState {
                 key,
                 size: 0,
@@ -492,13 +495,13 @@ impl<C: ObjectClient> WriteHandle<C> {
     /// The largest file S3's 10,000 parts of our growing sizes can hold (past its 5 TiB
     /// object limit with the default part size).
     fn max_size(&self) -> u64 {
-        part_range(MAX_PARTS - 1, self.config.part_size).end
+        part_range(MAX_PARTS - 1, self.ctx.config.part_size).end
     }
 
     fn too_large(&self) -> FsError {
         FsError::FileTooLarge(format!(
             "S3 objects made of {MAX_PARTS} parts from {} MiB hold at most {} bytes",
-            self.config.part_size >> 20,
+            self.ctx.config.part_size >> 20,
             self.max_size()
         ))
     }
@@ -507,7 +510,7 @@ impl<C: ObjectClient> WriteHandle<C> {
     /// fetched or copied only as needed. Nothing to commit until something changes.
     pub async fn start_from(&self, etag: String, size: u64) -> FsResult<()> {
         let mut s = self.state.lock().await;
-        if let Err(e) = s.spool.set_len(size) {
+        if let Err(e) = local_io(|| s.spool.set_len(size)) {
             return Err(FsError::local(
                 &format!("sizing the spool file of {}", s.key),
                 e,
@@ -536,8 +539,7 @@ impl<C: ObjectClient> WriteHandle<C> {
         let block = offset - offset % FILL_BLOCK..end.div_ceil(FILL_BLOCK) * FILL_BLOCK;
         self.fill(&mut s, block).await?;
         let mut buf = vec![0u8; (end - offset) as usize];
-        s.spool
-            .read_exact_at(&mut buf, offset)
+        local_io(|| s.spool.read_exact_at(&mut buf, offset))
             .map_err(|e| FsError::local(&format!("reading the spool file of {}", s.key), e))?;
         Ok(bytes::Bytes::from(buf))
     }
@@ -557,7 +559,7 @@ impl<C: ObjectClient> WriteHandle<C> {
         if range.is_empty() {
             return Ok(());
         }
-        let part_size = self.config.part_size;
+        let part_size = self.ctx.config.part_size;
         // Missing pieces, merged across part boundaries: one GET each.
         let mut missing: Vec<Range<u64>> = Vec::new();
         for part in part_index(range.start, part_size)..=part_index(range.end - 1, part_size) {
@@ -574,13 +576,14 @@ impl<C: ObjectClient> WriteHandle<C> {
         }
         for m in missing {
             let mut out = self
+                .ctx
                 .client
                 .get_object(&base_key, Some(m.clone()), Some(&base_etag))
                 .await
                 .map_err(from_client)?;
             let mut pos = m.start;
             while let Some(chunk) = out.body.next_chunk().await.map_err(from_client)? {
-                if let Err(e) = s.spool.write_all_at(&chunk, pos) {
+                if let Err(e) = local_io(|| s.spool.write_all_at(&chunk, pos)) {
                     return Err(s.spool_failed("keeping bytes of the stored object", e));
                 }
                 pos += chunk.len() as u64;
@@ -628,7 +631,7 @@ impl<C: ObjectClient> WriteHandle<C> {
         // A part filled by `append_now` whose sealing has not run yet goes first.
         self.seal_if_full(&mut s).await?;
         s.changed();
-        let base = self.config.part_size;
+        let base = self.ctx.config.part_size;
         for part in part_index(offset, base)..=part_index(end - 1, base) {
             let range = part_range(part, base);
             let piece = offset.max(range.start)..end.min(range.end);
@@ -645,7 +648,7 @@ impl<C: ObjectClient> WriteHandle<C> {
                 }
                 // Nothing may land in the spool under a write still on its way.
                 self.spooled(&mut s).await?;
-                if let Err(e) = s.spool.write_all_at(bytes, piece.start) {
+                if let Err(e) = local_io(|| s.spool.write_all_at(bytes, piece.start)) {
                     return Err(s.spool_failed("writing", e));
                 }
                 s.coverage.add(part, piece.clone());
@@ -676,7 +679,7 @@ impl<C: ObjectClient> WriteHandle<C> {
         if s.failed.is_some() || data.is_empty() {
             return None;
         }
-        let base = self.config.part_size;
+        let base = self.ctx.config.part_size;
         let end = offset.checked_add(data.len() as u64)?;
         let part = part_index(offset, base);
         let range = part_range(part, base);
@@ -695,6 +698,7 @@ impl<C: ObjectClient> WriteHandle<C> {
             // The first byte of an untouched part: held in memory if there is room now.
             None if offset == range.start && s.coverage.untouched(part) => {
                 match self
+                    .ctx
                     .budget
                     .part_buffer_now((range.end - range.start) as usize)
                 {
@@ -725,7 +729,7 @@ impl<C: ObjectClient> WriteHandle<C> {
             if rewritten {
                 return None;
             }
-            if let Err(e) = s.spool.write_all_at(data, offset) {
+            if let Err(e) = local_io(|| s.spool.write_all_at(data, offset)) {
                 s.spool_failed("writing", e);
                 return None;
             }
@@ -748,7 +752,7 @@ impl<C: ObjectClient> WriteHandle<C> {
         self.seal_if_full(&mut s).await?;
         // A part completed in the spool.
         if let Some(part) = s.completed.take() {
-            let range = part_range(part, self.config.part_size);
+            let range = part_range(part, self.ctx.config.part_size);
             let started = s
                 .upload
                 .as_ref()
@@ -765,7 +769,7 @@ impl<C: ObjectClient> WriteHandle<C> {
     /// Seals the part held in memory if it is full.
     async fn seal_if_full(&self, s: &mut WriteState) -> FsResult<()> {
         let full = s.filling.as_ref().is_some_and(|f| {
-            let range = part_range(f.part, self.config.part_size);
+            let range = part_range(f.part, self.ctx.config.part_size);
             f.len() == range.end - range.start
         });
         if full {
@@ -783,7 +787,7 @@ impl<C: ObjectClient> WriteHandle<C> {
         offset: u64,
         bytes: &[u8],
     ) -> FsResult<bool> {
-        let range = part_range(part, self.config.part_size);
+        let range = part_range(part, self.ctx.config.part_size);
         let end = offset + bytes.len() as u64;
         if let Some(f) = s.filling.as_ref().filter(|f| f.part == part) {
             if range.start + f.len() != offset {
@@ -803,7 +807,7 @@ impl<C: ObjectClient> WriteHandle<C> {
         // Memory is never waited for here: the write's data, copied out of the kernel's
         // request, is held until it is taken. Without room now, the part goes to the spool.
         let capacity = range.end - range.start;
-        let Some(buffer) = self.budget.part_buffer_now(capacity as usize) else {
+        let Some(buffer) = self.ctx.budget.part_buffer_now(capacity as usize) else {
             return Ok(false);
         };
         s.reserved_to = range.start;
@@ -843,7 +847,7 @@ impl<C: ObjectClient> WriteHandle<C> {
     /// with O_DIRECT when aligned, else buffered. The coverage counts it at once; readers of
     /// the spool wait for it (`spooled`).
     fn to_spool(&self, s: &mut WriteState, part: u64, data: bytes::Bytes) {
-        let start = part_range(part, self.config.part_size).start;
+        let start = part_range(part, self.ctx.config.part_size).start;
         s.coverage.add(part, start..start + data.len() as u64);
         let aligned = start % BUFFER_ALIGN as u64 == 0
             && data.len() % BUFFER_ALIGN == 0
@@ -899,7 +903,7 @@ impl<C: ObjectClient> WriteHandle<C> {
         let mut s = self.state.lock().await;
         s.check()?;
         self.spill(&mut s).await?;
-        if let Err(e) = s.spool.set_len(size) {
+        if let Err(e) = local_io(|| s.spool.set_len(size)) {
             // Nothing changed: the size is refused, the handle is as it was.
             return Err(FsError::local(
                 &format!("resizing the spool file of {}", s.key),
@@ -913,7 +917,7 @@ impl<C: ObjectClient> WriteHandle<C> {
             base.len = base.len.min(size);
         }
         s.changed();
-        let base = self.config.part_size;
+        let base = self.ctx.config.part_size;
         if let Some(upload) = s.upload.as_mut() {
             let from = part_index(size, base);
             upload.parts.retain(|part, state| {
@@ -935,12 +939,17 @@ impl<C: ObjectClient> WriteHandle<C> {
     /// time once this upload is over) and sent again.
     async fn upload<'a>(&self, s: &'a mut WriteState) -> FsResult<&'a mut Upload> {
         if s.upload.is_none() {
-            let entry = self.journal.as_ref().map(|j| j.begin(&s.key));
+            let entry = self.ctx.journal.as_ref().map(|j| j.begin(&s.key));
             let created = SystemTime::now();
             let mut lost = Vec::new();
             let id = loop {
                 let sent = SystemTime::now();
-                match self.client.create_multipart_upload(&s.key, &s.attrs).await {
+                match self
+                    .ctx
+                    .client
+                    .create_multipart_upload(&s.key, &s.attrs)
+                    .await
+                {
                     Ok(id) => break id,
                     Err(e) => {
                         if e.outcome_unknown() {
@@ -948,7 +957,7 @@ impl<C: ObjectClient> WriteHandle<C> {
                                 key = s.key,
                                 "CreateMultipartUpload got no answer ({e}); the upload it may have made will be aborted"
                             );
-                            if let Some(j) = &self.journal {
+                            if let Some(j) = &self.ctx.journal {
                                 lost.push(j.lost_create(&s.key, sent, SystemTime::now()));
                             }
                             if lost.len() <= CREATE_RETRIES {
@@ -981,13 +990,13 @@ impl<C: ObjectClient> WriteHandle<C> {
 
     /// Searches, in the background, for the uploads lost creates may have made.
     fn find_lost(&self, lost: Vec<LostCreate>) {
-        let Some(journal) = self.journal.clone() else {
+        let Some(journal) = self.ctx.journal.clone() else {
             return;
         };
         if lost.is_empty() {
             return;
         }
-        let client = self.client.clone();
+        let client = self.ctx.client.clone();
         tokio::spawn(async move {
             for l in lost {
                 journal.find_lost(&*client, l).await;
@@ -998,7 +1007,7 @@ impl<C: ObjectClient> WriteHandle<C> {
     /// Starts uploading part `part` from the spool.
     async fn start_part(&self, s: &mut WriteState, part: u64) -> FsResult<()> {
         self.spooled(s).await?;
-        let range = part_range(part, self.config.part_size);
+        let range = part_range(part, self.ctx.config.part_size);
         let body = PutBody::File {
             file: s.spool.clone(),
             offset: range.start,
@@ -1027,11 +1036,11 @@ impl<C: ObjectClient> WriteHandle<C> {
         Fut: std::future::Future<Output = Result<String, ClientError>> + Send,
     {
         let (client, key, id, sem, budget) = (
-            self.client.clone(),
+            self.ctx.client.clone(),
             upload.key.clone(),
             upload.id.clone(),
             self.uploads.clone(),
-            self.budget.clone(),
+            self.ctx.budget.clone(),
         );
         let task = tokio::spawn(async move {
             let _permit = sem.acquire_owned().await.expect("never closed");
@@ -1071,7 +1080,7 @@ impl<C: ObjectClient> WriteHandle<C> {
 
     /// Part `part` holds nothing new and lies within the base: it can be copied server-side.
     fn copyable(&self, s: &WriteState, part: u64) -> bool {
-        let range = part_range(part, self.config.part_size);
+        let range = part_range(part, self.ctx.config.part_size);
         s.base
             .as_ref()
             .is_some_and(|b| range.end.min(s.size) <= b.len && s.coverage.untouched(part))
@@ -1080,7 +1089,7 @@ impl<C: ObjectClient> WriteHandle<C> {
     async fn wait_for_room(&self, s: &mut WriteState) -> FsResult<()> {
         // Parts written in memory wait here with their buffers: keep just enough queued to
         // keep every upload slot busy.
-        let limit = self.config.upload_concurrency.max(1) + 2;
+        let limit = self.ctx.config.upload_concurrency.max(1) + 2;
         let Some(upload) = s.upload.as_mut() else {
             return Ok(());
         };
@@ -1140,7 +1149,7 @@ impl<C: ObjectClient> WriteHandle<C> {
     /// unchanged parts is one copy, up to MAX_COPY_PART (part numbers need not be consecutive,
     /// so the run's other numbers go unused); anything else goes up from the spool.
     async fn start_run(&self, s: &mut WriteState, part: u64, last: u64) -> FsResult<u64> {
-        let base = self.config.part_size;
+        let base = self.ctx.config.part_size;
         if !self.copyable(s, part) {
             let range = part_range(part, base);
             self.fill(s, range.start..range.end.min(s.size)).await?;
@@ -1162,7 +1171,7 @@ impl<C: ObjectClient> WriteHandle<C> {
     }
 
     async fn commit_locked(&self, s: &mut WriteState) -> FsResult<String> {
-        let base = self.config.part_size;
+        let base = self.ctx.config.part_size;
         // Parts whose uploads ended before the close: one that failed gets one more round,
         // as the application could not be told while it wrote. A part failing during the
         // close is reported (its retry budget is the close's time limit).
@@ -1206,6 +1215,7 @@ impl<C: ObjectClient> WriteHandle<C> {
             };
             s.attrs_left_behind = false;
             return self
+                .ctx
                 .client
                 .put_object(&s.key, body, &s.attrs)
                 .await
@@ -1260,6 +1270,7 @@ impl<C: ObjectClient> WriteHandle<C> {
         }
         let upload = s.upload.take().expect("present");
         let answer = match self
+            .ctx
             .client
             .complete_multipart_upload(&upload.key, &upload.id, &completed)
             .await
@@ -1301,7 +1312,7 @@ impl<C: ObjectClient> WriteHandle<C> {
         parts: &[CompletedPart],
         size: u64,
     ) -> Option<String> {
-        let head = self.client.head_object(&upload.key).await.ok()?;
+        let head = self.ctx.client.head_object(&upload.key).await.ok()?;
         let expected = multipart_etag(parts);
         let ours = match &expected {
             Some(etag) => head.etag == *etag,
@@ -1383,8 +1394,8 @@ impl<C: ObjectClient> WriteHandle<C> {
                 task.abort();
             }
         }
-        let client = self.client.clone();
-        let journal = self.journal.clone();
+        let client = self.ctx.client.clone();
+        let journal = self.ctx.journal.clone();
         tokio::spawn(async move {
             match client.abort_multipart_upload(&key, &id).await {
                 Ok(()) => {}
@@ -1513,12 +1524,22 @@ mod tests {
         }
     }
 
+    fn context(
+        mock: &Arc<MockClient>,
+        part: u64,
+        journal: Option<Arc<UploadJournal>>,
+    ) -> WriteContext<MockClient> {
+        WriteContext {
+            client: mock.clone(),
+            config: config(part),
+            journal,
+            budget: Arc::new(MemoryBudget::new(64 << 20)),
+        }
+    }
+
     fn handle(mock: &Arc<MockClient>, part: u64) -> WriteHandle<MockClient> {
         WriteHandle::new(
-            mock.clone(),
-            config(part),
-            None,
-            Arc::new(MemoryBudget::new(64 << 20)),
+            context(mock, part, None),
             "k".into(),
             ObjectAttributes::default(),
         )
@@ -1534,10 +1555,7 @@ mod tests {
             .open("/dev/full")
             .expect("/dev/full");
         WriteHandle::with_spool(
-            mock.clone(),
-            config(part),
-            None,
-            Arc::new(MemoryBudget::new(64 << 20)),
+            context(mock, part, None),
             "k".into(),
             ObjectAttributes::default(),
             full,
@@ -1551,10 +1569,7 @@ mod tests {
     ) -> (WriteHandle<MockClient>, Arc<UploadJournal>) {
         let journal = Arc::new(UploadJournal::open(dir.to_path_buf()).unwrap());
         let h = WriteHandle::new(
-            mock.clone(),
-            config(part),
-            Some(journal.clone()),
-            Arc::new(MemoryBudget::new(64 << 20)),
+            context(mock, part, Some(journal.clone())),
             "k".into(),
             ObjectAttributes::default(),
         )
@@ -1675,6 +1690,10 @@ mod tests {
         assert_eq!(mock.count(Operation::PutObject), 1);
         assert_eq!(mock.count(Operation::CreateMultipartUpload), 0);
         assert!(h.commit().await.unwrap().is_none(), "nothing new to commit");
+        // Committed again after one more write: the copy held in memory was kept in the spool.
+        h.write(11, b"!").await.unwrap();
+        h.commit().await.unwrap();
+        assert_eq!(&mock.object("k").unwrap().data[..], b"hello world!");
     }
 
     #[tokio::test]
@@ -1896,19 +1915,5 @@ mod tests {
         want[100..105].copy_from_slice(b"again");
         assert_eq!(&mock.object("k").unwrap().data[..], &want[..]);
         assert_eq!(mock.open_uploads(), 0);
-    }
-
-    #[tokio::test]
-    async fn a_small_file_written_in_order_is_one_put_from_memory() {
-        let mock = Arc::new(MockClient::new("b"));
-        let h = handle(&mock, 8192);
-        h.write(0, b"abc").await.unwrap();
-        h.write(3, b"def").await.unwrap();
-        h.commit().await.unwrap();
-        assert_eq!(&mock.object("k").unwrap().data[..], b"abcdef");
-        // Committed again after one more write: the held copy was kept in the spool.
-        h.write(6, b"g").await.unwrap();
-        h.commit().await.unwrap();
-        assert_eq!(&mock.object("k").unwrap().data[..], b"abcdefg");
     }
 }

@@ -209,22 +209,14 @@ async fn zero_ttl_always_asks_s3() {
 #[tokio::test]
 async fn s3fs_metadata_and_symlinks() {
     let (mock, fs) = fs_with(&[], Duration::from_secs(1));
-    let attrs = ObjectAttributes {
-        metadata: BTreeMap::from([
-            ("mode".to_string(), (0o100600u32).to_string()),
-            ("uid".to_string(), "42".to_string()),
-            ("gid".to_string(), "43".to_string()),
-            ("mtime".to_string(), "1500000000.5".to_string()),
-        ]),
-        ..Default::default()
-    };
+    let attrs = s3fs_attrs(
+        0o100600,
+        &[("uid", "42"), ("gid", "43"), ("mtime", "1500000000.5")],
+    );
     mock.put_object("f", PutBody::from("x"), &attrs)
         .await
         .unwrap();
-    let link_attrs = ObjectAttributes {
-        metadata: BTreeMap::from([("mode".to_string(), (0o120777u32).to_string())]),
-        ..Default::default()
-    };
+    let link_attrs = s3fs_attrs(0o120777, &[]);
     mock.put_object("l", PutBody::from("target/path"), &link_attrs)
         .await
         .unwrap();
@@ -282,38 +274,23 @@ async fn read_only_mount_refuses_writes() {
         },
     );
     let f = path(&fs, "f").await.unwrap();
-    assert_eq!(
-        fs.open(f.ino, true, false).await.unwrap_err().errno(),
-        libc::EROFS
-    );
+    assert_eq!(errno_of(fs.open(f.ino, true, false).await), libc::EROFS);
     let me = attributes::Caller {
         uid: 0,
         gid: 0,
         process: 1,
     };
     assert_eq!(
-        fs.mkdir(ROOT_INO, "d", 0o755, me)
-            .await
-            .unwrap_err()
-            .errno(),
+        errno_of(fs.mkdir(ROOT_INO, "d", 0o755, me).await),
         libc::EROFS
     );
     assert_eq!(
-        fs.create(ROOT_INO, "n", 0o644, me)
-            .await
-            .unwrap_err()
-            .errno(),
+        errno_of(fs.create(ROOT_INO, "n", 0o644, me).await),
         libc::EROFS
     );
+    assert_eq!(errno_of(fs.unlink(ROOT_INO, "f").await), libc::EROFS);
     assert_eq!(
-        fs.unlink(ROOT_INO, "f").await.unwrap_err().errno(),
-        libc::EROFS
-    );
-    assert_eq!(
-        fs.rename(ROOT_INO, "f", ROOT_INO, "g", false)
-            .await
-            .unwrap_err()
-            .errno(),
+        errno_of(fs.rename(ROOT_INO, "f", ROOT_INO, "g", false).await),
         libc::EROFS
     );
 }
@@ -364,6 +341,29 @@ fn me() -> attributes::Caller {
     }
 }
 
+/// Asserts the `x-amz-meta-` values of object `key`, `None` where one must be absent.
+async fn assert_meta(mock: &MockClient, key: &str, want: &[(&str, Option<&str>)]) {
+    let m = meta(mock, key).await;
+    for (k, v) in want {
+        assert_eq!(m.get(*k).map(String::as_str), *v, "x-amz-meta-{k}");
+    }
+}
+
+/// The errno of a call that must fail.
+fn errno_of<T: std::fmt::Debug>(r: FsResult<T>) -> i32 {
+    r.unwrap_err().errno()
+}
+
+/// Attributes as s3fs-fuse stores them: `mode`, and the other `x-amz-meta-` pairs given.
+fn s3fs_attrs(mode: u32, more: &[(&str, &str)]) -> ObjectAttributes {
+    let mut metadata = BTreeMap::from([("mode".to_string(), mode.to_string())]);
+    metadata.extend(more.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    ObjectAttributes {
+        metadata,
+        ..Default::default()
+    }
+}
+
 async fn meta(mock: &MockClient, key: &str) -> BTreeMap<String, String> {
     mock.head_object(key).await.unwrap().metadata
 }
@@ -392,10 +392,7 @@ async fn create_write_close_stores_object_with_s3fs_metadata() {
     fs.release_file(fh).await;
     assert_eq!(fs.getattr(attr.ino).await.unwrap().size, 11);
     assert_eq!(
-        fs.create(ROOT_INO, "new.txt", 0o644, me())
-            .await
-            .unwrap_err()
-            .errno(),
+        errno_of(fs.create(ROOT_INO, "new.txt", 0o644, me()).await),
         libc::EEXIST
     );
 }
@@ -442,25 +439,13 @@ async fn mkdir_rmdir_unlink_and_symlink() {
         "a marker keeps the empty directory"
     );
     assert_eq!(
-        fs.mkdir(ROOT_INO, "d", 0o755, me())
-            .await
-            .unwrap_err()
-            .errno(),
+        errno_of(fs.mkdir(ROOT_INO, "d", 0o755, me()).await),
         libc::EEXIST
     );
     let full = path(&fs, "full").await.unwrap();
-    assert_eq!(
-        fs.rmdir(ROOT_INO, "full").await.unwrap_err().errno(),
-        libc::ENOTEMPTY
-    );
-    assert_eq!(
-        fs.unlink(ROOT_INO, "full").await.unwrap_err().errno(),
-        libc::EISDIR
-    );
-    assert_eq!(
-        fs.rmdir(full.ino, "x").await.unwrap_err().errno(),
-        libc::ENOTDIR
-    );
+    assert_eq!(errno_of(fs.rmdir(ROOT_INO, "full").await), libc::ENOTEMPTY);
+    assert_eq!(errno_of(fs.unlink(ROOT_INO, "full").await), libc::EISDIR);
+    assert_eq!(errno_of(fs.rmdir(full.ino, "x").await), libc::ENOTDIR);
     fs.unlink(full.ino, "x").await.unwrap();
     assert!(mock.object("full/x").is_none());
     fs.rmdir(ROOT_INO, "d").await.unwrap();
@@ -510,9 +495,12 @@ async fn chmod_and_utimens_on_a_closed_file_use_copy_replace() {
         0,
         "the data was not uploaded again"
     );
-    let m = meta(&mock, "f").await;
-    assert_eq!(m.get("mode").map(String::as_str), Some("33152"));
-    assert_eq!(m.get("mtime").map(String::as_str), Some("1600000000"));
+    assert_meta(
+        &mock,
+        "f",
+        &[("mode", Some("33152")), ("mtime", Some("1600000000"))],
+    )
+    .await;
     assert_eq!(&mock.object("f").unwrap().data[..], b"content of f");
     // Truncate a closed file.
     let a = fs
@@ -552,10 +540,7 @@ async fn rename_files_and_directories() {
         "the inode follows the rename"
     );
     assert_eq!(
-        fs.rename(ROOT_INO, "b", ROOT_INO, "other", true)
-            .await
-            .unwrap_err()
-            .errno(),
+        errno_of(fs.rename(ROOT_INO, "b", ROOT_INO, "other", true).await),
         libc::EEXIST
     );
     fs.rename(ROOT_INO, "b", ROOT_INO, "other", false)
@@ -626,7 +611,7 @@ async fn failed_upload_makes_close_fail_and_leaves_nothing() {
     // The close fails; the last release must not store it behind the application's back,
     // though S3 would take it now.
     mock.fail_next(Operation::PutObject, crate::s3::ErrorKind::InternalError, 1);
-    assert_eq!(fs.flush(fh).await.unwrap_err().errno(), libc::EIO);
+    assert_eq!(errno_of(fs.flush(fh).await), libc::EIO);
     fs.release_file(fh).await;
     assert!(mock.object("doomed").is_none());
     assert_eq!(mock.count(Operation::PutObject), 1, "not sent again");
@@ -636,26 +621,13 @@ async fn failed_upload_makes_close_fail_and_leaves_nothing() {
 #[tokio::test]
 async fn small_directory_listings_carry_s3fs_metadata() {
     let (mock, fs) = fs_with(&[], Duration::from_secs(1));
-    let attrs = ObjectAttributes {
-        metadata: BTreeMap::from([
-            ("mode".to_string(), (0o100600u32).to_string()),
-            ("mtime".to_string(), "1500000000".to_string()),
-        ]),
-        ..Default::default()
-    };
+    let attrs = s3fs_attrs(0o100600, &[("mtime", "1500000000")]);
     mock.put_object("d/f", PutBody::from("x"), &attrs)
         .await
         .unwrap();
-    mock.put_object(
-        "d/l",
-        PutBody::from("f"),
-        &ObjectAttributes {
-            metadata: BTreeMap::from([("mode".to_string(), (0o120777u32).to_string())]),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    mock.put_object("d/l", PutBody::from("f"), &s3fs_attrs(0o120777, &[]))
+        .await
+        .unwrap();
     let d = path(&fs, "d").await.unwrap();
     let fh = fs.opendir(d.ino).await.unwrap();
     let entries = fs.readdir(d.ino, fh, 2).unwrap();
@@ -700,10 +672,7 @@ async fn stale_lookups_are_revalidated_by_one_listing_of_the_tree() {
     // What changed elsewhere is still seen: new content, new metadata (same ETag, later
     // Last-Modified), a deleted file, a file now shadowed by a directory.
     mock.insert("t/d0/f0", "new content");
-    let chmod = ObjectAttributes {
-        metadata: BTreeMap::from([("mode".to_string(), (0o100600u32).to_string())]),
-        ..Default::default()
-    };
+    let chmod = s3fs_attrs(0o100600, &[]);
     mock.copy_object("t/d1/f1", "t/d1/f1", &MetadataDirective::Replace(chmod))
         .await
         .unwrap();
@@ -777,9 +746,12 @@ async fn attributes_changed_before_a_rename_travel_with_its_copy() {
         1,
         "the rename's copy only"
     );
-    let m = meta(&mock, "d/f").await;
-    assert_eq!(m.get("mode").map(String::as_str), Some("33184"));
-    assert_eq!(m.get("mtime").map(String::as_str), Some("1600000000"));
+    assert_meta(
+        &mock,
+        "d/f",
+        &[("mode", Some("33184")), ("mtime", Some("1600000000"))],
+    )
+    .await;
     assert!(mock.object("d/.f.tmp").is_none());
     fs.store_pending_metadata(Duration::ZERO).await;
     assert_eq!(
@@ -822,7 +794,7 @@ async fn deferred_attributes_that_cannot_be_stored_give_way_to_s3s() {
     fs.setattr(f.ino, change).await.unwrap();
     mock.fail_next(Operation::CopyObject, crate::s3::ErrorKind::AccessDenied, 1);
     let fh = fs.open(f.ino, false, false).await.unwrap();
-    assert_eq!(fs.fsync(f.ino, fh).await.unwrap_err().errno(), libc::EIO);
+    assert_eq!(errno_of(fs.fsync(f.ino, fh).await), libc::EIO);
     fs.release_file(fh).await;
 }
 
@@ -834,10 +806,7 @@ async fn entries_known_only_from_a_listing_are_not_renewed_by_one() {
     let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
     let ttl = Duration::from_millis(200);
     let (mock, fs) = fs_with(&refs, ttl);
-    let attrs = ObjectAttributes {
-        metadata: BTreeMap::from([("mode".to_string(), (0o100600u32).to_string())]),
-        ..Default::default()
-    };
+    let attrs = s3fs_attrs(0o100600, &[]);
     mock.put_object("big/f00000", PutBody::from("x"), &attrs)
         .await
         .unwrap();

@@ -351,6 +351,15 @@ impl Model {
     }
 
     /// The parent of `p` must be a directory.
+    /// What creating `p` must give: its parent must be a directory and the name free.
+    fn may_create(&self, p: &str) -> Result<Outcome, Errno> {
+        self.parent_ok(p)?;
+        match self.stat(p) {
+            Ok(_) => Err(libc::EEXIST),
+            Err(_) => Ok(Outcome::Done),
+        }
+    }
+
     fn parent_ok(&self, p: &str) -> Result<(), Errno> {
         let (parent, _) = split(p);
         if parent.is_empty() {
@@ -470,6 +479,25 @@ fn errno<T>(r: FsResult<T>) -> Result<T, Errno> {
     r.map_err(|e| e.errno())
 }
 
+/// The operations on one name in a directory that `Run::at_name` applies.
+enum NameOp<'a> {
+    Unlink,
+    Mkdir,
+    Rmdir,
+    Symlink(&'a str),
+}
+
+/// What an operation on a handle gives when no handle is open: nothing to compare.
+const NOTHING_OPEN: Both = (Ok(Outcome::Done), Ok(Outcome::Done), None);
+
+/// The model's expected outcome of one operation, the core's, and for a close, which handle
+/// and file it was.
+type Both = (
+    Result<Outcome, Errno>,
+    Result<Outcome, Errno>,
+    Option<(usize, u64)>,
+);
+
 /// Outcomes the model and the core must agree on.
 #[derive(Debug, PartialEq, Eq)]
 enum Outcome {
@@ -515,6 +543,20 @@ impl Run {
             return Err(libc::ENOTDIR);
         }
         Ok((dir.ino, name.to_string()))
+    }
+
+    /// A change of the name `p` in its parent directory, in the core.
+    async fn at_name(&self, p: &str, op: NameOp<'_>) -> Result<Outcome, Errno> {
+        let (dir, name) = self.parent_and_name(p).await?;
+        match op {
+            NameOp::Unlink => errno(self.fs.unlink(dir, &name).await)?,
+            NameOp::Rmdir => errno(self.fs.rmdir(dir, &name).await)?,
+            NameOp::Mkdir => errno(self.fs.mkdir(dir, &name, 0o40755, me()).await).map(|_| ())?,
+            NameOp::Symlink(target) => {
+                errno(self.fs.symlink(dir, &name, target, me()).await).map(|_| ())?
+            }
+        }
+        Ok(Outcome::Done)
     }
 
     /// setattr of the path `p` in the core.
@@ -598,28 +640,16 @@ impl Run {
 
     /// The model's expected outcome (applied to it when it succeeds), the core's, and for a
     /// close, which handle and file it was.
-    async fn both(
-        &mut self,
-        op: &Op,
-    ) -> (
-        Result<Outcome, Errno>,
-        Result<Outcome, Errno>,
-        Option<(usize, u64)>,
-    ) {
+    async fn both(&mut self, op: &Op) -> Both {
         match op {
             Op::Create(p) => {
                 let p = path_of(*p);
-                let expected = match self.model.parent_ok(&p) {
-                    Err(e) => Err(e),
-                    Ok(()) if self.model.stat(&p).is_ok() => Err(libc::EEXIST),
-                    Ok(()) => Ok(Outcome::Done),
-                };
-                let got = match self.parent_and_name(&p).await {
-                    Err(e) => Err(e),
-                    Ok((dir, name)) => {
-                        errno(self.fs.create(dir, &name, 0o100644, me()).await).map(|(_, fh)| fh)
-                    }
-                };
+                let expected = self.model.may_create(&p);
+                let got = async {
+                    let (dir, name) = self.parent_and_name(&p).await?;
+                    errno(self.fs.create(dir, &name, 0o100644, me()).await).map(|(_, fh)| fh)
+                }
+                .await;
                 if let (Ok(_), Ok(fh)) = (&expected, &got) {
                     let id = self.model.new_file(Vec::new(), None);
                     self.model.nodes.insert(p, Node::File(id));
@@ -657,7 +687,7 @@ impl Run {
                 byte,
             } => {
                 let Some((_, h)) = self.handle(*handle) else {
-                    return (Ok(Outcome::Done), Ok(Outcome::Done), None);
+                    return NOTHING_OPEN;
                 };
                 let data = vec![*byte; *len as usize];
                 let got = errno(self.fs.write(h.fh, *offset as u64, &data).await);
@@ -677,7 +707,7 @@ impl Run {
                 len,
             } => {
                 let Some((_, h)) = self.handle(*handle) else {
-                    return (Ok(Outcome::Done), Ok(Outcome::Done), None);
+                    return NOTHING_OPEN;
                 };
                 let data = &self.model.files[&h.file].data;
                 let from = (*offset as usize).min(data.len());
@@ -733,7 +763,7 @@ impl Run {
             }
             Op::Fsync(handle) => {
                 let Some((_, h)) = self.handle(*handle) else {
-                    return (Ok(Outcome::Done), Ok(Outcome::Done), None);
+                    return NOTHING_OPEN;
                 };
                 let ino = self.fs.handle_ino(h.fh).unwrap_or(ROOT_INO);
                 let got = errno(self.fs.fsync(ino, h.fh).await);
@@ -749,12 +779,7 @@ impl Run {
                     Ok(Seen::Dir { .. }) => Err(libc::EISDIR),
                     Ok(_) => Ok(Outcome::Done),
                 };
-                let got = match self.parent_and_name(&p).await {
-                    Err(e) => Err(e),
-                    Ok((dir, name)) => {
-                        errno(self.fs.unlink(dir, &name).await).map(|_| Outcome::Done)
-                    }
-                };
+                let got = self.at_name(&p, NameOp::Unlink).await;
                 if let (Ok(_), Ok(_)) = (&expected, &got) {
                     if let Some(Node::File(id)) = self.model.nodes.remove(&p) {
                         self.model.unlink_file(id);
@@ -764,17 +789,8 @@ impl Run {
             }
             Op::Mkdir(p) => {
                 let p = path_of(*p);
-                let expected = match self.model.parent_ok(&p) {
-                    Err(e) => Err(e),
-                    Ok(()) if self.model.stat(&p).is_ok() => Err(libc::EEXIST),
-                    Ok(()) => Ok(Outcome::Done),
-                };
-                let got = match self.parent_and_name(&p).await {
-                    Err(e) => Err(e),
-                    Ok((dir, name)) => {
-                        errno(self.fs.mkdir(dir, &name, 0o40755, me()).await).map(|_| Outcome::Done)
-                    }
-                };
+                let expected = self.model.may_create(&p);
+                let got = self.at_name(&p, NameOp::Mkdir).await;
                 if let (Ok(_), Ok(_)) = (&expected, &got) {
                     self.model.nodes.insert(p, Node::Dir(DIR_PERM));
                 }
@@ -788,12 +804,7 @@ impl Run {
                     Ok(Seen::Dir { .. }) => Ok(Outcome::Done),
                     Ok(_) => Err(libc::ENOTDIR),
                 };
-                let got = match self.parent_and_name(&p).await {
-                    Err(e) => Err(e),
-                    Ok((dir, name)) => {
-                        errno(self.fs.rmdir(dir, &name).await).map(|_| Outcome::Done)
-                    }
-                };
+                let got = self.at_name(&p, NameOp::Rmdir).await;
                 if let (Ok(_), Ok(_)) = (&expected, &got) {
                     self.model.nodes.remove(&p);
                 }
@@ -803,16 +814,8 @@ impl Run {
             Op::Symlink { path, target } => {
                 let p = path_of(*path);
                 let target = format!("../{}", path_of(*target));
-                let expected = match self.model.parent_ok(&p) {
-                    Err(e) => Err(e),
-                    Ok(()) if self.model.stat(&p).is_ok() => Err(libc::EEXIST),
-                    Ok(()) => Ok(Outcome::Done),
-                };
-                let got = match self.parent_and_name(&p).await {
-                    Err(e) => Err(e),
-                    Ok((dir, name)) => errno(self.fs.symlink(dir, &name, &target, me()).await)
-                        .map(|_| Outcome::Done),
-                };
+                let expected = self.model.may_create(&p);
+                let got = self.at_name(&p, NameOp::Symlink(&target)).await;
                 if let (Ok(_), Ok(_)) = (&expected, &got) {
                     self.model.nodes.insert(p, Node::Symlink(target));
                 }
