@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use clap::Parser;
 
+use crate::fs::AtimeMode;
+
 #[derive(Debug, Clone, Parser)]
 #[command(
     name = "s3mount",
@@ -165,6 +167,17 @@ pub struct Cli {
     /// the files open for writing at once.
     #[arg(long, value_name = "DIR")]
     pub spool_dir: Option<PathBuf>,
+
+    /// When reads move atime: relatime (when atime is older than mtime or ctime, or a day
+    /// old), strictatime (every open for reading) or noatime (never). Also `-o relatime`,
+    /// `-o strictatime` (`-o atime`), `-o noatime`.
+    #[arg(long, value_parser = parse_atime, default_value = "relatime", value_name = "MODE")]
+    pub atime: AtimeMode,
+
+    /// Content-Type of new files from their extension: a mime.types FILE instead of the
+    /// built-in table, or `off` for none.
+    #[arg(long, value_name = "FILE|off")]
+    pub content_type_map: Option<PathBuf>,
 
     /// Attempts per S3 request before its error is returned (the first included).
     #[arg(long, default_value = "10", value_name = "N")]
@@ -543,6 +556,18 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("{s:?} is too large"))
 }
 
+/// `relatime`, `strictatime` (or `atime`), `noatime`: mount(8)'s names.
+pub fn parse_atime(s: &str) -> Result<AtimeMode, String> {
+    match s {
+        "relatime" => Ok(AtimeMode::Relatime),
+        "strictatime" | "atime" => Ok(AtimeMode::Strict),
+        "noatime" => Ok(AtimeMode::Off),
+        _ => Err(format!(
+            "{s:?} is not an atime mode (relatime, strictatime or noatime)"
+        )),
+    }
+}
+
 impl Cli {
     /// Folds `-o` options and `BUCKET:PREFIX` into the fields. Options that mount(8) and
     /// fstab pass for every filesystem (`dev`, `exec`, `_netdev`, ...) are accepted and ignored.
@@ -592,6 +617,11 @@ impl Cli {
                     "request_timeout" => self.request_timeout = parse_seconds(need()?)?,
                     "stall_timeout" => self.stall_timeout = parse_seconds(need()?)?,
                     "spool_dir" => self.spool_dir = Some(PathBuf::from(need()?)),
+                    // mount(8)'s own names, or atime=MODE as --atime takes it.
+                    "atime" | "strictatime" | "relatime" | "noatime" => {
+                        self.atime = parse_atime(value.unwrap_or(name))?
+                    }
+                    "content_type_map" => self.content_type_map = Some(PathBuf::from(need()?)),
                     "addressing_style" => {
                         self.addressing_style = Some(parse_addressing_style(need()?)?)
                     }
@@ -628,10 +658,10 @@ impl Cli {
                     // What mount(8), fstab and systemd use for every filesystem, and what FUSE
                     // mounts always are (nodev, nosuid): nothing for s3mount to do.
                     "dev" | "nodev" | "suid" | "nosuid" | "auto" | "noauto" | "user" | "nouser"
-                    | "users" | "owner" | "group" | "_netdev" | "nofail" | "defaults" | "atime"
-                    | "noatime" | "relatime" | "norelatime" | "strictatime" | "nostrictatime"
-                    | "lazytime" | "nolazytime" | "diratime" | "nodiratime" | "async" | "sync"
-                    | "dirsync" | "silent" | "loud" | "comment" => {}
+                    | "users" | "owner" | "group" | "_netdev" | "nofail" | "defaults"
+                    | "norelatime" | "nostrictatime" | "lazytime" | "nolazytime" | "diratime"
+                    | "nodiratime" | "async" | "sync" | "dirsync" | "silent" | "loud"
+                    | "comment" => {}
                     _ if name.starts_with("x-") => {}
                     other if self.sloppy => {
                         eprintln!("s3mount: warning: ignoring unknown mount option {other:?} (-s)")
@@ -844,6 +874,8 @@ mod tests {
             (_, "ACCOUNT_ID") => "123456789012",
             (_, "ADDR:PORT") => "127.0.0.1:9100",
             (_, "TYPE") => "fuse.s3mount",
+            ("atime", _) => "noatime",
+            ("content_type_map", _) => "off",
             _ => "7",
         }
     }

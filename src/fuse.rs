@@ -145,6 +145,10 @@ fn file_type(kind: Kind) -> FileType {
         Kind::File => FileType::RegularFile,
         Kind::Directory => FileType::Directory,
         Kind::Symlink => FileType::Symlink,
+        Kind::Special(libc::S_IFIFO) => FileType::NamedPipe,
+        Kind::Special(libc::S_IFSOCK) => FileType::Socket,
+        Kind::Special(libc::S_IFCHR) => FileType::CharDevice,
+        Kind::Special(_) => FileType::BlockDevice,
     }
 }
 
@@ -153,20 +157,39 @@ fn file_attr(a: &Attr) -> FileAttr {
         ino: INodeNo(a.ino),
         size: a.size,
         blocks: a.size.div_ceil(512),
-        atime: a.mtime,
+        atime: a.atime,
         mtime: a.mtime,
-        ctime: a.mtime,
+        ctime: a.ctime,
         crtime: a.mtime,
         kind: file_type(a.kind),
         perm: a.perm,
-        nlink: if a.kind == Kind::Directory { 2 } else { 1 },
+        nlink: a.nlink,
         uid: a.uid,
         gid: a.gid,
-        rdev: 0,
+        rdev: a.rdev,
         flags: 0,
         // The preferred I/O size: cp, cat and friends size their buffers by it, and one
         // large write is one FUSE request instead of eight.
         blksize: MAX_IO,
+    }
+}
+
+fn time_or_now(t: TimeOrNow) -> SystemTime {
+    match t {
+        TimeOrNow::SpecificTime(t) => t,
+        TimeOrNow::Now => SystemTime::now(),
+    }
+}
+
+/// An xattr value or name list: its size when asked for (`size` 0), ERANGE when it does not
+/// fit the caller's buffer.
+fn reply_xattr(reply: ReplyXattr, size: u32, data: &[u8]) {
+    if size == 0 {
+        reply.size(data.len() as u32);
+    } else if data.len() > size as usize {
+        reply.error(Errno::from_i32(libc::ERANGE));
+    } else {
+        reply.data(data);
     }
 }
 
@@ -255,7 +278,7 @@ impl<C: ObjectClient> Filesystem for FuseAdapter<C> {
         uid: Option<u32>,
         gid: Option<u32>,
         size: Option<u64>,
-        _atime: Option<TimeOrNow>,
+        atime: Option<TimeOrNow>,
         mtime: Option<TimeOrNow>,
         _ctime: Option<SystemTime>,
         _fh: Option<FileHandle>,
@@ -270,10 +293,8 @@ impl<C: ObjectClient> Filesystem for FuseAdapter<C> {
             uid,
             gid,
             size,
-            mtime: mtime.map(|t| match t {
-                TimeOrNow::SpecificTime(t) => t,
-                TimeOrNow::Now => SystemTime::now(),
-            }),
+            mtime: mtime.map(time_or_now),
+            atime: atime.map(time_or_now),
         };
         let own = self.ownership;
         self.spawn(|fs| async move {
@@ -300,15 +321,9 @@ impl<C: ObjectClient> Filesystem for FuseAdapter<C> {
         name: &OsStr,
         mode: u32,
         _umask: u32,
-        _rdev: u32,
+        rdev: u32,
         reply: ReplyEntry,
     ) {
-        if mode & libc::S_IFMT != libc::S_IFREG {
-            return reply.error(errno(
-                &FsError::NotSupported("device nodes, FIFOs and sockets"),
-                "mknod",
-            ));
-        }
         let name = match utf8(name) {
             Ok(n) => n,
             Err(e) => return reply.error(e),
@@ -317,6 +332,9 @@ impl<C: ObjectClient> Filesystem for FuseAdapter<C> {
         let own = self.ownership;
         self.spawn(|fs| async move {
             let made = async {
+                if mode & libc::S_IFMT != libc::S_IFREG {
+                    return fs.mknod(parent.0, &name, mode, rdev, caller).await;
+                }
                 let (attr, fh) = fs.create(parent.0, &name, mode, caller).await?;
                 let flushed = fs.flush(fh).await;
                 fs.release_file(fh).await;
@@ -669,24 +687,82 @@ impl<C: ObjectClient> Filesystem for FuseAdapter<C> {
         );
     }
 
-    fn getxattr(
+    fn setxattr(
         &self,
         _req: &Request,
-        _ino: INodeNo,
-        _name: &OsStr,
-        _size: u32,
-        reply: ReplyXattr,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
     ) {
-        // No extended attributes are stored: every name is absent.
-        reply.error(Errno::from_i32(libc::ENODATA));
+        let name = match utf8(name) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e),
+        };
+        let value = value.to_vec();
+        let (create, replace) = (
+            flags & libc::XATTR_CREATE != 0,
+            flags & libc::XATTR_REPLACE != 0,
+        );
+        self.spawn(|fs| async move {
+            match fs
+                .set_xattr(ino.0, &name, Some(&value), create, replace)
+                .await
+            {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(&e, "setxattr")),
+            }
+        });
     }
 
-    fn listxattr(&self, _req: &Request, _ino: INodeNo, size: u32, reply: ReplyXattr) {
-        if size == 0 {
-            reply.size(0);
-        } else {
-            reply.data(&[]);
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let name = match utf8(name) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e),
+        };
+        if let Some(now) = self.fs.getxattr_now(ino.0, &name) {
+            return match now {
+                Ok(value) => reply_xattr(reply, size, &value),
+                Err(e) => reply.error(errno(&e, "getxattr")),
+            };
         }
+        self.spawn(|fs| async move {
+            match fs.getxattr(ino.0, &name).await {
+                Ok(value) => reply_xattr(reply, size, &value),
+                Err(e) => reply.error(errno(&e, "getxattr")),
+            }
+        });
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        self.spawn(|fs| async move {
+            match fs.listxattr(ino.0).await {
+                Ok(names) => {
+                    let mut list = Vec::new();
+                    for n in names {
+                        list.extend_from_slice(n.as_bytes());
+                        list.push(0);
+                    }
+                    reply_xattr(reply, size, &list)
+                }
+                Err(e) => reply.error(errno(&e, "listxattr")),
+            }
+        });
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let name = match utf8(name) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e),
+        };
+        self.spawn(|fs| async move {
+            match fs.set_xattr(ino.0, &name, None, false, false).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(&e, "removexattr")),
+            }
+        });
     }
 
     fn access(&self, _req: &Request, _ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {

@@ -23,6 +23,7 @@ use std::time::Duration;
 
 use crate::activity::{Activity, Observed};
 use crate::cli::Cli;
+use crate::fs::content_type::ContentTypes;
 use crate::fs::{FsConfig, S3Filesystem};
 use crate::fuse::{FuseAdapter, Ownership};
 use crate::fusemount::{self, MountSpec};
@@ -202,6 +203,24 @@ pub fn client_config(connect: &Connect) -> Result<ClientConfig, StartError> {
     Ok(client)
 }
 
+/// `--content-type-map`: the built-in table, none (`off`) or a mime.types file.
+fn content_types(map: Option<&Path>) -> Result<ContentTypes, StartError> {
+    match map {
+        None => Ok(ContentTypes::BuiltIn),
+        Some(p) if p == Path::new("off") => Ok(ContentTypes::Off),
+        Some(p) => {
+            let text = std::fs::read_to_string(p).or_else(|e| {
+                fail(format!(
+                    "cannot read --content-type-map {}: {e}",
+                    p.display()
+                ))
+            })?;
+            ContentTypes::parse_map(&text)
+                .or_else(|e| fail(format!("--content-type-map {}: {e}", p.display())))
+        }
+    }
+}
+
 /// The rest of the plan, once `client` knows where the bucket is and how to reach it.
 fn plan_with(cli: Cli, client: &mut ClientConfig) -> Result<MountPlan, StartError> {
     client.write = WriteDefaults {
@@ -251,6 +270,8 @@ fn plan_with(cli: Cli, client: &mut ClientConfig) -> Result<MountPlan, StartErro
             &cli.bucket,
             cli.prefix.as_deref().unwrap_or(""),
         )),
+        content_types: content_types(cli.content_type_map.as_deref())?,
+        atime: cli.atime,
     };
     Ok(MountPlan {
         source: cli

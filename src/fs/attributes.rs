@@ -10,11 +10,15 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 
-use super::copy::{MAX_SINGLE_COPY, RENAME_PARALLELISM};
+use super::copy::{replace_ours, MAX_SINGLE_COPY, RENAME_PARALLELISM};
 use super::error::{from_client, FsError, FsResult};
-use super::inode::{AttrChange, Ino, Inode, Kind, Stat};
+use super::inode::{AttrChange, Ino, Inode, Kind, Stat, ROOT_INO};
+use super::write::max_file_size;
+use super::xattr;
 use super::{Attr, OpenFile, S3Filesystem, METADATA_WRITE_DELAY};
-use crate::s3::{MetadataDirective, ObjectAttributes, ObjectClient, ObjectHead, PutBody};
+use crate::s3::{
+    ErrorKind, MetadataDirective, ObjectAttributes, ObjectClient, ObjectHead, PutBody,
+};
 
 pub(super) const S_IFMT: u32 = 0o170000;
 
@@ -24,8 +28,9 @@ pub(super) fn parse_u32(value: Option<&String>) -> Option<u32> {
     value.and_then(|v| v.trim().parse().ok())
 }
 
-/// `x-amz-meta-mtime`: seconds since the epoch, possibly with a fraction.
-pub(super) fn parse_mtime(value: Option<&String>) -> Option<SystemTime> {
+/// `x-amz-meta-mtime` (`-ctime`, `-atime`): seconds since the epoch, possibly with a decimal
+/// fraction (s3fs-fuse writes nine digits, rclone fewer).
+pub(super) fn parse_time(value: Option<&String>) -> Option<SystemTime> {
     let v = value?.trim();
     let (secs, frac) = v.split_once('.').unwrap_or((v, ""));
     let secs: u64 = secs.parse().ok()?;
@@ -41,14 +46,22 @@ pub(super) fn parse_mtime(value: Option<&String>) -> Option<SystemTime> {
 /// Attributes of an object from its HEAD: s3fs-style metadata wins over S3's own.
 pub(super) fn stat_of_head(head: &ObjectHead) -> (Kind, Stat) {
     let mode = parse_u32(head.metadata.get("mode"));
-    let kind = if mode.is_some_and(|m| m & S_IFMT == S_IFLNK) {
-        Kind::Symlink
+    let kind = if is_old_directory(head, mode) {
+        Kind::Directory
     } else {
-        Kind::File
+        kind_of_mode(mode.unwrap_or(S_IFREG))
     };
     let stat = Stat {
         size: head.size,
-        mtime: parse_mtime(head.metadata.get("mtime")).unwrap_or(head.last_modified),
+        mtime: parse_time(head.metadata.get("mtime")).unwrap_or(head.last_modified),
+        ctime: parse_time(head.metadata.get("ctime")),
+        atime: parse_time(head.metadata.get("atime")),
+        rdev: parse_u32(head.metadata.get("rdev")),
+        xattrs: head
+            .metadata
+            .get(xattr::HEADER)
+            .map(|h| xattr::decode(h))
+            .unwrap_or_default(),
         etag: Some(head.etag.clone()),
         mode,
         uid: parse_u32(head.metadata.get("uid")),
@@ -61,7 +74,50 @@ pub(super) fn stat_of_head(head: &ObjectHead) -> (Kind, Stat) {
 
 pub(super) const S_IFREG: u32 = 0o100000;
 
+/// The file types an object can stand for besides files, directories and symlinks.
+pub(super) const SPECIAL_TYPES: [u32; 4] =
+    [libc::S_IFIFO, libc::S_IFSOCK, libc::S_IFCHR, libc::S_IFBLK];
+
+/// Whether `head` is a directory in the old s3fs-fuse format: a zero-byte object named
+/// without the trailing `/`, typed `application/x-directory` (or Nextcloud's
+/// `httpd/unix-directory`), or with a directory's mode.
+pub(super) fn is_old_directory(head: &ObjectHead, mode: Option<u32>) -> bool {
+    let typed = head.content_type.as_deref().is_some_and(|t| {
+        let t = t.split(';').next().unwrap_or("").trim();
+        t == DIRECTORY_TYPE || t == "httpd/unix-directory"
+    });
+    head.size == 0 && (typed || mode.is_some_and(|m| m & S_IFMT == S_IFDIR))
+}
+
+/// The suffix of the zero-byte objects Hadoop's S3 file systems (and older tools) mark a
+/// directory `dir` with: `dir_$folder$`.
+pub(super) const FOLDER_SUFFIX: &str = "_$folder$";
+
+/// What an object is by the file type of its `x-amz-meta-mode` (a regular file when it has
+/// none, or one this mount cannot show).
+pub(super) fn kind_of_mode(mode: u32) -> Kind {
+    match mode & S_IFMT {
+        S_IFLNK => Kind::Symlink,
+        t if SPECIAL_TYPES.contains(&t) => Kind::Special(t),
+        _ => Kind::File,
+    }
+}
+
+/// The file-type bits of `kind`.
+pub(super) fn type_bits(kind: Kind) -> u32 {
+    match kind {
+        Kind::File => S_IFREG,
+        Kind::Directory => S_IFDIR,
+        Kind::Symlink => S_IFLNK,
+        Kind::Special(t) => t,
+    }
+}
+
 pub(super) const S_IFDIR: u32 = 0o040000;
+
+/// The Content-Type of directory markers, as s3fs-fuse writes them (and reads the old
+/// zero-byte `dir` objects by).
+pub(super) const DIRECTORY_TYPE: &str = "application/x-directory";
 
 /// Closed files whose changed attributes S3 does not have yet, when they last changed, and
 /// the inode (kept even if the kernel forgets it meanwhile); see
@@ -88,32 +144,37 @@ pub struct SetAttr {
     pub gid: Option<u32>,
     pub size: Option<u64>,
     pub mtime: Option<SystemTime>,
+    pub atime: Option<SystemTime>,
 }
 
-pub(super) fn unix_seconds(t: SystemTime) -> u64 {
-    t.duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+/// A time as s3fs-fuse writes it: whole seconds since the epoch, with nine digits of
+/// nanoseconds when there are any.
+pub(super) fn format_time(t: SystemTime) -> String {
+    let d = t
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO);
+    match d.subsec_nanos() {
+        0 => d.as_secs().to_string(),
+        n => format!("{}.{n:09}", d.as_secs()),
+    }
 }
 
-/// `x-amz-meta-*` as s3fs writes them.
-pub(super) fn metadata(
-    mode: u32,
-    uid: u32,
-    gid: u32,
-    mtime: SystemTime,
-) -> BTreeMap<String, String> {
+/// `x-amz-meta-*` as s3fs writes them, from the attributes a stat shows.
+pub(super) fn metadata(mode: u32, uid: u32, gid: u32, stat: &Stat) -> BTreeMap<String, String> {
     BTreeMap::from([
         ("mode".to_string(), mode.to_string()),
         ("uid".to_string(), uid.to_string()),
         ("gid".to_string(), gid.to_string()),
-        ("mtime".to_string(), unix_seconds(mtime).to_string()),
+        ("mtime".to_string(), format_time(stat.mtime)),
+        (
+            "ctime".to_string(),
+            format_time(stat.ctime.unwrap_or(stat.mtime)),
+        ),
+        (
+            "atime".to_string(),
+            format_time(stat.atime.unwrap_or(stat.mtime)),
+        ),
     ])
-}
-
-/// mtime with whole seconds, as it will read back from `x-amz-meta-mtime`.
-pub(super) fn whole_seconds(t: SystemTime) -> SystemTime {
-    SystemTime::UNIX_EPOCH + Duration::from_secs(unix_seconds(t))
 }
 
 impl<C: ObjectClient> S3Filesystem<C> {
@@ -136,34 +197,38 @@ impl<C: ObjectClient> S3Filesystem<C> {
     }
 
     pub(super) fn attrs_for(&self, stat: &Stat, kind: Kind) -> ObjectAttributes {
-        let type_bits = match kind {
-            Kind::File => S_IFREG,
-            Kind::Directory => S_IFDIR,
-            Kind::Symlink => S_IFLNK,
-        };
-        let perm = stat.mode.map_or(
-            match kind {
-                Kind::Directory => self.config.dir_mode as u32,
-                Kind::File => self.config.file_mode as u32,
-                Kind::Symlink => 0o777,
-            },
-            |m| m & 0o7777,
+        let perm = stat
+            .mode
+            .map_or(self.default_perm(kind) as u32, |m| m & 0o7777);
+        let mut metadata = metadata(
+            type_bits(kind) | perm,
+            stat.uid.unwrap_or(self.config.uid),
+            stat.gid.unwrap_or(self.config.gid),
+            stat,
         );
+        if let Some(rdev) = stat.rdev {
+            metadata.insert("rdev".to_string(), rdev.to_string());
+        }
+        if let Some(x) = xattr::encode(&stat.xattrs) {
+            metadata.insert(xattr::HEADER.to_string(), x);
+        }
         ObjectAttributes {
-            metadata: metadata(
-                type_bits | perm,
-                stat.uid.unwrap_or(self.config.uid),
-                stat.gid.unwrap_or(self.config.gid),
-                stat.mtime,
-            ),
+            // A directory marker has the type s3fs-fuse gives it.
+            content_type: (kind == Kind::Directory).then(|| DIRECTORY_TYPE.to_string()),
+            metadata,
             ..Default::default()
         }
     }
 
     pub(super) fn new_stat(mode: u32, caller: Caller) -> Stat {
+        let now = SystemTime::now();
         Stat {
             size: 0,
-            mtime: whole_seconds(SystemTime::now()),
+            mtime: now,
+            ctime: Some(now),
+            atime: Some(now),
+            rdev: None,
+            xattrs: BTreeMap::new(),
             etag: None,
             mode: Some(mode & 0o7777),
             uid: Some(caller.uid),
@@ -177,61 +242,170 @@ impl<C: ObjectClient> S3Filesystem<C> {
         let inode = self.inode(ino)?;
         let _held = self.hold(ino).await;
         tracing::debug!(key = inode.key(), ?change, "setattr");
-        let only_times = change.mode.is_none()
-            && change.uid.is_none()
-            && change.gid.is_none()
-            && change.size.is_none();
-        if !only_times || change.mtime.is_some() {
-            self.check_writable()?;
-        }
-        if change.mode.is_none()
+        let only_atime = change.mode.is_none()
             && change.uid.is_none()
             && change.gid.is_none()
             && change.size.is_none()
-            && change.mtime.is_none()
-        {
-            return Ok(self.attr_of(&inode)); // atime only: S3 keeps no atime
+            && change.mtime.is_none();
+        if only_atime && (change.atime.is_none() || self.config.read_only) {
+            return Ok(self.attr_of(&inode));
         }
-        let writer = super::lock(&self.handles.writers)
-            .get(&ino)
-            .map(|(w, _)| w.clone());
-        if inode.kind == Kind::File && writer.is_none() && !inode.is_fresh() {
-            // Bring the cached attributes up to date before changing them.
-            self.refresh_from_s3(&inode).await?;
+        if !only_atime {
+            self.check_writable()?;
         }
+        let limit = max_file_size(self.config.write.part_size);
+        if change.size.is_some_and(|size| size > limit) {
+            // Refused before anything changes (EFBIG, as a local file system past its limit).
+            return Err(FsError::FileTooLarge(format!(
+                "a size past {limit} bytes, the most S3's 10,000 parts hold"
+            )));
+        }
+        self.up_to_date(&inode).await?;
+        let now = SystemTime::now();
+        // Every change moves ctime; a truncation moves mtime as a write does (POSIX says so of
+        // truncate and ftruncate even when the size stays, and O_TRUNC comes here too).
         let attrs = AttrChange {
             mode: change.mode.map(|m| m & 0o7777),
             uid: change.uid,
             gid: change.gid,
-            mtime: change.mtime.map(whole_seconds),
+            mtime: change.mtime.or(change.size.map(|_| now)),
+            ctime: Some(now),
+            atime: change.atime,
+            xattrs: None,
         };
+        self.change(&inode, attrs, change.size).await
+    }
+
+    /// Brings a closed file's cached attributes up to date before they are changed or read
+    /// whole (a listing's entry has no metadata yet).
+    async fn up_to_date(&self, inode: &Arc<Inode>) -> FsResult<()> {
+        let written = super::lock(&self.handles.writers).contains_key(&inode.ino);
+        let stale = !inode.is_fresh() || inode.lock().stat.listing_only;
+        if inode.kind != Kind::Directory && inode.ino != ROOT_INO && !written && stale {
+            self.refresh_from_s3(inode).await?;
+        }
+        Ok(())
+    }
+
+    /// [`S3Filesystem::getxattr`] when it needs no request (the attributes are fresh, or the
+    /// file is being written), else `None`. The kernel asks for `security.capability` at
+    /// each write: that must not cost a task, let alone a request.
+    pub fn getxattr_now(&self, ino: Ino, name: &str) -> Option<FsResult<Vec<u8>>> {
+        let inode = match self.inode(ino) {
+            Ok(i) => i,
+            Err(e) => return Some(Err(e)),
+        };
+        let written = super::lock(&self.handles.writers).contains_key(&ino);
+        let s = inode.lock();
+        let known = (s.expiry > std::time::Instant::now() && !s.stat.listing_only)
+            || written
+            || inode.kind == Kind::Directory;
+        known.then(|| s.stat.xattrs.get(name).cloned().ok_or(FsError::NoAttribute))
+    }
+
+    /// The value of extended attribute `name` (ENODATA when the file has none of that name).
+    pub async fn getxattr(&self, ino: Ino, name: &str) -> FsResult<Vec<u8>> {
+        let inode = self.inode(ino)?;
+        self.up_to_date(&inode).await?;
+        let value = inode.lock().stat.xattrs.get(name).cloned();
+        value.ok_or(FsError::NoAttribute)
+    }
+
+    /// The names of the file's extended attributes.
+    pub async fn listxattr(&self, ino: Ino) -> FsResult<Vec<String>> {
+        let inode = self.inode(ino)?;
+        self.up_to_date(&inode).await?;
+        let names = inode.lock().stat.xattrs.keys().cloned().collect();
+        Ok(names)
+    }
+
+    /// Sets (`value`) or removes (`None`) extended attribute `name`; `create` fails on an
+    /// existing name (XATTR_CREATE), `replace` on a missing one (XATTR_REPLACE). Stored as
+    /// chmod is: with the upload of a file being written, by the deferred copy of a closed
+    /// one, at once on a directory's marker.
+    pub async fn set_xattr(
+        &self,
+        ino: Ino,
+        name: &str,
+        value: Option<&[u8]>,
+        create: bool,
+        replace: bool,
+    ) -> FsResult<()> {
+        if !xattr::allowed(name) {
+            return Err(FsError::NotSupported(
+                "extended attributes outside the user, trusted, security and POSIX ACL names",
+            ));
+        }
+        self.check_writable()?;
+        let inode = self.inode(ino)?;
+        let _held = self.hold(ino).await;
+        self.up_to_date(&inode).await?;
+        let mut stat = inode.stat();
+        let exists = stat.xattrs.contains_key(name);
+        match value {
+            _ if create && exists => return Err(FsError::Exists),
+            Some(_) if replace && !exists => return Err(FsError::NoAttribute),
+            None if !exists => return Err(FsError::NoAttribute),
+            Some(v) => drop(stat.xattrs.insert(name.to_string(), v.to_vec())),
+            None => drop(stat.xattrs.remove(name)),
+        }
+        let size = xattr::metadata_size(&self.attrs_for(&stat, inode.kind).metadata);
+        if size > xattr::METADATA_LIMIT {
+            return Err(FsError::TooBig(format!(
+                "the object's metadata would take {size} bytes, past S3's {} byte limit",
+                xattr::METADATA_LIMIT
+            )));
+        }
+        let attrs = AttrChange {
+            ctime: Some(SystemTime::now()),
+            xattrs: Some(stat.xattrs),
+            ..Default::default()
+        };
+        self.change(&inode, attrs, None).await.map(drop)
+    }
+
+    /// Applies `attrs` (and a new `size`) to `inode`, which the caller holds: at once on a
+    /// directory's marker, into the upload of a file being written, by a truncating rewrite,
+    /// or by the deferred copy of a closed file.
+    async fn change(
+        &self,
+        inode: &Arc<Inode>,
+        attrs: AttrChange,
+        size: Option<u64>,
+    ) -> FsResult<Attr> {
+        let ino = inode.ino;
+        let writer = super::lock(&self.handles.writers)
+            .get(&ino)
+            .map(|(w, _)| w.clone());
+        if ino == ROOT_INO {
+            // The mount's root has no object of its own (on a whole-bucket mount its key would
+            // be the empty key, a request about the bucket): changes last as long as the mount.
+            inode.change_locally(|s| attrs.apply(s));
+            return Ok(self.attr_of(inode));
+        }
         if inode.kind == Kind::Directory {
             // Stored at once: the change shows only once S3 has it.
             let mut stat = inode.stat();
             attrs.apply(&mut stat);
-            let object_attrs = self.attrs_for(&stat, Kind::Directory);
-            self.client
-                .put_object(&inode.key(), PutBody::Bytes(Bytes::new()), &object_attrs)
-                .await
-                .map_err(from_client)?;
+            self.store_directory_attrs(&inode.key(), &stat).await?;
             // A listing does not say a directory's attributes: they are kept here.
             inode.change_locally(|s| attrs.apply(s));
-            return Ok(self.attr_of(&inode));
+            return Ok(self.attr_of(inode));
         }
-        inode.change_attrs(attrs, writer.is_none() && change.size.is_none());
+        inode.change_attrs(attrs, writer.is_none() && size.is_none());
         match (inode.kind, writer) {
             (Kind::File, Some(w)) => {
                 // Open for writing: everything goes into the upload at the next commit.
-                if let Some(size) = change.size {
+                if let Some(size) = size {
                     w.truncate(size).await?;
                     inode.lock().stat.size = size;
                 }
                 // Into an upload created from now on, too.
-                self.attrs_to_writer(&inode, &w).await;
+                self.attrs_to_writer(inode, &w).await;
                 w.state.lock().await.touch();
             }
             (Kind::File, None) => {
-                if let Some(size) = change.size {
+                if let Some(size) = size {
                     let fh = self.open_for_write(inode.clone(), size == 0, None).await?;
                     // This inode is held already: commit and release without taking it again.
                     let result = async {
@@ -247,13 +421,38 @@ impl<C: ObjectClient> S3Filesystem<C> {
                     result?;
                     inode.lock().stat.size = size;
                 } else {
-                    self.defer_metadata(&inode);
+                    self.defer_metadata(inode);
                 }
             }
             // A symlink (a directory was stored above).
-            _ => self.defer_metadata(&inode),
+            _ => self.defer_metadata(inode),
         }
-        Ok(self.attr_of(&inode))
+        Ok(self.attr_of(inode))
+    }
+
+    /// Stores a directory's attributes on its marker `key`: a copy onto itself that keeps
+    /// what the marker has besides ours (other clients' metadata, its Content-Type), or a new
+    /// marker where the directory had none (an implicit directory).
+    async fn store_directory_attrs(&self, key: &str, stat: &Stat) -> FsResult<()> {
+        let ours = self.attrs_for(stat, Kind::Directory);
+        match self.client.head_object(key).await {
+            Ok(head) => {
+                let mut attrs = ObjectAttributes::of_head(&head);
+                replace_ours(&mut attrs.metadata, ours.metadata);
+                self.client
+                    .copy_object(key, key, &MetadataDirective::Replace(attrs))
+                    .await
+                    .map_err(from_client)?;
+            }
+            Err(e) if e.kind == ErrorKind::NoSuchKey => {
+                self.client
+                    .put_object(key, PutBody::Bytes(Bytes::new()), &ours)
+                    .await
+                    .map_err(from_client)?;
+            }
+            Err(e) => return Err(from_client(e)),
+        }
+        Ok(())
     }
 
     /// Notes that the closed file `ino` has attributes S3 does not have yet. They are stored
@@ -318,15 +517,9 @@ impl<C: ObjectClient> S3Filesystem<C> {
             return Ok(());
         }
         // Only ours change: other clients' user metadata stays.
-        let ours = self.attrs_for(&inode.stat(), inode.kind);
-        let mut metadata = head.metadata;
-        metadata.extend(ours.metadata);
-        let attrs = ObjectAttributes {
-            content_type: head.content_type,
-            storage_class: head.storage_class,
-            sse: head.sse,
-            metadata,
-        };
+        let mut attrs = ObjectAttributes::of_head(&head);
+        let ours = self.attrs_for(&inode.stat(), inode.kind).metadata;
+        replace_ours(&mut attrs.metadata, ours);
         let etag = if head.size > MAX_SINGLE_COPY {
             self.multipart_copy(&key, &key, head.size, &attrs).await?
         } else {

@@ -1,9 +1,11 @@
 //! Server-side copies of one object: CopyObject, or UploadPartCopy in parts above 5 GiB,
 //! keeping the object's content type, metadata, storage class and encryption.
 
+use std::collections::BTreeMap;
+
 use super::error::{from_client, FsResult};
 use super::write::MAX_COPY_PART;
-use super::S3Filesystem;
+use super::{xattr, S3Filesystem};
 use crate::s3::{CompletedPart, CopySource, MetadataDirective, ObjectAttributes, ObjectClient};
 
 /// Objects up to this size are renamed with one CopyObject; above, with UploadPartCopy.
@@ -11,6 +13,28 @@ pub(super) const MAX_SINGLE_COPY: u64 = 5 << 30;
 
 /// Keys copied at once in a directory rename.
 pub(super) const RENAME_PARALLELISM: usize = 16;
+
+/// The `x-amz-meta-*` names s3mount writes (s3fs-fuse's): what an attribute change replaces.
+const OURS: [&str; 8] = [
+    "mode",
+    "uid",
+    "gid",
+    "mtime",
+    "ctime",
+    "atime",
+    "rdev",
+    xattr::HEADER,
+];
+
+/// `metadata` with our own names replaced by `ours` (one of ours that `ours` lacks, such as
+/// the xattr map once the last attribute is removed, goes); other clients' names stay.
+pub(super) fn replace_ours(
+    metadata: &mut BTreeMap<String, String>,
+    ours: BTreeMap<String, String>,
+) {
+    metadata.retain(|k, _| !OURS.contains(&k.as_str()));
+    metadata.extend(ours);
+}
 
 impl<C: ObjectClient> S3Filesystem<C> {
     /// Moves one object, with its metadata replaced by `replace`'s if given; returns its ETag
@@ -22,15 +46,11 @@ impl<C: ObjectClient> S3Filesystem<C> {
         replace: Option<ObjectAttributes>,
     ) -> FsResult<(String, String)> {
         let head = self.client.head_object(from).await.map_err(from_client)?;
-        let mut attrs = ObjectAttributes {
-            content_type: head.content_type.clone(),
-            metadata: head.metadata.clone(),
-            storage_class: head.storage_class.clone(),
-            sse: head.sse.clone(),
-        };
+        let mut attrs = ObjectAttributes::of_head(&head);
         let replacing = replace.is_some();
         if let Some(r) = replace {
-            attrs.metadata.extend(r.metadata); // ours win; other user metadata stays
+            // Ours are replaced; other clients' user metadata stays.
+            replace_ours(&mut attrs.metadata, r.metadata);
         }
         let new_etag = if head.size > MAX_SINGLE_COPY {
             self.multipart_copy(from, to, head.size, &attrs).await?

@@ -41,6 +41,10 @@ pub enum FsError {
     Exists,
     #[error("operation not permitted: {0}")]
     NotPermitted(&'static str),
+    #[error("no such extended attribute")]
+    NoAttribute,
+    #[error("too large: {0}")]
+    TooBig(String),
     /// What S3 or the network said, kept for the log; made only by [`from_client`].
     #[error(transparent)]
     S3(ClientError),
@@ -65,6 +69,8 @@ impl FsError {
             FsError::NotEmpty => libc::ENOTEMPTY,
             FsError::Exists => libc::EEXIST,
             FsError::NotPermitted(_) => libc::EPERM,
+            FsError::NoAttribute => libc::ENODATA,
+            FsError::TooBig(_) => libc::E2BIG,
             FsError::S3(e) => match &e.kind {
                 ErrorKind::NoSuchKey => libc::ENOENT,
                 ErrorKind::PreconditionFailed => libc::ESTALE,

@@ -10,12 +10,13 @@ use std::time::SystemTime;
 
 use bytes::Bytes;
 
-use super::attributes::{stat_of_head, whole_seconds, Caller};
+use super::attributes::{stat_of_head, Caller};
+use super::copy::replace_ours;
 use super::error::{from_client, FsError, FsResult};
 use super::inode::{Ino, Inode, Kind, Stat};
 use super::read::ReadHandle;
 use super::write::{Appended, WriteHandle};
-use super::{lock, Attr, OpenFile, S3Filesystem};
+use super::{lock, AtimeMode, Attr, OpenFile, S3Filesystem, RELATIME_INTERVAL};
 use crate::s3::{ErrorKind, ObjectAttributes, ObjectClient};
 
 /// What [`S3Filesystem::write_now`] did with a write it took: `Done(n)` may be answered at
@@ -77,11 +78,14 @@ impl<C: ObjectClient> S3Filesystem<C> {
         match inode.kind {
             Kind::Directory => return Err(FsError::IsADirectory),
             Kind::Symlink => return Err(FsError::Invalid("cannot open a symlink")),
+            // The kernel opens FIFOs itself and refuses devices on a nodev mount.
+            Kind::Special(_) => return Err(FsError::Invalid("cannot open a special file")),
             Kind::File => {}
         }
         if write {
             return self.open_for_write(inode, truncate, opener).await;
         }
+        self.accessed(&inode);
         if lock(&self.handles.writers).contains_key(&ino) {
             // Being written through another descriptor: read what is being written.
             let writer = lock(&self.handles.writers)
@@ -216,7 +220,10 @@ impl<C: ObjectClient> S3Filesystem<C> {
     ) -> FsResult<(Attr, u64)> {
         let dir = self.new_name(parent, name).await?;
         let stat = Self::new_stat(mode, caller);
-        let attrs = self.attrs_for(&stat, Kind::File);
+        let attrs = ObjectAttributes {
+            content_type: self.config.content_types.of(name),
+            ..self.attrs_for(&stat, Kind::File)
+        };
         let inode = self.enter_new(&dir, name, Kind::File, stat);
         let writer = self.writer_for(&inode, attrs)?;
         let fh = self.register(OpenFile::Write {
@@ -257,10 +264,13 @@ impl<C: ObjectClient> S3Filesystem<C> {
             .await
             .map_err(from_client)?;
         let (_, stat) = stat_of_head(&head);
-        let attrs = ObjectAttributes {
-            content_type: head.content_type.clone(),
-            ..self.attrs_for(&stat, Kind::File)
-        };
+        // Rewritten in place or from empty, it is the same file: what it is stored with
+        // (other clients' metadata, content headers, extended attributes) stays.
+        let mut attrs = ObjectAttributes::of_head(&head);
+        replace_ours(
+            &mut attrs.metadata,
+            self.attrs_for(&stat, Kind::File).metadata,
+        );
         inode.refresh(stat, self.config.metadata_ttl);
         let writer = self.writer_for(&inode, attrs)?;
         if truncate {
@@ -354,10 +364,36 @@ impl<C: ObjectClient> S3Filesystem<C> {
 
     pub(super) fn written(&self, ino: Ino, size: u64) {
         if let Some(inode) = self.ns.inodes.get(ino) {
+            let now = SystemTime::now();
             inode.change_locally(|s| {
                 s.size = size;
-                s.mtime = whole_seconds(SystemTime::now());
+                s.mtime = now;
+                s.ctime = Some(now);
             });
+        }
+    }
+
+    /// A file is opened for reading: its atime moves as the mount's atime option says. Kept
+    /// in memory only; S3 gets it with the next store of the file's attributes or data (a
+    /// read never costs a request of its own).
+    fn accessed(&self, inode: &Inode) {
+        let now = SystemTime::now();
+        let mut s = inode.lock();
+        let atime = s.stat.atime.unwrap_or(s.stat.mtime);
+        let ctime = s.stat.ctime.unwrap_or(s.stat.mtime);
+        let moves = match self.config.atime {
+            AtimeMode::Strict => true,
+            // Linux's relatime: when the last access is older than the last change, or a
+            // day old.
+            AtimeMode::Relatime => {
+                atime <= s.stat.mtime
+                    || atime <= ctime
+                    || now.duration_since(atime).unwrap_or_default() >= RELATIME_INTERVAL
+            }
+            AtimeMode::Off => false,
+        };
+        if moves {
+            s.stat.atime = Some(now);
         }
     }
 
@@ -410,13 +446,8 @@ impl<C: ObjectClient> S3Filesystem<C> {
 
     /// The attributes as they are now (chmod or utimens while open) go into the upload.
     pub(super) async fn attrs_to_writer(&self, inode: &Inode, writer: &WriteHandle<C>) {
-        let stat = inode.stat();
-        let mut s = writer.state.lock().await;
-        let content_type = s.attrs.content_type.clone();
-        s.attrs = ObjectAttributes {
-            content_type,
-            ..self.attrs_for(&stat, inode.kind)
-        };
+        let ours = self.attrs_for(&inode.stat(), inode.kind).metadata;
+        replace_ours(&mut writer.state.lock().await.attrs.metadata, ours);
     }
 
     pub(super) async fn commit(&self, ino: Ino, writer: &WriteHandle<C>) -> FsResult<()> {

@@ -11,6 +11,7 @@
 //!
 //! Lock order: `InodeTable::tables`, then an inode's `state`; never the other way round.
 
+use std::collections::BTreeMap;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -24,6 +25,9 @@ pub enum Kind {
     File,
     Directory,
     Symlink,
+    /// A FIFO, socket, character or block device: a zero-byte object whose `x-amz-meta-mode`
+    /// has this file type (`S_IFIFO`, `S_IFSOCK`, `S_IFCHR`, `S_IFBLK`), as s3fs stores them.
+    Special(u32),
 }
 
 /// What S3 told us about an object or a directory.
@@ -32,6 +36,13 @@ pub struct Stat {
     pub size: u64,
     pub mtime: SystemTime,
     pub etag: Option<String>,
+    /// Extended attributes (`x-amz-meta-xattr`, see `xattr.rs`).
+    pub xattrs: BTreeMap<String, Vec<u8>>,
+    /// The device number of a character or block device (`x-amz-meta-rdev`).
+    pub rdev: Option<u32>,
+    /// Status change and access times (`x-amz-meta-ctime`, `-atime`); `None`: as mtime.
+    pub ctime: Option<SystemTime>,
+    pub atime: Option<SystemTime>,
     /// Permission bits from `x-amz-meta-mode`, when the object has them.
     pub mode: Option<u32>,
     pub uid: Option<u32>,
@@ -47,12 +58,16 @@ pub struct Stat {
 
 /// Attributes an application set (chmod, chown, utimens), as far as S3 does not have them
 /// yet: a failed upload of the file's data does not take them back.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct AttrChange {
     pub mode: Option<u32>,
     pub uid: Option<u32>,
     pub gid: Option<u32>,
     pub mtime: Option<SystemTime>,
+    pub ctime: Option<SystemTime>,
+    pub atime: Option<SystemTime>,
+    /// The whole map of extended attributes, when it changed.
+    pub xattrs: Option<BTreeMap<String, Vec<u8>>>,
 }
 
 impl AttrChange {
@@ -69,6 +84,15 @@ impl AttrChange {
         if let Some(t) = self.mtime {
             s.mtime = t;
         }
+        if let Some(t) = self.ctime {
+            s.ctime = Some(t);
+        }
+        if let Some(t) = self.atime {
+            s.atime = Some(t);
+        }
+        if let Some(x) = &self.xattrs {
+            s.xattrs = x.clone();
+        }
     }
 
     fn merge(&mut self, later: &AttrChange) {
@@ -76,6 +100,11 @@ impl AttrChange {
         self.uid = later.uid.or(self.uid);
         self.gid = later.gid.or(self.gid);
         self.mtime = later.mtime.or(self.mtime);
+        self.ctime = later.ctime.or(self.ctime);
+        self.atime = later.atime.or(self.atime);
+        if later.xattrs.is_some() {
+            self.xattrs = later.xattrs.clone();
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -88,6 +117,10 @@ impl Stat {
         Self {
             size: 0,
             mtime,
+            ctime: None,
+            atime: None,
+            rdev: None,
+            xattrs: BTreeMap::new(),
             etag: None,
             mode: None,
             uid: None,
@@ -128,6 +161,12 @@ pub struct InodeState {
     /// set on: they are never given to another object at that key.
     pub kept: AttrChange,
     pub kept_for: Option<String>,
+    /// No name leads here any more (unlinked, or replaced by a rename): `fstat` of a
+    /// descriptor still open says nlink 0.
+    pub unlinked: bool,
+    /// For a directory: when this mount last changed its entries. Its mtime and ctime are at
+    /// least this (kept in memory: S3 has no directory times to move).
+    pub entries_changed_at: Option<SystemTime>,
 }
 
 impl InodeState {
@@ -194,6 +233,7 @@ impl Inode {
     pub fn entries_changed(&self) {
         self.changes
             .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        self.lock().entries_changed_at = Some(SystemTime::now());
     }
 
     /// A mark of this directory's entries as this mount has changed them so far.
@@ -222,12 +262,21 @@ impl Inode {
             s.forget_kept();
         }
         if !s.local_changes {
+            // An access seen here is newer than what S3 has of the same version (atime is
+            // stored only with other changes): it stays.
+            let seen = s
+                .stat
+                .atime
+                .filter(|_| s.stat.etag.is_some() && s.stat.etag == stat.etag);
             s.stat = stat;
+            if let Some(seen) = seen {
+                s.stat.atime = Some(s.stat.atime.map_or(seen, |a| a.max(seen)));
+            }
             // What the application set stays set, on the object it was set on: it is stored
             // with a copy.
             if !s.kept.is_empty() {
                 if s.kept_for.is_some() && s.kept_for == s.stat.etag {
-                    let kept = s.kept;
+                    let kept = s.kept.clone();
                     kept.apply(&mut s.stat);
                     s.local_changes = true;
                     s.attrs_only = true;
@@ -296,7 +345,7 @@ impl Inode {
 
     /// The attributes set here that S3 does not have yet.
     pub fn kept_attrs(&self) -> AttrChange {
-        self.lock().kept
+        self.lock().kept.clone()
     }
 
     /// Whether attributes set here wait for a copy to an object S3 has.
@@ -329,6 +378,46 @@ impl Inode {
 struct Tables {
     by_ino: HashMap<Ino, Arc<Inode>>,
     by_name: HashMap<(Ino, String), Ino>,
+    /// How many directories `by_name` has under each directory (for its link count).
+    subdirs: HashMap<Ino, u32>,
+}
+
+impl Tables {
+    fn is_dir(&self, ino: Ino) -> bool {
+        self.by_ino
+            .get(&ino)
+            .is_some_and(|i| i.kind == Kind::Directory)
+    }
+
+    /// Points `name` at `ino`; returns what it pointed at before.
+    fn link(&mut self, name: (Ino, String), ino: Ino) -> Option<Ino> {
+        let parent = name.0;
+        let old = self.by_name.insert(name, ino);
+        if let Some(old) = old {
+            self.count(parent, old, false);
+        }
+        self.count(parent, ino, true);
+        old
+    }
+
+    /// Removes `name`; returns what it pointed at.
+    fn unlink(&mut self, name: &(Ino, String)) -> Option<Ino> {
+        let old = self.by_name.remove(name)?;
+        self.count(name.0, old, false);
+        Some(old)
+    }
+
+    fn count(&mut self, parent: Ino, child: Ino, added: bool) {
+        if !self.is_dir(child) {
+            return;
+        }
+        let n = self.subdirs.entry(parent).or_default();
+        if added {
+            *n += 1;
+        } else {
+            *n = n.saturating_sub(1);
+        }
+    }
 }
 
 pub struct InodeTable {
@@ -356,6 +445,8 @@ impl InodeTable {
                 attrs_only: false,
                 kept: AttrChange::default(),
                 kept_for: None,
+                unlinked: false,
+                entries_changed_at: None,
             }),
         });
         let mut tables = Tables::default();
@@ -433,16 +524,23 @@ impl InodeTable {
                 attrs_only: false,
                 kept: AttrChange::default(),
                 kept_for: None,
+                unlinked: false,
+                entries_changed_at: None,
             }),
         });
-        t.by_name.insert((parent.ino, name.to_string()), ino);
         t.by_ino.insert(ino, inode.clone());
+        t.link((parent.ino, name.to_string()), ino);
         inode
     }
 
     /// The name no longer exists (deleted out of band, found missing).
     pub fn remove_name(&self, parent: Ino, name: &str) {
-        self.write().by_name.remove(&(parent, name.to_string()));
+        let mut t = self.write();
+        if let Some(ino) = t.unlink(&(parent, name.to_string())) {
+            if let Some(inode) = t.by_ino.get(&ino) {
+                inode.lock().unlinked = true;
+            }
+        }
     }
 
     /// The kernel took one more reference (an entry reply).
@@ -466,12 +564,13 @@ impl InodeTable {
             s.lookups == 0
         };
         if gone {
-            t.by_ino.remove(&ino);
             let loc = inode.location();
             let name_key = (loc.parent, loc.name);
             if t.by_name.get(&name_key) == Some(&ino) {
-                t.by_name.remove(&name_key);
+                t.unlink(&name_key);
             }
+            t.by_ino.remove(&ino);
+            t.subdirs.remove(&ino);
         }
     }
 
@@ -482,10 +581,14 @@ impl InodeTable {
         let old = inode.location();
         let new_key = child_key(&new_parent.key(), new_name, inode.kind);
         if t.by_name.get(&(old.parent, old.name.clone())) == Some(&inode.ino) {
-            t.by_name.remove(&(old.parent, old.name.clone()));
+            t.unlink(&(old.parent, old.name.clone()));
         }
-        t.by_name
-            .insert((new_parent.ino, new_name.to_string()), inode.ino);
+        let replaced = t.link((new_parent.ino, new_name.to_string()), inode.ino);
+        if let Some(target) = replaced.filter(|&t| t != inode.ino) {
+            if let Some(target) = t.by_ino.get(&target) {
+                target.lock().unlinked = true;
+            }
+        }
         {
             let mut loc = inode.location.lock().unwrap_or_else(|p| p.into_inner());
             loc.parent = new_parent.ino;
@@ -509,6 +612,11 @@ impl InodeTable {
         self.read().by_ino.len()
     }
 
+    /// The directories known under directory `ino`.
+    pub fn subdirectories(&self, ino: Ino) -> u32 {
+        self.read().subdirs.get(&ino).copied().unwrap_or(0)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -518,7 +626,7 @@ impl InodeTable {
 pub fn child_key(parent_key: &str, name: &str, kind: Kind) -> String {
     match kind {
         Kind::Directory => format!("{parent_key}{name}/"),
-        Kind::File | Kind::Symlink => format!("{parent_key}{name}"),
+        Kind::File | Kind::Symlink | Kind::Special(_) => format!("{parent_key}{name}"),
     }
 }
 

@@ -25,6 +25,7 @@
 //! (they are read on lookup, which sends HeadObject; listings do not carry them).
 
 pub mod attributes;
+pub mod content_type;
 pub mod copy;
 pub mod error;
 pub mod files;
@@ -36,6 +37,7 @@ pub mod memory;
 pub mod namespace;
 pub mod read;
 pub mod write;
+pub mod xattr;
 
 pub use attributes::{Caller, SetAttr};
 pub use files::WrittenNow;
@@ -63,6 +65,21 @@ pub const METADATA_LISTING_LIMIT: usize = 1000;
 /// How long after the last `chmod`, `chown` or `utimens` of a closed file its attributes are
 /// stored in S3 (one copy for several changes, none when a rename follows).
 pub const METADATA_WRITE_DELAY: Duration = Duration::from_millis(100);
+/// Under relatime, an access moves atime at least this long after the last one.
+pub const RELATIME_INTERVAL: Duration = Duration::from_secs(24 * 3600);
+
+/// When reads move a file's atime (the mount options `relatime`, `strictatime`, `noatime`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum AtimeMode {
+    /// When atime is older than mtime or ctime, or a day old (Linux's default).
+    #[default]
+    Relatime,
+    /// At every open for reading.
+    Strict,
+    /// Never.
+    Off,
+}
+
 /// The block size reported to `stat` and `statfs`.
 pub const BLOCK_SIZE: u32 = 4096;
 
@@ -82,6 +99,9 @@ pub struct FsConfig {
     pub write: WriteConfig,
     /// Where the journal of uploads in progress lives; `None` keeps none.
     pub journal_dir: Option<std::path::PathBuf>,
+    /// The `Content-Type` of new files, from their names.
+    pub content_types: content_type::ContentTypes,
+    pub atime: AtimeMode,
 }
 
 impl Default for FsConfig {
@@ -98,6 +118,8 @@ impl Default for FsConfig {
             read: ReadConfig::default(),
             write: WriteConfig::default(),
             journal_dir: None,
+            content_types: content_type::ContentTypes::default(),
+            atime: AtimeMode::default(),
         }
     }
 }
@@ -109,10 +131,16 @@ pub struct Attr {
     pub kind: Kind,
     pub size: u64,
     pub mtime: SystemTime,
+    pub ctime: SystemTime,
+    pub atime: SystemTime,
     /// Permission bits only (no file type).
     pub perm: u16,
     pub uid: u32,
     pub gid: u32,
+    /// Links: 0 once unlinked while open; a directory's 2 plus its known subdirectories.
+    pub nlink: u32,
+    /// A device's number (0 for everything else).
+    pub rdev: u32,
 }
 
 /// One entry of a directory listing.
@@ -294,21 +322,42 @@ impl<C: ObjectClient> S3Filesystem<C> {
         Ok(inode)
     }
 
-    pub fn attr_of(&self, inode: &Inode) -> Attr {
-        let stat = inode.stat();
-        let default_perm = match inode.kind {
+    /// The permissions of an object that has no `x-amz-meta-mode`.
+    fn default_perm(&self, kind: Kind) -> u16 {
+        match kind {
             Kind::Directory => self.config.dir_mode,
-            Kind::File => self.config.file_mode,
+            Kind::File | Kind::Special(_) => self.config.file_mode,
             Kind::Symlink => 0o777,
+        }
+    }
+
+    pub fn attr_of(&self, inode: &Inode) -> Attr {
+        let (mut stat, unlinked, entries_changed) = {
+            let s = inode.lock();
+            (s.stat.clone(), s.unlinked, s.entries_changed_at)
+        };
+        if let Some(t) = entries_changed {
+            stat.mtime = stat.mtime.max(t);
+            stat.ctime = Some(stat.ctime.unwrap_or(stat.mtime).max(t));
+        }
+        let default_perm = self.default_perm(inode.kind);
+        let nlink = match inode.kind {
+            _ if unlinked => 0,
+            Kind::Directory => 2 + self.ns.inodes.subdirectories(inode.ino),
+            _ => 1,
         };
         Attr {
             ino: inode.ino,
             kind: inode.kind,
             size: stat.size,
             mtime: stat.mtime,
+            ctime: stat.ctime.unwrap_or(stat.mtime),
+            atime: stat.atime.unwrap_or(stat.mtime),
             perm: stat.mode.map_or(default_perm, |m| (m & 0o7777) as u16),
             uid: stat.uid.unwrap_or(self.config.uid),
             gid: stat.gid.unwrap_or(self.config.gid),
+            nlink,
+            rdev: stat.rdev.unwrap_or(0),
         }
     }
 

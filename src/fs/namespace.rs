@@ -12,7 +12,7 @@ use futures_util::FutureExt;
 
 use std::sync::atomic::Ordering;
 
-use super::attributes::{stat_of_head, Caller};
+use super::attributes::{is_old_directory, kind_of_mode, stat_of_head, Caller, FOLDER_SUFFIX};
 use super::copy::RENAME_PARALLELISM;
 use super::error::{from_client, FsError, FsResult};
 use super::inode::{Ino, Inode, InodeTable, Kind, Stat};
@@ -71,6 +71,8 @@ pub(super) struct Namespace {
     pub(super) large_trees: Mutex<HashSet<Ino>>,
     /// Keys skipped with a warning, so each is warned of once.
     pub(super) warned_names: Mutex<HashSet<String>>,
+    /// A directory in an old form was seen (see [`S3Filesystem::remove_old_markers`]).
+    pub(super) old_markers_seen: std::sync::atomic::AtomicBool,
 }
 
 impl Namespace {
@@ -83,6 +85,7 @@ impl Namespace {
             revalidations: Mutex::default(),
             large_trees: Mutex::default(),
             warned_names: Mutex::default(),
+            old_markers_seen: Default::default(),
         }
     }
 }
@@ -171,8 +174,12 @@ impl<C: ObjectClient> S3Filesystem<C> {
         );
         let list = list.map_err(from_client)?;
         if !list.objects.is_empty() || !list.common_prefixes.is_empty() {
-            if head.is_ok() {
-                self.warn_shadowed(&key);
+            match &head {
+                Ok(h) if is_old_directory(h, None) => {
+                    self.ns.old_markers_seen.store(true, Ordering::Relaxed)
+                }
+                Ok(_) => self.warn_shadowed(&key),
+                Err(_) => {}
             }
             let marker = list.objects.first().filter(|o| o.key == dir_prefix);
             let mut stat = Stat::directory(marker.map_or(self.mounted_at, |o| o.last_modified));
@@ -193,9 +200,30 @@ impl<C: ObjectClient> S3Filesystem<C> {
                 .inodes
                 .upsert(&dir, name, Kind::Directory, stat, ttl));
         }
+        let head = match head {
+            Err(e) if e.kind == ErrorKind::NoSuchKey && self.old_markers_seen() => {
+                // Hadoop's form of an empty directory, once this mount has seen one.
+                let folder = format!("{key}{FOLDER_SUFFIX}");
+                match self.client.head_object(&folder).await {
+                    Ok(marker) => {
+                        let stat = Stat::directory(marker.last_modified);
+                        lock(&self.ns.negative).remove(&neg_key);
+                        return Ok(self
+                            .ns
+                            .inodes
+                            .upsert(&dir, name, Kind::Directory, stat, ttl));
+                    }
+                    Err(_) => Err(e),
+                }
+            }
+            other => other,
+        };
         match head {
             Ok(head) => {
                 let (kind, stat) = stat_of_head(&head);
+                if kind == Kind::Directory {
+                    self.ns.old_markers_seen.store(true, Ordering::Relaxed);
+                }
                 lock(&self.ns.negative).remove(&neg_key);
                 Ok(self.ns.inodes.upsert(&dir, name, kind, stat, ttl))
             }
@@ -534,6 +562,16 @@ impl<C: ObjectClient> S3Filesystem<C> {
                 if name.is_empty() {
                     continue; // the directory's own marker
                 }
+                if let Some(folder) = name.strip_suffix(FOLDER_SUFFIX).filter(|f| valid_name(f)) {
+                    // An old-style directory marker: the directory, whether or not any key
+                    // is below it.
+                    self.ns.old_markers_seen.store(true, Ordering::Relaxed);
+                    found.insert(
+                        folder.to_string(),
+                        (Kind::Directory, Stat::directory(obj.last_modified)),
+                    );
+                    continue;
+                }
                 if !valid_name(name) {
                     self.warn_skipped(&obj.key);
                     continue;
@@ -541,6 +579,10 @@ impl<C: ObjectClient> S3Filesystem<C> {
                 let stat = Stat {
                     size: obj.size,
                     mtime: obj.last_modified,
+                    ctime: None,
+                    atime: None,
+                    rdev: None,
+                    xattrs: Default::default(),
                     etag: Some(obj.etag),
                     mode: None,
                     uid: None,
@@ -753,22 +795,56 @@ impl<C: ObjectClient> S3Filesystem<C> {
         target: &str,
         caller: Caller,
     ) -> FsResult<Attr> {
+        let body = Bytes::copy_from_slice(target.as_bytes());
+        let stat = Self::new_stat(0o777, caller);
+        self.put_new(parent, name, Kind::Symlink, stat, body).await
+    }
+
+    /// Makes a FIFO, socket or device node `name` (`mode` with its file type, `rdev` for a
+    /// device): a zero-byte object with its mode and device number, as s3fs-fuse stores them.
+    pub async fn mknod(
+        &self,
+        parent: Ino,
+        name: &str,
+        mode: u32,
+        rdev: u32,
+        caller: Caller,
+    ) -> FsResult<Attr> {
+        let kind = match kind_of_mode(mode) {
+            Kind::Special(t) => Kind::Special(t),
+            _ => {
+                return Err(FsError::Invalid(
+                    "mknod of a type other than FIFO, socket or device",
+                ))
+            }
+        };
+        let mut stat = Self::new_stat(mode, caller);
+        if matches!(kind, Kind::Special(libc::S_IFCHR | libc::S_IFBLK)) {
+            stat.rdev = Some(rdev);
+        }
+        self.put_new(parent, name, kind, stat, Bytes::new()).await
+    }
+
+    /// Stores a new object `name` of `kind` with `body` and enters it.
+    async fn put_new(
+        &self,
+        parent: Ino,
+        name: &str,
+        kind: Kind,
+        mut stat: Stat,
+        body: Bytes,
+    ) -> FsResult<Attr> {
         let dir = self.new_name(parent, name).await?;
-        let mut stat = Self::new_stat(0o777, caller);
-        stat.size = target.len() as u64;
-        let attrs = self.attrs_for(&stat, Kind::Symlink);
-        let key = super::inode::child_key(&dir.key(), name, Kind::Symlink);
+        stat.size = body.len() as u64;
+        let attrs = self.attrs_for(&stat, kind);
+        let key = super::inode::child_key(&dir.key(), name, kind);
         let etag = self
             .client
-            .put_object(
-                &key,
-                PutBody::Bytes(Bytes::copy_from_slice(target.as_bytes())),
-                &attrs,
-            )
+            .put_object(&key, PutBody::Bytes(body), &attrs)
             .await
             .map_err(from_client)?;
         stat.etag = Some(etag);
-        let inode = self.enter_new(&dir, name, Kind::Symlink, stat);
+        let inode = self.enter_new(&dir, name, kind, stat);
         Ok(self.attr_of(&inode))
     }
 
@@ -846,6 +922,30 @@ impl<C: ObjectClient> S3Filesystem<C> {
         Ok(page.objects.iter().any(|o| o.key != prefix) || !page.common_prefixes.is_empty())
     }
 
+    /// Whether this mount has seen a directory in an old form (`dir_$folder$`, or a `dir`
+    /// object typed as a directory): only then do lookups and removals look for them.
+    fn old_markers_seen(&self) -> bool {
+        self.ns.old_markers_seen.load(Ordering::Relaxed)
+    }
+
+    /// Deletes the old-form markers of the directory `dir_key` (`dir/`) once it is removed or
+    /// moved, or it would show again.
+    async fn remove_old_markers(&self, dir_key: &str) -> FsResult<()> {
+        if !self.old_markers_seen() {
+            return Ok(());
+        }
+        let bare = dir_key.trim_end_matches('/');
+        for key in [bare.to_string(), format!("{bare}{FOLDER_SUFFIX}")] {
+            match self.client.head_object(&key).await {
+                Ok(head) if key.ends_with(FOLDER_SUFFIX) || is_old_directory(&head, None) => {
+                    self.client.delete_object(&key).await.map_err(from_client)?
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
     pub async fn rmdir(&self, parent: Ino, name: &str) -> FsResult<()> {
         self.check_writable()?;
         let inode = self.resolve(parent, name).await?;
@@ -859,6 +959,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
             return Err(FsError::NotEmpty);
         }
         self.client.delete_object(&key).await.map_err(from_client)?;
+        self.remove_old_markers(&key).await?;
         self.ns.inodes.remove_name(parent, name);
         self.entry_removed(parent);
         Ok(())
@@ -929,7 +1030,11 @@ impl<C: ObjectClient> S3Filesystem<C> {
             .get(&source.ino)
             .map(|(w, _)| w.clone());
         match (source.kind, writer) {
-            (Kind::Directory, _) => self.rename_prefix(&old_key, &new_key).await?,
+            (Kind::Directory, _) => {
+                self.rename_prefix(&old_key, &new_key).await?;
+                // The new place has a `dir/` marker (s3mount writes no other form).
+                self.remove_old_markers(&old_key).await?;
+            }
             (_, Some(w)) => {
                 // Open for writing: what S3 has (if anything) moves now, and the next commit
                 // writes the whole file at the new name.

@@ -436,6 +436,11 @@ impl<C> Clone for WriteContext<C> {
     }
 }
 
+/// The largest file S3's 10,000 parts of our growing sizes can hold, from `part_size`.
+pub fn max_file_size(part_size: u64) -> u64 {
+    part_range(MAX_PARTS - 1, part_size).end
+}
+
 pub struct WriteHandle<C> {
     ctx: WriteContext<C>,
     uploads: Arc<Semaphore>,
@@ -495,7 +500,7 @@ impl<C: ObjectClient> WriteHandle<C> {
     /// The largest file S3's 10,000 parts of our growing sizes can hold (past its 5 TiB
     /// object limit with the default part size).
     fn max_size(&self) -> u64 {
-        part_range(MAX_PARTS - 1, self.ctx.config.part_size).end
+        max_file_size(self.ctx.config.part_size)
     }
 
     fn too_large(&self) -> FsError {

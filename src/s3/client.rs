@@ -56,14 +56,64 @@ pub enum ServerSideEncryption {
     KmsDsse { key_id: Option<String> },
 }
 
+/// The headers besides `Content-Type` that an object is stored with and served back with.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ContentHeaders {
+    pub cache_control: Option<String>,
+    pub content_disposition: Option<String>,
+    pub content_encoding: Option<String>,
+    pub content_language: Option<String>,
+    pub expires: Option<String>,
+}
+
+impl ContentHeaders {
+    /// Header names and values, for a request or a comparison.
+    pub fn pairs(&self) -> impl Iterator<Item = (&'static str, &String)> {
+        [
+            ("cache-control", &self.cache_control),
+            ("content-disposition", &self.content_disposition),
+            ("content-encoding", &self.content_encoding),
+            ("content-language", &self.content_language),
+            ("expires", &self.expires),
+        ]
+        .into_iter()
+        .filter_map(|(name, v)| v.as_ref().map(|v| (name, v)))
+    }
+
+    /// The headers of an answer, by the names of [`ContentHeaders::pairs`].
+    pub fn from_lookup(mut get: impl FnMut(&str) -> Option<String>) -> Self {
+        Self {
+            cache_control: get("cache-control"),
+            content_disposition: get("content-disposition"),
+            content_encoding: get("content-encoding"),
+            content_language: get("content-language"),
+            expires: get("expires"),
+        }
+    }
+}
+
 /// What a write stores besides the data.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ObjectAttributes {
     pub content_type: Option<String>,
+    pub content: ContentHeaders,
     /// User metadata, names without the `x-amz-meta-` prefix, lowercase.
     pub metadata: BTreeMap<String, String>,
     pub storage_class: Option<String>,
     pub sse: Option<ServerSideEncryption>,
+}
+
+impl ObjectAttributes {
+    /// Everything `head`'s object is stored with, to store again with a copy or a rewrite.
+    pub fn of_head(head: &ObjectHead) -> Self {
+        Self {
+            content_type: head.content_type.clone(),
+            content: head.content.clone(),
+            metadata: head.metadata.clone(),
+            storage_class: head.storage_class.clone(),
+            sse: head.sse.clone(),
+        }
+    }
 }
 
 /// HeadObject's answer, and the header part of GetObject's.
@@ -74,6 +124,7 @@ pub struct ObjectHead {
     pub etag: String,
     pub last_modified: SystemTime,
     pub content_type: Option<String>,
+    pub content: ContentHeaders,
     pub metadata: BTreeMap<String, String>,
     pub storage_class: Option<String>,
     pub sse: Option<ServerSideEncryption>,

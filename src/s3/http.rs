@@ -872,6 +872,9 @@ fn attribute_headers<'a>(
     if let Some(ct) = &attrs.content_type {
         req = req.header("content-type", ct.clone());
     }
+    for (name, v) in attrs.content.pairs() {
+        req = req.header(name, v.clone());
+    }
     for (k, v) in &attrs.metadata {
         req = req.header(&format!("x-amz-meta-{}", k.to_ascii_lowercase()), v.clone());
     }
@@ -949,6 +952,7 @@ fn head_from_headers(headers: &HeaderMap, status: StatusCode) -> Option<(ObjectH
             .and_then(|t| httpdate::parse_http_date(&t).ok())
             .unwrap_or(SystemTime::UNIX_EPOCH),
         content_type: header_string(headers, "content-type"),
+        content: ContentHeaders::from_lookup(|name| header_string(headers, name)),
         metadata,
         storage_class: header_string(headers, "x-amz-storage-class"),
         sse,

@@ -288,6 +288,7 @@ impl MockClient {
             etag: obj.etag.clone(),
             last_modified: obj.last_modified,
             content_type: obj.attrs.content_type.clone(),
+            content: obj.attrs.content.clone(),
             metadata: obj.attrs.metadata.clone(),
             storage_class: obj.attrs.storage_class.clone(),
             sse: obj.attrs.sse.clone(),

@@ -388,7 +388,23 @@ async fn create_write_close_stores_object_with_s3fs_metadata() {
         "S_IFREG|0640 in decimal"
     );
     assert_eq!(m.get("uid").map(String::as_str), Some("1000"));
-    assert!(m.get("mtime").unwrap().parse::<u64>().is_ok());
+    for t in ["mtime", "ctime", "atime"] {
+        let v = m.get(t).unwrap_or_else(|| panic!("x-amz-meta-{t}"));
+        let (secs, nanos) = v.split_once('.').unwrap_or((v, "0"));
+        assert!(
+            secs.parse::<u64>().is_ok() && nanos.parse::<u32>().is_ok(),
+            "{t}: {v}"
+        );
+    }
+    assert_eq!(
+        mock.object("new.txt")
+            .unwrap()
+            .attrs
+            .content_type
+            .as_deref(),
+        Some("text/plain"),
+        "from the name"
+    );
     fs.release_file(fh).await;
     assert_eq!(fs.getattr(attr.ino).await.unwrap().size, 11);
     assert_eq!(

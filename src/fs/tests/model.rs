@@ -277,9 +277,18 @@ struct Model {
 /// What a path is, as `stat` shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Seen {
-    File { size: u64, perm: u16 },
-    Dir { perm: u16 },
-    Symlink { size: u64 },
+    File {
+        size: u64,
+        perm: u16,
+    },
+    Dir {
+        perm: u16,
+    },
+    Symlink {
+        size: u64,
+    },
+    /// The model makes none: the core showing one is a mismatch.
+    Special,
 }
 
 type Errno = i32;
@@ -662,7 +671,7 @@ impl Run {
                 let expected = match self.model.stat(&p) {
                     Err(e) => Err(e),
                     Ok(Seen::Dir { .. }) => Err(libc::EISDIR),
-                    Ok(Seen::Symlink { .. }) => Err(libc::EINVAL),
+                    Ok(Seen::Symlink { .. } | Seen::Special) => Err(libc::EINVAL),
                     Ok(Seen::File { .. }) => Ok(Outcome::Done),
                 };
                 let got = match self.resolve(&p).await {
@@ -1014,6 +1023,7 @@ impl Run {
                 },
                 Kind::Directory => Seen::Dir { perm: a.perm },
                 Kind::Symlink => Seen::Symlink { size: a.size },
+                Kind::Special(_) => Seen::Special,
             });
             if expected != got {
                 return Err(format!(
