@@ -186,12 +186,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
             if marker.is_some() {
                 // The marker carries the directory's mode, owner and mtime (s3fs-style), if any.
                 if let Ok(head) = self.client.head_object(&dir_prefix).await {
-                    let (_, meta) = stat_of_head(&head);
-                    stat = Stat {
-                        size: 0,
-                        etag: None,
-                        ..meta
-                    };
+                    stat = Self::directory_stat(stat_of_head(&head).1);
                 }
             }
             lock(&self.ns.negative).remove(&neg_key);
@@ -639,7 +634,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
                     resolved.push((name, c.kind, known_stat))
                 }
                 None => {
-                    if kind == Kind::File {
+                    if kind == Kind::File || kind == Kind::Directory {
                         heads_needed.push(resolved.len());
                     }
                     resolved.push((name, kind, stat));
@@ -651,8 +646,9 @@ impl<C: ObjectClient> S3Filesystem<C> {
             let requests: Vec<_> = heads_needed
                 .iter()
                 .map(|&i| {
-                    let (client, key) =
-                        (self.client.clone(), format!("{dir_key}{}", resolved[i].0));
+                    let (name, kind, _) = &resolved[i];
+                    let key = super::inode::child_key(&dir_key, name, *kind);
+                    let client = self.client.clone();
                     async move { client.head_object(&key).await }
                 })
                 .collect();
@@ -661,8 +657,13 @@ impl<C: ObjectClient> S3Filesystem<C> {
                 .collect()
                 .await;
             for (i, head) in heads_needed.iter().zip(heads) {
-                if let Ok(head) = head {
-                    let (kind, stat) = stat_of_head(&head);
+                let Ok(head) = head else { continue };
+                let (kind, stat) = stat_of_head(&head);
+                if resolved[*i].1 == Kind::Directory {
+                    // The `dir/` marker's mode, owner and times (an implicit directory has
+                    // none and keeps the listing's).
+                    resolved[*i].2 = Self::directory_stat(stat);
+                } else {
                     resolved[*i].1 = kind;
                     resolved[*i].2 = stat;
                 }
@@ -920,6 +921,18 @@ impl<C: ObjectClient> S3Filesystem<C> {
             .await
             .map_err(from_client)?;
         Ok(page.objects.iter().any(|o| o.key != prefix) || !page.common_prefixes.is_empty())
+    }
+
+    /// A directory's stat from its marker's: size 0, and no ETag (a listing cannot confirm a
+    /// directory by one).
+    fn directory_stat(marker: Stat) -> Stat {
+        Stat {
+            size: 0,
+            etag: None,
+            s3_modified: None,
+            listing_only: false,
+            ..marker
+        }
     }
 
     /// Whether this mount has seen a directory in an old form (`dir_$folder$`, or a `dir`

@@ -143,7 +143,7 @@ mod tests {
         };
         let mut b = policy.backoff();
         assert!(b.next_delay(Duration::from_millis(100)).is_some());
-        assert!(b.next_delay(Duration::from_millis(990)).is_none());
+        assert!(b.next_delay(Duration::from_millis(995)).is_none());
         assert!(RetryPolicy::none()
             .backoff()
             .next_delay(Duration::ZERO)
