@@ -46,7 +46,10 @@ impl S3fs {
             .expect("start s3fs");
         let start = Instant::now();
         while !is_mounted(dir.path()) {
-            assert!(start.elapsed() < Duration::from_secs(20), "s3fs did not mount");
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "s3fs did not mount"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         S3fs {
@@ -110,7 +113,11 @@ fn attributes(dir: &Path) -> String {
         .current_dir(dir)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).unwrap()
 }
 
@@ -138,7 +145,11 @@ async fn what_s3fs_writes_s3mount_shows_the_same_and_the_other_way_round() {
     }
     let env = ServerEnv::main();
     for writer_is_s3fs in [true, false] {
-        let prefix = unique_prefix(if writer_is_s3fs { "by-s3fs" } else { "by-s3mount" });
+        let prefix = unique_prefix(if writer_is_s3fs {
+            "by-s3fs"
+        } else {
+            "by-s3mount"
+        });
         let spec = format!("{}:{prefix}", env.bucket);
         {
             if writer_is_s3fs {
@@ -154,12 +165,16 @@ async fn what_s3fs_writes_s3mount_shows_the_same_and_the_other_way_round() {
         let m = mount(&env, &spec, &[]);
         let (by_s3fs, by_s3mount) = (attributes(s.path()), attributes(m.path()));
         assert_eq!(
-            by_s3mount, by_s3fs,
+            by_s3mount,
+            by_s3fs,
             "written by {}",
             if writer_is_s3fs { "s3fs" } else { "s3mount" }
         );
         assert!(by_s3mount.contains("user.color=\"blue\""), "{by_s3mount}");
         assert!(by_s3mount.contains("user:1234:rw-"), "{by_s3mount}");
-        assert!(by_s3mount.contains("2020-01-02 03:04:05.123456789"), "{by_s3mount}");
+        assert!(
+            by_s3mount.contains("2020-01-02 03:04:05.123456789"),
+            "{by_s3mount}"
+        );
     }
 }
