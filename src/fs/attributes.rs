@@ -297,9 +297,14 @@ impl<C: ObjectClient> S3Filesystem<C> {
         };
         let written = super::lock(&self.handles.writers).contains_key(&ino);
         let s = inode.lock();
-        let known = (s.expiry > std::time::Instant::now() && !s.stat.listing_only)
+        let fresh = s.expiry > std::time::Instant::now();
+        let known = (fresh && !s.stat.listing_only)
             || written
-            || inode.kind == Kind::Directory;
+            || inode.kind == Kind::Directory
+            // `ls -l` asks every entry for its ACL and security label: an entry only a large
+            // listing showed is not worth a HeadObject each for that. Once its attributes
+            // expire, the kernel's next lookup of it reads its metadata.
+            || (s.stat.listing_only && !(name.starts_with("user.") || name.starts_with("trusted.")));
         known.then(|| s.stat.xattrs.get(name).cloned().ok_or(FsError::NoAttribute))
     }
 
