@@ -45,6 +45,19 @@ fn stored_time(h: &ObjectHead, name: &str) -> SystemTime {
         )
 }
 
+/// The names in `dir` with the file types `readdir` gives them, sorted.
+fn listed(dir: &Path) -> Vec<(String, std::fs::FileType)> {
+    let mut out: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (e.file_name().into_string().unwrap(), e.file_type().unwrap())
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
 fn mtime(p: &Path) -> SystemTime {
     std::fs::metadata(p).unwrap().modified().unwrap()
 }
@@ -427,17 +440,10 @@ async fn fifos_sockets_and_devices_are_stored_as_s3fs_does_and_survive_a_remount
     assert_eq!(ft("blk").rdev(), dev);
     assert!(ft("sock").file_type().is_socket());
     // Listed with their types, and removed like files.
-    let mut kinds: Vec<(String, bool)> = std::fs::read_dir(m.path())
-        .unwrap()
-        .map(|e| {
-            let e = e.unwrap();
-            (
-                e.file_name().into_string().unwrap(),
-                e.file_type().unwrap().is_file(),
-            )
-        })
+    let kinds: Vec<(String, bool)> = listed(m.path())
+        .into_iter()
+        .map(|(name, t)| (name, t.is_file()))
         .collect();
-    kinds.sort();
     assert!(kinds.iter().all(|(_, regular)| !regular), "{kinds:?}");
     for name in ["fifo2", "null", "blk", "sock"] {
         std::fs::remove_file(m.path().join(name)).unwrap();
@@ -455,38 +461,21 @@ async fn directories_in_the_old_formats_are_directories() {
         ..Default::default()
     };
     let plain = ObjectAttributes::default();
-    c.put_object(&format!("{prefix}old"), PutBody::from(""), &typed)
-        .await
-        .unwrap();
-    c.put_object(
-        &format!("{prefix}old/inner.txt"),
-        PutBody::from("in"),
-        &plain,
-    )
-    .await
-    .unwrap();
-    c.put_object(&format!("{prefix}empty-old"), PutBody::from(""), &typed)
-        .await
-        .unwrap();
-    c.put_object(
-        &format!("{prefix}hadoop_$folder$"),
-        PutBody::from(""),
-        &plain,
-    )
-    .await
-    .unwrap();
+    for (key, body, attrs) in [
+        ("old", "", &typed),
+        ("old/inner.txt", "in", &plain),
+        ("empty-old", "", &typed),
+        ("hadoop_$folder$", "", &plain),
+    ] {
+        c.put_object(&format!("{prefix}{key}"), PutBody::from(body), attrs)
+            .await
+            .unwrap();
+    }
     let m = mount(&env, &format!("{}:{prefix}", env.bucket), &[]);
-    let mut names: Vec<(String, bool)> = std::fs::read_dir(m.path())
-        .unwrap()
-        .map(|e| {
-            let e = e.unwrap();
-            (
-                e.file_name().into_string().unwrap(),
-                e.file_type().unwrap().is_dir(),
-            )
-        })
+    let names: Vec<(String, bool)> = listed(m.path())
+        .into_iter()
+        .map(|(name, t)| (name, t.is_dir()))
         .collect();
-    names.sort();
     assert_eq!(
         names,
         [

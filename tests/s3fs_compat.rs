@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::mount::{is_mounted, mount};
+use common::mount::{is_mounted, mount, unmount};
 use common::{unique_prefix, ServerEnv};
 
 /// A running `s3fs -f`, unmounted and reaped when dropped.
@@ -66,16 +66,7 @@ impl S3fs {
 
 impl Drop for S3fs {
     fn drop(&mut self) {
-        let _ = Command::new("fusermount3")
-            .arg("-u")
-            .arg(self.dir.path())
-            .status();
-        if is_mounted(self.dir.path()) {
-            let _ = Command::new("fusermount3")
-                .args(["-u", "-z"])
-                .arg(self.dir.path())
-                .status();
-        }
+        unmount(self.dir.path());
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -85,7 +76,8 @@ fn have_s3fs() -> bool {
     Command::new("s3fs").arg("--version").output().is_ok()
 }
 
-fn sh(dir: &Path, script: &str) {
+/// Runs `script` with `sh -e` in `dir`; its standard output.
+fn sh(dir: &Path, script: &str) -> String {
     let out = Command::new("sh")
         .arg("-ec")
         .arg(script)
@@ -97,28 +89,19 @@ fn sh(dir: &Path, script: &str) {
         "{script}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    String::from_utf8(out.stdout).unwrap()
 }
 
 /// Everything `stat`, `getfattr` and `getfacl` say of the tree, one line per name. Not the
 /// device number: s3fs-fuse 1.90 keeps none (its devices read back as 0:0), s3mount stores
 /// `x-amz-meta-rdev` (tests/posix.rs checks it survives).
 fn attributes(dir: &Path) -> String {
-    let out = Command::new("sh")
-        .arg("-ec")
-        .arg(
-            "for n in *; do stat -c '%n %f %u %g %s %x %y %z' \"$n\"; \
-             [ -L \"$n\" ] || [ -p \"$n\" ] || [ -c \"$n\" ] || getfattr -d --absolute-names \"$n\" 2>/dev/null; \
-             done; getfacl -n --absolute-names f.txt",
-        )
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    sh(
+        dir,
+        "for n in *; do stat -c '%n %f %u %g %s %x %y %z' \"$n\"; \
+         [ -L \"$n\" ] || [ -p \"$n\" ] || [ -c \"$n\" ] || getfattr -d --absolute-names \"$n\" 2>/dev/null; \
+         done; getfacl -n --absolute-names f.txt",
+    )
 }
 
 /// A tree with every kind of attribute s3fs stores.

@@ -101,19 +101,7 @@ fn wait_with_timeout(child: &mut Child, limit: Duration) -> std::process::ExitSt
 impl Drop for Mounted {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            if is_mounted(self.dir.path()) {
-                let _ = Command::new("fusermount3")
-                    .arg("-u")
-                    .arg(self.dir.path())
-                    .status();
-                if is_mounted(self.dir.path()) {
-                    let _ = Command::new("fusermount3")
-                        .arg("-u")
-                        .arg("-z")
-                        .arg(self.dir.path())
-                        .status();
-                }
-            }
+            unmount(self.dir.path());
             wait_with_timeout(&mut child, Duration::from_secs(10));
         }
         let panicking = std::thread::panicking();
@@ -136,6 +124,20 @@ impl Drop for Mounted {
             );
         }
         let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+/// Unmounts the FUSE mount at `path`, lazily if it is busy; nothing if nothing is mounted.
+pub fn unmount(path: &Path) {
+    if !is_mounted(path) {
+        return;
+    }
+    let _ = Command::new("fusermount3").arg("-u").arg(path).status();
+    if is_mounted(path) {
+        let _ = Command::new("fusermount3")
+            .args(["-u", "-z"])
+            .arg(path)
+            .status();
     }
 }
 
