@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 
-use super::copy::{replace_ours, MAX_SINGLE_COPY, RENAME_PARALLELISM};
+use super::copy::{kept_with_ours, MAX_SINGLE_COPY, RENAME_PARALLELISM};
 use super::error::{from_client, FsError, FsResult};
 use super::inode::{AttrChange, Ino, Inode, Kind, Stat, ROOT_INO};
 use super::write::max_file_size;
@@ -279,12 +279,19 @@ impl<C: ObjectClient> S3Filesystem<C> {
     /// Brings a closed file's cached attributes up to date before they are changed or read
     /// whole (a listing's entry has no metadata yet).
     async fn up_to_date(&self, inode: &Arc<Inode>) -> FsResult<()> {
-        let written = super::lock(&self.handles.writers).contains_key(&inode.ino);
-        let stale = !inode.is_fresh() || inode.lock().stat.listing_only;
-        if inode.kind != Kind::Directory && inode.ino != ROOT_INO && !written && stale {
+        if !self.metadata_known(inode) {
             self.refresh_from_s3(inode).await?;
         }
         Ok(())
+    }
+
+    /// Whether the cached attributes of `inode` are what S3 has, metadata included: fresh and
+    /// from a HEAD, or ours (a file being written), or a directory's (kept here).
+    fn metadata_known(&self, inode: &Inode) -> bool {
+        let written = super::lock(&self.handles.writers).contains_key(&inode.ino);
+        let s = inode.lock();
+        let fresh = s.expiry > std::time::Instant::now() && !s.stat.listing_only;
+        inode.kind == Kind::Directory || inode.ino == ROOT_INO || written || fresh
     }
 
     /// [`S3Filesystem::getxattr`] when it needs no request (the attributes are fresh, or the
@@ -295,17 +302,14 @@ impl<C: ObjectClient> S3Filesystem<C> {
             Ok(i) => i,
             Err(e) => return Some(Err(e)),
         };
-        let written = super::lock(&self.handles.writers).contains_key(&ino);
-        let s = inode.lock();
-        let fresh = s.expiry > std::time::Instant::now();
-        let known = (fresh && !s.stat.listing_only)
-            || written
-            || inode.kind == Kind::Directory
+        let known = self.metadata_known(&inode)
             // `ls -l` asks every entry for its ACL and security label: an entry only a large
             // listing showed is not worth a HeadObject each for that. Once its attributes
             // expire, the kernel's next lookup of it reads its metadata.
-            || (s.stat.listing_only && !(name.starts_with("user.") || name.starts_with("trusted.")));
-        known.then(|| s.stat.xattrs.get(name).cloned().ok_or(FsError::NoAttribute))
+            || (inode.lock().stat.listing_only
+                && !(name.starts_with("user.") || name.starts_with("trusted.")));
+        let value = known.then(|| inode.lock().stat.xattrs.get(name).cloned());
+        value.map(|v| v.ok_or(FsError::NoAttribute))
     }
 
     /// The value of extended attribute `name` (ENODATA when the file has none of that name).
@@ -442,8 +446,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
         let ours = self.attrs_for(stat, Kind::Directory);
         match self.client.head_object(key).await {
             Ok(head) => {
-                let mut attrs = ObjectAttributes::of_head(&head);
-                replace_ours(&mut attrs.metadata, ours.metadata);
+                let attrs = kept_with_ours(&head, ours.metadata);
                 self.client
                     .copy_object(key, key, &MetadataDirective::Replace(attrs))
                     .await
@@ -522,9 +525,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
             return Ok(());
         }
         // Only ours change: other clients' user metadata stays.
-        let mut attrs = ObjectAttributes::of_head(&head);
-        let ours = self.attrs_for(&inode.stat(), inode.kind).metadata;
-        replace_ours(&mut attrs.metadata, ours);
+        let attrs = kept_with_ours(&head, self.attrs_for(&inode.stat(), inode.kind).metadata);
         let etag = if head.size > MAX_SINGLE_COPY {
             self.multipart_copy(&key, &key, head.size, &attrs).await?
         } else {

@@ -6,7 +6,9 @@ use std::collections::BTreeMap;
 use super::error::{from_client, FsResult};
 use super::write::MAX_COPY_PART;
 use super::{xattr, S3Filesystem};
-use crate::s3::{CompletedPart, CopySource, MetadataDirective, ObjectAttributes, ObjectClient};
+use crate::s3::{
+    CompletedPart, CopySource, MetadataDirective, ObjectAttributes, ObjectClient, ObjectHead,
+};
 
 /// Objects up to this size are renamed with one CopyObject; above, with UploadPartCopy.
 pub(super) const MAX_SINGLE_COPY: u64 = 5 << 30;
@@ -36,6 +38,17 @@ pub(super) fn replace_ours(
     metadata.extend(ours);
 }
 
+/// What `head`'s object is stored with, our own metadata replaced by `ours`: what a copy onto
+/// itself, a rename with changed attributes or a rewrite stores.
+pub(super) fn kept_with_ours(
+    head: &ObjectHead,
+    ours: BTreeMap<String, String>,
+) -> ObjectAttributes {
+    let mut attrs = ObjectAttributes::of_head(head);
+    replace_ours(&mut attrs.metadata, ours);
+    attrs
+}
+
 impl<C: ObjectClient> S3Filesystem<C> {
     /// Moves one object, with its metadata replaced by `replace`'s if given; returns its ETag
     /// before and the copy's ETag.
@@ -46,12 +59,12 @@ impl<C: ObjectClient> S3Filesystem<C> {
         replace: Option<ObjectAttributes>,
     ) -> FsResult<(String, String)> {
         let head = self.client.head_object(from).await.map_err(from_client)?;
-        let mut attrs = ObjectAttributes::of_head(&head);
         let replacing = replace.is_some();
-        if let Some(r) = replace {
-            // Ours are replaced; other clients' user metadata stays.
-            replace_ours(&mut attrs.metadata, r.metadata);
-        }
+        // Ours are replaced; other clients' user metadata stays.
+        let attrs = match replace {
+            Some(r) => kept_with_ours(&head, r.metadata),
+            None => ObjectAttributes::of_head(&head),
+        };
         let new_etag = if head.size > MAX_SINGLE_COPY {
             self.multipart_copy(from, to, head.size, &attrs).await?
         } else {

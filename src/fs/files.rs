@@ -11,7 +11,7 @@ use std::time::SystemTime;
 use bytes::Bytes;
 
 use super::attributes::{stat_of_head, Caller};
-use super::copy::replace_ours;
+use super::copy::{kept_with_ours, replace_ours};
 use super::error::{from_client, FsError, FsResult};
 use super::inode::{Ino, Inode, Kind, Stat};
 use super::read::ReadHandle;
@@ -266,11 +266,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
         let (_, stat) = stat_of_head(&head);
         // Rewritten in place or from empty, it is the same file: what it is stored with
         // (other clients' metadata, content headers, extended attributes) stays.
-        let mut attrs = ObjectAttributes::of_head(&head);
-        replace_ours(
-            &mut attrs.metadata,
-            self.attrs_for(&stat, Kind::File).metadata,
-        );
+        let attrs = kept_with_ours(&head, self.attrs_for(&stat, Kind::File).metadata);
         inode.refresh(stat, self.config.metadata_ttl);
         let writer = self.writer_for(&inode, attrs)?;
         if truncate {
