@@ -29,7 +29,7 @@ use crate::s3::retry::counting_retries;
 use crate::s3::{
     CompletedPart, CopySource, DeleteObjectsOutput, GetObjectOutput, ListPage, ListPartsPage,
     ListRequest, ListUploadsPage, MetadataDirective, ObjectAttributes, ObjectBody, ObjectClient,
-    ObjectHead, PutBody,
+    ObjectHead, PutBody, StoredPart,
 };
 
 /// How long a read stays listed after its last GET ended.
@@ -490,7 +490,7 @@ impl<C: ObjectClient> ObjectClient for Observed<C> {
         upload_id: &str,
         part_number: u32,
         body: PutBody,
-    ) -> crate::s3::error::Result<String> {
+    ) -> crate::s3::error::Result<StoredPart> {
         let len = body.len();
         let retries = self.activity.part_sent(key);
         let result = counting_retries(
@@ -604,7 +604,8 @@ mod tests {
         let e1 = client
             .upload_part("k", &id, 1, PutBody::from(part.clone()))
             .await
-            .unwrap();
+            .unwrap()
+            .etag;
         let up = activity.uploads();
         assert_eq!(up.len(), 1);
         assert_eq!(
@@ -619,7 +620,8 @@ mod tests {
         let e2 = client
             .upload_part("k", &id, 2, PutBody::from(part))
             .await
-            .unwrap();
+            .unwrap()
+            .etag;
         client
             .complete_multipart_upload(
                 "k",

@@ -168,6 +168,13 @@ pub struct Cli {
     #[arg(long, value_name = "DIR")]
     pub spool_dir: Option<PathBuf>,
 
+    /// How long an upload interrupted by a failed close, a kill or a crash is kept in S3 for
+    /// a later write of the same file (from its first byte) to resume, sending only the parts
+    /// that S3 does not have with the same bytes; afterwards it is aborted. 0 aborts at once.
+    /// E.g. 90s, 30m, 24h, 7d.
+    #[arg(long, value_parser = parse_duration, default_value = "24h", value_name = "DURATION")]
+    pub resume_window: Duration,
+
     /// When reads move atime: relatime (when atime is older than mtime or ctime, or a day
     /// old), strictatime (every open for reading) or noatime (never). Also `-o relatime`,
     /// `-o strictatime` (`-o atime`), `-o noatime`.
@@ -291,6 +298,34 @@ pub struct StatusCli {
     pub watch: bool,
 
     /// Print the report as JSON: one object for MOUNTPOINT, else {"mounts": [...]}.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `s3mount uploads [MOUNTPOINT] [--abort PATH | --abort-all]`
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "s3mount uploads",
+    about = "List the interrupted uploads of each s3mount mount that a write of the same file \
+             would resume (a failed close, a killed or crashed mount), or abort them",
+    after_help = "An interrupted upload is kept in S3 for --resume-window (default 24h) after \
+                  it stopped; writing the file again from its first byte (cp, rsync --inplace, \
+                  dd) sends only what S3 does not have. See docs/SEMANTICS.md."
+)]
+pub struct UploadsCli {
+    /// Only this mount (default: every s3mount mount this user may ask).
+    pub mountpoint: Option<PathBuf>,
+
+    /// Abort the resumable upload of this path inside the mount (e.g. /dir/big.iso); needs
+    /// MOUNTPOINT.
+    #[arg(long, value_name = "PATH", requires = "mountpoint")]
+    pub abort: Option<String>,
+
+    /// Abort every resumable upload.
+    #[arg(long, conflicts_with = "abort")]
+    pub abort_all: bool,
+
+    /// Print the list as JSON.
     #[arg(long)]
     pub json: bool,
 }
@@ -617,6 +652,7 @@ impl Cli {
                     "request_timeout" => self.request_timeout = parse_seconds(need()?)?,
                     "stall_timeout" => self.stall_timeout = parse_seconds(need()?)?,
                     "spool_dir" => self.spool_dir = Some(PathBuf::from(need()?)),
+                    "resume_window" => self.resume_window = parse_duration(need()?)?,
                     // mount(8)'s own names, or atime=MODE as --atime takes it.
                     "atime" | "strictatime" | "relatime" | "noatime" => {
                         self.atime = parse_atime(value.unwrap_or(name))?

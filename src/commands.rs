@@ -20,7 +20,7 @@ use std::time::Duration;
 use clap::Parser;
 use serde_json::{json, Value};
 
-use crate::cli::{Cli, PostPolicyCli, PresignCli, StatusCli};
+use crate::cli::{Cli, PostPolicyCli, PresignCli, StatusCli, UploadsCli};
 use crate::control;
 use crate::fusemount::{self, MountEntry};
 use crate::mount::{self, Connect};
@@ -47,6 +47,7 @@ pub fn main(args: Vec<OsString>) -> i32 {
     }
     match args.get(1).and_then(|a| a.to_str()) {
         Some("status") => run(status(parse(rest("status", &args)))),
+        Some("uploads") => run(uploads(parse(rest("uploads", &args)))),
         Some("presign") => run(presign(parse(rest("presign", &args)))),
         Some("post-policy") => run(post_policy(parse(rest("post-policy", &args)))),
         Some("__watchdog") if args.len() >= 4 => fusemount::run_watchdog(
@@ -189,8 +190,9 @@ fn ask(m: &MountEntry, request: &Value) -> Result<Value, String> {
     )
 }
 
-fn status(cli: StatusCli) -> Result<i32, String> {
-    let mounts: Vec<MountEntry> = match &cli.mountpoint {
+/// The mount at `mountpoint`, or every s3mount mount this user may ask.
+fn chosen_mounts(mountpoint: Option<&Path>) -> Result<Vec<MountEntry>, String> {
+    Ok(match mountpoint {
         Some(p) => {
             let canonical = fusemount::canonical(p);
             let m = s3mount_mounts()
@@ -203,7 +205,68 @@ fn status(cli: StatusCli) -> Result<i32, String> {
             .into_iter()
             .filter(|m| my_uid() == 0 || m.fuse_owner() == Some(my_uid()))
             .collect(),
-    };
+    })
+}
+
+fn uploads(cli: UploadsCli) -> Result<i32, String> {
+    let mounts = chosen_mounts(cli.mountpoint.as_deref())?;
+    if cli.abort.is_some() || cli.abort_all {
+        let mut aborted = 0;
+        for m in &mounts {
+            let request = match &cli.abort {
+                Some(path) => json!({"op": "abort_uploads", "path": path}),
+                None => json!({"op": "abort_uploads", "all": true}),
+            };
+            let answer = ask(m, &request)?;
+            if let Some(e) = answer["error"].as_str() {
+                return Err(format!("{}: {e}", m.mountpoint.display()));
+            }
+            aborted += answer["aborted"].as_u64().unwrap_or(0);
+        }
+        println!(
+            "aborted {aborted} upload{}",
+            if aborted == 1 { "" } else { "s" }
+        );
+        return Ok(0);
+    }
+    let mut listed = Vec::new();
+    let mut out = String::new();
+    for m in &mounts {
+        let report = ask(m, &json!({"op": "status"}))?;
+        let list = report["resumable_uploads"].clone();
+        out.push_str(&format!(
+            "{}  s3://{}/{}\n",
+            m.mountpoint.display(),
+            s_of(&report, "bucket"),
+            s_of(&report, "prefix")
+        ));
+        let text = crate::status::render_resumable(&report);
+        out.push_str(if text.is_empty() {
+            "  no resumable uploads\n"
+        } else {
+            &text
+        });
+        listed.push(json!({"mountpoint": m.mountpoint, "resumable_uploads": list}));
+    }
+    if cli.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({"mounts": listed})).unwrap_or_default()
+        );
+    } else if mounts.is_empty() {
+        println!("no s3mount mounts");
+    } else {
+        print!("{out}");
+    }
+    Ok(0)
+}
+
+fn s_of<'a>(v: &'a Value, field: &str) -> &'a str {
+    v[field].as_str().unwrap_or("")
+}
+
+fn status(cli: StatusCli) -> Result<i32, String> {
+    let mounts = chosen_mounts(cli.mountpoint.as_deref())?;
     loop {
         let reports: Vec<Result<Value, String>> = mounts
             .iter()

@@ -265,6 +265,7 @@ fn plan_with(cli: Cli, client: &mut ClientConfig) -> Result<MountPlan, StartErro
             part_size: cli.part_size,
             upload_concurrency: cli.upload_concurrency,
             spool_dir: cli.spool_dir.clone(),
+            resume_window: cli.resume_window,
         },
         journal_dir: Some(journal_dir(
             &cli.bucket,
@@ -847,15 +848,31 @@ fn mount_and_serve(
     }
     crate::service::log_periodically(state.clone(), plan.log_metrics);
     mounted(Ok(()));
-    // Uploads an earlier s3mount left behind are cleaned up while the mount serves.
+    // Interrupted uploads (of an earlier s3mount, or failed closes) wait for a write to
+    // resume them; those past the resume window are aborted while the mount serves, at once
+    // and from time to time.
     let recovering = fs.clone();
+    let every =
+        (plan.fs.write.resume_window / 4).clamp(Duration::from_secs(1), Duration::from_secs(300));
     rt.spawn(async move {
-        let recovered = recovering.recover_uploads().await;
-        if recovered > 0 {
-            tracing::info!(
-                recovered,
-                "cleaned up multipart uploads an earlier s3mount left unfinished"
-            );
+        let mut first = true;
+        loop {
+            let recovered = recovering.recover_uploads().await;
+            if recovered > 0 {
+                tracing::info!(
+                    recovered,
+                    "cleaned up interrupted multipart uploads that were not resumed in time"
+                );
+            }
+            let resumable = recovering.resumable_uploads().len();
+            if first && resumable > 0 {
+                tracing::info!(
+                    resumable,
+                    "interrupted uploads wait to be resumed (s3mount uploads lists them)"
+                );
+            }
+            first = false;
+            tokio::time::sleep(every).await;
         }
     });
     // Deferred attribute changes of closed files (chmod, utimens) go to S3 shortly after.

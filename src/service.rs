@@ -197,6 +197,14 @@ impl control::Handler for Control {
     ) -> Pin<Box<dyn std::future::Future<Output = Value> + Send + '_>> {
         Box::pin(async move {
             let state = self.state.clone();
+            if request["op"].as_str() == Some("abort_uploads") {
+                let key = request["path"].as_str().map(|p| self.key_of(p));
+                if key.is_none() && request["all"].as_bool() != Some(true) {
+                    return json!({"error": "name an upload's path, or all"});
+                }
+                let aborted = state.fs.abort_resumable(key.as_deref()).await;
+                return json!({"aborted": aborted});
+            }
             // Building a snapshot reads /proc; signing may build a client: off the workers.
             let me = Control { state };
             tokio::task::spawn_blocking(move || me.answer(&request))

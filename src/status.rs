@@ -147,6 +147,21 @@ pub fn snapshot(m: &MountState) -> Value {
             })
         })
         .collect();
+    let resumable: Vec<Value> =
+        m.fs.resumable_uploads()
+            .into_iter()
+            .map(|r| {
+                json!({
+                    "path": path_of(&r.key, prefix),
+                    "key": r.key,
+                    "upload_id": r.upload_id,
+                    "parts_stored": r.parts,
+                    "bytes_stored": r.bytes_stored,
+                    "idle_seconds": secs(r.idle),
+                    "replaces_etag": r.base,
+                })
+            })
+            .collect();
     let c = m.client.inner().stats();
     let f = m.fs.stats();
     let a = activity.totals();
@@ -181,6 +196,8 @@ pub fn snapshot(m: &MountState) -> Value {
         "started": rfc3339(m.started_at),
         "uptime_seconds": secs(m.started.elapsed()),
         "uploads": uploads,
+        "resumable_uploads": resumable,
+        "resume_window_seconds": m.fs.config().write.resume_window.as_secs(),
         "reads": reads,
         "totals": {
             "requests": c.requests.load(Relaxed),
@@ -307,6 +324,7 @@ pub fn render_text(v: &Value) -> String {
             duration(f(up, &["age_seconds"])),
         );
     }
+    let _ = write!(out, "{}", render_resumable(v));
     let reads = v.get("reads").and_then(Value::as_array);
     let _ = writeln!(out, "  reads in flight: {}", reads.map_or(0, |a| a.len()));
     for r in reads.into_iter().flatten() {
@@ -373,6 +391,32 @@ pub fn render_text(v: &Value) -> String {
             .as_u64()
             .map_or_else(|| "?".to_string(), bytes),
     );
+    out
+}
+
+/// The resumable uploads of a mount's report, one line each (nothing when there are none).
+pub fn render_resumable(v: &Value) -> String {
+    let mut out = String::new();
+    let list = v.get("resumable_uploads").and_then(Value::as_array);
+    let Some(list) = list.filter(|l| !l.is_empty()) else {
+        return out;
+    };
+    let _ = writeln!(
+        out,
+        "  resumable uploads: {} (aborted when idle for {})",
+        list.len(),
+        duration(f(v, &["resume_window_seconds"]))
+    );
+    for r in list {
+        let _ = writeln!(
+            out,
+            "    {}  stored {} in {} parts  idle {}",
+            s(r, "path"),
+            bytes(u(r, &["bytes_stored"])),
+            u(r, &["parts_stored"]),
+            duration(f(r, &["idle_seconds"])),
+        );
+    }
     out
 }
 

@@ -199,7 +199,8 @@ async fn one_gib_object_reads_back_exactly() {
                 etag: c
                     .upload_part(&key, &id, n, PutBody::Bytes(body))
                     .await
-                    .unwrap(),
+                    .unwrap()
+                    .etag,
             }
         });
     }

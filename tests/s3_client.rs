@@ -317,7 +317,8 @@ async fn transient_failures_are_retried_until_success() {
     let etag = direct
         .upload_part(&key, &id, 1, PutBody::from("part"))
         .await
-        .unwrap();
+        .unwrap()
+        .etag;
     proxy.push([Fault::ErrorIn200("InternalError")]);
     let before = proxy.requests_seen();
     c.complete_multipart_upload(

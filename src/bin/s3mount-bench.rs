@@ -111,7 +111,8 @@ async fn upload(
             let etag = c
                 .upload_part(&key, &id, i as u32 + 1, PutBody::Bytes(body))
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| e.to_string())?
+                .etag;
             Ok::<_, String>(CompletedPart {
                 part_number: i as u32 + 1,
                 etag,

@@ -466,13 +466,17 @@ impl<C: ObjectClient> S3Filesystem<C> {
                     };
                     inode.stored(stat, self.config.metadata_ttl);
                     self.entries_changed(inode.parent());
-                    let left_behind = writer.state.lock().await.attrs_left_behind;
-                    if left_behind && !kept.is_empty() {
-                        // A chmod or touch after the multipart upload was created: S3 gave
-                        // the object the attributes of its creation. The data is stored: a
-                        // copy that fails is tried again later, not reported. (Times moved
-                        // only by the writes themselves are not worth a copy of the object:
-                        // it keeps the mtime of the upload's creation.)
+                    let (left_behind, foreign) = {
+                        let s = writer.state.lock().await;
+                        (s.attrs_left_behind, s.attrs_of_another_write)
+                    };
+                    if (left_behind && !kept.is_empty()) || foreign {
+                        // A chmod or touch after the multipart upload was created, or an
+                        // upload resumed from an interrupted write: S3 gave the object the
+                        // attributes of the upload's creation. The data is stored: a copy
+                        // that fails is tried again later, not reported. (Times moved only by
+                        // the writes themselves are not worth a copy of the object: it keeps
+                        // the mtime of the upload's creation.)
                         inode.change_attrs(kept, true);
                         if let Err(e) = self.replace_metadata(&inode).await {
                             tracing::warn!(

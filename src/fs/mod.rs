@@ -281,10 +281,35 @@ impl<C: ObjectClient> S3Filesystem<C> {
         }
     }
 
-    /// Aborts multipart uploads an earlier s3mount left unfinished; returns how many.
+    /// Aborts the multipart uploads left unfinished (by an earlier s3mount, or by a failed
+    /// close) that were not resumed within the resume window, and those whose ids were never
+    /// learnt; returns how many.
     pub async fn recover_uploads(&self) -> usize {
         match &self.write_ctx.journal {
-            Some(j) => j.recover(&*self.client).await,
+            Some(j) => {
+                j.recover(&*self.client, self.config.write.resume_window)
+                    .await
+            }
+            None => 0,
+        }
+    }
+
+    /// The interrupted uploads a write of the same file would resume.
+    pub fn resumable_uploads(&self) -> Vec<journal::ResumableInfo> {
+        self.write_ctx
+            .journal
+            .as_ref()
+            .map(|j| j.list_resumable())
+            .unwrap_or_default()
+    }
+
+    /// Aborts the resumable uploads of `key` (all of them for `None`); returns how many went.
+    pub async fn abort_resumable(&self, key: Option<&str>) -> usize {
+        match &self.write_ctx.journal {
+            Some(j) => {
+                j.abort_resumable(&*self.client, |k, _| key.is_none_or(|want| want == k))
+                    .await
+            }
             None => 0,
         }
     }

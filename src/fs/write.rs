@@ -50,7 +50,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 
 use super::error::{from_client, FsError, FsResult};
-use super::journal::{JournalEntry, LostCreate, UploadJournal};
+use super::journal::{Adopted, JournalEntry, LostCreate, PartLog, RecordedPart, UploadJournal};
 use super::local_io;
 use super::memory::{MemoryBudget, PartBuffer, BUFFER_ALIGN};
 use crate::s3::{
@@ -129,6 +129,9 @@ pub struct WriteConfig {
     pub upload_concurrency: usize,
     /// Where spool files are made (`None`: the system's temporary directory, `$TMPDIR`).
     pub spool_dir: Option<std::path::PathBuf>,
+    /// How long an interrupted multipart upload is kept for a later write of the same file to
+    /// resume; zero aborts it at once.
+    pub resume_window: Duration,
 }
 
 impl Default for WriteConfig {
@@ -137,6 +140,7 @@ impl Default for WriteConfig {
             part_size: 8 * 1024 * 1024,
             upload_concurrency: 8,
             spool_dir: None,
+            resume_window: Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -180,11 +184,66 @@ struct Upload {
     /// When it was created, and its entry in the journal (removed once it is completed or
     /// aborted).
     created: SystemTime,
-    /// The attributes it was created with: S3 gives the object these, whatever changed since.
-    attrs: ObjectAttributes,
+    /// A digest of the attributes it was created with: S3 gives the object these, whatever
+    /// changed since.
+    attrs: String,
     entry: Option<JournalEntry>,
+    /// Where parts are recorded as S3 stores them.
+    log: Option<PartLog>,
+    /// Parts an interrupted upload this one resumes has stored (verified by ListParts), by
+    /// part index: one whose bytes come out the same is not sent again.
+    reusable: BTreeMap<u64, RecordedPart>,
+    /// Parts and bytes of those that were the same.
+    reused: Arc<std::sync::atomic::AtomicU64>,
+    reused_bytes: Arc<std::sync::atomic::AtomicU64>,
+    /// It resumes an interrupted upload.
+    resumed: bool,
     /// Creates of this upload whose answers were lost: looked for once it is over.
     lost: Vec<LostCreate>,
+}
+
+/// A digest of `attrs`, to tell whether an upload was created with the attributes a file
+/// has now (also across processes, through the journal).
+fn attrs_digest(attrs: &ObjectAttributes) -> String {
+    use sha2::Digest;
+    hex::encode(&sha2::Sha256::digest(format!("{attrs:?}").as_bytes())[..12])
+}
+
+/// Whether `body` holds the bytes of `known` (a stored part of an upload being resumed): the
+/// same size and SHA-256, or, for a part only ListParts told of, the MD5 its ETag is.
+fn same_bytes(body: &PutBody, known: &RecordedPart) -> std::io::Result<bool> {
+    use md5::Digest as _;
+    if body.len() != known.size {
+        return Ok(false);
+    }
+    let mut sha = known.sha256_hex.as_ref().map(|_| sha2::Sha256::new());
+    let mut md5 = sha.is_none().then(md5::Md5::new);
+    let mut feed = |bytes: &[u8]| {
+        if let Some(h) = sha.as_mut() {
+            sha2::Digest::update(h, bytes);
+        }
+        if let Some(h) = md5.as_mut() {
+            h.update(bytes);
+        }
+    };
+    match body {
+        PutBody::Bytes(b) => feed(b),
+        PutBody::File { file, offset, len } => {
+            let mut buf = vec![0u8; 1 << 20];
+            let mut pos = *offset;
+            while pos < offset + len {
+                let n = ((offset + len - pos) as usize).min(buf.len());
+                file.read_exact_at(&mut buf[..n], pos)?;
+                feed(&buf[..n]);
+                pos += n as u64;
+            }
+        }
+    }
+    Ok(match (sha, md5, &known.sha256_hex) {
+        (Some(h), _, Some(want)) => hex::encode(h.finalize()) == *want,
+        (_, Some(h), _) => format!("\"{}\"", hex::encode(h.finalize())) == known.etag,
+        _ => false,
+    })
 }
 
 /// Which bytes of each part have been written, as sorted disjoint ranges.
@@ -309,6 +368,9 @@ pub struct WriteState {
     /// The last commit stored an object without `attrs` as they were then (a chmod or touch
     /// after its multipart upload was created): they need a copy of their own.
     pub attrs_left_behind: bool,
+    /// The last commit completed an interrupted upload it resumed, created with other
+    /// attributes than the file has: all of them need a copy.
+    pub attrs_of_another_write: bool,
 }
 
 /// Why a handle failed, kept to answer every later call the same way.
@@ -489,6 +551,7 @@ impl<C: ObjectClient> WriteHandle<C> {
                 completed: None,
                 unlinked: false,
                 attrs_left_behind: false,
+                attrs_of_another_write: false,
             }),
         }
     }
@@ -944,53 +1007,152 @@ impl<C: ObjectClient> WriteHandle<C> {
     /// time once this upload is over) and sent again.
     async fn upload<'a>(&self, s: &'a mut WriteState) -> FsResult<&'a mut Upload> {
         if s.upload.is_none() {
-            let entry = self.ctx.journal.as_ref().map(|j| j.begin(&s.key));
-            let created = SystemTime::now();
-            let mut lost = Vec::new();
-            let id = loop {
-                let sent = SystemTime::now();
-                match self
-                    .ctx
-                    .client
-                    .create_multipart_upload(&s.key, &s.attrs)
-                    .await
-                {
-                    Ok(id) => break id,
-                    Err(e) => {
-                        if e.outcome_unknown() {
-                            tracing::warn!(
-                                key = s.key,
-                                "CreateMultipartUpload got no answer ({e}); the upload it may have made will be aborted"
-                            );
-                            if let Some(j) = &self.ctx.journal {
-                                lost.push(j.lost_create(&s.key, sent, SystemTime::now()));
-                            }
-                            if lost.len() <= CREATE_RETRIES {
-                                continue;
-                            }
-                        }
-                        if let Some(entry) = entry {
-                            entry.remove();
-                        }
-                        self.find_lost(lost);
-                        return Err(from_client(e));
+            let upload = match self.adopt(s).await {
+                Some(adopted) => adopted,
+                None => self.create(s).await?,
+            };
+            s.upload = Some(upload);
+        }
+        Ok(s.upload.as_mut().expect("made above"))
+    }
+
+    /// An upload with no parts yet, in the journal.
+    fn new_upload(&self, s: &WriteState, id: String, entry: Option<JournalEntry>) -> Upload {
+        Upload {
+            key: s.key.clone(),
+            id,
+            parts: BTreeMap::new(),
+            created: entry.as_ref().map_or_else(SystemTime::now, |e| e.started()),
+            attrs: attrs_digest(&s.attrs),
+            log: entry.as_ref().map(JournalEntry::part_log),
+            entry,
+            reusable: BTreeMap::new(),
+            reused: Default::default(),
+            reused_bytes: Default::default(),
+            resumed: false,
+            lost: Vec::new(),
+        }
+    }
+
+    /// Takes over an interrupted upload of the same key, if the journal has one and the file
+    /// is written anew (no base object): its parts that S3 still has (ListParts) can be
+    /// reused where the new bytes are the same.
+    async fn adopt(&self, s: &WriteState) -> Option<Upload> {
+        let journal = self.ctx.journal.as_ref()?;
+        let window = self.ctx.config.resume_window;
+        if s.base.is_some() || window.is_zero() {
+            return None;
+        }
+        let (entry, adopted) = journal.adopt(&s.key, self.ctx.config.part_size, window)?;
+        let Adopted {
+            upload_id,
+            parts: recorded,
+            attrs,
+        } = adopted;
+        let mut listed = Vec::new();
+        let mut marker = None;
+        loop {
+            match self.ctx.client.list_parts(&s.key, &upload_id, marker).await {
+                Ok(page) => {
+                    listed.extend(page.parts);
+                    match page.next_part_number_marker {
+                        Some(m) => marker = Some(m),
+                        None => break,
                     }
                 }
-            };
-            if let Some(entry) = &entry {
-                entry.created(&id);
+                Err(e) if e.kind == ErrorKind::NoSuchUpload => {
+                    tracing::info!(key = s.key, "the interrupted upload to resume is gone");
+                    entry.remove();
+                    return None;
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        key = s.key,
+                        "cannot tell what the interrupted upload holds ({e}); starting anew"
+                    );
+                    entry.keep();
+                    return None;
+                }
             }
-            s.upload = Some(Upload {
-                key: s.key.clone(),
-                id,
-                parts: BTreeMap::new(),
-                created,
-                attrs: s.attrs.clone(),
-                entry,
-                lost,
-            });
         }
-        Ok(s.upload.as_mut().expect("created above"))
+        let md5_like = |etag: &str| {
+            let t = etag.trim_matches('"');
+            t.len() == 32 && t.bytes().all(|b| b.is_ascii_hexdigit())
+        };
+        let mut reusable = BTreeMap::new();
+        for p in listed {
+            let known = match recorded.get(&p.part_number) {
+                Some(r) if r.etag == p.etag && r.size == p.size => r.clone(),
+                // Its answer never reached the journal: its ETag may still tell its bytes.
+                _ if md5_like(&p.etag) => RecordedPart {
+                    size: p.size,
+                    etag: p.etag,
+                    sha256_hex: None,
+                },
+                _ => continue,
+            };
+            reusable.insert(u64::from(p.part_number) - 1, known);
+        }
+        tracing::info!(
+            key = s.key,
+            "resuming an interrupted upload: S3 has {} parts ({} bytes) of it",
+            reusable.len(),
+            reusable.values().map(|p| p.size).sum::<u64>()
+        );
+        let mut upload = self.new_upload(s, upload_id, Some(entry));
+        upload.attrs = attrs.unwrap_or_default();
+        upload.reusable = reusable;
+        upload.resumed = true;
+        Some(upload)
+    }
+
+    /// Creates the multipart upload, recorded in the journal before the request goes out.
+    async fn create(&self, s: &WriteState) -> FsResult<Upload> {
+        let part_size = self.ctx.config.part_size;
+        let entry = self
+            .ctx
+            .journal
+            .as_ref()
+            .map(|j| j.begin(&s.key, part_size));
+        let mut lost = Vec::new();
+        let id = loop {
+            let sent = SystemTime::now();
+            match self
+                .ctx
+                .client
+                .create_multipart_upload(&s.key, &s.attrs)
+                .await
+            {
+                Ok(id) => break id,
+                Err(e) => {
+                    if e.outcome_unknown() {
+                        tracing::warn!(
+                            key = s.key,
+                            "CreateMultipartUpload got no answer ({e}); the upload it may have made will be aborted"
+                        );
+                        if let Some(j) = &self.ctx.journal {
+                            lost.push(j.lost_create(&s.key, sent, SystemTime::now()));
+                        }
+                        if lost.len() <= CREATE_RETRIES {
+                            continue;
+                        }
+                    }
+                    if let Some(entry) = entry {
+                        entry.remove();
+                    }
+                    self.find_lost(lost);
+                    return Err(from_client(e));
+                }
+            }
+        };
+        let digest = attrs_digest(&s.attrs);
+        if let Some(entry) = &entry {
+            let base = s.base.as_ref().map(|b| b.etag.as_str());
+            entry.created(&id, base, &digest);
+        }
+        let mut upload = self.new_upload(s, id, entry);
+        upload.lost = lost;
+        Ok(upload)
     }
 
     /// Searches, in the background, for the uploads lost creates may have made.
@@ -1023,13 +1185,32 @@ impl<C: ObjectClient> WriteHandle<C> {
         Ok(())
     }
 
+    /// Starts sending part `part` with `body`; a part the upload resumes with the same bytes
+    /// is not sent again. A stored part is recorded in the journal.
     fn spawn_upload(&self, upload: &mut Upload, part: u64, body: PutBody) {
         let memory = match body {
             PutBody::File { .. } => PartMemory::Reserve(PART_UPLOAD_MEMORY),
             PutBody::Bytes(_) => PartMemory::None,
         };
+        let known = upload.reusable.remove(&part);
+        let log = upload.log.clone();
+        let (reused, reused_bytes) = (upload.reused.clone(), upload.reused_bytes.clone());
         self.spawn_part(upload, part, memory, move |client, key, id| async move {
-            client.upload_part(&key, &id, part as u32 + 1, body).await
+            let number = part as u32 + 1;
+            if let Some(known) = known {
+                let (theirs, size, etag) = (body.clone(), known.size, known.etag.clone());
+                // Cannot read the spool back: send it (the send reads it too, and reports).
+                let same = tokio::task::spawn_blocking(move || same_bytes(&theirs, &known))
+                    .await
+                    .is_ok_and(|r| r.unwrap_or(false));
+                if same {
+                    use std::sync::atomic::Ordering::Relaxed;
+                    reused.fetch_add(1, Relaxed);
+                    reused_bytes.fetch_add(size, Relaxed);
+                    return Ok(etag);
+                }
+            }
+            send_part(&*client, &key, &id, number, body, log).await
         });
     }
 
@@ -1133,7 +1314,7 @@ impl<C: ObjectClient> WriteHandle<C> {
         };
         if result.is_err() {
             if let Some(upload) = s.upload.take() {
-                self.abort(upload);
+                self.give_up(upload);
             }
             s.commit_failed = true;
         }
@@ -1219,6 +1400,7 @@ impl<C: ObjectClient> WriteHandle<C> {
                 }
             };
             s.attrs_left_behind = false;
+            s.attrs_of_another_write = false;
             return self
                 .ctx
                 .client
@@ -1292,7 +1474,18 @@ impl<C: ObjectClient> WriteHandle<C> {
         };
         match answer {
             Ok(etag) => {
-                s.attrs_left_behind = upload.attrs != s.attrs;
+                let differs = upload.attrs != attrs_digest(&s.attrs);
+                s.attrs_left_behind = differs;
+                s.attrs_of_another_write = differs && upload.resumed;
+                if upload.resumed {
+                    use std::sync::atomic::Ordering::Relaxed;
+                    tracing::info!(
+                        key = upload.key,
+                        "completed a resumed upload: {} parts ({} bytes) were in S3 already and not sent again",
+                        upload.reused.load(Relaxed),
+                        upload.reused_bytes.load(Relaxed)
+                    );
+                }
                 let Upload { entry, lost, .. } = upload;
                 if let Some(entry) = entry {
                     entry.remove();
@@ -1372,15 +1565,38 @@ impl<C: ObjectClient> WriteHandle<C> {
         }
     }
 
-    /// Gives up: aborts any multipart upload (on release of a handle whose commit failed).
+    /// Gives up (on release of a handle whose commit failed): any multipart upload is left
+    /// for a later write of the file to resume, or aborted.
     pub async fn discard(&self) {
         let mut s = self.state.lock().await;
         s.filling = None;
         let _ = self.spooled(&mut s).await;
         if let Some(upload) = s.upload.take() {
-            self.abort(upload);
+            self.give_up(upload);
         }
         s.dirty = false;
+    }
+
+    /// An upload that cannot be completed now (its close failed): kept in the journal for the
+    /// resume window, so that writing the file again (by this mount or the next) sends only
+    /// what S3 does not have; aborted when nothing would resume it.
+    fn give_up(&self, mut upload: Upload) {
+        let window = self.ctx.config.resume_window;
+        let Some(entry) = upload.entry.take().filter(|_| !window.is_zero()) else {
+            return self.abort(upload);
+        };
+        for state in std::mem::take(&mut upload.parts).into_values() {
+            if let PartState::Uploading(task) = state {
+                task.abort();
+            }
+        }
+        tracing::warn!(
+            key = upload.key,
+            "the unfinished upload is kept for {} s: writing the file again from its start resumes it",
+            window.as_secs()
+        );
+        entry.keep();
+        self.find_lost(std::mem::take(&mut upload.lost));
     }
 
     /// Aborts `upload` in the background, so a close that failed reports it at once; the
@@ -1439,6 +1655,28 @@ fn multipart_etag(parts: &[CompletedPart]) -> Option<String> {
         hex::encode(md5::Md5::digest(&md5s)),
         parts.len()
     ))
+}
+
+/// Sends part `number` of upload `id` and records it in `log` once S3 has it.
+async fn send_part<C: ObjectClient>(
+    client: &C,
+    key: &str,
+    id: &str,
+    number: u32,
+    body: PutBody,
+    log: Option<PartLog>,
+) -> Result<String, ClientError> {
+    let size = body.len();
+    let stored = client.upload_part(key, id, number, body).await?;
+    if let Some(log) = log {
+        let record = RecordedPart {
+            size,
+            etag: stored.etag.clone(),
+            sha256_hex: Some(stored.sha256_hex),
+        };
+        local_io(|| log.stored(number, &record));
+    }
+    Ok(stored.etag)
 }
 
 /// Whether part `part` is neither uploaded nor under way.
@@ -1525,7 +1763,7 @@ mod tests {
         WriteConfig {
             part_size: part,
             upload_concurrency: 2,
-            spool_dir: None,
+            ..Default::default()
         }
     }
 
@@ -1580,6 +1818,78 @@ mod tests {
         )
         .unwrap();
         (h, journal)
+    }
+
+    /// Writes `data` through a new handle of `k` in parts of 1,000 bytes, in 100-byte
+    /// writes as a copy makes them, and commits.
+    async fn copy_in(mock: &Arc<MockClient>, dir: &std::path::Path, data: &[u8]) -> FsResult<()> {
+        let (h, _) = with_journal(mock, 1000, dir);
+        for (i, chunk) in data.chunks(100).enumerate() {
+            h.write(i as u64 * 100, chunk).await?;
+        }
+        h.commit().await.map(|_| ())
+    }
+
+    #[tokio::test]
+    async fn a_failed_close_keeps_its_upload_and_the_next_copy_sends_only_what_changed() {
+        let mock = Arc::new(MockClient::new("b"));
+        let dir = tempfile::tempdir().unwrap();
+        let first: Vec<u8> = (0..5500u32).map(|i| (i % 251) as u8).collect();
+        // The server goes away before the upload can be completed.
+        mock.fail_next(Operation::CompleteMultipartUpload, ErrorKind::Connect, 1);
+        assert!(copy_in(&mock, dir.path(), &first).await.is_err());
+        assert_eq!(mock.open_uploads(), 1, "kept for a later write to resume");
+        let journal = UploadJournal::open(dir.path().to_path_buf()).unwrap();
+        let kept = journal.list_resumable();
+        assert_eq!(
+            (kept.len(), kept[0].parts, kept[0].bytes_stored),
+            (1, 6, 5500)
+        );
+        assert_eq!(mock.count(Operation::UploadPart), 6);
+        // The next copy has one part changed, and is shorter by 200 bytes: the changed part and
+        // the new last part go up, the four others are S3's already.
+        let mut second = first.clone();
+        second[2100] ^= 0xff;
+        second.truncate(5300);
+        let (sent_before, _) = mock.bytes_moved();
+        copy_in(&mock, dir.path(), &second).await.unwrap();
+        let (sent_after, _) = mock.bytes_moved();
+        assert_eq!(mock.count(Operation::UploadPart), 8);
+        assert_eq!(sent_after - sent_before, 1000 + 300);
+        assert_eq!(
+            mock.count(Operation::CreateMultipartUpload),
+            1,
+            "the upload was adopted"
+        );
+        assert_eq!(&mock.object("k").unwrap().data[..], &second[..]);
+        assert_eq!(mock.open_uploads(), 0);
+        assert!(journal.is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_upload_whose_parts_s3_lost_is_sent_whole_and_a_zero_window_keeps_nothing() {
+        let mock = Arc::new(MockClient::new("b"));
+        let dir = tempfile::tempdir().unwrap();
+        let data: Vec<u8> = (0..3000u32).map(|i| (i % 7) as u8).collect();
+        mock.fail_next(Operation::CompleteMultipartUpload, ErrorKind::Connect, 1);
+        assert!(copy_in(&mock, dir.path(), &data).await.is_err());
+        // Someone aborted it meanwhile: ListParts finds no upload, a new one is made.
+        let id = mock.upload_ids()[0].clone();
+        mock.abort_multipart_upload("k", &id).await.unwrap();
+        copy_in(&mock, dir.path(), &data).await.unwrap();
+        assert_eq!(mock.count(Operation::CreateMultipartUpload), 2);
+        assert_eq!(mock.count(Operation::UploadPart), 6);
+        assert_eq!(&mock.object("k").unwrap().data[..], &data[..]);
+        // Without a resume window, a failed close aborts its upload as it always did.
+        let journal = Arc::new(UploadJournal::open(dir.path().to_path_buf()).unwrap());
+        let mut ctx = context(&mock, 1000, Some(journal.clone()));
+        ctx.config.resume_window = Duration::ZERO;
+        let h = WriteHandle::new(ctx, "k".into(), ObjectAttributes::default()).unwrap();
+        h.write(0, &data).await.unwrap();
+        mock.fail_next(Operation::CompleteMultipartUpload, ErrorKind::Connect, 1);
+        assert!(h.commit().await.is_err());
+        assert_eq!(mock.open_uploads_settled().await, 0);
+        assert!(journal.list_resumable().is_empty());
     }
 
     #[tokio::test]

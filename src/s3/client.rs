@@ -273,6 +273,14 @@ pub struct CompletedPart {
     pub etag: String,
 }
 
+/// What S3 answered for a part sent with UploadPart: its ETag, and the SHA-256 of the bytes
+/// sent (computed for the request's signature; the write path records it to resume uploads).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredPart {
+    pub etag: String,
+    pub sha256_hex: String,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PartInfo {
     pub part_number: u32,
@@ -369,14 +377,14 @@ pub trait ObjectClient: Send + Sync + 'static {
         attrs: &ObjectAttributes,
     ) -> impl Future<Output = Result<String>> + Send;
 
-    /// Returns the part's ETag.
+    /// Returns the part's ETag and the SHA-256 of what was sent.
     fn upload_part(
         &self,
         key: &str,
         upload_id: &str,
         part_number: u32,
         body: PutBody,
-    ) -> impl Future<Output = Result<String>> + Send;
+    ) -> impl Future<Output = Result<StoredPart>> + Send;
 
     /// Copies `source` into a part; returns the part's ETag. PreconditionFailed when the source
     /// no longer has the ETag it must have.

@@ -1282,14 +1282,18 @@ impl ObjectClient for S3Client {
         upload_id: &str,
         part_number: u32,
         body: PutBody,
-    ) -> Result<String> {
+    ) -> Result<StoredPart> {
         let body = self.prepare(body).await?;
+        let sha256_hex = body.sha256_hex.clone();
         let req = Request::new(Operation::UploadPart, Method::PUT, Some(key))
             .query("partNumber", part_number.to_string())
             .query("uploadId", upload_id)
             .body(body);
         let headers = self.headers_of(&req).await?;
-        self.etag_header(&req, &headers)
+        Ok(StoredPart {
+            etag: self.etag_header(&req, &headers)?,
+            sha256_hex,
+        })
     }
 
     async fn upload_part_copy(

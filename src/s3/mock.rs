@@ -178,6 +178,11 @@ impl MockClient {
         self.lock().objects.remove(key);
     }
 
+    /// The ids of the uploads in progress.
+    pub fn upload_ids(&self) -> Vec<String> {
+        self.lock().uploads.keys().cloned().collect()
+    }
+
     /// The keys of the uploads in progress.
     pub fn upload_keys(&self) -> Vec<String> {
         self.lock()
@@ -373,7 +378,7 @@ impl ObjectClient for MockClient {
         upload_id: &str,
         part_number: u32,
         body: PutBody,
-    ) -> Result<String> {
+    ) -> Result<StoredPart> {
         let op = Operation::UploadPart;
         let lost = self.enter(op, Some(key))?;
         let result = self.upload_part_now(key, upload_id, part_number, body);
@@ -621,7 +626,7 @@ impl MockClient {
         upload_id: &str,
         part_number: u32,
         body: PutBody,
-    ) -> Result<String> {
+    ) -> Result<StoredPart> {
         let op = Operation::UploadPart;
         let data = read_body(&body).map_err(|e| {
             self.err(op, Some(key), ErrorKind::InvalidRequest)
@@ -629,7 +634,9 @@ impl MockClient {
         })?;
         self.bytes_sent
             .fetch_add(data.len() as u64, Ordering::Relaxed);
-        self.store_part(op, key, upload_id, part_number, data)
+        let sha256_hex = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&data));
+        let etag = self.store_part(op, key, upload_id, part_number, data)?;
+        Ok(StoredPart { etag, sha256_hex })
     }
 
     fn upload_part_copy_now(

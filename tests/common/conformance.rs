@@ -251,11 +251,15 @@ pub async fn multipart_roundtrip<C: ObjectClient>(c: Arc<C>, prefix: &str) {
         let body = data.slice_ref(chunk);
         set.spawn(async move {
             let n = i as u32 + 1;
+            let sha256 = super::sha256_hex(&body);
             c.upload_part(&key, &id, n, PutBody::Bytes(body))
                 .await
-                .map(|etag| CompletedPart {
-                    part_number: n,
-                    etag,
+                .map(|stored| {
+                    assert_eq!(stored.sha256_hex, sha256, "the SHA-256 of what was sent");
+                    CompletedPart {
+                        part_number: n,
+                        etag: stored.etag,
+                    }
                 })
         });
     }

@@ -477,7 +477,7 @@ fn new_fs(mock: &Arc<MockClient>, ttl: Duration) -> S3Filesystem<MockClient> {
         write: write::WriteConfig {
             part_size: PART_SIZE,
             upload_concurrency: 2,
-            spool_dir: None,
+            ..Default::default()
         },
         ..FsConfig::default()
     };
