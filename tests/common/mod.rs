@@ -122,3 +122,73 @@ pub async fn read_object<C: s3mount::s3::ObjectClient>(
 pub fn sha256_hex(data: &[u8]) -> String {
     s3mount::s3::sigv4::sha256_hex(data)
 }
+
+/// Writes `len` bytes of [`pattern`]s (seeded from `seed`) to `path`; returns their SHA-256.
+pub fn write_pattern_file(path: &std::path::Path, len: u64, seed: u64) -> String {
+    use sha2::Digest;
+    use std::io::Write;
+    let mut f = std::fs::File::create(path).unwrap();
+    let mut hasher = sha2::Sha256::new();
+    let mut left = len;
+    let mut i = 0;
+    while left > 0 {
+        let n = left.min(8 << 20) as usize;
+        let chunk = pattern(n, seed * 1000 + i);
+        f.write_all(&chunk).unwrap();
+        hasher.update(&chunk);
+        left -= n as u64;
+        i += 1;
+    }
+    hex::encode(hasher.finalize())
+}
+
+pub fn sha256_of_file(path: &std::path::Path) -> String {
+    let out = std::process::Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+pub async fn object_sha256(c: &S3Client, key: &str) -> String {
+    sha256_hex(&read_object(c, key, None).await)
+}
+
+/// Uploads in progress under `prefix`, once background aborts had a few seconds.
+pub async fn uploads_left(c: &S3Client, prefix: &str) -> Vec<s3mount::s3::UploadInfo> {
+    use s3mount::s3::ObjectClient;
+    let mut left = Vec::new();
+    for _ in 0..100 {
+        left = c
+            .list_multipart_uploads(prefix, None)
+            .await
+            .unwrap()
+            .uploads;
+        if left.is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    left
+}
+
+/// `cp FROM TO`, which must succeed (the mount's log tells why not).
+pub fn cp(from: &std::path::Path, to: &std::path::Path, m: &mount::Mounted) {
+    let out = std::process::Command::new("cp")
+        .arg(from)
+        .arg(to)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "cp {} {}: {}\n--- mount log ---\n{}",
+        from.display(),
+        to.display(),
+        String::from_utf8_lossy(&out.stderr),
+        m.log()
+    );
+}

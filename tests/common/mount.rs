@@ -68,6 +68,17 @@ impl Mounted {
 }
 
 impl Mounted {
+    /// Kills the s3mount process with SIGKILL, as a crash or the OOM killer would, reaps it
+    /// and unmounts the dead mount; returns what it logged.
+    pub fn kill(mut self) -> String {
+        let mut child = self.child.take().expect("running");
+        // SAFETY: kill(2) on the pid of a child we started and have not reaped.
+        unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+        let _ = child.wait();
+        unmount(self.path());
+        self.log()
+    }
+
     /// Waits up to `limit` for the s3mount process to end by itself; its status if it did.
     pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
         let start = Instant::now();
