@@ -71,6 +71,24 @@ fn resumable(m: &Mounted) -> Vec<serde_json::Value> {
         .unwrap_or_default()
 }
 
+/// Timeouts that make a close against an unreachable server fail in seconds.
+const QUICK: [&str; 6] = [
+    "--request-timeout",
+    "2",
+    "--stall-timeout",
+    "2",
+    "--retry-max-time",
+    "4",
+];
+
+/// A fault proxy in front of the server, and the server as reached through it.
+async fn proxied(env: &ServerEnv) -> (FaultProxy, ServerEnv) {
+    let proxy = FaultProxy::start(env.authority(), vec![]).await;
+    let mut through = env.clone();
+    through.endpoint = proxy.endpoint();
+    (proxy, through)
+}
+
 /// Closes `f`; the errno if close(2) failed.
 fn close(f: std::fs::File) -> Result<(), i32> {
     use std::os::fd::IntoRawFd;
@@ -151,18 +169,8 @@ async fn a_close_failed_by_an_unreachable_server_resumes_once_it_is_back() {
     let prefix = unique_prefix("resume-close");
     let state = tempfile::tempdir().unwrap();
     let vars = [("XDG_STATE_HOME", state.path().as_os_str())];
-    let proxy = FaultProxy::start(env.authority(), vec![]).await;
-    let mut through = ServerEnv::main();
-    through.endpoint = proxy.endpoint();
-    let quick = [
-        "--request-timeout",
-        "2",
-        "--stall-timeout",
-        "2",
-        "--retry-max-time",
-        "4",
-    ];
-    let m = mount_env(&through, &format!("{}:{prefix}", env.bucket), &quick, &vars);
+    let (proxy, through) = proxied(&env).await;
+    let m = mount_env(&through, &format!("{}:{prefix}", env.bucket), &QUICK, &vars);
     let size = (size() / 3).max(3 * PART) / PART * PART + 12345;
     let data = pattern(size as usize, 5);
     let path = m.path().join("f.bin");
@@ -219,9 +227,7 @@ async fn an_upload_not_resumed_within_its_window_is_aborted_and_one_can_be_abort
     let prefix = unique_prefix("resume-window");
     let state = tempfile::tempdir().unwrap();
     let vars = [("XDG_STATE_HOME", state.path().as_os_str())];
-    let proxy = FaultProxy::start(env.authority(), vec![]).await;
-    let mut through = ServerEnv::main();
-    through.endpoint = proxy.endpoint();
+    let (proxy, through) = proxied(&env).await;
     let spec = format!("{}:{prefix}", env.bucket);
     let fail_a_close = |m: &Mounted, name: &str| {
         let mut f = std::fs::File::create(m.path().join(name)).unwrap();
@@ -235,17 +241,9 @@ async fn an_upload_not_resumed_within_its_window_is_aborted_and_one_can_be_abort
         assert_eq!(close(f), Err(libc::EIO));
         proxy.black_hole(false);
     };
-    let quick = [
-        "--request-timeout",
-        "2",
-        "--stall-timeout",
-        "2",
-        "--retry-max-time",
-        "4",
-    ];
 
     // By hand: `s3mount uploads --abort PATH`.
-    let m = mount_env(&through, &spec, &quick, &vars);
+    let m = mount_env(&through, &spec, &QUICK, &vars);
     fail_a_close(&m, "a.bin");
     assert_eq!(resumable(&m).len(), 1);
     let out = Command::new(binary())
@@ -268,7 +266,7 @@ async fn an_upload_not_resumed_within_its_window_is_aborted_and_one_can_be_abort
     drop(m);
 
     // By the running mount, once a window of 3 s has passed.
-    let mut args = quick.to_vec();
+    let mut args = QUICK.to_vec();
     args.extend(["--resume-window", "3s"]);
     let m = mount_env(&through, &spec, &args, &vars);
     fail_a_close(&m, "b.bin");

@@ -18,6 +18,7 @@ pub mod standin;
 
 use s3mount::s3::{Addressing, Auth, ClientConfig, Credentials, S3Client};
 
+#[derive(Clone)]
 pub struct ServerEnv {
     pub endpoint: String,
     pub bucket: String,
