@@ -218,30 +218,17 @@ fn same_bytes(body: &PutBody, known: &RecordedPart) -> std::io::Result<bool> {
     }
     let mut sha = known.sha256_hex.as_ref().map(|_| sha2::Sha256::new());
     let mut md5 = sha.is_none().then(md5::Md5::new);
-    let mut feed = |bytes: &[u8]| {
+    body.for_each_chunk(|bytes| {
         if let Some(h) = sha.as_mut() {
             sha2::Digest::update(h, bytes);
         }
         if let Some(h) = md5.as_mut() {
             h.update(bytes);
         }
-    };
-    match body {
-        PutBody::Bytes(b) => feed(b),
-        PutBody::File { file, offset, len } => {
-            let mut buf = vec![0u8; 1 << 20];
-            let mut pos = *offset;
-            while pos < offset + len {
-                let n = ((offset + len - pos) as usize).min(buf.len());
-                file.read_exact_at(&mut buf[..n], pos)?;
-                feed(&buf[..n]);
-                pos += n as u64;
-            }
-        }
-    }
+    })?;
     Ok(match (sha, md5, &known.sha256_hex) {
         (Some(h), _, Some(want)) => hex::encode(h.finalize()) == *want,
-        (_, Some(h), _) => format!("\"{}\"", hex::encode(h.finalize())) == known.etag,
+        (_, Some(h), _) => hex::encode(h.finalize()) == known.etag.trim_matches('"'),
         _ => false,
     })
 }

@@ -214,6 +214,26 @@ impl PutBody {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// Passes the body's bytes to `f` in order: whole when in memory, else read from the file
+    /// in 1 MiB pieces (blocking I/O: call it off the async workers). For hashing.
+    pub fn for_each_chunk(&self, mut f: impl FnMut(&[u8])) -> std::io::Result<()> {
+        match self {
+            PutBody::Bytes(b) => f(b),
+            PutBody::File { file, offset, len } => {
+                use std::os::unix::fs::FileExt;
+                let mut buf = vec![0u8; (*len).min(1 << 20) as usize];
+                let (mut pos, end) = (*offset, offset + len);
+                while pos < end {
+                    let n = ((end - pos) as usize).min(buf.len());
+                    file.read_exact_at(&mut buf[..n], pos)?;
+                    f(&buf[..n]);
+                    pos += n as u64;
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 impl From<Bytes> for PutBody {

@@ -39,7 +39,7 @@ use reqwest::{Method, StatusCode, Url};
 use sha2::Sha256;
 use time::OffsetDateTime;
 
-use super::body::{read_exact_at, upload_body, Progress, Waiting};
+use super::body::{upload_body, Progress, Waiting};
 use super::client::*;
 use super::credentials::refresh::Snapshot;
 use super::credentials::{Auth, Credentials, SharedCredentials};
@@ -811,29 +811,12 @@ impl S3Client {
 fn digest_body(data: PutBody, with_md5: bool) -> std::io::Result<PreparedBody> {
     let mut sha = Sha256::new();
     let mut md5 = with_md5.then(Md5::new);
-    match &data {
-        PutBody::Bytes(b) => {
-            sha2::Digest::update(&mut sha, b);
-            if let Some(m) = md5.as_mut() {
-                m.update(b);
-            }
+    data.for_each_chunk(|bytes| {
+        sha2::Digest::update(&mut sha, bytes);
+        if let Some(m) = md5.as_mut() {
+            m.update(bytes);
         }
-        PutBody::File { file, offset, len } => {
-            let mut buf = vec![0u8; 1 << 20];
-            let mut pos = *offset;
-            let end = offset + len;
-            while pos < end {
-                let want = ((end - pos) as usize).min(buf.len());
-                read_exact_at(file, &mut buf[..want], pos)?;
-                let n = want;
-                sha2::Digest::update(&mut sha, &buf[..n]);
-                if let Some(m) = md5.as_mut() {
-                    m.update(&buf[..n]);
-                }
-                pos += n as u64;
-            }
-        }
-    }
+    })?;
     Ok(PreparedBody {
         data,
         sha256_hex: hex::encode(sha2::Digest::finalize(sha)),
