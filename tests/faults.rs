@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use common::fault_proxy::{Fault, FaultProxy, Target};
 use common::mount::{mount, mount_env};
 use common::{
-    cp, object_sha256, pattern, sha256_hex, sha256_of_file, unique_prefix, uploads_left,
+    cp, object_sha256, pattern, run, sha256_hex, sha256_of_file, unique_prefix, uploads_left,
     write_pattern_file, ServerEnv,
 };
 use s3mount::s3::*;
@@ -221,7 +221,7 @@ async fn a_read_survives_a_server_restart_in_the_middle() {
     let m = mount(&through(&proxy), &format!("{}:{prefix}", env.bucket), &args);
     let path = m.path().join("big.bin");
     let (tx, rx) = std::sync::mpsc::channel();
-    let reader = std::thread::spawn(move || {
+    let reader = run(move || {
         let mut f = std::fs::File::open(&path).unwrap();
         let mut got = Vec::new();
         let mut buf = vec![0u8; 1 << 20];
@@ -245,8 +245,7 @@ async fn a_read_survives_a_server_restart_in_the_middle() {
     // Every connection is dropped, and for two seconds none is accepted.
     proxy.restart(Duration::from_secs(2));
     let got = reader
-        .join()
-        .unwrap()
+        .wait(Duration::from_secs(120), &m)
         .unwrap_or_else(|e| panic!("read: {e}\n{}", m.log()));
     assert_eq!(got.len(), data.len());
     assert!(got == data, "byte for byte");
@@ -564,7 +563,7 @@ async fn sixteen_writers_and_sixteen_readers_stay_within_the_memory_cap() {
     let mut threads = Vec::new();
     for i in 0..16u64 {
         let path = root.join(format!("out/{i}.bin"));
-        threads.push(std::thread::spawn(move || {
+        threads.push(run(move || {
             let data = pattern(size, 200 + i);
             let mut f = std::fs::File::create(&path)?;
             for chunk in data.chunks(1 << 20) {
@@ -574,7 +573,7 @@ async fn sixteen_writers_and_sixteen_readers_stay_within_the_memory_cap() {
             Ok::<_, std::io::Error>(sha256_hex(&data))
         }));
         let path = root.join(format!("in/{i}.bin"));
-        threads.push(std::thread::spawn(move || {
+        threads.push(run(move || {
             let mut got = Vec::new();
             std::fs::File::open(&path)?.read_to_end(&mut got)?;
             Ok(sha256_hex(&got))
@@ -583,8 +582,7 @@ async fn sixteen_writers_and_sixteen_readers_stay_within_the_memory_cap() {
     let mut sums = Vec::new();
     for t in threads {
         sums.push(
-            t.join()
-                .unwrap()
+            t.wait(Duration::from_secs(300), &m)
                 .unwrap_or_else(|e| panic!("{e}\n{}", m.log())),
         );
     }

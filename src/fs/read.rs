@@ -238,7 +238,11 @@ impl<C: ObjectClient> ReadHandle<C> {
                 .position(|c| c.range.contains(&pos))
                 .expect("kept above");
             if matches!(p.chunks[index].data, ChunkData::Failed) {
-                // Fetched before and failed (the reader saw the error): once more.
+                // Fetched before and failed (the reader saw the error): once more. What was
+                // read ahead goes, so its memory is there for this fetch: kept, it could hold
+                // the whole budget while this fetch waits for some (the kernel asks again for
+                // a failed readahead page before anything past it is read: a deadlock).
+                p.chunks.truncate(index + 1);
                 let range = p.chunks[index].range.clone();
                 let has_memory = Arc::new(std::sync::atomic::AtomicBool::new(false));
                 p.chunks[index].has_memory = has_memory.clone();
@@ -266,8 +270,15 @@ impl<C: ObjectClient> ReadHandle<C> {
                 Some(buf) => buf.extend_from_slice(&piece),
             }
         }
-        self.top_up(&mut p, pos);
         p.expected = p.expected.max(end);
+        if self.local_copy().is_some() {
+            // Another read switched the handle to a local copy while this one was served from
+            // the window: every later read goes there, so the window's memory goes back now
+            // (kept, it would be held until the file is closed, and could starve the copy).
+            p.chunks.clear();
+        } else {
+            self.top_up(&mut p, pos);
+        }
         Ok(match out {
             Some(buf) => buf.freeze(),
             None => single.unwrap_or_default(),
@@ -492,6 +503,31 @@ mod tests {
         }
         let gets = mock.count(Operation::GetObject);
         assert!(gets <= 20, "the window was never dropped: {gets} GETs");
+    }
+
+    #[tokio::test]
+    async fn a_failed_fetch_is_fetched_again_when_read_ahead_holds_the_whole_budget() {
+        let mock = Arc::new(MockClient::new("b"));
+        let size = 4 << 20;
+        // Requests of half the budget: two fill it.
+        let budget = 1 << 20;
+        let mut h = handle(mock.clone(), size, budget);
+        h.ctx.config.first_request = budget / 2;
+        h.ctx.config.max_request = budget / 2;
+        h.state.get_mut().next_request = budget / 2;
+        mock.fail_next(Operation::GetObject, crate::s3::ErrorKind::Transport, 1);
+        assert!(h.read(0, 4096).await.is_err(), "the first GET failed");
+        // The kernel asks again for the page whose readahead failed.
+        let again = tokio::time::timeout(std::time::Duration::from_secs(5), h.read(0, 4096))
+            .await
+            .expect("the failed chunk is fetched again, not stuck behind the read-ahead");
+        assert_eq!(again.unwrap(), expected(0, 4096, size as u64));
+        let mut off = 4096;
+        while off < size as u64 {
+            let got = h.read(off, 256 * 1024).await.unwrap();
+            assert_eq!(got, expected(off, 256 * 1024, size as u64), "at {off}");
+            off += got.len() as u64;
+        }
     }
 
     #[tokio::test]

@@ -193,3 +193,29 @@ pub fn cp(from: &std::path::Path, to: &std::path::Path, m: &mount::Mounted) {
         m.log()
     );
 }
+
+/// Work running on a thread of its own (a program using the mount), to be waited for within
+/// a limit: a hang fails the test with the mount's log instead of holding up the whole suite.
+/// When it does, dropping the mount ends the FUSE connection and with it the blocked call.
+pub struct Running<T>(std::sync::mpsc::Receiver<std::thread::Result<T>>);
+
+pub fn run<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> Running<T> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)));
+    });
+    Running(rx)
+}
+
+impl<T> Running<T> {
+    pub fn wait(self, limit: std::time::Duration, m: &mount::Mounted) -> T {
+        match self.0.recv_timeout(limit) {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(panic)) => std::panic::resume_unwind(panic),
+            Err(_) => panic!(
+                "no answer through the mount within {limit:?}\n--- mount log ---\n{}",
+                m.log()
+            ),
+        }
+    }
+}
