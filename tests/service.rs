@@ -806,7 +806,7 @@ async fn sigterm_of_a_busy_mount_detaches_it_and_ends_with_the_last_open_file() 
     let status = m
         .wait_exit(Duration::from_secs(10))
         .expect("ends after the last close");
-    assert!(status.success(), "{status}");
+    assert!(status.success(), "{status}\n{}", m.log());
     assert!(
         m.log().contains("the mount is busy: detached it"),
         "{}",
