@@ -17,6 +17,9 @@ pub struct ReadConfig {
     pub first_request: u64,
     pub max_request: u64,
     pub requests_ahead: usize,
+    /// Bytes a sequential reader keeps in flight ahead of it at first; the window grows
+    /// (by half, up to `requests_ahead` requests of `max_request`) while growing pays.
+    pub window_start: u64,
     /// Alignment and size of random-read blocks.
     pub block_size: u64,
     /// A read this close to where the reader was expected is sequential, not a seek: the
@@ -36,7 +39,8 @@ impl Default for ReadConfig {
         Self {
             first_request: 256 * 1024,
             max_request: 8 * 1024 * 1024,
-            requests_ahead: 8,
+            requests_ahead: 16,
+            window_start: 32 * 1024 * 1024,
             block_size: 128 * 1024,
             sequential_tolerance: 2 * 1024 * 1024,
             local_copy_max: 2 << 30,
