@@ -105,8 +105,9 @@ impl Drop for Chunk {
 /// grows by half after an epoch in which the reader had to wait for data, and the next epoch
 /// decides: if the delivery rate rose by a fifth or more, the larger window stays (and may grow
 /// again), else the window goes back and stays there (the link, or the server, or the
-/// application, is the limit, and more memory would buy nothing). A reader that never waits never grows its window.
-/// It starts at 32 MiB (8 requests of 4 MiB): on a loopback server that gives what 64 MiB did
+/// application, is the limit, and more memory would buy nothing). A reader that never waits
+/// never grows its window. The first epoch, requests still growing from `first_request`, is
+/// only the first measure to compare with. It starts at 32 MiB (8 requests of 4 MiB): on a loopback server that gives what 64 MiB did
 /// (measured: 503 against 499 MiB/s for a 2 GiB file, at 60-65 against 80-87 MiB of peak RSS);
 /// a long fat link grows it as far as it pays, up to `requests_ahead` of `max_request`.
 struct Window {
@@ -114,8 +115,6 @@ struct Window {
     /// The size before the last growth, while the epoch that judges it runs.
     before: Option<u64>,
     settled: bool,
-    /// The first epoch, with requests still growing from `first_request`, is not measured.
-    warm: bool,
     epoch_start: std::time::Instant,
     epoch_bytes: u64,
     waited: bool,
@@ -135,7 +134,6 @@ impl Window {
             bytes: cfg.window_start.min(Self::largest(cfg)),
             before: None,
             settled: false,
-            warm: false,
             epoch_start: std::time::Instant::now(),
             epoch_bytes: 0,
             waited: false,
@@ -173,9 +171,8 @@ impl Window {
         let waited = std::mem::take(&mut self.waited);
         self.epoch_bytes = 0;
         self.epoch_start = now;
-        if !std::mem::replace(&mut self.warm, true) {
-            self.rate = rate;
-        } else if let Some(before) = self.before.take() {
+        if let Some(before) = self.before.take() {
+            // This epoch ran at a grown window: it stays only if it paid.
             if rate < self.rate * WINDOW_GAIN {
                 tracing::debug!(
                     window = before,
@@ -186,10 +183,8 @@ impl Window {
                 self.settled = true;
                 return;
             }
-            self.rate = rate;
-        } else {
-            self.rate = rate;
         }
+        self.rate = rate;
         if waited && !self.settled && self.bytes < Self::largest(cfg) {
             // By half: a trial that does not pay costs little memory.
             self.before = Some(self.bytes);
