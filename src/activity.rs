@@ -27,9 +27,9 @@ use std::time::{Duration, Instant};
 
 use crate::s3::retry::counting_retries;
 use crate::s3::{
-    CompletedPart, CopySource, DeleteObjectsOutput, GetObjectOutput, ListPage, ListPartsPage,
-    ListRequest, ListUploadsPage, MetadataDirective, ObjectAttributes, ObjectBody, ObjectClient,
-    ObjectHead, PutBody, StoredPart,
+    CompletedPart, Condition, CopySource, DeleteObjectsOutput, GetObjectOutput, ListPage,
+    ListPartsPage, ListRequest, ListUploadsPage, MetadataDirective, ObjectAttributes, ObjectBody,
+    ObjectClient, ObjectHead, PutBody, StoredPart,
 };
 
 /// How long a read stays listed after its last GET ended.
@@ -438,15 +438,20 @@ impl<C: ObjectClient> ObjectClient for Observed<C> {
         Ok(out)
     }
 
-    async fn put_object(
+    async fn put_object_if(
         &self,
         key: &str,
         body: PutBody,
         attrs: &ObjectAttributes,
+        condition: Condition<'_>,
     ) -> crate::s3::error::Result<String> {
         let len = body.len();
         let retries = self.activity.part_sent(key);
-        let result = counting_retries(retries, self.inner.put_object(key, body, attrs)).await;
+        let result = counting_retries(
+            retries,
+            self.inner.put_object_if(key, body, attrs, condition),
+        )
+        .await;
         self.activity
             .part_answered(key, result.as_ref().ok().map(|_| len));
         self.activity.upload_over(key, Some(result.is_ok()));
@@ -523,16 +528,18 @@ impl<C: ObjectClient> ObjectClient for Observed<C> {
         result
     }
 
-    async fn complete_multipart_upload(
+    async fn complete_multipart_upload_if(
         &self,
         key: &str,
         upload_id: &str,
         parts: &[CompletedPart],
+        condition: Condition<'_>,
     ) -> crate::s3::error::Result<String> {
         let retries = self.activity.upload_retries(key);
         let result = counting_retries(
             retries,
-            self.inner.complete_multipart_upload(key, upload_id, parts),
+            self.inner
+                .complete_multipart_upload_if(key, upload_id, parts, condition),
         )
         .await;
         self.activity.upload_over(key, Some(result.is_ok()));

@@ -175,6 +175,24 @@ pub struct Cli {
     #[arg(long, value_parser = parse_duration, default_value = "24h", value_name = "DURATION")]
     pub resume_window: Duration,
 
+    /// Durable write-back: close() returns once the file and its attributes are synced to
+    /// local disk in --cache-dir; uploads follow in the background, retried through outages
+    /// and resumed by the next mount after a crash. fsync() still waits for S3.
+    #[arg(long)]
+    pub write_back: bool,
+
+    /// Where --write-back keeps files until S3 has them (default: the state directory's
+    /// write-back/, e.g. ~/.local/state/s3mount/write-back). One mount per bucket and prefix
+    /// may use it at a time.
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+
+    /// The most --write-back keeps waiting for S3; a close that would pass it waits for room
+    /// (a larger file is stored before its close returns). Default: half the cache
+    /// directory's free space at mount, at most 10G.
+    #[arg(long, value_parser = parse_size, value_name = "SIZE")]
+    pub write_back_max_size: Option<u64>,
+
     /// When reads move atime: relatime (when atime is older than mtime or ctime, or a day
     /// old), strictatime (every open for reading) or noatime (never). Also `-o relatime`,
     /// `-o strictatime` (`-o atime`), `-o noatime`.
@@ -653,6 +671,9 @@ impl Cli {
                     "stall_timeout" => self.stall_timeout = parse_seconds(need()?)?,
                     "spool_dir" => self.spool_dir = Some(PathBuf::from(need()?)),
                     "resume_window" => self.resume_window = parse_duration(need()?)?,
+                    "write_back" => self.write_back = true,
+                    "cache_dir" => self.cache_dir = Some(PathBuf::from(need()?)),
+                    "write_back_max_size" => self.write_back_max_size = Some(parse_size(need()?)?),
                     // mount(8)'s own names, or atime=MODE as --atime takes it.
                     "atime" | "strictatime" | "relatime" | "noatime" => {
                         self.atime = parse_atime(value.unwrap_or(name))?
@@ -740,6 +761,17 @@ impl Cli {
         }
         if self.part_size < 5 << 20 || self.part_size > 5 << 30 {
             return Err("--part-size must be between 5M and 5G (S3's limits for a part)".into());
+        }
+        if !self.write_back && (self.cache_dir.is_some() || self.write_back_max_size.is_some()) {
+            return Err(
+                "--cache-dir and --write-back-max-size are settings of --write-back; add it".into(),
+            );
+        }
+        if self.write_back && self.read_only {
+            return Err("--write-back on a read-only mount has nothing to write".into());
+        }
+        if self.write_back_max_size == Some(0) {
+            return Err("--write-back-max-size must be more than 0".into());
         }
         if self.upload_concurrency == 0 || self.retry_attempts == 0 {
             return Err("--upload-concurrency and --retry-attempts must be at least 1".into());
@@ -934,11 +966,12 @@ mod tests {
                 let v = sample(arg);
                 (vec![format!("--{long}={v}")], format!("{o_name}={v}"))
             };
-            // sse_kms_key_id needs an sse; give both forms the same one.
-            let extra = if long == "sse-kms-key-id" {
-                vec!["--sse".to_string(), "aws:kms".to_string()]
-            } else {
-                vec![]
+            // sse_kms_key_id needs an sse, the cache settings write-back; give both forms
+            // the same.
+            let extra = match long {
+                "sse-kms-key-id" => vec!["--sse".to_string(), "aws:kms".to_string()],
+                "cache-dir" | "write-back-max-size" => vec!["--write-back".to_string()],
+                _ => vec![],
             };
             let mut a: Vec<String> = vec!["b".into(), "/m".into()];
             a.extend(extra.clone());

@@ -24,6 +24,7 @@ use std::time::Duration;
 use crate::activity::{Activity, Observed};
 use crate::cli::Cli;
 use crate::fs::content_type::ContentTypes;
+use crate::fs::writeback::Queue;
 use crate::fs::{FsConfig, S3Filesystem};
 use crate::fuse::{FuseAdapter, Ownership};
 use crate::fusemount::{self, MountSpec};
@@ -266,6 +267,7 @@ fn plan_with(cli: Cli, client: &mut ClientConfig) -> Result<MountPlan, StartErro
             upload_concurrency: cli.upload_concurrency,
             spool_dir: cli.spool_dir.clone(),
             resume_window: cli.resume_window,
+            ..Default::default()
         },
         journal_dir: Some(journal_dir(
             &cli.bucket,
@@ -273,6 +275,19 @@ fn plan_with(cli: Cli, client: &mut ClientConfig) -> Result<MountPlan, StartErro
         )),
         content_types: content_types(cli.content_type_map.as_deref())?,
         atime: cli.atime,
+        write_back: cli.write_back.then(|| {
+            let dir = cli
+                .cache_dir
+                .clone()
+                .unwrap_or_else(|| state_dir().join("write-back"));
+            let max_bytes = cli.write_back_max_size.unwrap_or_else(|| {
+                let _ = std::fs::create_dir_all(&dir);
+                crate::status::free_bytes(&dir).map_or(DEFAULT_WRITE_BACK_MAX, |free| {
+                    (free / 2).clamp(1 << 30, DEFAULT_WRITE_BACK_MAX)
+                })
+            });
+            crate::fs::writeback::WriteBackConfig { dir, max_bytes }
+        }),
     };
     Ok(MountPlan {
         source: cli
@@ -443,6 +458,9 @@ pub async fn check_bucket(cfg: &ClientConfig, prefix: &str) -> Result<(), StartE
         .map(drop)
         .map_err(|e| StartError(explain(&e, cfg)))
 }
+
+/// `--write-back-max-size` when not given, at most.
+const DEFAULT_WRITE_BACK_MAX: u64 = 10 << 30;
 
 fn state_dir() -> PathBuf {
     state_dir_for(
@@ -720,14 +738,28 @@ fn mount_and_serve(
     let s3 = S3Client::new(plan.client.clone()).map_err(|e| StartError(e.to_string()))?;
     let endpoint = s3.bucket_url();
     let client = Arc::new(Observed::new(s3, activity.clone()));
-    let fs = Arc::new(S3Filesystem::new(client.clone(), plan.fs.clone()));
-    let adapter = FuseAdapter::new(fs.clone(), rt.handle().clone())
-        .with_ownership(plan.ownership)
-        .with_activity(activity);
     let mut report = |msg: String| {
         mounted(Err(msg.clone()));
         fail::<()>(msg)
     };
+    let mut fs = S3Filesystem::new(client.clone(), plan.fs.clone());
+    if let Some(cfg) = &plan.fs.write_back {
+        match Queue::open(cfg, &plan.client.bucket, &plan.fs.prefix) {
+            Ok(q) => fs = fs.with_write_back(q),
+            Err(e) => return report(e),
+        }
+    }
+    let fs = Arc::new(fs);
+    if plan.fs.write_back.is_some() {
+        // Before the mount serves: files a crashed mount left are there from the first look.
+        rt.block_on(async {
+            fs.probe_conditional_writes().await;
+            fs.recover_write_back().await;
+        });
+    }
+    let adapter = FuseAdapter::new(fs.clone(), rt.handle().clone())
+        .with_ownership(plan.ownership)
+        .with_activity(activity);
     // What can fail for reasons of this machine comes before the mount: a taken port.
     let metrics = match plan.metrics_addr {
         Some(addr) => match rt.block_on(crate::service::bind_metrics(addr)) {
@@ -877,6 +909,7 @@ fn mount_and_serve(
     });
     // Deferred attribute changes of closed files (chmod, utimens) go to S3 shortly after.
     fs.start_deferred_store(rt.handle());
+    fs.start_write_back(rt.handle());
     // Ends when the kernel lets go of the connection: an unmount, or after a detach, the
     // last open file closed.
     let result = session.run();

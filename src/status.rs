@@ -98,7 +98,7 @@ fn temp_file_bytes(dirs: &[PathBuf]) -> u64 {
     total
 }
 
-fn free_bytes(dir: &Path) -> Option<u64> {
+pub(crate) fn free_bytes(dir: &Path) -> Option<u64> {
     use std::os::unix::ffi::OsStrExt;
     let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
     // SAFETY: a zeroed statvfs for the call to fill; a valid C string.

@@ -193,7 +193,9 @@ impl<C: ObjectClient> S3Filesystem<C> {
 
     /// The mount ends: what is still deferred goes now.
     pub async fn unmounting(&self) -> bool {
-        self.store_pending_metadata(Duration::ZERO).await
+        let stored = self.store_pending_metadata(Duration::ZERO).await;
+        self.write_back_unmounting();
+        stored
     }
 
     pub(super) fn attrs_for(&self, stat: &Stat, kind: Kind) -> ObjectAttributes {
@@ -404,14 +406,17 @@ impl<C: ObjectClient> S3Filesystem<C> {
         inode.change_attrs(attrs, writer.is_none() && size.is_none());
         match (inode.kind, writer) {
             (Kind::File, Some(w)) => {
-                // Open for writing: everything goes into the upload at the next commit.
+                // Open for writing (or pending in the write-back queue): everything goes into
+                // the upload at the next commit.
                 if let Some(size) = size {
+                    self.pending_changes(ino).await?;
                     w.truncate(size).await?;
                     inode.lock().stat.size = size;
                 }
                 // Into an upload created from now on, too.
                 self.attrs_to_writer(inode, &w).await;
                 w.state.lock().await.touch();
+                self.pending_changed(ino).await?;
             }
             (Kind::File, None) => {
                 if let Some(size) = size {

@@ -15,7 +15,7 @@ use super::copy::{kept_with_ours, replace_ours};
 use super::error::{from_client, FsError, FsResult};
 use super::inode::{Ino, Inode, Kind, Stat};
 use super::read::ReadHandle;
-use super::write::{Appended, WriteHandle};
+use super::write::{Appended, Expect, WriteHandle};
 use super::{lock, AtimeMode, Attr, OpenFile, S3Filesystem, RELATIME_INTERVAL};
 use crate::s3::{ErrorKind, ObjectAttributes, ObjectClient};
 
@@ -226,6 +226,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
         };
         let inode = self.enter_new(&dir, name, Kind::File, stat);
         let writer = self.writer_for(&inode, attrs)?;
+        writer.state.lock().await.expect = Expect::Absent;
         let fh = self.register(OpenFile::Write {
             ino: inode.ino,
             writer,
@@ -247,6 +248,8 @@ impl<C: ObjectClient> S3Filesystem<C> {
             .get(&inode.ino)
             .map(|(w, _)| w.clone());
         if let Some(w) = existing {
+            // A pending file rewritten: its entry no longer holds until the next close.
+            self.pending_changes(inode.ino).await?;
             if truncate {
                 w.truncate(0).await?;
                 self.written(inode.ino, 0);
@@ -269,6 +272,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
         let attrs = kept_with_ours(&head, self.attrs_for(&stat, Kind::File).metadata);
         inode.refresh(stat, self.config.metadata_ttl);
         let writer = self.writer_for(&inode, attrs)?;
+        writer.state.lock().await.expect = Expect::Etag(head.etag.clone());
         if truncate {
             self.written(inode.ino, 0);
         } else {
@@ -435,7 +439,11 @@ impl<C: ObjectClient> S3Filesystem<C> {
                 }
             }
             let _held = self.hold(ino).await;
-            self.commit(ino, &writer).await?;
+            if self.queue.is_some() {
+                self.close_to_queue(ino, &writer).await?;
+            } else {
+                self.commit(ino, &writer).await?;
+            }
         }
         Ok(())
     }
@@ -549,7 +557,15 @@ impl<C: ObjectClient> S3Filesystem<C> {
 
     /// fsync: the file's data (see [`S3Filesystem::flush`]) and its deferred attributes.
     pub async fn fsync(&self, ino: Ino, fh: u64) -> FsResult<()> {
-        self.flush(fh).await?;
+        if self.queue.is_some() {
+            // Write-back or not, fsync returns once S3 has the file.
+            if let Ok((ino, writer)) = self.writer_of_handle(fh) {
+                let _held = self.hold(ino).await;
+                self.fsync_pending(ino, &writer).await?;
+            }
+        } else {
+            self.flush(fh).await?;
+        }
         let _held = self.hold(ino).await;
         if !self.store_metadata_held(ino).await {
             return Err(FsError::Io("attributes not stored in S3".into()));

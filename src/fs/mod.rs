@@ -37,6 +37,7 @@ pub mod memory;
 pub mod namespace;
 pub mod read;
 pub mod write;
+pub mod writeback;
 pub mod xattr;
 
 pub use attributes::{Caller, SetAttr};
@@ -102,6 +103,8 @@ pub struct FsConfig {
     /// The `Content-Type` of new files, from their names.
     pub content_types: content_type::ContentTypes,
     pub atime: AtimeMode,
+    /// Durable write-back (`--write-back`), if on.
+    pub write_back: Option<writeback::WriteBackConfig>,
 }
 
 impl Default for FsConfig {
@@ -120,6 +123,7 @@ impl Default for FsConfig {
             journal_dir: None,
             content_types: content_type::ContentTypes::default(),
             atime: AtimeMode::default(),
+            write_back: None,
         }
     }
 }
@@ -212,6 +216,8 @@ pub struct S3Filesystem<C> {
     write_ctx: WriteContext<C>,
     stats: FsStats,
     mounted_at: SystemTime,
+    /// The write-back queue (`--write-back`), if on.
+    queue: Option<Arc<writeback::Queue>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -278,6 +284,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
             write_ctx,
             stats: FsStats::default(),
             mounted_at: SystemTime::now(),
+            queue: None,
         }
     }
 

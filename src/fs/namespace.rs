@@ -16,6 +16,7 @@ use super::attributes::{is_old_directory, kind_of_mode, stat_of_head, Caller, FO
 use super::copy::RENAME_PARALLELISM;
 use super::error::{from_client, FsError, FsResult};
 use super::inode::{Ino, Inode, InodeTable, Kind, Stat};
+use super::write::Expect;
 use super::{lock, valid_name, Attr, DirEntry, S3Filesystem};
 use super::{MAX_KEY_LEN, MAX_NAME_LEN, METADATA_LISTING_LIMIT};
 use crate::s3::{
@@ -867,6 +868,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
             .map_err(from_client)?;
         if let Some(w) = writer {
             w.unlinked().await;
+            self.leave_queue(inode.ino, &w).await;
         }
         super::lock(&self.deferred.pending).remove(&inode.ino);
         inode.forget_all_changes();
@@ -1067,6 +1069,12 @@ impl<C: ObjectClient> S3Filesystem<C> {
                     Err(e) => return Err(e),
                 };
                 let mut s = w.state.lock().await;
+                // What a conditional commit finds at the new place: the object moved there,
+                // or nothing.
+                s.expect = match &moved {
+                    Some((_, new_etag)) => Expect::Etag(new_etag.clone()),
+                    None => Expect::Absent,
+                };
                 if let Some((old_etag, new_etag)) = moved {
                     s.base_moved(&old_key, &old_etag, &new_key, new_etag);
                 }
@@ -1097,8 +1105,9 @@ impl<C: ObjectClient> S3Filesystem<C> {
                 }
             }
         }
-        if let Some(w) = replaced_writer {
+        if let (Some(w), Some(r)) = (replaced_writer, &replaced) {
             w.unlinked().await;
+            self.leave_queue(r.ino, &w).await;
         }
         if let Some(r) = &replaced {
             // Its deferred attributes are for an object that is gone.
@@ -1113,6 +1122,12 @@ impl<C: ObjectClient> S3Filesystem<C> {
             (parent, name.to_string()),
             std::time::Instant::now() + self.config.metadata_ttl,
         );
+        // The write-back queue records the new keys.
+        if source.kind == Kind::Directory {
+            self.pending_moved().await;
+        } else {
+            self.pending_changed(source.ino).await?;
+        }
         Ok(())
     }
 

@@ -54,7 +54,8 @@ use super::journal::{Adopted, JournalEntry, LostCreate, PartLog, RecordedPart, U
 use super::local_io;
 use super::memory::{MemoryBudget, PartBuffer, BUFFER_ALIGN};
 use crate::s3::{
-    ClientError, CompletedPart, CopySource, ErrorKind, ObjectAttributes, ObjectClient, PutBody,
+    ClientError, CompletedPart, Condition, CopySource, ErrorKind, ObjectAttributes, ObjectClient,
+    PutBody,
 };
 
 /// S3 allows at most this many parts.
@@ -132,6 +133,12 @@ pub struct WriteConfig {
     /// How long an interrupted multipart upload is kept for a later write of the same file to
     /// resume; zero aborts it at once.
     pub resume_window: Duration,
+    /// Spools are named files in `spool_dir` (write-back keeps them across restarts), removed
+    /// when the handle ends unless kept ([`WriteHandle::keep_locally`]).
+    pub named_spools: bool,
+    /// Commits are conditional writes: they store the file only over the object it was
+    /// opened on (or none, for a new file). See [`Expect`].
+    pub conditional: bool,
 }
 
 impl Default for WriteConfig {
@@ -141,6 +148,8 @@ impl Default for WriteConfig {
             upload_concurrency: 8,
             spool_dir: None,
             resume_window: Duration::from_secs(24 * 3600),
+            named_spools: false,
+            conditional: false,
         }
     }
 }
@@ -317,6 +326,40 @@ struct Base {
     len: u64,
 }
 
+/// What a conditional commit requires of the object it replaces: the version the file was
+/// opened on, so that a write queued while another client changed the object never silently
+/// replaces that change.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Expect {
+    /// Not known (the file moved with its directory): no condition.
+    #[default]
+    Any,
+    /// A new file: there must be no object at its key.
+    Absent,
+    /// The object must still have this ETag.
+    Etag(String),
+}
+
+impl Expect {
+    pub fn condition(&self) -> Condition<'_> {
+        match self {
+            Expect::Any => Condition::None,
+            Expect::Absent => Condition::Absent,
+            Expect::Etag(e) => Condition::Etag(e),
+        }
+    }
+}
+
+/// What [`WriteHandle::keep_locally`] made durable in the spool.
+#[derive(Debug, Clone)]
+pub struct KeptLocally {
+    pub size: u64,
+    pub attrs: ObjectAttributes,
+    pub expect: Expect,
+    /// The spool's path.
+    pub spool: std::path::PathBuf,
+}
+
 pub struct WriteState {
     /// Where the object goes; a rename while open changes it.
     pub key: String,
@@ -358,6 +401,25 @@ pub struct WriteState {
     /// The last commit completed an interrupted upload it resumed, created with other
     /// attributes than the file has: all of them need a copy.
     pub attrs_of_another_write: bool,
+    /// The spool's name, when it has one (`named_spools`): removed when the handle ends,
+    /// unless `keep_spool`.
+    spool_path: Option<std::path::PathBuf>,
+    /// The spool holds a version S3 does not have yet, recorded for a later mount: it stays.
+    pub keep_spool: bool,
+    /// What a conditional commit requires of the object it replaces.
+    pub expect: Expect,
+}
+
+impl Drop for WriteState {
+    fn drop(&mut self) {
+        if let Some(path) = self.spool_path.as_ref().filter(|_| !self.keep_spool) {
+            if let Err(e) = std::fs::remove_file(path) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!("could not remove the spool file {}: {e}", path.display());
+                }
+            }
+        }
+    }
 }
 
 /// Why a handle failed, kept to answer every later call the same way.
@@ -499,12 +561,81 @@ pub struct WriteHandle<C> {
 impl<C: ObjectClient> WriteHandle<C> {
     /// A handle for a new (or truncated) object at `key`.
     pub fn new(ctx: WriteContext<C>, key: String, attrs: ObjectAttributes) -> FsResult<Self> {
-        let spool = local_io(|| match &ctx.config.spool_dir {
-            Some(dir) => tempfile::tempfile_in(dir),
-            None => tempfile::tempfile(),
+        let named = ctx.config.named_spools;
+        let (spool, path) = local_io(|| match &ctx.config.spool_dir {
+            Some(dir) if named => tempfile::Builder::new()
+                .prefix("spool-")
+                .tempfile_in(dir)
+                .and_then(|f| f.keep().map_err(|e| e.error))
+                .map(|(f, p)| (f, Some(p))),
+            Some(dir) => tempfile::tempfile_in(dir).map(|f| (f, None)),
+            None => tempfile::tempfile().map(|f| (f, None)),
         })
         .map_err(|e| FsError::local(&format!("creating the spool file of {key}"), e))?;
-        Ok(Self::with_spool(ctx, key, attrs, spool))
+        let handle = Self::with_spool(ctx, key, attrs, spool);
+        handle.state.try_lock().expect("new").spool_path = path;
+        Ok(handle)
+    }
+
+    /// A handle for a file a write-back spool at `path` holds whole (`size` bytes), found at
+    /// mount: it is stored as a new upload of all of it (an interrupted one is resumed).
+    pub fn recovered(
+        ctx: WriteContext<C>,
+        key: String,
+        kept: KeptLocally,
+        spool: std::fs::File,
+    ) -> Self {
+        let handle = Self::with_spool(ctx, key, kept.attrs, spool);
+        {
+            let s = &mut handle.state.try_lock().expect("new");
+            s.size = kept.size;
+            let part_size = handle.ctx.config.part_size;
+            if kept.size > 0 {
+                for part in 0..=part_index(kept.size - 1, part_size) {
+                    let r = part_range(part, part_size);
+                    s.coverage.add(part, r.start..r.end.min(kept.size));
+                }
+            }
+            s.spool_path = Some(kept.spool);
+            s.keep_spool = true;
+            s.expect = kept.expect;
+            // What a reopen would write with O_DIRECT goes buffered: one descriptor per file.
+            s.direct = None;
+        }
+        handle
+    }
+
+    /// Makes the file as it is now durable in its (named) spool: what is held in memory or on
+    /// its way is written, bytes only the base object has are fetched, and the spool is
+    /// synced. The spool then outlives the handle. Fails as the handle fails (and then the
+    /// file must not be stored).
+    pub async fn keep_locally(&self) -> FsResult<KeptLocally> {
+        let mut s = self.state.lock().await;
+        s.check()?;
+        let Some(path) = s.spool_path.clone() else {
+            return Err(FsError::internal("a spool without a name cannot be kept"));
+        };
+        self.spill(&mut s).await?;
+        let size = s.size;
+        self.fill(&mut s, 0..size).await?;
+        if let Err(e) = local_io(|| s.spool.sync_data()) {
+            return Err(s.spool_failed("syncing it to disk", e));
+        }
+        s.keep_spool = true;
+        // Closed: O_DIRECT was for the sequential writer.
+        s.direct = None;
+        Ok(KeptLocally {
+            size,
+            attrs: s.attrs.clone(),
+            expect: s.expect.clone(),
+            spool: path,
+        })
+    }
+
+    /// The file's local version is no longer needed (S3 has it, or it was removed): its spool
+    /// goes with the handle.
+    pub async fn release_locally(&self) {
+        self.state.lock().await.keep_spool = false;
     }
 
     /// A handle whose spool is `spool` (an empty file).
@@ -539,6 +670,9 @@ impl<C: ObjectClient> WriteHandle<C> {
                 unlinked: false,
                 attrs_left_behind: false,
                 attrs_of_another_write: false,
+                spool_path: None,
+                keep_spool: false,
+                expect: Expect::Any,
             }),
         }
     }
@@ -1308,6 +1442,7 @@ impl<C: ObjectClient> WriteHandle<C> {
         let etag = result?;
         s.dirty = false;
         s.commit_failed = false;
+        s.expect = Expect::Etag(etag.clone());
         // S3 has all of it now: the new object is where unwritten bytes come from.
         s.coverage = Coverage::default();
         s.base = Some(Base {
@@ -1388,12 +1523,23 @@ impl<C: ObjectClient> WriteHandle<C> {
             };
             s.attrs_left_behind = false;
             s.attrs_of_another_write = false;
-            return self
+            let condition = self.condition(s);
+            return match self
                 .ctx
                 .client
-                .put_object(&s.key, body, &s.attrs)
+                .put_object_if(&s.key, body.clone(), &s.attrs, condition)
                 .await
-                .map_err(from_client);
+            {
+                // A conditional PUT retried after its first answer was lost finds its own
+                // object there.
+                Err(e) if e.kind == ErrorKind::PreconditionFailed => {
+                    match self.put_anyway(&s.key, &body).await {
+                        Some(etag) => Ok(etag),
+                        None => Err(from_client(e)),
+                    }
+                }
+                answer => answer.map_err(from_client),
+            };
         }
         let last = part_index(s.size.max(1) - 1, base);
         let mut part = 0;
@@ -1446,12 +1592,18 @@ impl<C: ObjectClient> WriteHandle<C> {
         let answer = match self
             .ctx
             .client
-            .complete_multipart_upload(&upload.key, &upload.id, &completed)
+            .complete_multipart_upload_if(&upload.key, &upload.id, &completed, self.condition(s))
             .await
         {
             // A retried CompleteMultipartUpload whose first answer was lost finds the upload
-            // gone: it may be gone because that first request completed it.
-            Err(e) if e.kind == ErrorKind::NoSuchUpload => {
+            // gone (or, conditional, the object there): it may be because that first request
+            // completed it.
+            Err(e)
+                if matches!(
+                    e.kind,
+                    ErrorKind::NoSuchUpload | ErrorKind::PreconditionFailed
+                ) =>
+            {
                 match self.completed_anyway(&upload, &completed, s.size).await {
                     Some(etag) => Ok(etag),
                     None => Err(e),
@@ -1484,6 +1636,26 @@ impl<C: ObjectClient> WriteHandle<C> {
                 s.upload = Some(upload);
                 Err(from_client(e))
             }
+        }
+    }
+
+    /// Whether the object at `key` is `body`, stored by a PUT whose answer was lost: its
+    /// ETag is the body's MD5. Returns its ETag.
+    async fn put_anyway(&self, key: &str, body: &PutBody) -> Option<String> {
+        use md5::Digest;
+        let head = self.ctx.client.head_object(key).await.ok()?;
+        let mut md5 = md5::Md5::new();
+        local_io(|| body.for_each_chunk(|b| md5.update(b))).ok()?;
+        let ours = format!("\"{}\"", hex::encode(md5.finalize()));
+        (head.size == body.len() && head.etag == ours).then_some(head.etag)
+    }
+
+    /// The condition a commit's write carries (none unless commits are conditional).
+    fn condition<'s>(&self, s: &'s WriteState) -> Condition<'s> {
+        if self.ctx.config.conditional {
+            s.expect.condition()
+        } else {
+            Condition::None
         }
     }
 

@@ -343,6 +343,19 @@ pub struct DeleteObjectsOutput {
     pub failed: Vec<DeleteFailure>,
 }
 
+/// What a conditional write requires of the object it replaces (S3's `If-None-Match: *` and
+/// `If-Match`). Servers that do not implement conditional writes ignore the headers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Condition<'a> {
+    /// Write whatever is there.
+    #[default]
+    None,
+    /// Only if there is no object at the key.
+    Absent,
+    /// Only if the object at the key has this ETag.
+    Etag(&'a str),
+}
+
 /// S3 caps DeleteObjects at this many keys per request.
 pub const MAX_DELETE_KEYS: usize = 1000;
 
@@ -372,6 +385,18 @@ pub trait ObjectClient: Send + Sync + 'static {
         key: &str,
         body: PutBody,
         attrs: &ObjectAttributes,
+    ) -> impl Future<Output = Result<String>> + Send {
+        self.put_object_if(key, body, attrs, Condition::None)
+    }
+
+    /// [`ObjectClient::put_object`] only if the object at `key` is as `condition` says
+    /// (PreconditionFailed otherwise, where the server checks; see [`Condition`]).
+    fn put_object_if(
+        &self,
+        key: &str,
+        body: PutBody,
+        attrs: &ObjectAttributes,
+        condition: Condition<'_>,
     ) -> impl Future<Output = Result<String>> + Send;
 
     fn delete_object(&self, key: &str) -> impl Future<Output = Result<()>> + Send;
@@ -422,6 +447,18 @@ pub trait ObjectClient: Send + Sync + 'static {
         key: &str,
         upload_id: &str,
         parts: &[CompletedPart],
+    ) -> impl Future<Output = Result<String>> + Send {
+        self.complete_multipart_upload_if(key, upload_id, parts, Condition::None)
+    }
+
+    /// [`ObjectClient::complete_multipart_upload`] only if the object at `key` is as
+    /// `condition` says.
+    fn complete_multipart_upload_if(
+        &self,
+        key: &str,
+        upload_id: &str,
+        parts: &[CompletedPart],
+        condition: Condition<'_>,
     ) -> impl Future<Output = Result<String>> + Send;
 
     fn abort_multipart_upload(

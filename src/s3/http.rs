@@ -847,6 +847,15 @@ fn header_string(headers: &HeaderMap, name: &str) -> Option<String> {
         .map(str::to_string)
 }
 
+/// `If-None-Match: *` or `If-Match` of a conditional write.
+fn condition_headers<'a>(req: Request<'a>, condition: Condition<'_>) -> Request<'a> {
+    match condition {
+        Condition::None => req,
+        Condition::Absent => req.header("if-none-match", "*"),
+        Condition::Etag(etag) => req.header("if-match", etag),
+    }
+}
+
 fn attribute_headers<'a>(
     mut req: Request<'a>,
     attrs: &ObjectAttributes,
@@ -1179,17 +1188,21 @@ impl ObjectClient for S3Client {
         })
     }
 
-    async fn put_object(
+    async fn put_object_if(
         &self,
         key: &str,
         body: PutBody,
         attrs: &ObjectAttributes,
+        condition: Condition<'_>,
     ) -> Result<String> {
         let body = self.prepare(body).await?;
-        let req = attribute_headers(
-            Request::new(Operation::PutObject, Method::PUT, Some(key)),
-            attrs,
-            &self.cfg.write,
+        let req = condition_headers(
+            attribute_headers(
+                Request::new(Operation::PutObject, Method::PUT, Some(key)),
+                attrs,
+                &self.cfg.write,
+            ),
+            condition,
         )
         .body(body);
         let headers = self.headers_of(&req).await?;
@@ -1313,21 +1326,25 @@ impl ObjectClient for S3Client {
         self.parse_xml(&req, xml::etag_of(&text))
     }
 
-    async fn complete_multipart_upload(
+    async fn complete_multipart_upload_if(
         &self,
         key: &str,
         upload_id: &str,
         parts: &[CompletedPart],
+        condition: Condition<'_>,
     ) -> Result<String> {
         let body = self
             .prepare(PutBody::Bytes(Bytes::from(
                 xml::complete_multipart_upload_body(parts),
             )))
             .await?;
-        let req = Request::new(Operation::CompleteMultipartUpload, Method::POST, Some(key))
-            .query("uploadId", upload_id)
-            .header("content-type", "application/xml")
-            .body(body);
+        let req = condition_headers(
+            Request::new(Operation::CompleteMultipartUpload, Method::POST, Some(key))
+                .query("uploadId", upload_id)
+                .header("content-type", "application/xml"),
+            condition,
+        )
+        .body(body);
         let text = self.xml_text(&req).await?;
         self.parse_xml(&req, xml::etag_of(&text))
     }

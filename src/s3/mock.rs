@@ -12,7 +12,7 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::ops::Range;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::SystemTime;
 
@@ -64,6 +64,8 @@ pub struct MockClient {
     next_id: AtomicU64,
     bytes_sent: AtomicU64,
     bytes_received: AtomicU64,
+    /// Plays a server without conditional writes: their headers are ignored.
+    pub ignore_conditions: AtomicBool,
 }
 
 fn quoted_md5(data: &[u8]) -> String {
@@ -91,6 +93,7 @@ impl MockClient {
             next_id: AtomicU64::new(1),
             bytes_sent: AtomicU64::new(0),
             bytes_received: AtomicU64::new(0),
+            ignore_conditions: AtomicBool::new(false),
         }
     }
 
@@ -330,15 +333,18 @@ impl ObjectClient for MockClient {
         self.after(op, Some(key), lost, result)
     }
 
-    async fn put_object(
+    async fn put_object_if(
         &self,
         key: &str,
         body: PutBody,
         attrs: &ObjectAttributes,
+        condition: Condition<'_>,
     ) -> Result<String> {
         let op = Operation::PutObject;
         let lost = self.enter(op, Some(key))?;
-        let result = self.put_object_now(key, body, attrs);
+        let result = self
+            .check_condition(op, key, condition)
+            .and_then(|()| self.put_object_now(key, body, attrs));
         self.after(op, Some(key), lost, result)
     }
 
@@ -398,15 +404,18 @@ impl ObjectClient for MockClient {
         self.after(op, Some(key), lost, result)
     }
 
-    async fn complete_multipart_upload(
+    async fn complete_multipart_upload_if(
         &self,
         key: &str,
         upload_id: &str,
         parts: &[CompletedPart],
+        condition: Condition<'_>,
     ) -> Result<String> {
         let op = Operation::CompleteMultipartUpload;
         let lost = self.enter(op, Some(key))?;
-        let result = self.complete_multipart_upload_now(key, upload_id, parts);
+        let result = self
+            .check_condition(op, key, condition)
+            .and_then(|()| self.complete_multipart_upload_now(key, upload_id, parts));
         self.after(op, Some(key), lost, result)
     }
 
@@ -536,6 +545,26 @@ impl MockClient {
             range,
             body: ObjectBody::from_bytes(body),
         })
+    }
+
+    /// PreconditionFailed when the object at `key` is not as `condition` says (unless the
+    /// mock plays a server without conditional writes).
+    fn check_condition(&self, op: Operation, key: &str, condition: Condition<'_>) -> Result<()> {
+        if self.ignore_conditions.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let state = self.lock();
+        let current = state.objects.get(key).map(|o| o.etag.as_str());
+        let holds = match condition {
+            Condition::None => true,
+            Condition::Absent => current.is_none(),
+            Condition::Etag(want) => current == Some(want),
+        };
+        if holds {
+            Ok(())
+        } else {
+            Err(self.err(op, Some(key), ErrorKind::PreconditionFailed))
+        }
     }
 
     fn put_object_now(&self, key: &str, body: PutBody, attrs: &ObjectAttributes) -> Result<String> {

@@ -1089,3 +1089,5 @@ async fn chmod_keeps_other_clients_metadata_and_content_type() {
 }
 
 mod model;
+
+mod writeback;
