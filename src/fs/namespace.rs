@@ -56,6 +56,9 @@ pub(super) const SUBDIRECTORIES_PREFETCHED: usize = 8;
 
 /// What the mount knows of names: the inode table, and what listings and lookups have learnt
 /// besides it. Each map is a leaf lock (see docs/ARCHITECTURE.md, "Lock order").
+/// What [`Namespace::listed`] keeps of a directory: until when, and its entries' names.
+pub(super) type Listed = (Instant, Arc<HashSet<String>>);
+
 pub(super) struct Namespace {
     pub(super) inodes: InodeTable,
     /// Names known to be absent, and since when.
@@ -70,6 +73,10 @@ pub(super) struct Namespace {
     /// Directories with more keys below them than one listing page: revalidated by their own
     /// entries only.
     pub(super) large_trees: Mutex<HashSet<Ino>>,
+    /// Directories a listing showed whole, until when, with the names of their entries: a
+    /// name not among them is absent without a request of its own until then (as a negative
+    /// entry is), and once that passes, one listing of the directory renews them all.
+    pub(super) listed: Mutex<HashMap<Ino, Listed>>,
     /// Keys skipped with a warning, so each is warned of once.
     pub(super) warned_names: Mutex<HashSet<String>>,
     /// A directory in an old form was seen (see [`S3Filesystem::remove_old_markers`]).
@@ -85,6 +92,7 @@ impl Namespace {
             prefetched: Mutex::default(),
             revalidations: Mutex::default(),
             large_trees: Mutex::default(),
+            listed: Mutex::default(),
             warned_names: Mutex::default(),
             old_markers_seen: Default::default(),
         }
@@ -154,6 +162,9 @@ impl<C: ObjectClient> S3Filesystem<C> {
             .get(&neg_key)
             .is_some_and(|exp| *exp > Instant::now())
         {
+            return Err(FsError::NotFound);
+        }
+        if self.absent_by_listing(&dir, name).await {
             return Err(FsError::NotFound);
         }
         self.stats.lookups.fetch_add(1, Ordering::Relaxed);
@@ -234,6 +245,55 @@ impl<C: ObjectClient> S3Filesystem<C> {
         }
     }
 
+    /// Whether a listing of `dir` that showed all of it, within the TTL, lacks `name`. A
+    /// directory once listed whole is listed again when that has expired (one request for
+    /// every name looked up in it, instead of two per name: what `cp -r` and `tar x` into a
+    /// new directory ask about each file they create).
+    async fn absent_by_listing(&self, dir: &Arc<Inode>, name: &str) -> bool {
+        let current = || {
+            lock(&self.ns.listed)
+                .get(&dir.ino)
+                .map(|(until, names)| (*until > Instant::now(), names.clone()))
+        };
+        let names = match current() {
+            None => return false,
+            Some((true, names)) => names,
+            Some((false, stale)) => {
+                if self.queue.as_ref().is_some_and(|q| q.s3_unreachable()) {
+                    return !stale.contains(name);
+                }
+                if !self.revalidate_children(dir).await {
+                    // S3 cannot be reached: with write-back, files made meanwhile are stored
+                    // later as conditional writes, which never replace an object another
+                    // client made there; the last listing is the best answer until then.
+                    return match &self.queue {
+                        Some(q) => {
+                            q.reached(false);
+                            !stale.contains(name)
+                        }
+                        None => false,
+                    };
+                }
+                if let Some(q) = &self.queue {
+                    q.reached(true);
+                }
+                match current() {
+                    Some((true, names)) => names,
+                    _ => return false,
+                }
+            }
+        };
+        !names.contains(name)
+    }
+
+    /// `dir` was seen whole (a complete listing, or made empty here): its entries' names.
+    pub(super) fn listed_whole(&self, dir: Ino, names: HashSet<String>) {
+        let ttl = self.config.metadata_ttl;
+        if !ttl.is_zero() {
+            lock(&self.ns.listed).insert(dir, (Instant::now() + ttl, Arc::new(names)));
+        }
+    }
+
     /// Revalidates the known children of `dir`, and their descendants, with one listing: the
     /// keys of the whole subtree when it fits in one page (recursive ListObjectsV2), else the
     /// first [`REVALIDATION_PAGE`] entries of `dir` itself (with delimiter). Each known inode
@@ -306,6 +366,17 @@ impl<C: ObjectClient> S3Filesystem<C> {
             .max(page.common_prefixes.last().map(|p| &p[dir_key.len()..]))
             .unwrap_or("");
         let complete = page.next_continuation_token.is_none();
+        if complete {
+            let names = page
+                .objects
+                .iter()
+                .map(|o| &o.key[dir_key.len()..])
+                .chain(page.common_prefixes.iter().map(|p| &p[dir_key.len()..]))
+                .filter_map(|path| path.split('/').next().filter(|n| !n.is_empty()))
+                .map(str::to_string)
+                .collect();
+            self.listed_whole(dir.ino, names);
+        }
         // The inode at `path` (below `dir`), if known.
         let known = |path: &str| -> Option<Arc<Inode>> {
             let mut inode = dir.clone();
@@ -613,6 +684,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
                 None => break,
             }
         }
+        self.listed_whole(dir.ino, found.keys().cloned().collect());
         // Listings carry no user metadata (s3fs mode, owner, mtime). Keep what a HEAD already
         // told us while the object is unchanged; in directories small enough, ask for the
         // rest now, in parallel, so `stat` after `readdir` (rsync, ls -l) shows the stored
@@ -787,6 +859,8 @@ impl<C: ObjectClient> S3Filesystem<C> {
             .await
             .map_err(from_client)?;
         let inode = self.enter_new(&dir, name, Kind::Directory, stat);
+        // New and empty: what is made in it needs no lookups of S3 for a while.
+        self.listed_whole(inode.ino, HashSet::new());
         Ok(self.attr_of(&inode))
     }
 

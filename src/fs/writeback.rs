@@ -89,6 +89,8 @@ pub struct Queue {
     checks: AtomicU8,
     stored: AtomicU64,
     conflicts: AtomicU64,
+    /// Since when stores fail because S3 cannot be reached (none succeeded since).
+    unreachable: Mutex<Option<Instant>>,
 }
 
 #[derive(Debug)]
@@ -244,6 +246,7 @@ impl Queue {
             checks: AtomicU8::new(ServerChecks::Unknown as u8),
             stored: AtomicU64::new(0),
             conflicts: AtomicU64::new(0),
+            unreachable: Mutex::default(),
         })
     }
 
@@ -339,6 +342,34 @@ impl Queue {
                     failures: p.failures,
                 })
                 .collect(),
+        }
+    }
+
+    /// Whether S3 could not be reached by the last stores (an outage): lookups then answer
+    /// from what the mount knows instead of waiting out their retries.
+    pub fn s3_unreachable(&self) -> bool {
+        // The worker's stores tell while files wait; without them, only for a few seconds.
+        let since = *lock(&self.unreachable);
+        since.is_some_and(|t| !lock(&self.pending).is_empty() || t.elapsed() < IDLE_LOOK * 10)
+    }
+
+    pub(super) fn reached(&self, reached: bool) {
+        let mut u = lock(&self.unreachable);
+        match (reached, u.is_some()) {
+            (true, true) => {
+                tracing::info!("write-back: S3 answers again");
+                *u = None;
+            }
+            (false, was) => {
+                if !was {
+                    tracing::warn!(
+                        "write-back: S3 cannot be reached; closed files wait on local disk, and \
+                         lookups in directories listed before answer from those listings"
+                    );
+                }
+                *u = Some(Instant::now());
+            }
+            _ => {}
         }
     }
 
@@ -808,6 +839,12 @@ impl<C: ObjectClient> S3Filesystem<C> {
                 Err(e) => Err(e),
             },
         };
+        // What the outcome says of S3's reachability.
+        match &result {
+            Ok(()) | Err(FsError::Stale) => q.reached(true),
+            Err(FsError::S3(e)) if e.is_transient() || e.outcome_unknown() => q.reached(false),
+            Err(_) => {}
+        }
         match result {
             Ok(()) => {
                 q.stored.fetch_add(1, Ordering::Relaxed);

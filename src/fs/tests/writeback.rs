@@ -75,6 +75,18 @@ async fn drained(fs: &S3Filesystem<MockClient>) {
     panic!("still queued: {:?}", fs.write_back_info());
 }
 
+/// The spools and entries in the cache directory once a store that just ended let go of its
+/// spool (up to 2 s).
+async fn cache_left(dir: &std::path::Path) -> Vec<String> {
+    for _ in 0..200 {
+        if cache_files(dir).is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    cache_files(dir)
+}
+
 /// The spools and entries in the cache directory.
 fn cache_files(dir: &std::path::Path) -> Vec<String> {
     let mut names = Vec::new();
@@ -121,7 +133,10 @@ async fn a_close_returns_before_s3_has_the_file_and_the_queue_stores_it_through_
         "S_IFREG|0640"
     );
     assert!(stored.attrs.metadata.contains_key("mtime"));
-    assert!(cache_files(dir.path()).is_empty(), "nothing left locally");
+    assert!(
+        cache_left(dir.path()).await.is_empty(),
+        "nothing left locally"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -179,7 +194,7 @@ async fn rename_unlink_chmod_truncate_and_rewrite_of_pending_files_all_reach_s3(
     );
     assert_eq!(&mock.object("c").unwrap().data[..], b"second");
     assert_eq!(&mock.object("d").unwrap().data[..], b"ddd");
-    assert!(cache_files(dir.path()).is_empty());
+    assert!(cache_left(dir.path()).await.is_empty());
     let _ = b;
 }
 
@@ -255,11 +270,8 @@ async fn a_queue_found_at_mount_is_shown_then_stored_with_its_attributes() {
         Some("33152")
     );
     assert!(mock.object("open").is_none(), "never closed: never stored");
-    assert!(
-        cache_files(dir.path()).is_empty(),
-        "{:?}",
-        cache_files(dir.path())
-    );
+    let left = cache_left(dir.path()).await;
+    assert!(left.is_empty(), "{left:?}");
 }
 
 async fn conflict(ignore_conditions: bool) {
