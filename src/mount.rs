@@ -744,6 +744,8 @@ fn mount_and_serve(
     };
     let mut fs = S3Filesystem::new(client.clone(), plan.fs.clone());
     if let Some(cfg) = &plan.fs.write_back {
+        // Each file waiting in the queue keeps its spool open.
+        raise_open_file_limit();
         match Queue::open(cfg, &plan.client.bucket, &plan.fs.prefix) {
             Ok(q) => fs = fs.with_write_back(q),
             Err(e) => return report(e),
@@ -919,6 +921,20 @@ fn mount_and_serve(
     drop(control);
     tracing::info!("unmounted");
     result.map_err(|e| StartError(format!("the FUSE session ended with an error: {e}")))
+}
+
+/// Raises the soft limit of open descriptors to the hard one (as Go programs do at start).
+fn raise_open_file_limit() {
+    // SAFETY: getrlimit/setrlimit with a valid struct for this process.
+    unsafe {
+        let mut lim: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                tracing::debug!("could not raise the open file limit");
+            }
+        }
+    }
 }
 
 /// The kernel sends FUSE reads no larger than the mount's readahead window, 128 KiB by default,

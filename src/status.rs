@@ -197,6 +197,7 @@ pub fn snapshot(m: &MountState) -> Value {
         "uptime_seconds": secs(m.started.elapsed()),
         "uploads": uploads,
         "resumable_uploads": resumable,
+        "write_back": write_back(m, prefix),
         "resume_window_seconds": m.fs.config().write.resume_window.as_secs(),
         "reads": reads,
         "totals": {
@@ -227,6 +228,37 @@ pub fn snapshot(m: &MountState) -> Value {
             "spool_bytes": temp_file_bytes(&dirs),
             "free_bytes": free_bytes(&info.spool_dir),
         },
+    })
+}
+
+/// The write-back queue (`null` without --write-back): files, bytes, the oldest's age, and
+/// each pending file.
+fn write_back(m: &MountState, prefix: &str) -> Value {
+    let Some(q) = m.fs.write_back_info() else {
+        return Value::Null;
+    };
+    let pending: Vec<Value> = q
+        .pending
+        .iter()
+        .map(|p| {
+            json!({
+                "path": path_of(&p.key, prefix),
+                "key": p.key,
+                "bytes": p.size,
+                "age_seconds": secs(p.age),
+                "failed_attempts": p.failures,
+            })
+        })
+        .collect();
+    json!({
+        "files": q.files,
+        "bytes": q.bytes,
+        "max_bytes": q.max_bytes,
+        "oldest_seconds": q.oldest.map(secs),
+        "stored": q.stored,
+        "conflicts": q.conflicts,
+        "server_checks_conditions": q.server_checks_conditions,
+        "pending": pending,
     })
 }
 
@@ -325,6 +357,7 @@ pub fn render_text(v: &Value) -> String {
         );
     }
     let _ = write!(out, "{}", render_resumable(v));
+    let _ = write!(out, "{}", render_write_back(v));
     let reads = v.get("reads").and_then(Value::as_array);
     let _ = writeln!(out, "  reads in flight: {}", reads.map_or(0, |a| a.len()));
     for r in reads.into_iter().flatten() {
@@ -391,6 +424,47 @@ pub fn render_text(v: &Value) -> String {
             .as_u64()
             .map_or_else(|| "?".to_string(), bytes),
     );
+    out
+}
+
+/// The write-back queue of a mount's report (nothing without --write-back): a summary line,
+/// then up to 20 pending files, oldest first.
+pub fn render_write_back(v: &Value) -> String {
+    let mut out = String::new();
+    let w = &v["write_back"];
+    if w.is_null() {
+        return out;
+    }
+    let _ = writeln!(
+        out,
+        "  write-back queue: {} files, {} of {}{}  stored {}  conflicts {}",
+        u(w, &["files"]),
+        bytes(u(w, &["bytes"])),
+        bytes(u(w, &["max_bytes"])),
+        w["oldest_seconds"]
+            .as_f64()
+            .map_or_else(String::new, |a| format!("  oldest {}", duration(a))),
+        u(w, &["stored"]),
+        u(w, &["conflicts"]),
+    );
+    let mut pending: Vec<&Value> = w["pending"].as_array().into_iter().flatten().collect();
+    pending.sort_by(|a, b| f(b, &["age_seconds"]).total_cmp(&f(a, &["age_seconds"])));
+    for p in pending.iter().take(20) {
+        let _ = writeln!(
+            out,
+            "    {}  {}  waiting {}{}",
+            s(p, "path"),
+            bytes(u(p, &["bytes"])),
+            duration(f(p, &["age_seconds"])),
+            match u(p, &["failed_attempts"]) {
+                0 => String::new(),
+                n => format!("  {n} failed attempts"),
+            }
+        );
+    }
+    if pending.len() > 20 {
+        let _ = writeln!(out, "    ... and {} more", pending.len() - 20);
+    }
     out
 }
 
@@ -545,6 +619,32 @@ pub fn render_prometheus(v: &Value) -> String {
         "Files written and not stored yet.",
         one(count("uploads")),
     );
+    if !v["write_back"].is_null() {
+        metric(
+            "s3mount_write_back_pending_files",
+            "gauge",
+            "Files closed under --write-back that S3 does not have yet.",
+            one(f(v, &["write_back", "files"])),
+        );
+        metric(
+            "s3mount_write_back_pending_bytes",
+            "gauge",
+            "Bytes of those files.",
+            one(f(v, &["write_back", "bytes"])),
+        );
+        metric(
+            "s3mount_write_back_oldest_seconds",
+            "gauge",
+            "How long the oldest of them has waited.",
+            one(f(v, &["write_back", "oldest_seconds"])),
+        );
+        metric(
+            "s3mount_write_back_conflicts_total",
+            "counter",
+            "Files stored beside an object another client changed meanwhile.",
+            one(f(v, &["write_back", "conflicts"])),
+        );
+    }
     metric(
         "s3mount_reads_in_flight",
         "gauge",
@@ -729,6 +829,30 @@ mod tests {
         assert!(text.contains("mountpoint=\"/mnt/a \\\"b\\\"\""), "{text}");
         assert!(text.contains("s3mount_s3_requests_total{operation=\"GetObject\"} 3"));
         assert!(text.contains("s3mount_uploads_in_flight 1"));
+    }
+
+    #[test]
+    fn the_write_back_queue_shows_its_oldest_files_first() {
+        let v = json!({"write_back": {
+        "files": 2, "bytes": 3 << 20, "max_bytes": 10u64 << 30, "oldest_seconds": 75.0,
+        "stored": 5, "conflicts": 1, "server_checks_conditions": false,
+        "pending": [
+            {"path": "/new", "bytes": 1 << 20, "age_seconds": 2.0, "failed_attempts": 0},
+            {"path": "/old", "bytes": 2 << 20, "age_seconds": 75.0, "failed_attempts": 3},
+        ]}});
+        let text = render_write_back(&v);
+        assert!(
+            text.starts_with(
+                "  write-back queue: 2 files, 3.0 MiB of 10.0 GiB  oldest 1m15s  stored 5  conflicts 1\n"
+            ),
+            "{text}"
+        );
+        let old = text
+            .find("/old  2.0 MiB  waiting 1m15s  3 failed attempts")
+            .unwrap();
+        assert!(old < text.find("/new").unwrap(), "{text}");
+        assert_eq!(render_write_back(&json!({"write_back": null})), "");
+        assert!(render_prometheus(&v).contains("s3mount_write_back_pending_files 2"));
     }
 
     #[test]

@@ -353,10 +353,22 @@ impl<C: ObjectClient> S3Filesystem<C> {
         self.up_to_date(&inode).await?;
         let mut stat = inode.stat();
         let exists = stat.xattrs.contains_key(name);
+        // An access ACL sets the mode's bits (cp -p and cp -a set permissions this way); one
+        // that says no more than the mode is kept as the mode alone.
+        let acl = value
+            .filter(|_| name == "system.posix_acl_access")
+            .and_then(xattr::acl_mode);
+        let mode = acl.map(|(bits, _)| {
+            let old = stat
+                .mode
+                .unwrap_or(u32::from(self.default_perm(inode.kind)));
+            old & !0o777 | bits
+        });
         match value {
             _ if create && exists => return Err(FsError::Exists),
-            Some(_) if replace && !exists => return Err(FsError::NoAttribute),
+            Some(_) if replace && !exists && acl.is_none() => return Err(FsError::NoAttribute),
             None if !exists => return Err(FsError::NoAttribute),
+            Some(_) if acl.is_some_and(|(_, minimal)| minimal) => drop(stat.xattrs.remove(name)),
             Some(v) => drop(stat.xattrs.insert(name.to_string(), v.to_vec())),
             None => drop(stat.xattrs.remove(name)),
         }
@@ -368,6 +380,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
             )));
         }
         let attrs = AttrChange {
+            mode: mode.map(|m| m & 0o7777),
             ctime: Some(SystemTime::now()),
             xattrs: Some(stat.xattrs),
             ..Default::default()

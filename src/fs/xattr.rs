@@ -139,8 +139,66 @@ pub fn metadata_size(metadata: &BTreeMap<String, String>) -> usize {
     metadata.iter().map(|(k, v)| k.len() + v.len()).sum()
 }
 
+/// The permission bits a POSIX ACL (`system.posix_acl_access`, in the kernel's xattr form)
+/// stands for, and whether it is *minimal* (owner, group and other only: the mode says all of
+/// it, so it is kept as the mode, as local file systems do). The group bits are the mask's
+/// when there is one. `None` for a value that is not an ACL.
+pub fn acl_mode(value: &[u8]) -> Option<(u32, bool)> {
+    const USER_OBJ: u16 = 0x01;
+    const GROUP_OBJ: u16 = 0x04;
+    const MASK: u16 = 0x10;
+    const OTHER: u16 = 0x20;
+    let (header, entries) = value.split_first_chunk::<4>()?;
+    if u32::from_le_bytes(*header) != 2 || entries.is_empty() || entries.len() % 8 != 0 {
+        return None;
+    }
+    let (mut user, mut group, mut mask, mut other) = (None, None, None, None);
+    let mut minimal = true;
+    for e in entries.chunks_exact(8) {
+        let tag = u16::from_le_bytes([e[0], e[1]]);
+        let perm = u32::from(u16::from_le_bytes([e[2], e[3]]) & 0o7);
+        match tag {
+            USER_OBJ => user = Some(perm),
+            GROUP_OBJ => group = Some(perm),
+            MASK => mask = Some(perm),
+            OTHER => other = Some(perm),
+            _ => minimal = false,
+        }
+    }
+    let bits = (user? << 6) | (mask.or(group)? << 3) | other?;
+    Some((bits, minimal && mask.is_none()))
+}
+
 #[cfg(test)]
 mod tests {
+    /// An ACL in the kernel's xattr form from (tag, perm) entries.
+    fn acl(entries: &[(u16, u16)]) -> Vec<u8> {
+        let mut v = 2u32.to_le_bytes().to_vec();
+        for (tag, perm) in entries {
+            v.extend(tag.to_le_bytes());
+            v.extend(perm.to_le_bytes());
+            v.extend(u32::MAX.to_le_bytes());
+        }
+        v
+    }
+
+    #[test]
+    fn an_access_acl_gives_the_mode_it_stands_for() {
+        use super::acl_mode;
+        // What cp -p sets for a file of mode 0640.
+        assert_eq!(
+            acl_mode(&acl(&[(1, 6), (4, 4), (0x20, 0)])),
+            Some((0o640, true))
+        );
+        // A named user and a mask: the group bits are the mask's, and it is no mode alone.
+        assert_eq!(
+            acl_mode(&acl(&[(1, 6), (2, 6), (4, 4), (0x10, 6), (0x20, 4)])),
+            Some((0o664, false))
+        );
+        assert_eq!(acl_mode(b"nonsense"), None);
+        assert_eq!(acl_mode(&acl(&[(1, 6)])), None, "no group or other entry");
+    }
+
     use super::*;
 
     #[test]
