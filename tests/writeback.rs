@@ -266,7 +266,11 @@ async fn a_copy_through_an_outage_succeeds_and_is_stored_once_the_server_is_back
         "20 files (21 MiB) copied in {:.1} s{} of a {} s outage; all in S3 {:.1} s after the \
          server was back",
         copied.as_secs_f64(),
-        if during { ", within" } else { ", not within" },
+        if during {
+            ", within"
+        } else {
+            ", after the end"
+        },
         outage().as_secs(),
         back.elapsed().as_secs_f64()
     );

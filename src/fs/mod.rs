@@ -273,6 +273,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
             config: config.write.clone(),
             journal,
             budget: read_ctx.budget.clone(),
+            offline: Default::default(),
         };
         Self {
             ns: Namespace::new(&config.prefix),

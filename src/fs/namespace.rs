@@ -143,7 +143,10 @@ impl<C: ObjectClient> S3Filesystem<C> {
         let mut _held = None;
         if let Some(child) = self.ns.inodes.child(parent, name) {
             // A file open for writing is what we say it is: S3 has an older version, if any.
-            if child.is_fresh() || lock(&self.handles.writers).contains_key(&child.ino) {
+            if child.is_fresh()
+                || lock(&self.handles.writers).contains_key(&child.ino)
+                || self.offline()
+            {
                 return Ok(child);
             }
             _held = Some(self.hold(child.ino).await);
@@ -153,7 +156,13 @@ impl<C: ObjectClient> S3Filesystem<C> {
             // One listing of the directory revalidates all the children it knows: a program
             // that stats every file of a tree (rsync, make) sends one request per directory
             // instead of two per file.
-            if self.revalidate_children(&dir).await && child.is_fresh() {
+            if self.revalidate_children(&dir).await {
+                if child.is_fresh() {
+                    return Ok(child);
+                }
+            } else if self.queue.is_some() && !ttl.is_zero() {
+                // Under write-back, what the mount knows answers while S3 is away.
+                self.maybe_offline();
                 return Ok(child);
             }
         }
@@ -437,7 +446,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
     pub async fn getattr(&self, ino: Ino) -> FsResult<Attr> {
         let inode = self.inode(ino)?;
         let being_written = lock(&self.handles.writers).contains_key(&ino);
-        if being_written || inode.is_fresh() || inode.kind == Kind::Directory {
+        if being_written || inode.is_fresh() || inode.kind == Kind::Directory || self.offline() {
             if inode.kind == Kind::Directory && !inode.is_fresh() {
                 let stat = inode.stat();
                 inode.refresh(stat, self.config.metadata_ttl);

@@ -534,6 +534,9 @@ pub struct WriteContext<C> {
     pub config: WriteConfig,
     pub journal: Option<Arc<UploadJournal>>,
     pub budget: Arc<MemoryBudget>,
+    /// S3 cannot be reached (write-back's worker says so): parts are not sent while writing,
+    /// only kept in the spool, so a writer never waits on an outage (the commit sends them).
+    pub offline: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl<C> Clone for WriteContext<C> {
@@ -543,6 +546,7 @@ impl<C> Clone for WriteContext<C> {
             config: self.config.clone(),
             journal: self.journal.clone(),
             budget: self.budget.clone(),
+            offline: self.offline.clone(),
         }
     }
 }
@@ -846,7 +850,11 @@ impl<C: ObjectClient> WriteHandle<C> {
             let gathered = s.filling.as_ref().is_some_and(|f| f.part == part);
             if gathered && s.filling.as_ref().map(Filling::len) == Some(range.end - range.start) {
                 self.seal(&mut s).await?;
-            } else if !gathered && s.coverage.is_full(part, &range) && range.end <= s.size {
+            } else if !gathered
+                && s.coverage.is_full(part, &range)
+                && range.end <= s.size
+                && self.online()
+            {
                 // The data is safe in the spool: if the upload cannot start now, the commit
                 // tries again and reports the failure to close/fsync.
                 if let Err(e) = self.start_part(&mut s, part).await {
@@ -946,7 +954,8 @@ impl<C: ObjectClient> WriteHandle<C> {
                 .upload
                 .as_ref()
                 .is_some_and(|u| u.parts.contains_key(&part));
-            if !started && s.coverage.is_full(part, &range) && range.end <= s.size {
+            if !started && s.coverage.is_full(part, &range) && range.end <= s.size && self.online()
+            {
                 if let Err(e) = self.start_part(&mut s, part).await {
                     tracing::warn!("part {} of {} not uploaded yet: {e}", part + 1, s.key);
                 }
@@ -1073,15 +1082,32 @@ impl<C: ObjectClient> WriteHandle<C> {
     /// A full part held in memory: into the spool, and up from memory.
     async fn seal(&self, s: &mut WriteState) -> FsResult<()> {
         if let Some((part, data)) = self.settle_filling(s).await? {
+            if !self.online() {
+                return Ok(()); // in the spool; the commit sends it
+            }
             let key = s.key.clone();
             match self.upload(s).await {
                 Ok(upload) => self.spawn_upload(upload, part, PutBody::Bytes(data)),
                 // The data is safe in the spool: the commit tries again and reports the
                 // failure to close/fsync.
-                Err(e) => tracing::warn!("part {} of {key} not uploaded yet: {e}", part + 1),
+                Err(e) => {
+                    tracing::warn!("part {} of {key} not uploaded yet: {e}", part + 1);
+                    if self.ctx.config.named_spools {
+                        // Under write-back, the next parts wait in the spool for the commit
+                        // instead of each waiting out its retries here.
+                        self.ctx
+                            .offline
+                            .store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
             }
         }
         Ok(())
+    }
+
+    /// Whether parts go up while the file is written (not while S3 is known to be away).
+    fn online(&self) -> bool {
+        !self.ctx.offline.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Changes the size (truncate or extend with zeros).
@@ -1936,6 +1962,7 @@ mod tests {
             config: config(part),
             journal,
             budget: Arc::new(MemoryBudget::new(64 << 20)),
+            offline: Default::default(),
         }
     }
 

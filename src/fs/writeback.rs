@@ -91,6 +91,8 @@ pub struct Queue {
     conflicts: AtomicU64,
     /// Since when stores fail because S3 cannot be reached (none succeeded since).
     unreachable: Mutex<Option<Instant>>,
+    /// The same, for the write handles (see `WriteContext::offline`).
+    offline: Arc<std::sync::atomic::AtomicBool>,
 }
 
 #[derive(Debug)]
@@ -247,6 +249,7 @@ impl Queue {
             stored: AtomicU64::new(0),
             conflicts: AtomicU64::new(0),
             unreachable: Mutex::default(),
+            offline: Default::default(),
         })
     }
 
@@ -350,26 +353,28 @@ impl Queue {
     pub fn s3_unreachable(&self) -> bool {
         // The worker's stores tell while files wait; without them, only for a few seconds.
         let since = *lock(&self.unreachable);
-        since.is_some_and(|t| !lock(&self.pending).is_empty() || t.elapsed() < IDLE_LOOK * 10)
+        self.offline.load(Ordering::Relaxed)
+            || since
+                .is_some_and(|t| !lock(&self.pending).is_empty() || t.elapsed() < IDLE_LOOK * 10)
     }
 
     pub(super) fn reached(&self, reached: bool) {
         let mut u = lock(&self.unreachable);
-        match (reached, u.is_some()) {
-            (true, true) => {
+        if reached {
+            if u.is_some() || self.offline.load(Ordering::Relaxed) {
                 tracing::info!("write-back: S3 answers again");
-                *u = None;
             }
-            (false, was) => {
-                if !was {
-                    tracing::warn!(
-                        "write-back: S3 cannot be reached; closed files wait on local disk, and \
-                         lookups in directories listed before answer from those listings"
-                    );
-                }
-                *u = Some(Instant::now());
+            *u = None;
+            self.offline.store(false, Ordering::Relaxed);
+        } else {
+            if u.is_none() {
+                tracing::warn!(
+                    "write-back: S3 cannot be reached; closed files wait on local disk, and \
+                     lookups in directories listed before answer from those listings"
+                );
             }
-            _ => {}
+            *u = Some(Instant::now());
+            self.offline.store(true, Ordering::Relaxed);
         }
     }
 
@@ -414,9 +419,22 @@ impl<C: ObjectClient> S3Filesystem<C> {
         self.write_ctx.config.spool_dir = Some(queue.dir().to_path_buf());
         self.write_ctx.config.named_spools = true;
         self.write_ctx.config.conditional = true;
+        self.write_ctx.offline = queue.offline.clone();
         self.config.write = self.write_ctx.config.clone();
         self.queue = Some(Arc::new(queue));
         self
+    }
+
+    /// Write-back is on and S3 is known to be away: what the mount knows answers.
+    pub(super) fn offline(&self) -> bool {
+        self.queue.as_ref().is_some_and(|q| q.s3_unreachable())
+    }
+
+    /// A listing or HEAD failed under write-back: S3 may be away.
+    pub(super) fn maybe_offline(&self) {
+        if let Some(q) = &self.queue {
+            q.reached(false);
+        }
     }
 
     pub fn write_back_info(&self) -> Option<QueueInfo> {
