@@ -13,7 +13,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::fault_proxy::FaultProxy;
-use common::mount::{binary, last_stat, mount_env, Mounted};
+use common::mount::{binary, last_stat, mount_env, report, Mounted};
 use s3mount::s3::ObjectClient;
 
 use common::{
@@ -54,17 +54,7 @@ fn journalled_bytes(state: &Path) -> u64 {
 
 /// `s3mount uploads MOUNTPOINT --json`: the mount's resumable uploads.
 fn resumable(m: &Mounted) -> Vec<serde_json::Value> {
-    let out = Command::new(binary())
-        .args(["uploads", "--json"])
-        .arg(m.path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = report(m, "uploads");
     v["mounts"][0]["resumable_uploads"]
         .as_array()
         .cloned()

@@ -15,7 +15,7 @@ use std::process::Command;
 use std::time::{Duration, Instant, SystemTime};
 
 use common::fault_proxy::FaultProxy;
-use common::mount::{binary, mount, Mounted};
+use common::mount::{mount, report, Mounted};
 use common::{object_sha256, pattern, sha256_hex, unique_prefix, ServerEnv};
 use s3mount::s3::{ObjectAttributes, ObjectClient, PutBody};
 
@@ -46,18 +46,7 @@ const QUICK: [&str; 6] = [
 
 /// The mount's write-back queue, from `s3mount status --json`.
 fn queue(m: &Mounted) -> serde_json::Value {
-    let out = Command::new(binary())
-        .args(["status", "--json"])
-        .arg(m.path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    v["write_back"].clone()
+    report(m, "status")["write_back"].clone()
 }
 
 /// Waits up to `limit` until the queue is empty; how long that took.

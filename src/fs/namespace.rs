@@ -382,7 +382,8 @@ impl<C: ObjectClient> S3Filesystem<C> {
                 .map(|o| &o.key[dir_key.len()..])
                 .chain(page.common_prefixes.iter().map(|p| &p[dir_key.len()..]))
                 .filter_map(|path| path.split('/').next().filter(|n| !n.is_empty()))
-                .map(str::to_string)
+                // Hadoop's `dir_$folder$` is the directory `dir`.
+                .map(|n| n.strip_suffix(FOLDER_SUFFIX).unwrap_or(n).to_string())
                 .collect();
             self.listed_whole(dir.ino, names);
         }

@@ -388,18 +388,9 @@ impl Queue {
     }
 }
 
-/// The time in a conflict copy's name: `20261203T114512Z`.
+/// The time in a conflict copy's name: `20261203T114512Z` (UTC, as SigV4 writes dates).
 fn stamp(t: SystemTime) -> String {
-    let t = time::OffsetDateTime::from(t);
-    format!(
-        "{:04}{:02}{:02}T{:02}{:02}{:02}Z",
-        t.year(),
-        u8::from(t.month()),
-        t.day(),
-        t.hour(),
-        t.minute(),
-        t.second()
-    )
+    crate::s3::sigv4::format_amz_date(time::OffsetDateTime::from(t))
 }
 
 /// The first wait after a failed store; it doubles with each failure (core tests wait less).

@@ -297,3 +297,18 @@ pub fn mount_with(mut cmd: Command, bucket_spec: &str, args: &[&str]) -> Mounted
 pub fn run_to_exit(cmd: &mut Command) -> Output {
     cmd.stdin(Stdio::null()).output().expect("run s3mount")
 }
+
+/// `s3mount COMMAND --json MOUNTPOINT`'s report of mount `m` (`status`, `uploads`).
+pub fn report(m: &Mounted, command: &str) -> serde_json::Value {
+    let out = Command::new(binary())
+        .args([command, "--json"])
+        .arg(m.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}

@@ -1091,3 +1091,38 @@ async fn chmod_keeps_other_clients_metadata_and_content_type() {
 mod model;
 
 mod writeback;
+
+#[tokio::test]
+async fn a_directory_listed_whole_answers_lookups_of_names_it_lacks() {
+    let (mock, fs) = fs_with(&["d/a", "d/old_$folder$"], Duration::from_secs(60));
+    let d = path(&fs, "d").await.unwrap().ino;
+    assert_eq!(names(&fs, d).await.len(), 2, "a and old");
+    let heads = mock.count(Operation::HeadObject);
+    let lists = mock.count(Operation::ListObjectsV2);
+    for i in 0..50 {
+        assert_eq!(
+            errno_of(fs.lookup(d, &format!("new{i}")).await),
+            libc::ENOENT
+        );
+    }
+    assert_eq!(mock.count(Operation::HeadObject), heads, "no HEAD per name");
+    assert_eq!(mock.count(Operation::ListObjectsV2), lists, "nor a listing");
+    assert_eq!(fs.lookup(d, "old").await.unwrap().kind, Kind::Directory);
+    // A directory made here is empty: files made in it need no lookups.
+    let made = fs.mkdir(ROOT_INO, "made", 0o755, me()).await.unwrap().ino;
+    let lists = mock.count(Operation::ListObjectsV2);
+    let (_, fh) = fs.create(made, "f", 0o644, me()).await.unwrap();
+    fs.release_file(fh).await;
+    assert_eq!(mock.count(Operation::ListObjectsV2), lists);
+}
+
+#[tokio::test]
+async fn another_clients_new_key_shows_once_the_listing_expires() {
+    let (mock, fs) = fs_with(&["d/a"], Duration::from_millis(50));
+    let d = path(&fs, "d").await.unwrap().ino;
+    names(&fs, d).await;
+    assert_eq!(errno_of(fs.lookup(d, "b").await), libc::ENOENT);
+    mock.insert("d/b", "theirs");
+    tokio::time::sleep(Duration::from_millis(80)).await;
+    assert_eq!(fs.lookup(d, "b").await.unwrap().size, 6);
+}
