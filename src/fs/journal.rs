@@ -155,7 +155,7 @@ impl UploadRecord {
     }
 }
 
-fn millis(t: SystemTime) -> u128 {
+pub(super) fn millis(t: SystemTime) -> u128 {
     t.duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis())
 }
@@ -251,7 +251,7 @@ impl Entry {
 
 /// Writes `text` to `path` through a temporary file, fsync'd, and a rename, so a crash never
 /// leaves half an entry.
-fn write_entry(path: &Path, text: &str) -> std::io::Result<()> {
+pub(super) fn write_entry(path: &Path, text: &str) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
     local_io(|| {
         let mut f = std::fs::File::create(&tmp)?;

@@ -34,7 +34,6 @@
 //! until stores make room (a file larger than the bound alone is stored synchronously).
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
@@ -45,6 +44,7 @@ use serde_json::{json, Value};
 use super::attributes::stat_of_head;
 use super::error::{FsError, FsResult};
 use super::inode::{Ino, Kind};
+use super::journal::{millis, write_entry};
 use super::write::{Expect, KeptLocally, WriteHandle};
 use super::{local_io, lock, OpenFile, S3Filesystem};
 use crate::s3::{Condition, ContentHeaders, ErrorKind, ObjectAttributes, ObjectClient, ObjectHead};
@@ -146,11 +146,6 @@ struct Entry {
     attrs: ObjectAttributes,
 }
 
-fn ms(t: SystemTime) -> u64 {
-    t.duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 impl Entry {
     fn render(&self) -> String {
         let expect = match &self.expect {
@@ -162,7 +157,7 @@ impl Entry {
         json!({
             "key": self.key,
             "size": self.size,
-            "since_ms": ms(self.since),
+            "since_ms": millis(self.since) as u64,
             "expect": expect,
             "changing": self.changing,
             "conflict": self.conflict,
@@ -209,10 +204,6 @@ fn entry_path(spool: &Path) -> PathBuf {
     let mut p = spool.as_os_str().to_owned();
     p.push(".entry");
     PathBuf::from(p)
-}
-
-fn sync_dir(dir: &Path) -> std::io::Result<()> {
-    std::fs::File::open(dir)?.sync_all()
 }
 
 impl Queue {
@@ -267,19 +258,9 @@ impl Queue {
     }
 
     /// Records `entry` for the spool at `spool`, durably: written aside, synced, renamed into
-    /// place, the directory synced.
+    /// place, the directory synced (as the upload journal writes its entries).
     fn record(&self, spool: &Path, entry: &Entry) -> std::io::Result<()> {
-        let path = entry_path(spool);
-        let mut tmp = path.as_os_str().to_owned();
-        tmp.push(".tmp");
-        let tmp = PathBuf::from(tmp);
-        local_io(|| {
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(entry.render().as_bytes())?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, &path)?;
-            sync_dir(&self.dir)
-        })
+        write_entry(&entry_path(spool), &entry.render())
     }
 
     /// Forgets the entry of `spool` (the spool itself goes with its handle).
@@ -474,7 +455,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
             .map_or_else(SystemTime::now, |p| p.since);
         let kept = match writer.keep_locally().await {
             Ok(kept) => self
-                .record_entry(&q, &inode.key(), &kept, since, false)
+                .record_entry(&q, &inode.key(), &kept, since, None)
                 .map(|()| kept),
             Err(e) => {
                 tracing::error!(
@@ -531,15 +512,15 @@ impl<C: ObjectClient> S3Filesystem<C> {
         key: &str,
         kept: &KeptLocally,
         since: SystemTime,
-        changing: bool,
+        conflict: Option<String>,
     ) -> FsResult<()> {
         let entry = Entry {
             key: key.to_string(),
             size: kept.size,
             since,
             expect: kept.expect.clone(),
-            changing,
-            conflict: None,
+            changing: false,
+            conflict,
             attrs: kept.attrs.clone(),
         };
         q.record(&kept.spool, &entry).map_err(|e| {
@@ -881,24 +862,21 @@ impl<C: ObjectClient> S3Filesystem<C> {
                     p.retry_at = Instant::now();
                 }
                 // A later mount stores it there too.
+                let since = lock(&q.pending)
+                    .get(&ino)
+                    .map_or_else(SystemTime::now, |p| p.since);
                 let recorded = writer.keep_locally().await.and_then(|kept| {
-                    let since = lock(&q.pending)
-                        .get(&ino)
-                        .map_or_else(SystemTime::now, |p| p.since);
-                    let entry = Entry {
-                        key: key.clone(),
-                        size: kept.size,
-                        since,
+                    let kept = KeptLocally {
                         expect: Expect::Absent,
-                        changing: false,
-                        conflict: Some(copy.clone()),
-                        attrs: kept.attrs,
+                        ..kept
                     };
-                    q.record(&kept.spool, &entry)
-                        .map_err(|e| FsError::local("recording the conflict", e))
+                    self.record_entry(&q, &key, &kept, since, Some(copy.clone()))
                 });
                 if let Err(e) = recorded {
-                    tracing::warn!(key, "{e}");
+                    tracing::warn!(
+                        key,
+                        "the conflict copy is not recorded for a later mount: {e}"
+                    );
                 }
                 q.wake.notify_one();
             }
