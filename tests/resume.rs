@@ -12,8 +12,8 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::fault_proxy::FaultProxy;
-use common::mount::{binary, last_stat, mount_env, report, Mounted};
+use common::fault_proxy::proxied;
+use common::mount::{binary, last_stat, mount_env, report, Mounted, QUICK};
 use s3mount::s3::ObjectClient;
 
 use common::{
@@ -59,24 +59,6 @@ fn resumable(m: &Mounted) -> Vec<serde_json::Value> {
         .as_array()
         .cloned()
         .unwrap_or_default()
-}
-
-/// Timeouts that make a close against an unreachable server fail in seconds.
-const QUICK: [&str; 6] = [
-    "--request-timeout",
-    "2",
-    "--stall-timeout",
-    "2",
-    "--retry-max-time",
-    "4",
-];
-
-/// A fault proxy in front of the server, and the server as reached through it.
-async fn proxied(env: &ServerEnv) -> (FaultProxy, ServerEnv) {
-    let proxy = FaultProxy::start(env.authority(), vec![]).await;
-    let mut through = env.clone();
-    through.endpoint = proxy.endpoint();
-    (proxy, through)
 }
 
 /// Closes `f`; the errno if close(2) failed.

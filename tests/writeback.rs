@@ -14,8 +14,8 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant, SystemTime};
 
-use common::fault_proxy::FaultProxy;
-use common::mount::{mount, report, Mounted};
+use common::fault_proxy::proxied;
+use common::mount::{mount, report, Mounted, QUICK};
 use common::{object_sha256, pattern, sha256_hex, unique_prefix, ServerEnv};
 use s3mount::s3::{ObjectAttributes, ObjectClient, PutBody};
 
@@ -33,16 +33,6 @@ fn outage() -> Duration {
         .unwrap_or(10);
     Duration::from_secs(secs)
 }
-
-/// Timeouts that make requests to an unreachable server give up in seconds.
-const QUICK: [&str; 6] = [
-    "--request-timeout",
-    "2",
-    "--stall-timeout",
-    "2",
-    "--retry-max-time",
-    "4",
-];
 
 /// The mount's write-back queue, from `s3mount status --json`.
 fn queue(m: &Mounted) -> serde_json::Value {
@@ -187,14 +177,6 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
         }
     }
     out
-}
-
-/// A fault proxy in front of the server, and the server as reached through it.
-async fn proxied(env: &ServerEnv) -> (FaultProxy, ServerEnv) {
-    let proxy = FaultProxy::start(env.authority(), vec![]).await;
-    let mut through = env.clone();
-    through.endpoint = proxy.endpoint();
-    (proxy, through)
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -447,3 +447,11 @@ async fn serve(mut conn: TcpStream, s: &Shared) -> std::io::Result<()> {
     }
     conn.shutdown().await
 }
+
+/// A fault proxy in front of the server, and the server as reached through it.
+pub async fn proxied(env: &super::ServerEnv) -> (FaultProxy, super::ServerEnv) {
+    let proxy = FaultProxy::start(env.authority(), vec![]).await;
+    let mut through = env.clone();
+    through.endpoint = proxy.endpoint();
+    (proxy, through)
+}

@@ -312,3 +312,13 @@ pub fn report(m: &Mounted, command: &str) -> serde_json::Value {
     );
     serde_json::from_slice(&out.stdout).unwrap()
 }
+
+/// Timeouts that make requests to an unreachable server give up in seconds.
+pub const QUICK: [&str; 6] = [
+    "--request-timeout",
+    "2",
+    "--stall-timeout",
+    "2",
+    "--retry-max-time",
+    "4",
+];
