@@ -193,6 +193,13 @@ pub struct Cli {
     #[arg(long, value_parser = parse_size, value_name = "SIZE")]
     pub write_back_max_size: Option<u64>,
 
+    /// How long --write-back waits after a file's last close before it uploads the file
+    /// (default 2s): a burst of writes is not slowed by its own uploads, and a file renamed
+    /// or written again meanwhile (rsync's temporary names, editors' saves) is sent once.
+    /// 0 uploads at once. fsync() never waits for it.
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    pub write_back_delay: Option<Duration>,
+
     /// When reads move atime: relatime (when atime is older than mtime or ctime, or a day
     /// old), strictatime (every open for reading) or noatime (never). Also `-o relatime`,
     /// `-o strictatime` (`-o atime`), `-o noatime`.
@@ -674,6 +681,7 @@ impl Cli {
                     "write_back" => self.write_back = true,
                     "cache_dir" => self.cache_dir = Some(PathBuf::from(need()?)),
                     "write_back_max_size" => self.write_back_max_size = Some(parse_size(need()?)?),
+                    "write_back_delay" => self.write_back_delay = Some(parse_duration(need()?)?),
                     // mount(8)'s own names, or atime=MODE as --atime takes it.
                     "atime" | "strictatime" | "relatime" | "noatime" => {
                         self.atime = parse_atime(value.unwrap_or(name))?
@@ -762,9 +770,15 @@ impl Cli {
         if self.part_size < 5 << 20 || self.part_size > 5 << 30 {
             return Err("--part-size must be between 5M and 5G (S3's limits for a part)".into());
         }
-        if !self.write_back && (self.cache_dir.is_some() || self.write_back_max_size.is_some()) {
+        if !self.write_back
+            && (self.cache_dir.is_some()
+                || self.write_back_max_size.is_some()
+                || self.write_back_delay.is_some())
+        {
             return Err(
-                "--cache-dir and --write-back-max-size are settings of --write-back; add it".into(),
+                "--cache-dir, --write-back-max-size and --write-back-delay are \
+                        settings of --write-back; add it"
+                    .into(),
             );
         }
         if self.write_back && self.read_only {
@@ -970,7 +984,9 @@ mod tests {
             // the same.
             let extra = match long {
                 "sse-kms-key-id" => vec!["--sse".to_string(), "aws:kms".to_string()],
-                "cache-dir" | "write-back-max-size" => vec!["--write-back".to_string()],
+                "cache-dir" | "write-back-max-size" | "write-back-delay" => {
+                    vec!["--write-back".to_string()]
+                }
                 _ => vec![],
             };
             let mut a: Vec<String> = vec!["b".into(), "/m".into()];

@@ -286,7 +286,11 @@ fn plan_with(cli: Cli, client: &mut ClientConfig) -> Result<MountPlan, StartErro
                     (free / 2).clamp(1 << 30, DEFAULT_WRITE_BACK_MAX)
                 })
             });
-            crate::fs::writeback::WriteBackConfig { dir, max_bytes }
+            crate::fs::writeback::WriteBackConfig {
+                dir,
+                max_bytes,
+                delay: cli.write_back_delay.unwrap_or(DEFAULT_WRITE_BACK_DELAY),
+            }
         }),
     };
     Ok(MountPlan {
@@ -461,6 +465,8 @@ pub async fn check_bucket(cfg: &ClientConfig, prefix: &str) -> Result<(), StartE
 
 /// `--write-back-max-size` when not given, at most.
 const DEFAULT_WRITE_BACK_MAX: u64 = 10 << 30;
+/// How long write-back waits after a last close before it uploads (`--write-back-delay`).
+const DEFAULT_WRITE_BACK_DELAY: Duration = Duration::from_secs(2);
 
 fn state_dir() -> PathBuf {
     state_dir_for(

@@ -251,7 +251,7 @@ impl Entry {
 
 /// Writes `text` to `path` through a temporary file, fsync'd, and a rename, so a crash never
 /// leaves half an entry.
-pub(super) fn write_entry(path: &Path, text: &str) -> std::io::Result<()> {
+fn write_entry(path: &Path, text: &str) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
     local_io(|| {
         let mut f = std::fs::File::create(&tmp)?;

@@ -35,6 +35,7 @@ pub mod journal;
 pub mod local_copy;
 pub mod memory;
 pub mod namespace;
+mod queue_log;
 pub mod read;
 pub mod write;
 pub mod writeback;
@@ -274,6 +275,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
             journal,
             budget: read_ctx.budget.clone(),
             offline: Default::default(),
+            spools: Default::default(),
         };
         Self {
             ns: Namespace::new(&config.prefix),

@@ -112,6 +112,9 @@ impl Filling {
 }
 
 /// A second descriptor of the spool with O_DIRECT, when the file system allows it.
+/// Parts shorter than this go to the spool through the page cache, not O_DIRECT.
+const DIRECT_MIN: usize = 1 << 20;
+
 fn open_direct(spool: &std::fs::File) -> Option<std::fs::File> {
     use std::os::unix::fs::OpenOptionsExt;
     use std::os::unix::io::AsRawFd;
@@ -358,6 +361,9 @@ pub struct KeptLocally {
     pub expect: Expect,
     /// The spool's path.
     pub spool: std::path::PathBuf,
+    /// The file's bytes, when it is small enough to be made durable with its record instead
+    /// (the spool is then not synced).
+    pub inline: Option<Vec<u8>>,
 }
 
 pub struct WriteState {
@@ -408,11 +414,62 @@ pub struct WriteState {
     pub keep_spool: bool,
     /// What a conditional commit requires of the object it replaces.
     pub expect: Expect,
+    /// Where the spool goes when the handle ends and it is not kept (named spools).
+    spools: Option<Arc<SpoolPool>>,
+    /// The spool can hold another file once this handle ends: no record of the queue's log
+    /// names it without carrying its data (see `queue_log`), so a crash before the record of
+    /// its removal is durable never takes another file's bytes for this one's.
+    spool_reusable: bool,
+}
+
+/// Named spools of write handles that ended, kept for new ones (write-back): on ext4, making
+/// and removing a file for each small file written costs more than the rest of its close
+/// (the inode allocator searches past the inodes removed recently).
+#[derive(Debug, Default)]
+pub struct SpoolPool {
+    free: std::sync::Mutex<Vec<(std::fs::File, std::path::PathBuf)>>,
+}
+
+/// Spools kept for reuse at most.
+const SPOOLS_KEPT: usize = 64;
+
+impl SpoolPool {
+    /// Removes the spools kept (at unmount).
+    pub fn clear(&self) {
+        for (_, path) in std::mem::take(&mut *super::lock(&self.free)) {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+
+    fn take(&self) -> Option<(std::fs::File, std::path::PathBuf)> {
+        super::lock(&self.free).pop()
+    }
+
+    /// Keeps `file` (at `path`) for a new handle, emptied; false when the pool is full or the
+    /// file cannot be emptied.
+    fn keep(&self, file: std::fs::File, path: &std::path::Path) -> bool {
+        let mut free = super::lock(&self.free);
+        if free.len() >= SPOOLS_KEPT || file.set_len(0).is_err() {
+            return false;
+        }
+        free.push((file, path.to_path_buf()));
+        true
+    }
 }
 
 impl Drop for WriteState {
     fn drop(&mut self) {
         if let Some(path) = self.spool_path.as_ref().filter(|_| !self.keep_spool) {
+            if let Some(pool) = self.spools.as_ref().filter(|_| self.spool_reusable) {
+                // Nothing else (a copy into it under way) holds the spool.
+                if Arc::strong_count(&self.spool) == 1 {
+                    if let Ok(file) = self.spool.try_clone() {
+                        if pool.keep(file, path) {
+                            return;
+                        }
+                    }
+                }
+            }
             if let Err(e) = std::fs::remove_file(path) {
                 if e.kind() != std::io::ErrorKind::NotFound {
                     tracing::warn!("could not remove the spool file {}: {e}", path.display());
@@ -537,6 +594,8 @@ pub struct WriteContext<C> {
     /// S3 cannot be reached (write-back's worker says so): parts are not sent while writing,
     /// only kept in the spool, so a writer never waits on an outage (the commit sends them).
     pub offline: Arc<std::sync::atomic::AtomicBool>,
+    /// Named spools kept for reuse.
+    pub spools: Arc<SpoolPool>,
 }
 
 impl<C> Clone for WriteContext<C> {
@@ -547,6 +606,7 @@ impl<C> Clone for WriteContext<C> {
             journal: self.journal.clone(),
             budget: self.budget.clone(),
             offline: self.offline.clone(),
+            spools: self.spools.clone(),
         }
     }
 }
@@ -566,7 +626,9 @@ impl<C: ObjectClient> WriteHandle<C> {
     /// A handle for a new (or truncated) object at `key`.
     pub fn new(ctx: WriteContext<C>, key: String, attrs: ObjectAttributes) -> FsResult<Self> {
         let named = ctx.config.named_spools;
+        let reused = if named { ctx.spools.take() } else { None };
         let (spool, path) = local_io(|| match &ctx.config.spool_dir {
+            _ if reused.is_some() => Ok(reused.map(|(f, p)| (f, Some(p))).expect("some")),
             Some(dir) if named => tempfile::Builder::new()
                 .prefix("spool-")
                 .tempfile_in(dir)
@@ -577,7 +639,12 @@ impl<C: ObjectClient> WriteHandle<C> {
         })
         .map_err(|e| FsError::local(&format!("creating the spool file of {key}"), e))?;
         let handle = Self::with_spool(ctx, key, attrs, spool);
-        handle.state.try_lock().expect("new").spool_path = path;
+        {
+            let s = &mut handle.state.try_lock().expect("new");
+            s.spools = path.as_ref().map(|_| handle.ctx.spools.clone());
+            s.spool_path = path;
+            s.spool_reusable = true;
+        }
         Ok(handle)
     }
 
@@ -609,11 +676,12 @@ impl<C: ObjectClient> WriteHandle<C> {
         handle
     }
 
-    /// Makes the file as it is now durable in its (named) spool: what is held in memory or on
-    /// its way is written, bytes only the base object has are fetched, and the spool is
-    /// synced. The spool then outlives the handle. Fails as the handle fails (and then the
-    /// file must not be stored).
-    pub async fn keep_locally(&self) -> FsResult<KeptLocally> {
+    /// Makes the file as it is now whole in its (named) spool: what is held in memory or on
+    /// its way is written, and bytes only the base object has are fetched. A file of at most
+    /// `inline_max` bytes is read back for the caller to make durable with its record;
+    /// a larger one's spool is synced. The spool then outlives the handle. Fails as the
+    /// handle fails (and then the file must not be stored).
+    pub async fn keep_locally(&self, inline_max: u64) -> FsResult<KeptLocally> {
         let mut s = self.state.lock().await;
         s.check()?;
         let Some(path) = s.spool_path.clone() else {
@@ -622,9 +690,17 @@ impl<C: ObjectClient> WriteHandle<C> {
         self.spill(&mut s).await?;
         let size = s.size;
         self.fill(&mut s, 0..size).await?;
-        if let Err(e) = local_io(|| s.spool.sync_data()) {
+        let mut inline = None;
+        if size <= inline_max {
+            let mut data = vec![0u8; size as usize];
+            if let Err(e) = local_io(|| s.spool.read_exact_at(&mut data, 0)) {
+                return Err(s.spool_failed("reading it back", e));
+            }
+            inline = Some(data);
+        } else if let Err(e) = local_io(|| s.spool.sync_data()) {
             return Err(s.spool_failed("syncing it to disk", e));
         }
+        s.spool_reusable = inline.is_some();
         s.keep_spool = true;
         // Closed: O_DIRECT was for the sequential writer.
         s.direct = None;
@@ -633,6 +709,7 @@ impl<C: ObjectClient> WriteHandle<C> {
             attrs: s.attrs.clone(),
             expect: s.expect.clone(),
             spool: path,
+            inline,
         })
     }
 
@@ -677,6 +754,8 @@ impl<C: ObjectClient> WriteHandle<C> {
                 spool_path: None,
                 keep_spool: false,
                 expect: Expect::Any,
+                spools: None,
+                spool_reusable: false,
             }),
         }
     }
@@ -1042,12 +1121,14 @@ impl<C: ObjectClient> WriteHandle<C> {
     }
 
     /// Starts writing part `part` (from its first byte) into the spool, off the writer's path:
-    /// with O_DIRECT when aligned, else buffered. The coverage counts it at once; readers of
-    /// the spool wait for it (`spooled`).
+    /// with O_DIRECT when it is large and aligned, else buffered (a small one written directly
+    /// would wait for the disk, and be read from it again by a commit or a read). The coverage
+    /// counts it at once; readers of the spool wait for it (`spooled`).
     fn to_spool(&self, s: &mut WriteState, part: u64, data: bytes::Bytes) {
         let start = part_range(part, self.ctx.config.part_size).start;
         s.coverage.add(part, start..start + data.len() as u64);
         let aligned = start % BUFFER_ALIGN as u64 == 0
+            && data.len() >= DIRECT_MIN
             && data.len() % BUFFER_ALIGN == 0
             && data.as_ptr().align_offset(BUFFER_ALIGN) == 0;
         let direct = s.direct.clone().filter(|_| aligned);
@@ -1095,9 +1176,7 @@ impl<C: ObjectClient> WriteHandle<C> {
                     if self.ctx.config.named_spools {
                         // Under write-back, the next parts wait in the spool for the commit
                         // instead of each waiting out its retries here.
-                        self.ctx
-                            .offline
-                            .store(true, std::sync::atomic::Ordering::Relaxed);
+                        super::writeback::went_offline(&self.ctx.offline);
                     }
                 }
             }
@@ -1963,6 +2042,7 @@ mod tests {
             journal,
             budget: Arc::new(MemoryBudget::new(64 << 20)),
             offline: Default::default(),
+            spools: Default::default(),
         }
     }
 

@@ -44,7 +44,8 @@ use serde_json::{json, Value};
 use super::attributes::stat_of_head;
 use super::error::{FsError, FsResult};
 use super::inode::{Ino, Kind};
-use super::journal::{millis, write_entry};
+use super::journal::millis;
+use super::queue_log::{QueueLog, QUEUE_LOG};
 use super::write::{Expect, KeptLocally, WriteHandle};
 use super::{local_io, lock, OpenFile, S3Filesystem};
 use crate::s3::{Condition, ContentHeaders, ErrorKind, ObjectAttributes, ObjectClient, ObjectHead};
@@ -63,6 +64,8 @@ pub struct WriteBackConfig {
     pub dir: PathBuf,
     /// The most bytes pending at once (`--write-back-max-size`).
     pub max_bytes: u64,
+    /// How long after its last close a file is stored (`--write-back-delay`).
+    pub delay: Duration,
 }
 
 /// Whether the server checks conditional writes.
@@ -81,6 +84,11 @@ pub struct Queue {
     /// Held (flock) while the mount runs: two mounts never share a queue.
     _lock: std::fs::File,
     max_bytes: u64,
+    delay: Duration,
+    /// What each spool holds, for a later mount.
+    log: Mutex<QueueLog>,
+    /// What the log held when the mount started, until recovery takes it.
+    queued: Mutex<Vec<(PathBuf, Option<Entry>)>>,
     pending: Mutex<HashMap<Ino, Pending>>,
     /// New work, or a retry that came due.
     wake: tokio::sync::Notify,
@@ -147,7 +155,7 @@ struct Entry {
 }
 
 impl Entry {
-    fn render(&self) -> String {
+    fn to_json(&self) -> Value {
         let expect = match &self.expect {
             Expect::Any => Value::Null,
             Expect::Absent => json!({ "absent": true }),
@@ -166,11 +174,9 @@ impl Entry {
             "metadata": self.attrs.metadata,
             "storage_class": self.attrs.storage_class,
         })
-        .to_string()
     }
 
-    fn parse(text: &str) -> Option<Self> {
-        let v: Value = serde_json::from_str(text).ok()?;
+    fn parse(v: &Value) -> Option<Self> {
         let s = |v: &Value| v.as_str().map(str::to_string);
         let expect = match &v["expect"] {
             Value::Null => Expect::Any,
@@ -200,11 +206,17 @@ impl Entry {
     }
 }
 
-fn entry_path(spool: &Path) -> PathBuf {
+/// An entry file of the version before the queue log (`spool-X.entry` beside `spool-X`): read
+/// at mount, so an upgrade keeps what an older mount left queued.
+fn legacy_entry_path(spool: &Path) -> PathBuf {
     let mut p = spool.as_os_str().to_owned();
     p.push(".entry");
     PathBuf::from(p)
 }
+
+/// Files at most this large are kept in their log record, so one sync makes them durable;
+/// larger ones have their spool synced.
+const INLINE_MAX: u64 = 128 << 10;
 
 impl Queue {
     /// The queue of `bucket` and `prefix` under `cfg.dir`, locked for this mount.
@@ -229,10 +241,20 @@ impl Queue {
                 cfg.dir.display()
             ));
         }
+        let (log, found) = QueueLog::open(&dir)
+            .map_err(|e| format!("cannot read the write-back queue in {}: {e}", dir.display()))?;
+        let mut queued: Vec<(PathBuf, Option<Entry>)> = found
+            .into_iter()
+            .map(|f| (dir.join(&f.spool), Entry::parse(&f.entry)))
+            .collect();
+        queued.extend(legacy_entries(&dir, &queued));
         Ok(Self {
             dir,
             _lock: lock_file,
             max_bytes: cfg.max_bytes,
+            delay: cfg.delay,
+            log: Mutex::new(log),
+            queued: Mutex::new(queued),
             pending: Mutex::default(),
             wake: tokio::sync::Notify::new(),
             room: tokio::sync::Notify::new(),
@@ -244,7 +266,7 @@ impl Queue {
         })
     }
 
-    /// Where the spools and entries are.
+    /// Where the spools and the log are.
     pub fn dir(&self) -> &Path {
         &self.dir
     }
@@ -257,48 +279,34 @@ impl Queue {
         }
     }
 
-    /// Records `entry` for the spool at `spool`, durably: written aside, synced, renamed into
-    /// place, the directory synced (as the upload journal writes its entries).
-    fn record(&self, spool: &Path, entry: &Entry) -> std::io::Result<()> {
-        write_entry(&entry_path(spool), &entry.render())
+    /// Records `entry` for the spool at `spool` in the log, durably. `data` is the file's
+    /// content when it goes in the record; otherwise the spool was synced, and its name is
+    /// made durable here.
+    fn record(&self, spool: &Path, entry: &Entry, data: Option<&[u8]>) -> std::io::Result<()> {
+        let name = spool_name(spool)?;
+        local_io(|| {
+            if data.is_none() && !entry.changing {
+                std::fs::File::open(&self.dir)?.sync_all()?;
+            }
+            lock(&self.log).put(name, &entry.to_json(), data)
+        })
     }
 
     /// Forgets the entry of `spool` (the spool itself goes with its handle).
     fn forget(&self, spool: &Path) {
-        let path = entry_path(spool);
-        if let Err(e) = local_io(|| std::fs::remove_file(&path)) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                tracing::warn!("could not remove {}: {e}", path.display());
-            }
+        let gone = spool_name(spool).and_then(|name| local_io(|| lock(&self.log).gone(name)));
+        if let Err(e) = gone {
+            tracing::warn!(
+                "could not record in the write-back log that {} is stored: {e}",
+                spool.display()
+            );
         }
     }
 
-    /// The entries on disk, by spool path; removes leftovers (spools without an entry, entries
-    /// being written).
-    fn entries_on_disk(&self) -> Vec<(PathBuf, Option<Entry>)> {
-        let Ok(dir) = std::fs::read_dir(&self.dir) else {
-            return Vec::new();
-        };
-        let names: Vec<String> = dir
-            .filter_map(|e| e.ok()?.file_name().into_string().ok())
-            .collect();
-        let mut found = Vec::new();
-        for name in &names {
-            let path = self.dir.join(name);
-            if name.ends_with(".tmp") {
-                let _ = std::fs::remove_file(&path);
-            } else if let Some(spool) = name.strip_suffix(".entry") {
-                let spool = self.dir.join(spool);
-                let entry = std::fs::read_to_string(&path)
-                    .ok()
-                    .and_then(|t| Entry::parse(&t));
-                found.push((spool, entry));
-            } else if name.starts_with("spool-") && !names.contains(&format!("{name}.entry")) {
-                // Open when the last mount ended, never closed: nothing to store.
-                let _ = std::fs::remove_file(&path);
-            }
-        }
-        found
+    /// What the log (and entry files of an older version) said was queued when the mount
+    /// started, by spool path; once.
+    fn take_queued(&self) -> Vec<(PathBuf, Option<Entry>)> {
+        std::mem::take(&mut *lock(&self.queued))
     }
 
     pub fn info(&self) -> QueueInfo {
@@ -348,14 +356,8 @@ impl Queue {
             *u = None;
             self.offline.store(false, Ordering::Relaxed);
         } else {
-            if u.is_none() {
-                tracing::warn!(
-                    "write-back: S3 cannot be reached; closed files wait on local disk, and \
-                     lookups in directories listed before answer from those listings"
-                );
-            }
             *u = Some(Instant::now());
-            self.offline.store(true, Ordering::Relaxed);
+            went_offline(&self.offline);
         }
     }
 
@@ -367,6 +369,65 @@ impl Queue {
             .map(|(_, p)| p.size)
             .sum()
     }
+}
+
+/// S3 cannot be reached (a store, a listing or a part upload found it so): said once, until it
+/// answers again.
+pub(super) fn went_offline(offline: &std::sync::atomic::AtomicBool) {
+    if !offline.swap(true, Ordering::Relaxed) {
+        tracing::warn!(
+            "write-back: S3 cannot be reached; closed files wait on local disk, and lookups in \
+             directories listed before answer from those listings"
+        );
+    }
+}
+
+/// The file name of a spool in the queue's directory.
+fn spool_name(spool: &Path) -> std::io::Result<&str> {
+    spool.file_name().and_then(|n| n.to_str()).ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{} is not a spool of the queue", spool.display()),
+        )
+    })
+}
+
+/// Entry files an older version left in `dir` (for spools the log does not name), and the
+/// removal of leftovers: spools nothing names (open when the last mount ended, never closed)
+/// and files being written.
+fn legacy_entries(
+    dir: &Path,
+    queued: &[(PathBuf, Option<Entry>)],
+) -> Vec<(PathBuf, Option<Entry>)> {
+    let Ok(read) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let names: Vec<String> = read
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .collect();
+    let logged = |spool: &Path| queued.iter().any(|(p, _)| p == spool);
+    let mut found = Vec::new();
+    for name in &names {
+        let path = dir.join(name);
+        if name.ends_with(".tmp") {
+            let _ = std::fs::remove_file(&path);
+        } else if let Some(spool) = name.strip_suffix(".entry") {
+            let spool = dir.join(spool);
+            if !logged(&spool) {
+                let entry = std::fs::read_to_string(&path)
+                    .ok()
+                    .and_then(|t| serde_json::from_str(&t).ok())
+                    .and_then(|v| Entry::parse(&v));
+                found.push((spool, entry));
+            }
+        } else if name.starts_with("spool-")
+            && !logged(&path)
+            && !names.contains(&format!("{name}.entry"))
+        {
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+    found
 }
 
 /// The time in a conflict copy's name: `20261203T114512Z` (UTC, as SigV4 writes dates).
@@ -453,7 +514,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
         let since = lock(&q.pending)
             .get(&ino)
             .map_or_else(SystemTime::now, |p| p.since);
-        let kept = match writer.keep_locally().await {
+        let kept = match writer.keep_locally(INLINE_MAX).await {
             Ok(kept) => self
                 .record_entry(&q, &inode.key(), &kept, since, None)
                 .map(|()| kept),
@@ -500,7 +561,8 @@ impl<C: ObjectClient> S3Filesystem<C> {
             });
             p.size = size;
             p.key = inode.key();
-            p.retry_at = Instant::now();
+            // Stored once the file has been left alone for the delay.
+            p.retry_at = Instant::now() + q.delay;
         }
         q.wake.notify_one();
         Ok(())
@@ -523,11 +585,12 @@ impl<C: ObjectClient> S3Filesystem<C> {
             conflict,
             attrs: kept.attrs.clone(),
         };
-        q.record(&kept.spool, &entry).map_err(|e| {
-            let err = FsError::local("recording the file in the write-back cache", e);
-            tracing::error!(key, "{err}");
-            err
-        })
+        q.record(&kept.spool, &entry, kept.inline.as_deref())
+            .map_err(|e| {
+                let err = FsError::local("recording the file in the write-back cache", e);
+                tracing::error!(key, "{err}");
+                err
+            })
     }
 
     /// A close that would pass the cache's bound waits until stores make room (unless nothing
@@ -585,7 +648,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
             conflict: None,
             attrs: ObjectAttributes::default(),
         };
-        q.record(&spool, &entry)
+        q.record(&spool, &entry, None)
             .map_err(|e| FsError::local("recording the file in the write-back cache", e))
     }
 
@@ -865,7 +928,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
                 let since = lock(&q.pending)
                     .get(&ino)
                     .map_or_else(SystemTime::now, |p| p.since);
-                let recorded = writer.keep_locally().await.and_then(|kept| {
+                let recorded = writer.keep_locally(INLINE_MAX).await.and_then(|kept| {
                     let kept = KeptLocally {
                         expect: Expect::Absent,
                         ..kept
@@ -905,7 +968,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
             return 0;
         };
         let mut recovered = 0;
-        for (spool, entry) in local_io(|| q.entries_on_disk()) {
+        for (spool, entry) in q.take_queued() {
             let Some(entry) = entry else {
                 tracing::error!(
                     spool = %spool.display(),
@@ -920,11 +983,19 @@ impl<C: ObjectClient> S3Filesystem<C> {
                      was being written is not stored"
                 );
                 q.forget(&spool);
+                let _ = std::fs::remove_file(legacy_entry_path(&spool));
                 let _ = std::fs::remove_file(&spool);
                 continue;
             }
             match self.requeue(&q, &spool, &entry).await {
-                Ok(()) => recovered += 1,
+                Ok(()) => {
+                    recovered += 1;
+                    // An older version's entry file: into the log from now on.
+                    let legacy = legacy_entry_path(&spool);
+                    if legacy.exists() && q.record(&spool, &entry, None).is_ok() {
+                        let _ = std::fs::remove_file(legacy);
+                    }
+                }
                 Err(e) => tracing::error!(
                     key = entry.key,
                     "a file the last mount did not store yet cannot be queued again ({e}); it \
@@ -976,6 +1047,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
                 attrs: entry.attrs.clone(),
                 expect: entry.expect.clone(),
                 spool: spool.to_path_buf(),
+                inline: None,
             },
             file,
         ));
@@ -1033,6 +1105,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
 
     /// At unmount: the queue stays on disk for the next mount.
     pub(super) fn write_back_unmounting(&self) {
+        self.write_ctx.spools.clear();
         if let Some(q) = &self.queue {
             let info = q.info();
             if info.files > 0 {
@@ -1044,6 +1117,8 @@ impl<C: ObjectClient> S3Filesystem<C> {
                      mount of this bucket and prefix with the same --cache-dir stores them"
                 );
             } else {
+                // Nothing for a later mount: the directory is left with its lock only.
+                let _ = std::fs::remove_file(q.dir().join(QUEUE_LOG));
                 tracing::info!("write-back: every file is stored in S3");
             }
         }
@@ -1082,9 +1157,9 @@ mod tests {
                     sse: None,
                 },
             };
-            assert_eq!(Entry::parse(&e.render()), Some(e));
+            assert_eq!(Entry::parse(&e.to_json()), Some(e));
         }
-        assert_eq!(Entry::parse("{\"key\": \"half"), None);
+        assert_eq!(Entry::parse(&json!({ "key": "half" })), None);
     }
 
     #[test]

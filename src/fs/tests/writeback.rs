@@ -12,6 +12,7 @@ fn queue(dir: &std::path::Path, max_bytes: u64) -> Queue {
     let cfg = WriteBackConfig {
         dir: dir.to_path_buf(),
         max_bytes,
+        delay: Duration::ZERO,
     };
     Queue::open(&cfg, "b", "").unwrap()
 }
@@ -87,15 +88,18 @@ async fn cache_left(dir: &std::path::Path) -> Vec<String> {
     cache_files(dir)
 }
 
-/// The spools and entries in the cache directory.
+/// The spools in the cache directory that hold something (besides its lock and the queue's
+/// log; empty spools are kept for new files while the mount runs).
 fn cache_files(dir: &std::path::Path) -> Vec<String> {
     let mut names = Vec::new();
     for d in std::fs::read_dir(dir).unwrap() {
         let d = d.unwrap();
         if d.file_type().unwrap().is_dir() {
             for f in std::fs::read_dir(d.path()).unwrap() {
-                let name = f.unwrap().file_name().into_string().unwrap();
-                if name != "lock" {
+                let f = f.unwrap();
+                let name = f.file_name().into_string().unwrap();
+                let empty = f.metadata().unwrap().len() == 0;
+                if name != "lock" && name != "queue.log" && !empty {
                     names.push(name);
                 }
             }
@@ -120,7 +124,7 @@ async fn a_close_returns_before_s3_has_the_file_and_the_queue_stores_it_through_
         vec![("a.txt".into(), Kind::File)]
     );
     assert_eq!(read_all(&fs, ino).await, b"hello");
-    assert_eq!(cache_files(dir.path()).len(), 2, "a spool and its entry");
+    assert_eq!(cache_files(dir.path()).len(), 1, "its spool");
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(fs.write_back_info().unwrap().pending[0].failures > 0);
     mock.clear_failures();
@@ -137,6 +141,34 @@ async fn a_close_returns_before_s3_has_the_file_and_the_queue_stores_it_through_
         cache_left(dir.path()).await.is_empty(),
         "nothing left locally"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_renamed_within_the_delay_is_stored_once_at_its_new_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let mock = Arc::new(MockClient::new("b"));
+    let cfg = WriteBackConfig {
+        dir: dir.path().to_path_buf(),
+        max_bytes: 1 << 30,
+        delay: Duration::from_millis(400),
+    };
+    let fs = Arc::new(
+        S3Filesystem::new(mock.clone(), FsConfig::default())
+            .with_write_back(Queue::open(&cfg, "b", "").unwrap()),
+    );
+    fs.start_write_back(&tokio::runtime::Handle::current());
+    // rsync's way: a temporary name, then a rename over the real one.
+    write_file(&fs, ".f.XXXXXX", b"synced").await;
+    fs.rename(ROOT_INO, ".f.XXXXXX", ROOT_INO, "f", false)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(mock.keys().is_empty(), "nothing stored within the delay");
+    drained(&fs).await;
+    assert_eq!(mock.keys(), vec!["f"]);
+    assert_eq!(&mock.object("f").unwrap().data[..], b"synced");
+    assert_eq!(mock.count(Operation::PutObject), 1);
+    assert_eq!(mock.count(Operation::CopyObject), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -205,6 +237,7 @@ fn two_mounts_of_one_bucket_never_share_a_queue() {
     let cfg = WriteBackConfig {
         dir: dir.path().to_path_buf(),
         max_bytes: 1 << 30,
+        delay: Duration::ZERO,
     };
     let err = Queue::open(&cfg, "b", "").unwrap_err();
     assert!(err.contains("another s3mount"), "{err}");
