@@ -234,14 +234,10 @@ async fn a_copy_through_an_outage_succeeds_and_is_stored_once_the_server_is_back
     let back = Instant::now();
     drained(&m, Duration::from_secs(120));
     eprintln!(
-        "20 files (21 MiB) copied in {:.1} s{} of a {} s outage; all in S3 {:.1} s after the \
+        "20 files (21 MiB) copied in {:.1} s, {} a {} s outage; all in S3 {:.1} s after the \
          server was back",
         copied.as_secs_f64(),
-        if during {
-            ", within"
-        } else {
-            ", after the end"
-        },
+        if during { "within" } else { "outlasting" },
         outage().as_secs(),
         back.elapsed().as_secs_f64()
     );
