@@ -40,7 +40,7 @@ impl Default for ReadConfig {
             first_request: 256 * 1024,
             max_request: 8 * 1024 * 1024,
             requests_ahead: 16,
-            window_start: 32 * 1024 * 1024,
+            window_start: 16 * 1024 * 1024,
             block_size: 128 * 1024,
             sequential_tolerance: 2 * 1024 * 1024,
             local_copy_max: 2 << 30,
