@@ -402,10 +402,12 @@ fn legacy_entries(
     let Ok(read) = std::fs::read_dir(dir) else {
         return Vec::new();
     };
-    let names: Vec<String> = read
+    let names: std::collections::HashSet<String> = read
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
         .collect();
-    let logged = |spool: &Path| queued.iter().any(|(p, _)| p == spool);
+    let logged: std::collections::HashSet<&Path> =
+        queued.iter().map(|(p, _)| p.as_path()).collect();
+    let logged = |spool: &Path| logged.contains(spool);
     let mut found = Vec::new();
     for name in &names {
         let path = dir.join(name);

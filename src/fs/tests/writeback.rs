@@ -253,6 +253,39 @@ fn two_mounts_of_one_bucket_never_share_a_queue() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_an_older_version_queued_in_entry_files_are_stored_after_an_upgrade() {
+    let dir = tempfile::tempdir().unwrap();
+    let mock = Arc::new(MockClient::new("b"));
+    let qdir = queue(dir.path(), 1 << 30).dir().to_path_buf();
+    // What the version before the queue log left: a synced spool and its entry file beside it.
+    std::fs::write(qdir.join("spool-old1"), b"queued before the upgrade").unwrap();
+    let entry = serde_json::json!({
+        "key": "old.txt", "size": 25, "since_ms": 1_700_000_000_000u64, "expect": {"absent": true},
+        "changing": false, "conflict": null, "content_type": "text/plain", "content": {},
+        "metadata": {"mode": "33188"}, "storage_class": null,
+    });
+    std::fs::write(qdir.join("spool-old1.entry"), entry.to_string()).unwrap();
+    // A spool nothing names (open when that mount ended) is not stored.
+    std::fs::write(qdir.join("spool-open"), b"never closed").unwrap();
+    let fs = Arc::new(
+        S3Filesystem::new(mock.clone(), FsConfig::default())
+            .with_write_back(queue(dir.path(), 1 << 30)),
+    );
+    assert_eq!(fs.recover_write_back().await, 1);
+    assert!(!qdir.join("spool-old1.entry").exists(), "in the log now");
+    assert!(!qdir.join("spool-open").exists());
+    fs.start_write_back(&tokio::runtime::Handle::current());
+    drained(&fs).await;
+    let stored = mock.object("old.txt").unwrap();
+    assert_eq!(&stored.data[..], b"queued before the upgrade");
+    assert_eq!(
+        stored.attrs.metadata.get("mode").map(String::as_str),
+        Some("33188")
+    );
+    assert_eq!(mock.keys(), vec!["old.txt"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_queue_found_at_mount_is_shown_then_stored_with_its_attributes() {
     let dir = tempfile::tempdir().unwrap();
     let mock = Arc::new(MockClient::new("b"));
