@@ -4,17 +4,21 @@
 //! **What a close makes durable.** The file's spool is a named file in the cache directory
 //! (one directory per bucket and prefix, locked by the mount that uses it). At the close the
 //! spool is completed (parts held in memory written, bytes only the stored object has
-//! fetched) and synced, then an *entry* next to it records the key, the size, the attributes
-//! the object is stored with (mode, owner, times, xattrs in s3fs's metadata) and the version of
-//! the object the file replaces; the entry is written to a temporary name, synced, renamed
-//! into place and the directory synced. Only then does the close return.
+//! fetched), then an *entry* records the key, the size, the attributes the object is stored
+//! with (mode, owner, times, xattrs in s3fs's metadata) and the version of the object the file
+//! replaces, appended to the queue's log (`queue_log.rs`) and synced. A file of up to
+//! `INLINE_MAX` goes into its record whole, so that one `fdatasync` makes the close durable; a
+//! larger one's spool is synced first. Only then does the close return. Spools of files that
+//! left the queue are kept for new files (`SpoolPool` in `write.rs`) when no record names them
+//! without their data.
 //!
 //! **The queue.** A pending file keeps its write handle, pinned by a descriptor of the queue
 //! itself, and its inode, so listings, stat, reads, rename, unlink, chmod, truncate and
 //! rewrites see and change the local version exactly as they do for a file open for writing;
 //! each change that a later mount must know is recorded in the entry again (a rewrite marks
 //! the entry as changing first, so a crash in the middle of it never stores a mix of two
-//! versions). A worker stores each pending file that no descriptor has open (several at once),
+//! versions). A worker stores each pending file that no descriptor has open and that has been
+//! left alone for `--write-back-delay` (several at once),
 //! through the same commit as a synchronous close, with backoff that grows to a minute and
 //! never gives up while the data is safe locally. `fsync` stores the file at once.
 //!
