@@ -61,6 +61,8 @@ pub(super) struct QueueLog {
     /// The last record of each spool that is still in the queue: offset and length.
     live: HashMap<String, (u64, u64)>,
     live_bytes: u64,
+    /// Dead bytes past which the log is compacted (raised after a compaction that failed).
+    compact_after: u64,
 }
 
 fn blocks(len: u64) -> u64 {
@@ -215,6 +217,7 @@ impl QueueLog {
             allocated: end,
             live: moved,
             live_bytes,
+            compact_after: COMPACT_AFTER,
         };
         log.grow(end + GROW)?;
         std::fs::rename(&tmp, path)?;
@@ -280,8 +283,20 @@ impl QueueLog {
         }
         self.end += len;
         let dead = self.end - BLOCK - self.live_bytes;
-        if dead > COMPACT_AFTER && dead > self.live_bytes {
-            *self = Self::rewrite(&self.path, Some(&self.file), &self.live)?;
+        if dead > self.compact_after && dead > self.live_bytes {
+            // The record is durable already: a compaction that fails (a full disk) fails
+            // nothing, and is tried again once as much more is dead.
+            match Self::rewrite(&self.path, Some(&self.file), &self.live) {
+                Ok(log) => *self = log,
+                Err(e) => {
+                    tracing::warn!(
+                        "the write-back log {} could not be compacted ({e}); it grows until \
+                         a later compaction or the next mount",
+                        self.path.display()
+                    );
+                    self.compact_after = dead + COMPACT_AFTER;
+                }
+            }
         }
         Ok(())
     }
