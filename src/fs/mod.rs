@@ -30,6 +30,7 @@ pub mod copy;
 pub mod error;
 pub mod files;
 pub mod get;
+mod growth;
 pub mod inode;
 pub mod journal;
 pub mod local_copy;

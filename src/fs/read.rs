@@ -35,6 +35,7 @@ use tokio::task::JoinHandle;
 use super::error::{FsError, FsResult};
 use super::get::{fetch, fetch_into};
 pub use super::get::{BlockCache, ReadConfig, ReadContext};
+use super::growth::{Change, Growth};
 use super::local_copy::LocalCopy;
 use super::memory::PartBuffer;
 
@@ -99,102 +100,52 @@ impl Drop for Chunk {
 }
 
 /// How much a sequential reader reads ahead, sized to the link by measurement rather than set
-/// for the fastest one: bytes in flight that cover the link's bandwidth and delay, and no more.
-///
-/// The reader's progress is measured over epochs of four windows (128 MiB at least). The window
-/// grows by half after an epoch in which the reader had to wait for data, and the next epoch
-/// decides: if the delivery rate rose by a fifth or more, the larger window stays (and may grow
-/// again), else the window goes back and stays there (the link, or the server, or the
-/// application, is the limit, and more memory would buy nothing). A reader that never waits
-/// never grows its window. The first epoch, requests still growing from `first_request`, is
-/// only the first measure to compare with. It starts at 16 MiB (8 requests of 2 MiB): on a
-/// loopback server that gives what 32 MiB did (measured, a 1 GiB cat: 299-342 against 316-323
-/// MiB/s, at 45-51 against 75-82 MiB of peak RSS; 32 MiB had matched 64 MiB before); a long fat
-/// link grows it as far as it pays, up to `requests_ahead` of `max_request`.
+/// for the fastest one: bytes in flight that cover the link's bandwidth and delay, and no more
+/// ([`Growth`], over epochs of four windows and 128 MiB at least). The first epoch, requests
+/// still growing from `first_request`, is only the first measure to compare with. It starts at
+/// 16 MiB (8 requests of 2 MiB): on a loopback server that gives what 32 MiB did (measured, a
+/// 1 GiB cat: 299-342 against 316-323 MiB/s, at 45-51 against 75-82 MiB of peak RSS; 32 MiB had
+/// matched 64 MiB before); a long fat link grows it as far as it pays, up to `requests_ahead`
+/// of `max_request`.
 struct Window {
-    bytes: u64,
-    /// The size before the last growth, while the epoch that judges it runs.
-    before: Option<u64>,
-    settled: bool,
-    epoch_start: std::time::Instant,
-    epoch_bytes: u64,
-    waited: bool,
-    /// Delivery rate (bytes per second) at the current size.
-    rate: f64,
+    growth: Growth,
 }
 
-/// A grown window must deliver this much faster to stay.
-const WINDOW_GAIN: f64 = 1.2;
 /// Epochs are at least this long, so that one is long enough to measure (a quarter of a
 /// second at 500 MiB/s), and at least four windows.
 const EPOCH_MIN: u64 = 128 << 20;
 
 impl Window {
     fn new(cfg: &ReadConfig) -> Self {
+        let largest = cfg.max_request * cfg.requests_ahead as u64;
         Self {
-            bytes: cfg.window_start.min(Self::largest(cfg)),
-            before: None,
-            settled: false,
-            epoch_start: std::time::Instant::now(),
-            epoch_bytes: 0,
-            waited: false,
-            rate: 0.0,
+            growth: Growth::new(cfg.window_start, largest),
         }
-    }
-
-    fn largest(cfg: &ReadConfig) -> u64 {
-        cfg.max_request * cfg.requests_ahead as u64
     }
 
     /// The size of requests at this window: an eighth of it, so that several stream at once
     /// (measured: 8 requests of 4 MiB go as fast as 8 of 8 MiB here, 4 of 8 MiB 7% slower).
     fn request_size(&self, cfg: &ReadConfig) -> u64 {
-        (self.bytes / 8).clamp(cfg.first_request, cfg.max_request)
+        (self.growth.size / 8).clamp(cfg.first_request, cfg.max_request)
     }
 
     fn requests(&self, cfg: &ReadConfig) -> usize {
-        ((self.bytes / self.request_size(cfg)) as usize).clamp(2, cfg.requests_ahead.max(2))
+        ((self.growth.size / self.request_size(cfg)) as usize).clamp(2, cfg.requests_ahead.max(2))
     }
 
     /// `n` bytes were served to the reader, who had to wait for some of them if `waited`.
-    fn served(&mut self, n: u64, waited: bool, cfg: &ReadConfig) {
-        self.served_at(n, waited, cfg, std::time::Instant::now());
+    fn served(&mut self, n: u64, waited: bool) {
+        self.served_at(n, waited, std::time::Instant::now());
     }
 
-    fn served_at(&mut self, n: u64, waited: bool, cfg: &ReadConfig, now: std::time::Instant) {
-        self.epoch_bytes += n;
-        self.waited |= waited;
-        if self.epoch_bytes < (4 * self.bytes).max(EPOCH_MIN) {
-            return;
-        }
-        let took = now.saturating_duration_since(self.epoch_start);
-        let rate = self.epoch_bytes as f64 / took.as_secs_f64().max(1e-6);
-        let waited = std::mem::take(&mut self.waited);
-        self.epoch_bytes = 0;
-        self.epoch_start = now;
-        if let Some(before) = self.before.take() {
-            // This epoch ran at a grown window: it stays only if it paid.
-            if rate < self.rate * WINDOW_GAIN {
-                tracing::debug!(
-                    window = before,
-                    rate = rate as u64,
-                    "read-ahead window settled"
-                );
-                self.bytes = before;
-                self.settled = true;
-                return;
-            }
-        }
-        self.rate = rate;
-        if waited && !self.settled && self.bytes < Self::largest(cfg) {
-            // By half: a trial that does not pay costs little memory.
-            self.before = Some(self.bytes);
-            self.bytes = (self.bytes / 2 * 3).min(Self::largest(cfg));
-            tracing::debug!(
-                window = self.bytes,
-                rate = self.rate as u64,
-                "read-ahead window grown"
-            );
+    fn served_at(&mut self, n: u64, waited: bool, now: std::time::Instant) {
+        let epoch = (4 * self.growth.size).max(EPOCH_MIN);
+        let change = self.growth.moved_at(n, waited, epoch, now);
+        let window = self.growth.size;
+        match change {
+            Change::Kept => {}
+            Change::Grown(_) => tracing::debug!(window, "read-ahead window grown"),
+            Change::Settled(_) => tracing::debug!(window, "read-ahead window settled"),
         }
     }
 }
@@ -378,7 +329,7 @@ impl<C: ObjectClient> ReadHandle<C> {
             }
         }
         p.expected = p.expected.max(end);
-        p.window.served(end - offset, waited, &self.ctx.config);
+        p.window.served(end - offset, waited);
         if self.local_copy().is_some() {
             // Another read switched the handle to a local copy while this one was served from
             // the window: every later read goes there, so the window's memory goes back now
@@ -642,22 +593,16 @@ mod tests {
 
     /// Reads `total` bytes in 1 MiB reads through `w`, the link delivering `rate(window)`
     /// bytes per second; the window at the end.
-    fn window_after(
-        w: &mut Window,
-        cfg: &ReadConfig,
-        total: u64,
-        waits: bool,
-        rate: impl Fn(u64) -> f64,
-    ) -> u64 {
-        let mut now = w.epoch_start;
+    fn window_after(w: &mut Window, total: u64, waits: bool, rate: impl Fn(u64) -> f64) -> u64 {
+        let mut now = w.growth.epoch_start;
         let mut done = 0;
         while done < total {
             let n = 1 << 20;
-            now += std::time::Duration::from_secs_f64(n as f64 / rate(w.bytes));
-            w.served_at(n, waits, cfg, now);
+            now += std::time::Duration::from_secs_f64(n as f64 / rate(w.growth.size));
+            w.served_at(n, waits, now);
             done += n;
         }
-        w.bytes
+        w.growth.size
     }
 
     #[test]
@@ -667,21 +612,21 @@ mod tests {
         let largest = cfg.max_request * cfg.requests_ahead as u64;
         // A reader that never waits for data needs no more than it has.
         let mut w = Window::new(&cfg);
-        assert_eq!(window_after(&mut w, &cfg, 4 << 30, false, |_| 1e9), start);
+        assert_eq!(window_after(&mut w, 4 << 30, false, |_| 1e9), start);
         // A link that goes as much faster as the window grows (a long fat pipe): up to the
         // largest window, short of a last step that would add less than a fifth.
         let mut w = Window::new(&cfg);
-        let grown = window_after(&mut w, &cfg, 8 << 30, true, |b| b as f64 * 10.0);
+        let grown = window_after(&mut w, 8 << 30, true, |b| b as f64 * 10.0);
         assert!(grown > largest * 5 / 6 && grown <= largest, "{grown}");
         // A link at its limit already: one step is tried, found useless, and undone.
         let mut w = Window::new(&cfg);
-        assert_eq!(window_after(&mut w, &cfg, 4 << 30, true, |_| 500e6), start);
-        assert!(w.settled);
+        assert_eq!(window_after(&mut w, 4 << 30, true, |_| 500e6), start);
+        assert!(w.growth.settled);
         // Faster up to 64 MiB in flight, then flat: 24, 36 and 54 MiB paid, 81 did not.
         let mut w = Window::new(&cfg);
         let rate = |b: u64| (b.min(64 << 20) as f64) * 20.0;
-        assert_eq!(window_after(&mut w, &cfg, 8 << 30, true, rate), 54 << 20);
-        assert!(w.settled);
+        assert_eq!(window_after(&mut w, 8 << 30, true, rate), 54 << 20);
+        assert!(w.growth.settled);
         assert_eq!(w.requests(&cfg), 8);
         let w = Window::new(&cfg);
         assert_eq!((w.request_size(&cfg), w.requests(&cfg)), (2 << 20, 8));

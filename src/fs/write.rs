@@ -50,6 +50,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 
 use super::error::{from_client, FsError, FsResult};
+use super::growth::{Change, Growth};
 use super::journal::{Adopted, JournalEntry, LostCreate, PartLog, RecordedPart, UploadJournal};
 use super::local_io;
 use super::memory::{MemoryBudget, PartBuffer, BUFFER_ALIGN};
@@ -114,29 +115,18 @@ impl Filling {
 /// A second descriptor of the spool with O_DIRECT, when the file system allows it.
 /// Part uploads a file starts with at once; `--upload-concurrency` is the most it grows to.
 const UPLOAD_SLOTS_START: usize = 2;
-/// A grown number of slots must store this much faster to stay.
-const SLOTS_GAIN: f64 = 1.2;
 /// Epochs are at least this long (and at least four rounds of the slots' parts).
 const SLOTS_EPOCH_MIN: u64 = 128 << 20;
 
-/// How many part uploads of one file run at once, sized to what the link gives: it starts at
-/// two, and grows by half after an epoch in which the writer had to wait for uploads, as long
-/// as each growth makes the writes at least a fifth faster; one that does not is taken back,
-/// and the number stays. On a loopback server two are as fast as eight (129-135 MiB/s for a
-/// 1 GiB cp here either way) at half the memory (45 against 93 MiB of peak RSS); a long, fat
-/// link grows it up to `--upload-concurrency`. The same rule as the read-ahead window.
+/// How many part uploads of one file run at once, sized to what the link gives ([`Growth`],
+/// the read-ahead window's rule): it starts at two, and grows while that pays, up to
+/// `--upload-concurrency`. On a loopback server two are as fast as eight (129-135 MiB/s for a
+/// 1 GiB cp here either way) at half the memory (45 against 93 MiB of peak RSS).
 #[derive(Debug)]
 struct UploadSlots {
-    now: usize,
-    /// The number before the last growth, while the epoch that judges it runs.
-    before: Option<usize>,
-    settled: bool,
-    epoch_start: std::time::Instant,
-    /// The file's size when the epoch started.
-    epoch_from: u64,
-    waited: bool,
-    /// Bytes per second at the current number.
-    rate: f64,
+    growth: Growth,
+    /// The file's size when last told.
+    seen: u64,
 }
 
 enum Resize {
@@ -146,60 +136,52 @@ enum Resize {
 }
 
 impl UploadSlots {
-    fn new(now: usize) -> Self {
+    fn new(now: usize, max: usize) -> Self {
         Self {
-            now,
-            before: None,
-            settled: false,
-            epoch_start: std::time::Instant::now(),
-            epoch_from: 0,
-            waited: false,
-            rate: 0.0,
+            growth: Growth::new(now as u64, max as u64),
+            seen: 0,
         }
     }
 
+    /// Every slot, for good.
+    fn all(max: usize) -> Self {
+        Self {
+            growth: Growth::fixed(max as u64),
+            seen: 0,
+        }
+    }
+
+    fn now(&self) -> usize {
+        self.growth.size as usize
+    }
+
     /// The writer has written up to `size`, and had to wait for uploads if `waited`.
-    fn written(&mut self, size: u64, waited: bool, max: usize, part_size: u64) -> Resize {
-        self.written_at(size, waited, max, part_size, std::time::Instant::now())
+    fn written(&mut self, size: u64, waited: bool, part_size: u64) -> Resize {
+        self.written_at(size, waited, part_size, std::time::Instant::now())
     }
 
     fn written_at(
         &mut self,
         size: u64,
         waited: bool,
-        max: usize,
         part_size: u64,
         now: std::time::Instant,
     ) -> Resize {
-        self.waited |= waited;
-        let bytes = size.saturating_sub(self.epoch_from);
-        if bytes < (4 * self.now as u64 * part_size).max(SLOTS_EPOCH_MIN) {
-            return Resize::Keep;
-        }
-        let took = now.saturating_duration_since(self.epoch_start);
-        let rate = bytes as f64 / took.as_secs_f64().max(1e-6);
-        let waited = std::mem::take(&mut self.waited);
-        self.epoch_from = size;
-        self.epoch_start = now;
-        if let Some(before) = self.before.take() {
-            if rate < self.rate * SLOTS_GAIN {
-                tracing::debug!(slots = before, rate = rate as u64, "part uploads settled");
-                let grown = self.now - before;
-                self.now = before;
-                self.settled = true;
-                return Resize::Shrink(grown);
+        let n = size.saturating_sub(std::mem::replace(&mut self.seen, size));
+        let epoch = (4 * self.growth.size * part_size).max(SLOTS_EPOCH_MIN);
+        let change = self.growth.moved_at(n, waited, epoch, now);
+        let slots = self.growth.size;
+        match change {
+            Change::Kept => Resize::Keep,
+            Change::Grown(from) => {
+                tracing::debug!(slots, "part uploads grown");
+                Resize::Grow((slots - from) as usize)
+            }
+            Change::Settled(from) => {
+                tracing::debug!(slots, "part uploads settled");
+                Resize::Shrink((from - slots) as usize)
             }
         }
-        self.rate = rate;
-        if waited && !self.settled && self.now < max {
-            let grown = (self.now + self.now.div_ceil(2)).min(max);
-            self.before = Some(self.now);
-            let added = grown - self.now;
-            self.now = grown;
-            tracing::debug!(slots = grown, rate = rate as u64, "part uploads grown");
-            return Resize::Grow(added);
-        }
-        Resize::Keep
     }
 }
 
@@ -820,7 +802,8 @@ impl<C: ObjectClient> WriteHandle<C> {
         spool: std::fs::File,
     ) -> Self {
         let direct = open_direct(&spool).map(Arc::new);
-        let slots = UPLOAD_SLOTS_START.min(ctx.config.upload_concurrency.max(1));
+        let max = ctx.config.upload_concurrency.max(1);
+        let slots = UPLOAD_SLOTS_START.min(max);
         Self {
             uploads: Arc::new(Semaphore::new(slots)),
             ctx,
@@ -850,7 +833,7 @@ impl<C: ObjectClient> WriteHandle<C> {
                 expect: Expect::Any,
                 spools: None,
                 spool_reusable: false,
-                slots: UploadSlots::new(slots),
+                slots: UploadSlots::new(slots, max),
             }),
         }
     }
@@ -1596,7 +1579,7 @@ impl<C: ObjectClient> WriteHandle<C> {
     async fn wait_for_room(&self, s: &mut WriteState) -> FsResult<()> {
         // Parts written in memory wait here with their buffers: keep just enough queued to
         // keep every upload slot busy.
-        let limit = s.slots.now + 1;
+        let limit = s.slots.now() + 1;
         let written = s.size;
         let Some(upload) = s.upload.as_mut() else {
             return Ok(());
@@ -1624,11 +1607,7 @@ impl<C: ObjectClient> WriteHandle<C> {
                 );
             }
         }
-        let max = self.ctx.config.upload_concurrency.max(1);
-        match s
-            .slots
-            .written(written, waited, max, self.ctx.config.part_size)
-        {
+        match s.slots.written(written, waited, self.ctx.config.part_size) {
             Resize::Grow(n) => self.uploads.add_permits(n),
             // Best effort: slots busy now stay until they end; the limit above holds anyway.
             Resize::Shrink(n) => drop(self.uploads.forget_permits(n)),
@@ -1759,10 +1738,9 @@ impl<C: ObjectClient> WriteHandle<C> {
         // What is left goes from the spool, which holds little memory per part: with every
         // slot (nothing measured how many the link wants if the file was not written in order).
         let max = self.ctx.config.upload_concurrency.max(1);
-        if s.slots.now < max {
-            self.uploads.add_permits(max - s.slots.now);
-            s.slots = UploadSlots::new(max);
-            s.slots.settled = true;
+        if s.slots.now() < max {
+            self.uploads.add_permits(max - s.slots.now());
+            s.slots = UploadSlots::all(max);
         }
         let mut part = 0;
         while part <= last {
@@ -2105,32 +2083,32 @@ mod tests {
         waits: bool,
         rate: impl Fn(usize) -> f64,
     ) -> usize {
-        let (mut now, mut size) = (u.epoch_start, 0);
+        let (mut now, mut size) = (u.growth.epoch_start, 0);
         while size < total {
-            now += Duration::from_secs_f64((1 << 20) as f64 / rate(u.now));
+            now += Duration::from_secs_f64((1 << 20) as f64 / rate(u.now()));
             size += 1 << 20;
-            u.written_at(size, waits, 8, 8 << 20, now);
+            u.written_at(size, waits, 8 << 20, now);
         }
-        u.now
+        u.now()
     }
 
     #[test]
     fn part_uploads_grow_only_while_growing_pays() {
         // A writer that never waits for uploads needs no more.
-        let mut u = UploadSlots::new(2);
+        let mut u = UploadSlots::new(2, 8);
         assert_eq!(slots_after(&mut u, 4 << 30, false, |_| 1e9), 2);
         // A link that stores as much faster as more go at once: up to --upload-concurrency.
-        let mut u = UploadSlots::new(2);
+        let mut u = UploadSlots::new(2, 8);
         assert_eq!(slots_after(&mut u, 8 << 30, true, |n| n as f64 * 50e6), 8);
         // A server at its limit already (loopback): one step is tried and undone.
-        let mut u = UploadSlots::new(2);
+        let mut u = UploadSlots::new(2, 8);
         assert_eq!(slots_after(&mut u, 4 << 30, true, |_| 140e6), 2);
-        assert!(u.settled);
+        assert!(u.growth.settled);
         // Faster up to 4 at once, then flat: 3 and 5 paid (5 holds the 4th), 8 did not.
-        let mut u = UploadSlots::new(2);
+        let mut u = UploadSlots::new(2, 8);
         let rate = |n: usize| n.min(4) as f64 * 50e6;
         assert_eq!(slots_after(&mut u, 8 << 30, true, rate), 5);
-        assert!(u.settled);
+        assert!(u.growth.settled);
     }
 
     #[test]
