@@ -268,20 +268,18 @@ impl<C: ObjectClient> S3Filesystem<C> {
             None => return false,
             Some((true, names)) => names,
             Some((false, stale)) => {
-                if self.queue.as_ref().is_some_and(|q| q.s3_unreachable()) {
+                // S3 cannot be reached: with write-back, files made meanwhile are stored later
+                // as conditional writes, which never replace an object another client made
+                // there; the last listing is the best answer until then.
+                if self.offline() {
                     return !stale.contains(name);
                 }
                 if !self.revalidate_children(dir).await {
-                    // S3 cannot be reached: with write-back, files made meanwhile are stored
-                    // later as conditional writes, which never replace an object another
-                    // client made there; the last listing is the best answer until then.
-                    return match &self.queue {
-                        Some(q) => {
-                            q.reached(false);
-                            !stale.contains(name)
-                        }
-                        None => false,
-                    };
+                    if self.queue.is_none() {
+                        return false;
+                    }
+                    self.maybe_offline();
+                    return !stale.contains(name);
                 }
                 if let Some(q) = &self.queue {
                     q.reached(true);

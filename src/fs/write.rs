@@ -702,15 +702,15 @@ impl<C: ObjectClient> WriteHandle<C> {
     pub fn new(ctx: WriteContext<C>, key: String, attrs: ObjectAttributes) -> FsResult<Self> {
         let named = ctx.config.named_spools;
         let reused = if named { ctx.spools.take() } else { None };
-        let (spool, path) = local_io(|| match &ctx.config.spool_dir {
-            _ if reused.is_some() => Ok(reused.map(|(f, p)| (f, Some(p))).expect("some")),
-            Some(dir) if named => tempfile::Builder::new()
+        let (spool, path) = local_io(|| match (reused, &ctx.config.spool_dir) {
+            (Some((f, p)), _) => Ok((f, Some(p))),
+            (None, Some(dir)) if named => tempfile::Builder::new()
                 .prefix("spool-")
                 .tempfile_in(dir)
                 .and_then(|f| f.keep().map_err(|e| e.error))
                 .map(|(f, p)| (f, Some(p))),
-            Some(dir) => tempfile::tempfile_in(dir).map(|f| (f, None)),
-            None => tempfile::tempfile().map(|f| (f, None)),
+            (None, Some(dir)) => tempfile::tempfile_in(dir).map(|f| (f, None)),
+            (None, None) => tempfile::tempfile().map(|f| (f, None)),
         })
         .map_err(|e| FsError::local(&format!("creating the spool file of {key}"), e))?;
         let handle = Self::with_spool(ctx, key, attrs, spool);
