@@ -13,7 +13,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::fault_proxy::proxied;
-use common::mount::{binary, last_stat, mount_env, report, Mounted, QUICK};
+use common::mount::{command_ok, last_stat, mount_env, report, Mounted, QUICK};
 use s3mount::s3::ObjectClient;
 
 use common::{
@@ -218,21 +218,13 @@ async fn an_upload_not_resumed_within_its_window_is_aborted_and_one_can_be_abort
     let m = mount_env(&through, &spec, &QUICK, &vars);
     fail_a_close(&m, "a.bin");
     assert_eq!(resumable(&m).len(), 1);
-    let out = Command::new(binary())
-        .arg("uploads")
-        .arg(m.path())
-        .args(["--abort", "/a.bin"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        "aborted 1 upload"
-    );
+    let out = command_ok([
+        "uploads".as_ref(),
+        m.path().as_os_str(),
+        "--abort".as_ref(),
+        "/a.bin".as_ref(),
+    ]);
+    assert_eq!(out.trim(), "aborted 1 upload");
     assert!(resumable(&m).is_empty());
     assert!(uploads_left(&c, &prefix).await.is_empty());
     drop(m);

@@ -31,7 +31,7 @@ use std::path::{Path, PathBuf};
 use serde_json::{json, Value};
 
 /// The log's file name in the queue's directory.
-pub(super) const QUEUE_LOG: &str = "queue.log";
+const QUEUE_LOG: &str = "queue.log";
 const MAGIC: &[u8; 4] = b"S3WB";
 const HEADER: &[u8] = b"s3mount write-back log 1\n";
 const BLOCK: u64 = 4096;
@@ -120,7 +120,8 @@ fn read_record(file: &std::fs::File, offset: u64, size: u64) -> Option<(Payload,
     Some((Payload { spool, entry, data }, blocks(FRAME as u64 + len)))
 }
 
-fn sync_dir(dir: &Path) -> std::io::Result<()> {
+/// Makes the names in `dir` durable.
+pub(super) fn sync_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
 
@@ -243,6 +244,11 @@ impl QueueLog {
         self.file.sync_all()?;
         self.allocated = to;
         Ok(())
+    }
+
+    /// Removes the log (nothing is pending: a later mount needs nothing of it).
+    pub fn remove(&self) {
+        let _ = std::fs::remove_file(&self.path);
     }
 
     /// Records that `spool` holds what `entry` says, with the file's bytes when `data` has

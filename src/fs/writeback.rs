@@ -49,7 +49,7 @@ use super::attributes::stat_of_head;
 use super::error::{FsError, FsResult};
 use super::inode::{Ino, Kind};
 use super::journal::millis;
-use super::queue_log::{QueueLog, QUEUE_LOG};
+use super::queue_log::{sync_dir, QueueLog};
 use super::write::{Expect, KeptLocally, WriteHandle};
 use super::{local_io, lock, OpenFile, S3Filesystem};
 use crate::s3::{Condition, ContentHeaders, ErrorKind, ObjectAttributes, ObjectClient, ObjectHead};
@@ -290,7 +290,7 @@ impl Queue {
         let name = spool_name(spool)?;
         local_io(|| {
             if data.is_none() && !entry.changing {
-                std::fs::File::open(&self.dir)?.sync_all()?;
+                sync_dir(&self.dir)?;
             }
             lock(&self.log).put(name, &entry.to_json(), data)
         })
@@ -1124,7 +1124,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
                 );
             } else {
                 // Nothing for a later mount: the directory is left with its lock only.
-                let _ = std::fs::remove_file(q.dir().join(QUEUE_LOG));
+                lock(&q.log).remove();
                 tracing::info!("write-back: every file is stored in S3");
             }
         }

@@ -300,17 +300,19 @@ pub fn run_to_exit(cmd: &mut Command) -> Output {
 
 /// `s3mount COMMAND --json MOUNTPOINT`'s report of mount `m` (`status`, `uploads`).
 pub fn report(m: &Mounted, command: &str) -> serde_json::Value {
-    let out = Command::new(binary())
-        .args([command, "--json"])
-        .arg(m.path())
-        .output()
-        .unwrap();
+    let out = command_ok([command.as_ref(), "--json".as_ref(), m.path().as_os_str()]);
+    serde_json::from_str(&out).unwrap()
+}
+
+/// The standard output of `s3mount ARGS...`, which must succeed.
+pub fn command_ok<'a>(args: impl IntoIterator<Item = &'a std::ffi::OsStr>) -> String {
+    let out = Command::new(binary()).args(args).output().unwrap();
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    serde_json::from_slice(&out.stdout).unwrap()
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Timeouts that make requests to an unreachable server give up in seconds.
