@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use crate::s3::retry::counting_retries;
 use crate::s3::{
-    CompletedPart, Condition, CopySource, DeleteObjectsOutput, GetObjectOutput, ListPage,
+    Checksum, CompletedPart, Condition, CopySource, DeleteObjectsOutput, GetObjectOutput, ListPage,
     ListPartsPage, ListRequest, ListUploadsPage, MetadataDirective, ObjectAttributes, ObjectBody,
     ObjectClient, ObjectHead, PutBody, StoredPart,
 };
@@ -480,13 +480,22 @@ impl<C: ObjectClient> ObjectClient for Observed<C> {
             .await
     }
 
+    fn upload_checksum(&self) -> Checksum {
+        self.inner.upload_checksum()
+    }
+
     async fn create_multipart_upload(
         &self,
         key: &str,
         attrs: &ObjectAttributes,
+        checksum: Checksum,
     ) -> crate::s3::error::Result<String> {
         let retries = self.activity.upload_begun(key);
-        counting_retries(retries, self.inner.create_multipart_upload(key, attrs)).await
+        counting_retries(
+            retries,
+            self.inner.create_multipart_upload(key, attrs, checksum),
+        )
+        .await
     }
 
     async fn upload_part(
@@ -495,12 +504,14 @@ impl<C: ObjectClient> ObjectClient for Observed<C> {
         upload_id: &str,
         part_number: u32,
         body: PutBody,
+        checksum: Checksum,
     ) -> crate::s3::error::Result<StoredPart> {
         let len = body.len();
         let retries = self.activity.part_sent(key);
         let result = counting_retries(
             retries,
-            self.inner.upload_part(key, upload_id, part_number, body),
+            self.inner
+                .upload_part(key, upload_id, part_number, body, checksum),
         )
         .await;
         self.activity
@@ -604,15 +615,14 @@ mod tests {
         let client = Observed::new(MockClient::new("b"), activity.clone());
         activity.written("k", 10 << 20);
         let id = client
-            .create_multipart_upload("k", &ObjectAttributes::default())
+            .create_multipart_upload("k", &ObjectAttributes::default(), Checksum::Crc32c)
             .await
             .unwrap();
         let part = vec![7u8; 5 << 20];
         let e1 = client
-            .upload_part("k", &id, 1, PutBody::from(part.clone()))
+            .upload_part("k", &id, 1, PutBody::from(part.clone()), Checksum::Crc32c)
             .await
-            .unwrap()
-            .etag;
+            .unwrap();
         let up = activity.uploads();
         assert_eq!(up.len(), 1);
         assert_eq!(
@@ -625,10 +635,9 @@ mod tests {
             (10 << 20, 5 << 20, 1, 0)
         );
         let e2 = client
-            .upload_part("k", &id, 2, PutBody::from(part))
+            .upload_part("k", &id, 2, PutBody::from(part), Checksum::Crc32c)
             .await
-            .unwrap()
-            .etag;
+            .unwrap();
         client
             .complete_multipart_upload(
                 "k",
@@ -636,11 +645,13 @@ mod tests {
                 &[
                     CompletedPart {
                         part_number: 1,
-                        etag: e1,
+                        etag: e1.etag,
+                        crc32c: e1.crc32c,
                     },
                     CompletedPart {
                         part_number: 2,
-                        etag: e2,
+                        etag: e2.etag,
+                        crc32c: e2.crc32c,
                     },
                 ],
             )

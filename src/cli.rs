@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::Parser;
 
 use crate::fs::AtimeMode;
+use crate::s3::ChecksumChoice;
 
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -91,6 +92,13 @@ pub struct Cli {
     /// Accept the charges of a requester-pays bucket (x-amz-request-payer on every request).
     #[arg(long)]
     pub requester_pays: bool,
+
+    /// What protects uploaded data on its way: crc32c (x-amz-checksum-crc32c, about a quarter
+    /// of SHA-256's CPU; used once a probe at mount sees the server refuse a wrong one, else
+    /// sha256), sha256 (signed), off (TLS only), or auto: crc32c over HTTPS or to this
+    /// machine, sha256 over plain HTTP elsewhere.
+    #[arg(long, value_parser = parse_checksums, default_value = "auto", value_name = "MODE")]
+    pub upload_checksums: ChecksumChoice,
 
     /// Refuse to work on the bucket unless this 12-digit account owns it.
     #[arg(long, value_parser = parse_account_id, value_name = "ACCOUNT_ID")]
@@ -558,6 +566,11 @@ const STORAGE_CLASSES: &[&str] = &[
     "EXPRESS_ONEZONE",
 ];
 
+pub fn parse_checksums(s: &str) -> Result<ChecksumChoice, String> {
+    ChecksumChoice::parse(s)
+        .ok_or_else(|| format!("{s:?} is not a checksum mode: use auto, crc32c, sha256 or off"))
+}
+
 pub fn parse_storage_class(s: &str) -> Result<String, String> {
     if STORAGE_CLASSES.contains(&s) {
         Ok(s.to_string())
@@ -700,6 +713,7 @@ impl Cli {
                     "storage_class" => self.storage_class = Some(parse_storage_class(need()?)?),
                     "acl" => self.acl = Some(parse_acl(need()?)?),
                     "requester_pays" => self.requester_pays = true,
+                    "upload_checksums" => self.upload_checksums = parse_checksums(need()?)?,
                     "expected_bucket_owner" => {
                         self.expected_bucket_owner = Some(parse_account_id(need()?)?)
                     }
@@ -960,6 +974,7 @@ mod tests {
             (_, "TYPE") => "fuse.s3mount",
             ("atime", _) => "noatime",
             ("content_type_map", _) => "off",
+            ("upload_checksums", _) => "crc32c",
             _ => "7",
         }
     }

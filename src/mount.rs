@@ -239,6 +239,7 @@ fn plan_with(cli: Cli, client: &mut ClientConfig) -> Result<MountPlan, StartErro
         acl: cli.acl.clone(),
     };
     client.request_payer = cli.requester_pays;
+    client.upload_checksums = cli.upload_checksums;
     client.expected_bucket_owner = cli.expected_bucket_owner.clone();
     client.max_idle_connections = 128;
     client.retry.max_attempts = cli.retry_attempts;
@@ -732,6 +733,28 @@ fn redirect_stdio() {
     }
 }
 
+/// Finds out in the background whether the server checks CRC32C checksums; until it has, and
+/// if it does not, uploads carry their signed SHA-256 (see `--upload-checksums`).
+fn probe_checksums(
+    rt: &tokio::runtime::Runtime,
+    s3: S3Client,
+    prefix: &str,
+    asked: crate::s3::ChecksumChoice,
+) {
+    let key = format!("{prefix}.s3mount-probe-{:016x}", fastrand::u64(..));
+    rt.spawn(async move {
+        match s3.probe_crc32c(&key).await {
+            Ok(()) => tracing::info!("uploads carry CRC32C checksums, which the server checks"),
+            Err(why) if asked == crate::s3::ChecksumChoice::Crc32c => tracing::warn!(
+                "uploads carry their signed SHA-256 instead of CRC32C: the server does not check CRC32C ({why})"
+            ),
+            Err(why) => tracing::info!(
+                "uploads carry their signed SHA-256: the server does not check CRC32C ({why})"
+            ),
+        }
+    });
+}
+
 fn mount_and_serve(
     plan: &MountPlan,
     target: &Target,
@@ -743,6 +766,14 @@ fn mount_and_serve(
     let activity = Activity::new();
     let s3 = S3Client::new(plan.client.clone()).map_err(|e| StartError(e.to_string()))?;
     let endpoint = s3.bucket_url();
+    if !plan.fs.read_only && s3.wants_crc32c() {
+        probe_checksums(
+            &rt,
+            s3.clone(),
+            &plan.fs.prefix,
+            plan.client.upload_checksums,
+        );
+    }
     let client = Arc::new(Observed::new(s3, activity.clone()));
     let mut report = |msg: String| {
         mounted(Err(msg.clone()));

@@ -25,7 +25,9 @@ async fn mock_large_listing() {
 
 #[tokio::test]
 async fn mock_multipart_roundtrip() {
-    conformance::multipart_roundtrip(Arc::new(MockClient::new("b")), "p/").await;
+    for checksum in [Checksum::Sha256, Checksum::Crc32c, Checksum::Off] {
+        conformance::multipart_roundtrip(Arc::new(MockClient::new("b")), "p/", checksum).await;
+    }
 }
 
 #[tokio::test]

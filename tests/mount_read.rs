@@ -180,7 +180,7 @@ async fn one_gib_object_reads_back_exactly() {
     let data = bytes::Bytes::from(pattern(SIZE, 42));
     let want = sha256_hex(&data);
     let id = c
-        .create_multipart_upload(&key, &ObjectAttributes::default())
+        .create_multipart_upload(&key, &ObjectAttributes::default(), Checksum::Sha256)
         .await
         .unwrap();
     let mut tasks = tokio::task::JoinSet::new();
@@ -197,10 +197,11 @@ async fn one_gib_object_reads_back_exactly() {
             CompletedPart {
                 part_number: n,
                 etag: c
-                    .upload_part(&key, &id, n, PutBody::Bytes(body))
+                    .upload_part(&key, &id, n, PutBody::Bytes(body), Checksum::Sha256)
                     .await
                     .unwrap()
                     .etag,
+                crc32c: None,
             }
         });
     }

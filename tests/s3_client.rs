@@ -31,7 +31,90 @@ async fn listing_of_2500_keys_through_continuation_tokens() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn multipart_with_concurrent_parts_and_part_copy() {
-    conformance::multipart_roundtrip(Arc::new(client()), &unique_prefix("multipart")).await;
+    conformance::multipart_roundtrip(
+        Arc::new(client()),
+        &unique_prefix("multipart"),
+        Checksum::Sha256,
+    )
+    .await;
+}
+
+/// The probe finds the server checking CRC32C (Garage, MinIO and AWS do), so uploads use it;
+/// parts carry it, the complete request names it, and a body changed on the way is refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn crc32c_checksums_are_probed_then_used_for_uploads() {
+    let env = ServerEnv::main();
+    let c = env.client();
+    assert_eq!(c.upload_checksum(), Checksum::Sha256, "until probed");
+    let prefix = unique_prefix("crc32c");
+    c.probe_crc32c(&format!("{prefix}probe"))
+        .await
+        .expect("the server checks CRC32C");
+    assert_eq!(c.upload_checksum(), Checksum::Crc32c);
+    let listed = c.list_multipart_uploads(&prefix, None).await.unwrap();
+    assert!(listed.uploads.is_empty(), "the probe's upload is aborted");
+    let c = Arc::new(c);
+    conformance::multipart_roundtrip(c.clone(), &prefix, Checksum::Crc32c).await;
+
+    // A PutObject carries it too; a body changed on the way (with its CRC32C left as sent,
+    // as a broken link would) is refused.
+    let key = format!("{prefix}put");
+    c.put_object(&key, PutBody::from("checked"), &ObjectAttributes::default())
+        .await
+        .unwrap();
+    let proxy = FaultProxy::start(env.authority(), vec![Fault::FlipBodyByte]).await;
+    let tampered = proxied(&env, &proxy, 1);
+    tampered.probe_crc32c(&format!("{prefix}probe2")).await.ok();
+    assert_eq!(tampered.upload_checksum(), Checksum::Crc32c);
+    proxy.push([Fault::FlipBodyByte]);
+    let e = tampered
+        .put_object(&key, PutBody::from("changed"), &ObjectAttributes::default())
+        .await
+        .unwrap_err();
+    assert!(matches!(e.status, Some(400 | 500)), "{e}");
+    assert_eq!(&common::read_object(&*c, &key, None).await[..], b"checked");
+    c.delete_object(&key).await.unwrap();
+}
+
+/// s3s-fs takes a part whose CRC32C is wrong: the probe says so, and uploads keep their signed
+/// SHA-256, which s3s-fs checks.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_server_that_does_not_check_crc32c_keeps_uploads_on_sha256() {
+    let Some(env) = ServerEnv::strict() else {
+        eprintln!("skipped: no strict-signature server (S3MOUNT_STRICT_ENDPOINT); scripts/test starts s3s-fs");
+        return;
+    };
+    let c = env.client();
+    let prefix = unique_prefix("nocrc");
+    let why = c
+        .probe_crc32c(&format!("{prefix}probe"))
+        .await
+        .expect_err("s3s-fs does not check CRC32C");
+    assert!(why.contains("wrong"), "{why}");
+    assert_eq!(c.upload_checksum(), Checksum::Sha256);
+    // s3s-fs has no ListMultipartUploads; a multipart upload as the write path makes one.
+    let key = format!("{prefix}multi");
+    let checksum = c.upload_checksum();
+    let id = c
+        .create_multipart_upload(&key, &ObjectAttributes::default(), checksum)
+        .await
+        .unwrap();
+    let data = common::pattern(6 << 20, 5);
+    let stored = c
+        .upload_part(&key, &id, 1, PutBody::from(data.clone()), checksum)
+        .await
+        .unwrap();
+    assert_eq!(stored.sha256_hex, Some(common::sha256_hex(&data)));
+    let part = CompletedPart {
+        part_number: 1,
+        etag: stored.etag,
+        crc32c: None,
+    };
+    c.complete_multipart_upload(&key, &id, &[part])
+        .await
+        .unwrap();
+    assert_eq!(common::read_object(&c, &key, None).await[..], data[..]);
+    c.delete_object(&key).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -311,11 +394,11 @@ async fn transient_failures_are_retried_until_success() {
 
     // A 200 whose body is an <Error> counts as an error, and is retried.
     let id = direct
-        .create_multipart_upload(&key, &ObjectAttributes::default())
+        .create_multipart_upload(&key, &ObjectAttributes::default(), Checksum::Sha256)
         .await
         .unwrap();
     let etag = direct
-        .upload_part(&key, &id, 1, PutBody::from("part"))
+        .upload_part(&key, &id, 1, PutBody::from("part"), Checksum::Sha256)
         .await
         .unwrap()
         .etag;
@@ -327,6 +410,7 @@ async fn transient_failures_are_retried_until_success() {
         &[CompletedPart {
             part_number: 1,
             etag,
+            crc32c: None,
         }],
     )
     .await
@@ -366,7 +450,7 @@ async fn permanent_and_exhausted_failures_surface_clearly() {
     proxy.push(std::iter::repeat_n(Fault::Reset, 10));
     let before = proxy.requests_seen();
     let e = c
-        .create_multipart_upload(&key, &ObjectAttributes::default())
+        .create_multipart_upload(&key, &ObjectAttributes::default(), Checksum::Sha256)
         .await
         .unwrap_err();
     assert_eq!(e.kind, ErrorKind::Transport, "{e}");

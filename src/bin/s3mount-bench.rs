@@ -11,7 +11,10 @@
 //! - `list-time PREFIX [MAX_KEYS]`: times five one-page listings (delimiter `/`).
 //! - `delete-prefix PREFIX`: deletes every key under PREFIX.
 //! - `hash-speed`: single-core throughput of the digests an upload can carry (SHA-256, which
-//!   the client signs, and MD5 for comparison); needs no server.
+//!   the client signs, CRC32C, and MD5 for comparison); needs no server.
+//!
+//! Uploads are protected as the mount's would be: S3MOUNT_UPLOAD_CHECKSUMS (`auto`, `crc32c`,
+//! `sha256`, `off`; default `auto`) as `--upload-checksums`, with the same probe.
 //!
 //! The server comes from S3MOUNT_TEST_ENDPOINT, S3MOUNT_TEST_BUCKET, S3MOUNT_TEST_REGION and
 //! S3MOUNT_TEST_ACCESS_KEY_ID / S3MOUNT_TEST_SECRET_ACCESS_KEY (or AWS_ACCESS_KEY_ID /
@@ -67,7 +70,21 @@ fn client() -> Result<S3Client, String> {
         Auth::Signed(Credentials::new(&key_id, &secret, None)),
     );
     cfg.endpoint_url = Some(need("S3MOUNT_TEST_ENDPOINT")?);
+    if let Some(v) = env("S3MOUNT_UPLOAD_CHECKSUMS") {
+        cfg.upload_checksums = ChecksumChoice::parse(&v)
+            .ok_or_else(|| format!("S3MOUNT_UPLOAD_CHECKSUMS={v}: auto, crc32c, sha256 or off"))?;
+    }
     S3Client::new(cfg).map_err(|e| e.to_string())
+}
+
+/// Settles what uploads carry, as a mount does.
+async fn probe_checksums(c: &S3Client) {
+    if c.wants_crc32c() {
+        let key = format!(".s3mount-bench-probe-{:016x}", fastrand::u64(..));
+        if let Err(why) = c.probe_crc32c(&key).await {
+            eprintln!("uploads carry SHA-256: the server does not check CRC32C ({why})");
+        }
+    }
 }
 
 fn pattern_part(seed: u64, index: u64, len: usize) -> Bytes {
@@ -90,8 +107,9 @@ async fn upload(
             .map_err(|e| e.to_string())?;
         return Ok(());
     }
+    let checksum = c.upload_checksum();
     let id = c
-        .create_multipart_upload(key, &ObjectAttributes::default())
+        .create_multipart_upload(key, &ObjectAttributes::default(), checksum)
         .await
         .map_err(|e| e.to_string())?;
     let part = Arc::new(part);
@@ -108,14 +126,14 @@ async fn upload(
         tasks.spawn(async move {
             let _permit = permit;
             let body = part(i, len)?;
-            let etag = c
-                .upload_part(&key, &id, i as u32 + 1, PutBody::Bytes(body))
+            let stored = c
+                .upload_part(&key, &id, i as u32 + 1, PutBody::Bytes(body), checksum)
                 .await
-                .map_err(|e| e.to_string())?
-                .etag;
+                .map_err(|e| e.to_string())?;
             Ok::<_, String>(CompletedPart {
                 part_number: i as u32 + 1,
-                etag,
+                etag: stored.etag,
+                crc32c: stored.crc32c,
             })
         });
     }
@@ -193,6 +211,9 @@ fn hash_speed() {
     time("SHA-256", &|d| {
         std::hint::black_box(sha2::Sha256::digest(d));
     });
+    time("CRC32C", &|d| {
+        std::hint::black_box(crc32c::crc32c(d));
+    });
     time("MD5", &|d| {
         std::hint::black_box(md5::Md5::digest(d));
     });
@@ -209,6 +230,9 @@ async fn run(args: Vec<String>) -> Result<(), String> {
             .cloned()
             .ok_or_else(|| "missing argument (see the source's header)".to_string())
     };
+    if ["put", "put-file", "put-many"].contains(&arg(0)?.as_str()) {
+        probe_checksums(&c).await;
+    }
     let started = Instant::now();
     let mib = |bytes: u64| bytes as f64 / (1024.0 * 1024.0) / started.elapsed().as_secs_f64();
     match arg(0)?.as_str() {

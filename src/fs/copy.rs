@@ -7,7 +7,8 @@ use super::error::{from_client, FsResult};
 use super::write::MAX_COPY_PART;
 use super::{xattr, S3Filesystem};
 use crate::s3::{
-    CompletedPart, CopySource, MetadataDirective, ObjectAttributes, ObjectClient, ObjectHead,
+    Checksum, CompletedPart, CopySource, MetadataDirective, ObjectAttributes, ObjectClient,
+    ObjectHead,
 };
 
 /// Objects up to this size are renamed with one CopyObject; above, with UploadPartCopy.
@@ -94,7 +95,8 @@ impl<C: ObjectClient> S3Filesystem<C> {
     ) -> FsResult<String> {
         let id = self
             .client
-            .create_multipart_upload(to, attrs)
+            // Copied parts carry no checksum of ours.
+            .create_multipart_upload(to, attrs, Checksum::Sha256)
             .await
             .map_err(from_client)?;
         let mut parts = Vec::new();
@@ -110,6 +112,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
                 Ok(etag) => parts.push(CompletedPart {
                     part_number: n,
                     etag,
+                    crc32c: None,
                 }),
                 Err(e) => {
                     let _ = self.client.abort_multipart_upload(to, &id).await;

@@ -42,7 +42,7 @@ use std::time::{Duration, SystemTime};
 use futures_util::StreamExt;
 
 use super::local_io;
-use crate::s3::{ErrorKind, ObjectClient};
+use crate::s3::{Checksum, ErrorKind, ObjectClient};
 
 /// Slack for the server's clock when matching a lost create's uploads by time.
 const CLOCK_SLACK: Duration = Duration::from_secs(60);
@@ -79,8 +79,11 @@ pub struct PartLog {
 pub struct RecordedPart {
     pub size: u64,
     pub etag: String,
-    /// The SHA-256 of its bytes, hex; `None` for a part only ListParts told of.
+    /// The SHA-256 of its bytes, hex, when it was sent with it.
     pub sha256_hex: Option<String>,
+    /// Its CRC32C, when it was sent with it (a 32-bit CRC is no identity of its bytes alone:
+    /// a resume also wants the MD5 its ETag is, or the SHA-256).
+    pub crc32c: Option<u32>,
 }
 
 /// An upload an adopter took over: what S3 may still have of it.
@@ -91,6 +94,8 @@ pub struct Adopted {
     pub parts: BTreeMap<u32, RecordedPart>,
     /// The digest of the attributes it was created with.
     pub attrs: Option<String>,
+    /// What its parts are sent with (fixed when it was created).
+    pub checksum: Checksum,
 }
 
 /// A resumable upload, as `s3mount status` and `s3mount uploads` show it.
@@ -136,6 +141,7 @@ struct UploadRecord {
     part_size: Option<u64>,
     base: Option<String>,
     attrs: Option<String>,
+    checksum: Checksum,
     /// Its owner gave it up (a failed close) at this time: resumable by anyone.
     kept: Option<SystemTime>,
     parts: BTreeMap<u32, RecordedPart>,
@@ -149,6 +155,7 @@ impl UploadRecord {
             part_size: None,
             base: None,
             attrs: None,
+            checksum: Checksum::Sha256,
             kept: None,
             parts: BTreeMap::new(),
         }
@@ -167,8 +174,9 @@ fn from_millis(v: &str) -> Option<SystemTime> {
 }
 
 fn part_line(number: u32, part: &RecordedPart) -> String {
+    let crc = part.crc32c.map(|c| format!(" {c:08x}")).unwrap_or_default();
     format!(
-        "part {number} {} {} {}\n",
+        "part {number} {} {} {}{crc}\n",
         part.size,
         part.etag,
         part.sha256_hex.as_deref().unwrap_or("-")
@@ -185,6 +193,10 @@ impl Entry {
                     ("part_size", u.part_size.map(|n| n.to_string())),
                     ("base", u.base.clone()),
                     ("attrs", u.attrs.clone()),
+                    (
+                        "checksum",
+                        (u.checksum != Checksum::Sha256).then(|| u.checksum.name().to_string()),
+                    ),
                     ("upload", u.upload_id.clone()),
                     ("kept", u.kept.map(|t| millis(t).to_string())),
                 ];
@@ -211,13 +223,17 @@ impl Entry {
             let (name, value) = line.split_once(' ')?;
             if name == "part" {
                 let f: Vec<&str> = value.split(' ').collect();
-                let [number, size, etag, sha] = f.as_slice() else {
-                    return None;
+                // Entries before CRC32C have no fifth field.
+                let (number, size, etag, sha, crc) = match f.as_slice() {
+                    [n, s, e, h] => (n, s, e, h, None),
+                    [n, s, e, h, c] => (n, s, e, h, Some(u32::from_str_radix(c, 16).ok()?)),
+                    _ => return None,
                 };
                 let part = RecordedPart {
                     size: size.parse().ok()?,
                     etag: etag.to_string(),
                     sha256_hex: (*sha != "-").then(|| sha.to_string()),
+                    crc32c: crc,
                 };
                 parts.insert(number.parse().ok()?, part);
             } else {
@@ -238,6 +254,10 @@ impl Entry {
                 part_size: fields.get("part_size").and_then(|v| v.parse().ok()),
                 base: text_of("base"),
                 attrs: text_of("attrs"),
+                checksum: match fields.get("checksum") {
+                    Some(name) => Checksum::from_name(name)?,
+                    None => Checksum::Sha256,
+                },
                 kept: fields
                     .get("kept")
                     .and_then(|v| from_millis(v))
@@ -292,8 +312,11 @@ fn process_alive(pid: u32) -> bool {
 impl JournalEntry {
     /// S3 answered CreateMultipartUpload with `upload_id`, for an upload created with the
     /// attributes of digest `attrs`, changing the object of ETag `base` (if any).
-    pub fn created(&self, upload_id: &str, base: Option<&str>, attrs: &str) {
+    pub fn created(&self, upload_id: &str, base: Option<&str>, attrs: &str, checksum: Checksum) {
         let mut text = format!("attrs {attrs}\nupload {upload_id}\n");
+        if checksum != Checksum::Sha256 {
+            text.push_str(&format!("checksum {}\n", checksum.name()));
+        }
         if let Some(etag) = base {
             text.push_str(&format!("base {etag}\n"));
         }
@@ -443,6 +466,7 @@ impl UploadJournal {
                 upload_id: record.upload_id.clone()?,
                 parts: record.parts,
                 attrs: record.attrs,
+                checksum: record.checksum,
             };
             return Some((entry, adopted));
         }
@@ -737,6 +761,7 @@ mod tests {
         full.part_size = Some(8 << 20);
         full.base = Some("\"e-2\"".into());
         full.attrs = Some("0123abcd".into());
+        full.checksum = Checksum::Crc32c;
         full.kept = Some(t);
         full.parts.insert(
             1,
@@ -744,6 +769,7 @@ mod tests {
                 size: 8 << 20,
                 etag: "\"aa\"".into(),
                 sha256_hex: Some("ff".repeat(32)),
+                crc32c: None,
             },
         );
         full.parts.insert(
@@ -752,6 +778,16 @@ mod tests {
                 size: 5,
                 etag: "\"bb\"".into(),
                 sha256_hex: None,
+                crc32c: None,
+            },
+        );
+        full.parts.insert(
+            4,
+            RecordedPart {
+                size: 6,
+                etag: "\"cc\"".into(),
+                sha256_hex: None,
+                crc32c: Some(0x0012_abcd),
             },
         );
         for kind in [
@@ -801,6 +837,7 @@ mod tests {
             size,
             etag: format!("\"{tag}\""),
             sha256_hex: Some(tag.repeat(64 / tag.len())),
+            crc32c: None,
         }
     }
 
@@ -810,10 +847,10 @@ mod tests {
         let mock = MockClient::new("b");
         let entry = j.begin("k", 100);
         let id = mock
-            .create_multipart_upload("k", &ObjectAttributes::default())
+            .create_multipart_upload("k", &ObjectAttributes::default(), Checksum::Sha256)
             .await
             .unwrap();
-        entry.created(&id, None, "d");
+        entry.created(&id, None, "d", Checksum::Sha256);
         entry.part_log().stored(1, &stored(100, "a"));
         assert_eq!(j.recover(&mock, DAY).await, 0, "this process is alive");
         assert!(j.list_resumable().is_empty(), "its own, in use");
@@ -832,7 +869,7 @@ mod tests {
     async fn an_upload_is_adopted_once_with_its_parts_and_only_when_it_fits() {
         let (_dir, j) = journal();
         let entry = j.begin("k", 100);
-        entry.created("id-1", Some("\"base\""), "d");
+        entry.created("id-1", Some("\"base\""), "d", Checksum::Crc32c);
         let log = entry.part_log();
         log.stored(1, &stored(100, "a"));
         log.stored(2, &stored(100, "b"));
@@ -849,6 +886,11 @@ mod tests {
         assert_eq!(adopted.upload_id, "id-1");
         assert_eq!(adopted.attrs.as_deref(), Some("d"));
         assert_eq!(
+            adopted.checksum,
+            Checksum::Crc32c,
+            "its parts go as it was made"
+        );
+        assert_eq!(
             adopted.parts.into_iter().collect::<Vec<_>>(),
             vec![(1, stored(100, "a")), (2, stored(100, "c"))]
         );
@@ -862,7 +904,7 @@ mod tests {
     async fn a_completed_upload_leaves_no_entry() {
         let (_dir, j) = journal();
         let entry = j.begin("k", 100);
-        entry.created("id-1", None, "d");
+        entry.created("id-1", None, "d", Checksum::Sha256);
         assert_eq!(j.len(), 1);
         entry.remove();
         assert!(j.is_empty());
@@ -875,13 +917,20 @@ mod tests {
         let attrs = ObjectAttributes::default();
         // Ours, answered and recorded: kept.
         let entry = j.begin("k", 100);
-        let ours = mock.create_multipart_upload("k", &attrs).await.unwrap();
-        entry.created(&ours, None, "d");
+        let ours = mock
+            .create_multipart_upload("k", &attrs, Checksum::Sha256)
+            .await
+            .unwrap();
+        entry.created(&ours, None, "d", Checksum::Sha256);
         // Another key's upload: kept.
-        mock.create_multipart_upload("k2", &attrs).await.unwrap();
+        mock.create_multipart_upload("k2", &attrs, Checksum::Sha256)
+            .await
+            .unwrap();
         // The orphan of a create whose answer was lost.
         let from = SystemTime::now();
-        mock.create_multipart_upload("k", &attrs).await.unwrap();
+        mock.create_multipart_upload("k", &attrs, Checksum::Sha256)
+            .await
+            .unwrap();
         let lost = j.lost_create("k", from, SystemTime::now());
         assert_eq!(j.len(), 2);
         j.find_lost(&mock, lost).await;
@@ -896,7 +945,7 @@ mod tests {
         let (_dir, j) = journal();
         let mock = MockClient::new("b");
         let _entry = j.begin("k", 100);
-        mock.create_multipart_upload("k", &ObjectAttributes::default())
+        mock.create_multipart_upload("k", &ObjectAttributes::default(), Checksum::Sha256)
             .await
             .unwrap();
         as_dead_process(&j);

@@ -55,8 +55,8 @@ use super::journal::{Adopted, JournalEntry, LostCreate, PartLog, RecordedPart, U
 use super::local_io;
 use super::memory::{MemoryBudget, PartBuffer, BUFFER_ALIGN};
 use crate::s3::{
-    ClientError, CompletedPart, Condition, CopySource, ErrorKind, ObjectAttributes, ObjectClient,
-    PutBody,
+    Checksum, ClientError, CompletedPart, Condition, CopySource, ErrorKind, ObjectAttributes,
+    ObjectClient, PutBody,
 };
 
 /// S3 allows at most this many parts.
@@ -255,11 +255,25 @@ pub fn part_index(offset: u64, base: u64) -> u64 {
     }
 }
 
-type PartTask = JoinHandle<Result<String, ClientError>>;
+/// A part S3 has: what the complete request names it by.
+#[derive(Debug, Clone)]
+struct PartDone {
+    etag: String,
+    /// Its CRC32C, for an upload whose parts carry one.
+    crc32c: Option<u32>,
+}
+
+impl PartDone {
+    fn copied(etag: String) -> Self {
+        Self { etag, crc32c: None }
+    }
+}
+
+type PartTask = JoinHandle<Result<PartDone, ClientError>>;
 
 enum PartState {
     Uploading(PartTask),
-    Done(String),
+    Done(PartDone),
 }
 
 struct Upload {
@@ -272,6 +286,8 @@ struct Upload {
     /// A digest of the attributes it was created with: S3 gives the object these, whatever
     /// changed since.
     attrs: String,
+    /// What its parts are sent with, fixed when it was created.
+    checksum: Checksum,
     entry: Option<JournalEntry>,
     /// Where parts are recorded as S3 stores them.
     log: Option<PartLog>,
@@ -294,15 +310,29 @@ fn attrs_digest(attrs: &ObjectAttributes) -> String {
     hex::encode(&sha2::Sha256::digest(format!("{attrs:?}").as_bytes())[..12])
 }
 
-/// Whether `body` holds the bytes of `known` (a stored part of an upload being resumed): the
-/// same size and SHA-256, or, for a part only ListParts told of, the MD5 its ETag is.
-fn same_bytes(body: &PutBody, known: &RecordedPart) -> std::io::Result<bool> {
+/// Whether the ETag is the MD5 of the part's bytes, as S3 makes it (not under SSE-KMS).
+fn md5_like(etag: &str) -> bool {
+    let t = etag.trim_matches('"');
+    t.len() == 32 && t.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// The stored part `known` (of an upload being resumed) as the complete request names it, if
+/// `body` holds its bytes: the same size and SHA-256, or else the MD5 its ETag is; and the
+/// same CRC32C where one was recorded. A CRC32C alone is not enough: 32 bits tell changed
+/// bytes apart only by chance. `crc32c`: the upload's parts carry one.
+fn same_bytes(
+    body: &PutBody,
+    known: &RecordedPart,
+    crc32c: bool,
+) -> std::io::Result<Option<PartDone>> {
     use md5::Digest as _;
-    if body.len() != known.size {
-        return Ok(false);
+    let by_md5 = known.sha256_hex.is_none() && md5_like(&known.etag);
+    if body.len() != known.size || (known.sha256_hex.is_none() && !by_md5) {
+        return Ok(None);
     }
     let mut sha = known.sha256_hex.as_ref().map(|_| sha2::Sha256::new());
-    let mut md5 = sha.is_none().then(md5::Md5::new);
+    let mut md5 = by_md5.then(md5::Md5::new);
+    let mut crc = (crc32c || known.crc32c.is_some()).then_some(0u32);
     body.for_each_chunk(|bytes| {
         if let Some(h) = sha.as_mut() {
             sha2::Digest::update(h, bytes);
@@ -310,12 +340,20 @@ fn same_bytes(body: &PutBody, known: &RecordedPart) -> std::io::Result<bool> {
         if let Some(h) = md5.as_mut() {
             h.update(bytes);
         }
+        if let Some(c) = crc.as_mut() {
+            *c = crc32c::crc32c_append(*c, bytes);
+        }
     })?;
-    Ok(match (sha, md5, &known.sha256_hex) {
-        (Some(h), _, Some(want)) => hex::encode(h.finalize()) == *want,
-        (_, Some(h), _) => hex::encode(h.finalize()) == known.etag.trim_matches('"'),
+    let digest_same = match (sha, md5) {
+        (Some(h), _) => known.sha256_hex.as_deref() == Some(&hex::encode(h.finalize())),
+        (_, Some(h)) => hex::encode(h.finalize()) == known.etag.trim_matches('"'),
         _ => false,
-    })
+    };
+    let crc_same = known.crc32c.is_none() || known.crc32c == crc;
+    Ok((digest_same && crc_same).then(|| PartDone {
+        etag: known.etag.clone(),
+        crc32c: crc.filter(|_| crc32c),
+    }))
 }
 
 /// Which bytes of each part have been written, as sorted disjoint ranges.
@@ -1321,13 +1359,20 @@ impl<C: ObjectClient> WriteHandle<C> {
     }
 
     /// An upload with no parts yet, in the journal.
-    fn new_upload(&self, s: &WriteState, id: String, entry: Option<JournalEntry>) -> Upload {
+    fn new_upload(
+        &self,
+        s: &WriteState,
+        id: String,
+        entry: Option<JournalEntry>,
+        checksum: Checksum,
+    ) -> Upload {
         Upload {
             key: s.key.clone(),
             id,
             parts: BTreeMap::new(),
             created: entry.as_ref().map_or_else(SystemTime::now, |e| e.started()),
             attrs: attrs_digest(&s.attrs),
+            checksum,
             log: entry.as_ref().map(JournalEntry::part_log),
             entry,
             reusable: BTreeMap::new(),
@@ -1352,6 +1397,7 @@ impl<C: ObjectClient> WriteHandle<C> {
             upload_id,
             parts: recorded,
             attrs,
+            checksum,
         } = adopted;
         let mut listed = Vec::new();
         let mut marker = None;
@@ -1379,10 +1425,6 @@ impl<C: ObjectClient> WriteHandle<C> {
                 }
             }
         }
-        let md5_like = |etag: &str| {
-            let t = etag.trim_matches('"');
-            t.len() == 32 && t.bytes().all(|b| b.is_ascii_hexdigit())
-        };
         let mut reusable = BTreeMap::new();
         for p in listed {
             let known = match recorded.get(&p.part_number) {
@@ -1392,6 +1434,7 @@ impl<C: ObjectClient> WriteHandle<C> {
                     size: p.size,
                     etag: p.etag,
                     sha256_hex: None,
+                    crc32c: None,
                 },
                 _ => continue,
             };
@@ -1403,7 +1446,7 @@ impl<C: ObjectClient> WriteHandle<C> {
             reusable.len(),
             reusable.values().map(|p| p.size).sum::<u64>()
         );
-        let mut upload = self.new_upload(s, upload_id, Some(entry));
+        let mut upload = self.new_upload(s, upload_id, Some(entry), checksum);
         upload.attrs = attrs.unwrap_or_default();
         upload.reusable = reusable;
         upload.resumed = true;
@@ -1419,12 +1462,18 @@ impl<C: ObjectClient> WriteHandle<C> {
             .as_ref()
             .map(|j| j.begin(&s.key, part_size));
         let mut lost = Vec::new();
+        // Parts copied from a base object carry no checksum of ours, and an upload created
+        // with CRC32C wants one on every part.
+        let checksum = match self.ctx.client.upload_checksum() {
+            Checksum::Crc32c if s.base.is_some() => Checksum::Sha256,
+            c => c,
+        };
         let id = loop {
             let sent = SystemTime::now();
             match self
                 .ctx
                 .client
-                .create_multipart_upload(&s.key, &s.attrs)
+                .create_multipart_upload(&s.key, &s.attrs, checksum)
                 .await
             {
                 Ok(id) => break id,
@@ -1452,9 +1501,9 @@ impl<C: ObjectClient> WriteHandle<C> {
         let digest = attrs_digest(&s.attrs);
         if let Some(entry) = &entry {
             let base = s.base.as_ref().map(|b| b.etag.as_str());
-            entry.created(&id, base, &digest);
+            entry.created(&id, base, &digest, checksum);
         }
-        let mut upload = self.new_upload(s, id, entry);
+        let mut upload = self.new_upload(s, id, entry, checksum);
         upload.lost = lost;
         Ok(upload)
     }
@@ -1497,24 +1546,26 @@ impl<C: ObjectClient> WriteHandle<C> {
             PutBody::Bytes(_) => PartMemory::None,
         };
         let known = upload.reusable.remove(&part);
-        let log = upload.log.clone();
+        let (log, checksum) = (upload.log.clone(), upload.checksum);
         let (reused, reused_bytes) = (upload.reused.clone(), upload.reused_bytes.clone());
         self.spawn_part(upload, part, memory, move |client, key, id| async move {
             let number = part as u32 + 1;
             if let Some(known) = known {
-                let (theirs, size, etag) = (body.clone(), known.size, known.etag.clone());
+                let (theirs, size) = (body.clone(), known.size);
+                let crc32c = checksum == Checksum::Crc32c;
                 // Cannot read the spool back: send it (the send reads it too, and reports).
-                let same = tokio::task::spawn_blocking(move || same_bytes(&theirs, &known))
+                let same = tokio::task::spawn_blocking(move || same_bytes(&theirs, &known, crc32c))
                     .await
-                    .is_ok_and(|r| r.unwrap_or(false));
-                if same {
+                    .ok()
+                    .and_then(|r| r.ok().flatten());
+                if let Some(done) = same {
                     use std::sync::atomic::Ordering::Relaxed;
                     reused.fetch_add(1, Relaxed);
                     reused_bytes.fetch_add(size, Relaxed);
-                    return Ok(etag);
+                    return Ok(done);
                 }
             }
-            send_part(&*client, &key, &id, number, body, log).await
+            send_part(&*client, &key, &id, number, body, log, checksum).await
         });
     }
 
@@ -1523,7 +1574,7 @@ impl<C: ObjectClient> WriteHandle<C> {
     fn spawn_part<F, Fut>(&self, upload: &mut Upload, part: u64, memory: PartMemory, send: F)
     where
         F: FnOnce(Arc<C>, String, String) -> Fut + Send + 'static,
-        Fut: std::future::Future<Output = Result<String, ClientError>> + Send,
+        Fut: std::future::Future<Output = Result<PartDone, ClientError>> + Send,
     {
         let (client, key, id, sem, budget) = (
             self.ctx.client.clone(),
@@ -1563,6 +1614,7 @@ impl<C: ObjectClient> WriteHandle<C> {
                 client
                     .upload_part_copy(&key, &id, part as u32 + 1, source)
                     .await
+                    .map(PartDone::copied)
             },
         );
         Ok(())
@@ -1768,8 +1820,8 @@ impl<C: ObjectClient> WriteHandle<C> {
         let mut completed = Vec::with_capacity(numbers.len());
         for part in numbers {
             let upload = s.upload.as_mut().expect("started above");
-            let etag = match settle(upload, part).await {
-                Ok(etag) => etag,
+            let done = match settle(upload, part).await {
+                Ok(done) => done,
                 Err(e) if !ended_before.contains(&part) => return Err(e),
                 // Its retries were spent while the application went on writing: the bytes
                 // are in the spool (or the base object).
@@ -1785,7 +1837,8 @@ impl<C: ObjectClient> WriteHandle<C> {
             };
             completed.push(CompletedPart {
                 part_number: part as u32 + 1,
-                etag,
+                etag: done.etag,
+                crc32c: done.crc32c,
             });
         }
         let upload = s.upload.take().expect("present");
@@ -2024,18 +2077,23 @@ async fn send_part<C: ObjectClient>(
     number: u32,
     body: PutBody,
     log: Option<PartLog>,
-) -> Result<String, ClientError> {
+    checksum: Checksum,
+) -> Result<PartDone, ClientError> {
     let size = body.len();
-    let stored = client.upload_part(key, id, number, body).await?;
+    let stored = client.upload_part(key, id, number, body, checksum).await?;
     if let Some(log) = log {
         let record = RecordedPart {
             size,
             etag: stored.etag.clone(),
-            sha256_hex: Some(stored.sha256_hex),
+            sha256_hex: stored.sha256_hex,
+            crc32c: stored.crc32c,
         };
         local_io(|| log.stored(number, &record));
     }
-    Ok(stored.etag)
+    Ok(PartDone {
+        etag: stored.etag,
+        crc32c: stored.crc32c,
+    })
 }
 
 /// Whether part `part` is neither uploaded nor under way.
@@ -2047,15 +2105,15 @@ fn missing(s: &WriteState, part: u64) -> bool {
 
 /// Waits for part `part`'s upload and returns its ETag. A failed part is no longer in the
 /// upload (a commit sends it again).
-async fn settle(upload: &mut Upload, part: u64) -> FsResult<String> {
+async fn settle(upload: &mut Upload, part: u64) -> FsResult<PartDone> {
     let state = upload
         .parts
         .remove(&part)
         .ok_or_else(|| FsError::internal(&format!("part {} was never started", part + 1)))?;
-    let etag = match state {
-        PartState::Done(etag) => etag,
+    let done = match state {
+        PartState::Done(done) => done,
         PartState::Uploading(task) => match task.await {
-            Ok(Ok(etag)) => etag,
+            Ok(Ok(done)) => done,
             Ok(Err(e)) => return Err(from_client(e)),
             Err(e) => {
                 return Err(FsError::internal(&format!(
@@ -2066,8 +2124,8 @@ async fn settle(upload: &mut Upload, part: u64) -> FsResult<String> {
             }
         },
     };
-    upload.parts.insert(part, PartState::Done(etag.clone()));
-    Ok(etag)
+    upload.parts.insert(part, PartState::Done(done.clone()));
+    Ok(done)
 }
 
 #[cfg(test)]
@@ -2118,10 +2176,12 @@ mod tests {
             CompletedPart {
                 part_number: 1,
                 etag: "\"0cc175b9c0f1b6a831c399e269772661\"".into(),
+                crc32c: None,
             },
             CompletedPart {
                 part_number: 2,
                 etag: "92eb5ffee6ae2fec3ad71c777531578f".into(),
+                crc32c: None,
             },
         ];
         let mut md5s = hex::decode("0cc175b9c0f1b6a831c399e269772661").unwrap();
@@ -2132,6 +2192,7 @@ mod tests {
         let kms = [CompletedPart {
             part_number: 1,
             etag: "\"not-an-md5\"".into(),
+            crc32c: None,
         }];
         assert_eq!(multipart_etag(&kms), None);
     }
@@ -2261,6 +2322,40 @@ mod tests {
         assert_eq!(&mock.object("k").unwrap().data[..], &second[..]);
         assert_eq!(mock.open_uploads(), 0);
         assert!(journal.is_empty());
+    }
+
+    #[tokio::test]
+    async fn with_crc32c_every_part_carries_it_also_when_an_upload_is_resumed() {
+        let mock = Arc::new(MockClient::new("b"));
+        mock.crc32c
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        let dir = tempfile::tempdir().unwrap();
+        let first: Vec<u8> = (0..4500u32).map(|i| (i % 241) as u8).collect();
+        mock.fail_next(Operation::CompleteMultipartUpload, ErrorKind::Connect, 1);
+        assert!(copy_in(&mock, dir.path(), &first).await.is_err());
+        let journal = UploadJournal::open(dir.path().to_path_buf()).unwrap();
+        assert_eq!(journal.list_resumable()[0].parts, 5);
+        // The mock completes an upload made with CRC32C only if each part's CRC32C is named,
+        // and right: the reused parts' too, which were not sent again.
+        let mut second = first.clone();
+        second[1234] ^= 0x55;
+        let (sent_before, _) = mock.bytes_moved();
+        copy_in(&mock, dir.path(), &second).await.unwrap();
+        let (sent_after, _) = mock.bytes_moved();
+        assert_eq!(sent_after - sent_before, 1000, "only the changed part");
+        assert_eq!(mock.count(Operation::CreateMultipartUpload), 1);
+        assert_eq!(&mock.object("k").unwrap().data[..], &second[..]);
+        assert!(journal.is_empty());
+        // Over a base object, parts are copied server-side and carry no CRC32C of ours: the
+        // upload is made without one, and its sent part carries the signed SHA-256.
+        let h = handle(&mock, 1000);
+        let etag = mock.object("k").unwrap().etag;
+        h.start_from(etag, second.len() as u64).await.unwrap();
+        h.write(10, b"Y").await.unwrap();
+        h.commit().await.unwrap();
+        second[10] = b'Y';
+        assert_eq!(&mock.object("k").unwrap().data[..], &second[..]);
+        assert_eq!(mock.count(Operation::UploadPartCopy), 1);
     }
 
     #[tokio::test]

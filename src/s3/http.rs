@@ -5,12 +5,14 @@
 //! (and a 200 whose body is an `<Error>` document) into a typed [`ClientError`], and retry what
 //! [`ClientError::is_transient`] allows, on the schedule of [`RetryPolicy`].
 //!
-//! Integrity: every body we send is covered by its SHA-256 in `x-amz-content-sha256`, which is
-//! part of the signature; the server recomputes it and refuses a body that changed on the way.
-//! On a machine with SHA extensions that costs about 1 CPU-second per 1.5-2 GiB (see
-//! `docs/ARCHITECTURE.md`), small next to the network, and it needs no extra header support from
-//! the server (CRC32C `x-amz-checksum-*` would be cheaper but is not implemented by every
-//! S3-compatible store). Anonymous requests carry a `Content-MD5` instead.
+//! Integrity: every body we send is covered by a digest the server recomputes, refusing a body
+//! that changed on the way. Control bodies (CompleteMultipartUpload, DeleteObjects) carry their
+//! SHA-256 in `x-amz-content-sha256`, part of the signature. Data (PutObject, UploadPart) carries
+//! what [`Checksum`] says: the signed SHA-256 (about 1 CPU-second per 1.5-2 GiB with SHA
+//! extensions), or a CRC32C in `x-amz-checksum-crc32c` with `UNSIGNED-PAYLOAD` (about a quarter of
+//! that, hardware-accelerated) once [`S3Client::probe_crc32c`] has seen the server refuse a part
+//! whose CRC32C is wrong: not every S3-compatible store checks it. Anonymous requests carry a
+//! `Content-MD5`.
 //!
 //! Addressing: virtual-hosted (`bucket.host/key`) for AWS endpoints, path-style (`host/bucket/key`)
 //! for every other endpoint, unless `--addressing-style` says otherwise: S3-compatible stores
@@ -97,6 +99,8 @@ pub struct ClientConfig {
     pub request_payer: bool,
     /// `x-amz-expected-bucket-owner` on every request (`--expected-bucket-owner`).
     pub expected_bucket_owner: Option<String>,
+    /// What protects uploaded data (`--upload-checksums`).
+    pub upload_checksums: ChecksumChoice,
 }
 
 impl ClientConfig {
@@ -116,6 +120,7 @@ impl ClientConfig {
             write: WriteDefaults::default(),
             request_payer: false,
             expected_bucket_owner: None,
+            upload_checksums: ChecksumChoice::Auto,
         }
     }
 }
@@ -298,8 +303,36 @@ impl<'a> Request<'a> {
 #[derive(Clone)]
 struct PreparedBody {
     data: PutBody,
-    sha256_hex: String,
+    /// Its SHA-256 (hex), unless it is sent with `UNSIGNED-PAYLOAD`.
+    sha256_hex: Option<String>,
     md5_base64: Option<String>,
+    /// Sent in `x-amz-checksum-crc32c`.
+    crc32c: Option<u32>,
+}
+
+/// What `--upload-checksums` asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ChecksumChoice {
+    /// CRC32C where the server verifies it and nobody on the path can change a body together
+    /// with its CRC (TLS, or a loopback endpoint); signed SHA-256 otherwise.
+    #[default]
+    Auto,
+    /// CRC32C where the server verifies it, SHA-256 otherwise.
+    Crc32c,
+    Sha256,
+    Off,
+}
+
+impl ChecksumChoice {
+    pub fn parse(v: &str) -> Option<Self> {
+        match v {
+            "auto" => Some(Self::Auto),
+            "crc32c" => Some(Self::Crc32c),
+            "sha256" => Some(Self::Sha256),
+            "off" => Some(Self::Off),
+            _ => None,
+        }
+    }
 }
 
 /// How many request timeouts the answer to a server-side copy or a CompleteMultipartUpload
@@ -315,6 +348,8 @@ pub struct S3Client {
     keys: Option<Arc<SharedCredentials>>,
     endpoint: Arc<Endpoint>,
     stats: Arc<ClientStats>,
+    /// The [`Checksum`] uploads use now (as `u8`): SHA-256 until a probe finds CRC32C checked.
+    checksum: Arc<std::sync::atomic::AtomicU8>,
 }
 
 impl std::fmt::Debug for S3Client {
@@ -345,13 +380,78 @@ impl S3Client {
             Auth::Chain(shared) => Some(shared.clone()),
             Auth::Anonymous => None,
         };
+        let checksum = match cfg.upload_checksums {
+            ChecksumChoice::Off => Checksum::Off,
+            _ => Checksum::Sha256,
+        };
         Ok(Self {
             http,
             keys,
             cfg: Arc::new(cfg),
             endpoint: Arc::new(endpoint),
             stats: Arc::new(ClientStats::default()),
+            checksum: Arc::new(checksum_cell(checksum)),
         })
+    }
+
+    /// Whether uploads should try CRC32C: what `--upload-checksums` asked for, and, for
+    /// `auto`, whether a changed body could pass with its CRC changed to match (plain HTTP
+    /// beyond this machine).
+    pub fn wants_crc32c(&self) -> bool {
+        match self.cfg.upload_checksums {
+            ChecksumChoice::Crc32c => true,
+            ChecksumChoice::Auto => {
+                self.endpoint.scheme == "https" || loopback_authority(&self.endpoint.authority)
+            }
+            ChecksumChoice::Sha256 | ChecksumChoice::Off => false,
+        }
+    }
+
+    /// Finds out whether the server checks `x-amz-checksum-crc32c`, with a multipart upload
+    /// at `key` that it aborts again: a part sent with a wrong CRC32C must be refused, and
+    /// the same part with the right one taken. If so, uploads use CRC32C from now on (see
+    /// [`ObjectClient::upload_checksum`]); if not, they stay on SHA-256. Returns what it found,
+    /// for the log.
+    pub async fn probe_crc32c(&self, key: &str) -> std::result::Result<(), String> {
+        let id = self
+            .create_multipart_upload(key, &ObjectAttributes::default(), Checksum::Crc32c)
+            .await
+            .map_err(|e| format!("CreateMultipartUpload with a CRC32C algorithm failed: {e}"))?;
+        let verdict = self.probe_parts(key, &id).await;
+        if let Err(e) = self.abort_multipart_upload(key, &id).await {
+            tracing::warn!(key, "could not abort the checksum probe's upload: {e}");
+        }
+        verdict?;
+        self.checksum
+            .store(Checksum::Crc32c as u8, Ordering::Relaxed);
+        Ok(())
+    }
+
+    async fn probe_parts(&self, key: &str, id: &str) -> std::result::Result<(), String> {
+        let data = Bytes::from_static(b"s3mount checks that the server checks CRC32C");
+        let right = crc32c::crc32c(&data);
+        let send = |crc: u32| {
+            let body = PreparedBody {
+                data: PutBody::Bytes(data.clone()),
+                sha256_hex: None,
+                md5_base64: None,
+                crc32c: Some(crc),
+            };
+            let req = Request::new(Operation::UploadPart, Method::PUT, Some(key))
+                .query("partNumber", "1")
+                .query("uploadId", id)
+                .body(body);
+            async move { self.headers_of(&req).await }
+        };
+        match send(right ^ 0x5a5a_5a5a).await {
+            Ok(_) => return Err("it took a part whose CRC32C was wrong".into()),
+            Err(e) if refused_for_checksum(&e) => {}
+            Err(e) => return Err(format!("a part with a wrong CRC32C got: {e}")),
+        }
+        send(right)
+            .await
+            .map(drop)
+            .map_err(|e| format!("a part with the right CRC32C was refused: {e}"))
     }
 
     pub fn config(&self) -> &ClientConfig {
@@ -440,10 +540,16 @@ impl S3Client {
         Some((self.bucket_url(), policy.sign(&ctx)))
     }
 
+    /// A control body (XML), signed with its SHA-256.
     async fn prepare(&self, data: PutBody) -> Result<PreparedBody> {
+        self.prepare_data(data, Checksum::Sha256).await
+    }
+
+    /// An object's or a part's data, with the digest `checksum` asks for.
+    async fn prepare_data(&self, data: PutBody, checksum: Checksum) -> Result<PreparedBody> {
         let anonymous = matches!(self.cfg.auth, Auth::Anonymous);
         // Hashing 8 MiB takes milliseconds: keep it off the async workers.
-        let hashed = tokio::task::spawn_blocking(move || digest_body(data, anonymous))
+        let hashed = tokio::task::spawn_blocking(move || digest_body(data, checksum, anonymous))
             .await
             .map_err(|e| std::io::Error::other(e.to_string()))
             .and_then(|r| r);
@@ -551,11 +657,17 @@ impl S3Client {
         let mut headers = req.headers.clone();
         self.bucket_headers(req.op, &mut headers);
         headers.push(("host".into(), self.endpoint.authority.clone()));
-        let payload_hash = req
-            .body
-            .as_ref()
-            .map(|b| b.sha256_hex.clone())
-            .unwrap_or_else(|| sigv4::EMPTY_SHA256.to_string());
+        let payload_hash = match &req.body {
+            None => sigv4::EMPTY_SHA256.to_string(),
+            Some(b) => b
+                .sha256_hex
+                .clone()
+                .unwrap_or_else(|| sigv4::UNSIGNED_PAYLOAD.to_string()),
+        };
+        if let Some(crc) = req.body.as_ref().and_then(|b| b.crc32c) {
+            let value = base64::engine::general_purpose::STANDARD.encode(crc.to_be_bytes());
+            headers.push(("x-amz-checksum-crc32c".into(), value));
+        }
         let keys = self
             .signing_keys()
             .map_err(|why| self.error(req, ErrorKind::AccessDenied).with_message(why))?;
@@ -808,20 +920,67 @@ impl S3Client {
     }
 }
 
-fn digest_body(data: PutBody, with_md5: bool) -> std::io::Result<PreparedBody> {
-    let mut sha = Sha256::new();
+fn digest_body(data: PutBody, checksum: Checksum, with_md5: bool) -> std::io::Result<PreparedBody> {
+    let mut sha = (checksum == Checksum::Sha256).then(Sha256::new);
+    let mut crc = (checksum == Checksum::Crc32c).then_some(0u32);
     let mut md5 = with_md5.then(Md5::new);
     data.for_each_chunk(|bytes| {
-        sha2::Digest::update(&mut sha, bytes);
+        if let Some(h) = sha.as_mut() {
+            sha2::Digest::update(h, bytes);
+        }
+        if let Some(c) = crc.as_mut() {
+            *c = crc32c::crc32c_append(*c, bytes);
+        }
         if let Some(m) = md5.as_mut() {
             m.update(bytes);
         }
     })?;
     Ok(PreparedBody {
         data,
-        sha256_hex: hex::encode(sha2::Digest::finalize(sha)),
+        sha256_hex: sha.map(|h| hex::encode(sha2::Digest::finalize(h))),
         md5_base64: md5.map(|m| base64::engine::general_purpose::STANDARD.encode(m.finalize())),
+        crc32c: crc,
     })
+}
+
+fn checksum_cell(c: Checksum) -> std::sync::atomic::AtomicU8 {
+    std::sync::atomic::AtomicU8::new(c as u8)
+}
+
+fn checksum_of(v: u8) -> Checksum {
+    [Checksum::Sha256, Checksum::Crc32c, Checksum::Off]
+        .into_iter()
+        .find(|c| *c as u8 == v)
+        .unwrap_or_default()
+}
+
+/// Whether `authority` (`host[:port]`) names this machine: nobody else is on that path.
+fn loopback_authority(authority: &str) -> bool {
+    let host = match authority.rsplit_once(':') {
+        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => authority,
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Whether an UploadPart was refused because its checksum did not match: AWS says
+/// BadDigest; other stores say InvalidDigest, XAmzContentChecksumMismatch or InvalidRequest
+/// with a message about the checksum.
+fn refused_for_checksum(e: &ClientError) -> bool {
+    let code = match &e.kind {
+        ErrorKind::Other(code) => code.as_str(),
+        _ => "",
+    };
+    let message = e.message.to_ascii_lowercase();
+    e.status.is_some_and(|s| s == 400 || s == 422)
+        && (["BadDigest", "InvalidDigest", "XAmzContentChecksumMismatch"].contains(&code)
+            || message.contains("checksum")
+            || message.contains("crc32c")
+            || message.contains("digest"))
 }
 
 fn looks_like_html(text: &str) -> bool {
@@ -1195,7 +1354,7 @@ impl ObjectClient for S3Client {
         attrs: &ObjectAttributes,
         condition: Condition<'_>,
     ) -> Result<String> {
-        let body = self.prepare(body).await?;
+        let body = self.prepare_data(body, self.upload_checksum()).await?;
         let req = condition_headers(
             attribute_headers(
                 Request::new(Operation::PutObject, Method::PUT, Some(key)),
@@ -1261,13 +1420,25 @@ impl ObjectClient for S3Client {
         self.parse_xml(&req, xml::etag_of(&text))
     }
 
-    async fn create_multipart_upload(&self, key: &str, attrs: &ObjectAttributes) -> Result<String> {
-        let req = attribute_headers(
+    fn upload_checksum(&self) -> Checksum {
+        checksum_of(self.checksum.load(Ordering::Relaxed))
+    }
+
+    async fn create_multipart_upload(
+        &self,
+        key: &str,
+        attrs: &ObjectAttributes,
+        checksum: Checksum,
+    ) -> Result<String> {
+        let mut req = attribute_headers(
             Request::new(Operation::CreateMultipartUpload, Method::POST, Some(key))
                 .query("uploads", ""),
             attrs,
             &self.cfg.write,
         );
+        if checksum == Checksum::Crc32c {
+            req = req.header("x-amz-checksum-algorithm", "CRC32C");
+        }
         let text = self.xml_text(&req).await?;
         self.parse_xml(&req, xml::initiate_multipart_upload(&text))
     }
@@ -1278,9 +1449,10 @@ impl ObjectClient for S3Client {
         upload_id: &str,
         part_number: u32,
         body: PutBody,
+        checksum: Checksum,
     ) -> Result<StoredPart> {
-        let body = self.prepare(body).await?;
-        let sha256_hex = body.sha256_hex.clone();
+        let body = self.prepare_data(body, checksum).await?;
+        let (sha256_hex, crc32c) = (body.sha256_hex.clone(), body.crc32c);
         let req = Request::new(Operation::UploadPart, Method::PUT, Some(key))
             .query("partNumber", part_number.to_string())
             .query("uploadId", upload_id)
@@ -1289,6 +1461,7 @@ impl ObjectClient for S3Client {
         Ok(StoredPart {
             etag: self.etag_header(&req, &headers)?,
             sha256_hex,
+            crc32c,
         })
     }
 

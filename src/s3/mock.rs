@@ -8,7 +8,9 @@
 //!
 //! The mock follows S3 where the filesystem relies on it: delimiter listings with common
 //! prefixes, continuation tokens, `If-Match` answered with PreconditionFailed, ranges clamped to
-//! the object, multipart ETags of the form `"<md5 of part md5s>-<parts>"`.
+//! the object, multipart ETags of the form `"<md5 of part md5s>-<parts>"`, and checksums: an
+//! upload created with CRC32C takes only parts sent with it, and completes only with each
+//! part's right CRC32C named (AWS refuses both mistakes).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::ops::Range;
@@ -36,6 +38,7 @@ struct Upload {
     attrs: ObjectAttributes,
     parts: BTreeMap<u32, (String, Bytes)>,
     initiated: SystemTime,
+    checksum: Checksum,
 }
 
 #[derive(Default)]
@@ -66,6 +69,8 @@ pub struct MockClient {
     bytes_received: AtomicU64,
     /// Plays a server without conditional writes: their headers are ignored.
     pub ignore_conditions: AtomicBool,
+    /// What [`ObjectClient::upload_checksum`] answers: `true` for CRC32C.
+    pub crc32c: AtomicBool,
 }
 
 fn quoted_md5(data: &[u8]) -> String {
@@ -94,6 +99,7 @@ impl MockClient {
             bytes_sent: AtomicU64::new(0),
             bytes_received: AtomicU64::new(0),
             ignore_conditions: AtomicBool::new(false),
+            crc32c: AtomicBool::new(false),
         }
     }
 
@@ -372,9 +378,22 @@ impl ObjectClient for MockClient {
         self.after(op, Some(dest_key), lost, result)
     }
 
-    async fn create_multipart_upload(&self, key: &str, attrs: &ObjectAttributes) -> Result<String> {
+    fn upload_checksum(&self) -> Checksum {
+        if self.crc32c.load(Ordering::Relaxed) {
+            Checksum::Crc32c
+        } else {
+            Checksum::Sha256
+        }
+    }
+
+    async fn create_multipart_upload(
+        &self,
+        key: &str,
+        attrs: &ObjectAttributes,
+        checksum: Checksum,
+    ) -> Result<String> {
         let lost = self.enter(Operation::CreateMultipartUpload, Some(key))?;
-        let result = self.create_multipart_upload_now(key, attrs);
+        let result = self.create_multipart_upload_now(key, attrs, checksum);
         self.after(Operation::CreateMultipartUpload, Some(key), lost, result)
     }
 
@@ -384,10 +403,11 @@ impl ObjectClient for MockClient {
         upload_id: &str,
         part_number: u32,
         body: PutBody,
+        checksum: Checksum,
     ) -> Result<StoredPart> {
         let op = Operation::UploadPart;
         let lost = self.enter(op, Some(key))?;
-        let result = self.upload_part_now(key, upload_id, part_number, body);
+        let result = self.upload_part_now(key, upload_id, part_number, body, checksum);
         self.after(op, Some(key), lost, result)
     }
 
@@ -635,7 +655,12 @@ impl MockClient {
         Ok(etag)
     }
 
-    fn create_multipart_upload_now(&self, key: &str, attrs: &ObjectAttributes) -> Result<String> {
+    fn create_multipart_upload_now(
+        &self,
+        key: &str,
+        attrs: &ObjectAttributes,
+        checksum: Checksum,
+    ) -> Result<String> {
         let id = self.new_id();
         self.lock().uploads.insert(
             id.clone(),
@@ -644,6 +669,7 @@ impl MockClient {
                 attrs: attrs.clone(),
                 parts: BTreeMap::new(),
                 initiated: SystemTime::now(),
+                checksum,
             },
         );
         Ok(id)
@@ -655,17 +681,30 @@ impl MockClient {
         upload_id: &str,
         part_number: u32,
         body: PutBody,
+        checksum: Checksum,
     ) -> Result<StoredPart> {
         let op = Operation::UploadPart;
         let data = read_body(&body).map_err(|e| {
             self.err(op, Some(key), ErrorKind::InvalidRequest)
                 .with_message(e.to_string())
         })?;
+        let created_with = self.lock().uploads.get(upload_id).map(|u| u.checksum);
+        if created_with.is_some_and(|c| (c == Checksum::Crc32c) != (checksum == Checksum::Crc32c)) {
+            return Err(self
+                .err(op, Some(key), ErrorKind::InvalidRequest)
+                .with_message("checksum type mismatch"));
+        }
         self.bytes_sent
             .fetch_add(data.len() as u64, Ordering::Relaxed);
-        let sha256_hex = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&data));
+        let sha256_hex = (checksum == Checksum::Sha256)
+            .then(|| hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&data)));
+        let crc32c = (checksum == Checksum::Crc32c).then(|| crc32c::crc32c(&data));
         let etag = self.store_part(op, key, upload_id, part_number, data)?;
-        Ok(StoredPart { etag, sha256_hex })
+        Ok(StoredPart {
+            etag,
+            sha256_hex,
+            crc32c,
+        })
     }
 
     fn upload_part_copy_now(
@@ -710,8 +749,14 @@ impl MockClient {
         let mut md5s = Vec::new();
         let mut previous = 0;
         for p in parts {
+            let crc_ok = |bytes: &Bytes| match upload.checksum {
+                Checksum::Crc32c => p.crc32c == Some(crc32c::crc32c(bytes)),
+                _ => p.crc32c.is_none(),
+            };
             match upload.parts.get(&p.part_number) {
-                Some((etag, bytes)) if *etag == p.etag && p.part_number > previous => {
+                Some((etag, bytes))
+                    if *etag == p.etag && p.part_number > previous && crc_ok(bytes) =>
+                {
                     data.extend_from_slice(bytes);
                     md5s.extend(hex::decode(etag.trim_matches('"')).unwrap_or_default());
                     previous = p.part_number;

@@ -16,6 +16,6 @@ pub mod xml;
 pub use client::*;
 pub use credentials::{Auth, Credentials};
 pub use error::{ClientError, ErrorKind, Operation};
-pub use http::{Addressing, ClientConfig, S3Client, WriteDefaults};
+pub use http::{Addressing, ChecksumChoice, ClientConfig, S3Client, WriteDefaults};
 pub use mock::MockClient;
 pub use retry::RetryPolicy;

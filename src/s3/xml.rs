@@ -4,6 +4,7 @@
 
 use std::time::SystemTime;
 
+use base64::Engine as _;
 use quick_xml::escape::escape;
 use quick_xml::events::Event;
 use quick_xml::Reader;
@@ -244,10 +245,15 @@ pub fn complete_multipart_upload_body(parts: &[CompletedPart]) -> String {
     let mut body = String::from("<CompleteMultipartUpload>");
     for p in parts {
         body.push_str(&format!(
-            "<Part><PartNumber>{}</PartNumber><ETag>{}</ETag></Part>",
+            "<Part><PartNumber>{}</PartNumber><ETag>{}</ETag>",
             p.part_number,
             escape(p.etag.as_str())
         ));
+        if let Some(crc) = p.crc32c {
+            let value = base64::engine::general_purpose::STANDARD.encode(crc.to_be_bytes());
+            body.push_str(&format!("<ChecksumCRC32C>{value}</ChecksumCRC32C>"));
+        }
+        body.push_str("</Part>");
     }
     body.push_str("</CompleteMultipartUpload>");
     body

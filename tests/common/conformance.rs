@@ -235,15 +235,19 @@ pub async fn large_listing<C: ObjectClient>(c: Arc<C>, prefix: &str, count: usiz
 
 pub const MIB: usize = 1024 * 1024;
 
-/// Multipart upload with parts sent concurrently, listed while open, then completed.
-pub async fn multipart_roundtrip<C: ObjectClient>(c: Arc<C>, prefix: &str) {
+/// Multipart upload with parts sent concurrently with `checksum`, listed while open, then
+/// completed.
+pub async fn multipart_roundtrip<C: ObjectClient>(c: Arc<C>, prefix: &str, checksum: Checksum) {
     let key = format!("{prefix}multi.bin");
     let data = Bytes::from(pattern(3 * 5 * MIB + 12345, 7));
     let attrs = ObjectAttributes {
         metadata: BTreeMap::from([("origin".to_string(), "multipart".to_string())]),
         ..Default::default()
     };
-    let upload_id = c.create_multipart_upload(&key, &attrs).await.unwrap();
+    let upload_id = c
+        .create_multipart_upload(&key, &attrs, checksum)
+        .await
+        .unwrap();
 
     let mut set = tokio::task::JoinSet::new();
     for (i, chunk) in data.chunks(5 * MIB).enumerate() {
@@ -252,13 +256,24 @@ pub async fn multipart_roundtrip<C: ObjectClient>(c: Arc<C>, prefix: &str) {
         set.spawn(async move {
             let n = i as u32 + 1;
             let sha256 = super::sha256_hex(&body);
-            c.upload_part(&key, &id, n, PutBody::Bytes(body))
+            let crc = crc32c::crc32c(&body);
+            c.upload_part(&key, &id, n, PutBody::Bytes(body), checksum)
                 .await
                 .map(|stored| {
-                    assert_eq!(stored.sha256_hex, sha256, "the SHA-256 of what was sent");
+                    let (want_sha, want_crc) = match checksum {
+                        Checksum::Sha256 => (Some(sha256), None),
+                        Checksum::Crc32c => (None, Some(crc)),
+                        Checksum::Off => (None, None),
+                    };
+                    assert_eq!(
+                        (stored.sha256_hex, stored.crc32c),
+                        (want_sha, want_crc),
+                        "the digest of what was sent"
+                    );
                     CompletedPart {
                         part_number: n,
                         etag: stored.etag,
+                        crc32c: stored.crc32c,
                     }
                 })
         });
@@ -316,7 +331,7 @@ pub async fn multipart_roundtrip<C: ObjectClient>(c: Arc<C>, prefix: &str) {
     // UploadPartCopy: a new object from two ranges of the first, one of them 5 MiB+.
     let copy_key = format!("{prefix}copied.bin");
     let id2 = c
-        .create_multipart_upload(&copy_key, &ObjectAttributes::default())
+        .create_multipart_upload(&copy_key, &ObjectAttributes::default(), Checksum::Sha256)
         .await
         .unwrap();
     let split = 6 * MIB as u64;
@@ -340,10 +355,12 @@ pub async fn multipart_roundtrip<C: ObjectClient>(c: Arc<C>, prefix: &str) {
             CompletedPart {
                 part_number: 1,
                 etag: e1,
+                crc32c: None,
             },
             CompletedPart {
                 part_number: 2,
                 etag: e2,
+                crc32c: None,
             },
         ],
     )
@@ -357,12 +374,18 @@ pub async fn multipart_roundtrip<C: ObjectClient>(c: Arc<C>, prefix: &str) {
     // An aborted upload leaves nothing behind.
     let aborted_key = format!("{prefix}aborted.bin");
     let id3 = c
-        .create_multipart_upload(&aborted_key, &ObjectAttributes::default())
+        .create_multipart_upload(&aborted_key, &ObjectAttributes::default(), checksum)
         .await
         .unwrap();
-    c.upload_part(&aborted_key, &id3, 1, PutBody::from(vec![1u8; 1000]))
-        .await
-        .unwrap();
+    c.upload_part(
+        &aborted_key,
+        &id3,
+        1,
+        PutBody::from(vec![1u8; 1000]),
+        checksum,
+    )
+    .await
+    .unwrap();
     c.abort_multipart_upload(&aborted_key, &id3).await.unwrap();
     let uploads = c.list_multipart_uploads(prefix, None).await.unwrap();
     assert!(uploads.uploads.iter().all(|u| u.upload_id != id3));

@@ -10,7 +10,9 @@
 //! - a stalled body (headers and some of the body, then nothing for a while);
 //! - a hang: the request is read and never answered (a server that froze, as under SIGSTOP);
 //! - a restart: every open connection dropped at once, and new ones refused for a moment;
-//! - a black hole: every request hangs until it is switched off.
+//! - a black hole: every request hangs until it is switched off;
+//! - a corrupted body: the request is forwarded with the last byte of its body changed, as a
+//!   faulty link or middlebox would (the server must refuse it by its checksum).
 //!
 //! Faults come from a plan (the next requests, in order), from rules that pick requests by
 //! method and query (`uploads`, `uploadId`), or at random with a seeded generator and a rate.
@@ -44,6 +46,8 @@ pub enum Fault {
     StallBody(Duration),
     /// Read the request and answer nothing for this long (then close), forwarding nothing.
     Hang(Duration),
+    /// Forward the request with the last byte of its body changed.
+    FlipBodyByte,
 }
 
 impl Fault {
@@ -56,6 +60,7 @@ impl Fault {
             Fault::CutBody => "cut-body",
             Fault::StallBody(_) => "stalled-body",
             Fault::Hang(_) => "hang",
+            Fault::FlipBodyByte => "flipped-byte",
         }
     }
 }
@@ -387,6 +392,11 @@ async fn serve(mut conn: TcpStream, s: &Shared) -> std::io::Result<()> {
         Some(Fault::Hang(d)) => {
             tokio::time::sleep(*d).await;
             return Ok(());
+        }
+        Some(Fault::FlipBodyByte) => {
+            if let Some(last) = body.last_mut() {
+                *last ^= 0x01;
+            }
         }
         _ => {}
     }
