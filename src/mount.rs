@@ -733,8 +733,8 @@ fn redirect_stdio() {
     }
 }
 
-/// Finds out in the background whether the server checks CRC32C checksums; until it has, and
-/// if it does not, uploads carry their signed SHA-256 (see `--upload-checksums`).
+/// Finds out, before the mount serves, whether the server checks CRC32C checksums; if it does
+/// not, uploads carry their signed SHA-256 (see `--upload-checksums`).
 fn probe_checksums(
     rt: &tokio::runtime::Runtime,
     s3: S3Client,
@@ -742,8 +742,13 @@ fn probe_checksums(
     asked: crate::s3::ChecksumChoice,
 ) {
     let key = format!("{prefix}.s3mount-probe-{:016x}", fastrand::u64(..));
-    rt.spawn(async move {
-        match s3.probe_crc32c(&key).await {
+    // Before the mount serves: its upload is gone before anyone can list uploads, and no
+    // fault of a file's own requests can be taken for the probe's.
+    rt.block_on(async move {
+        let probed = tokio::time::timeout(Duration::from_secs(10), s3.probe_crc32c(&key))
+            .await
+            .unwrap_or_else(|_| Err("no answer within 10 s".into()));
+        match probed {
             Ok(()) => tracing::info!("uploads carry CRC32C checksums, which the server checks"),
             Err(why) if asked == crate::s3::ChecksumChoice::Crc32c => tracing::warn!(
                 "uploads carry their signed SHA-256 instead of CRC32C: the server does not check CRC32C ({why})"
