@@ -310,6 +310,8 @@ pub enum Checksum {
 }
 
 impl Checksum {
+    pub const ALL: [Checksum; 3] = [Checksum::Sha256, Checksum::Crc32c, Checksum::Off];
+
     pub fn name(self) -> &'static str {
         match self {
             Checksum::Sha256 => "sha256",
@@ -319,9 +321,7 @@ impl Checksum {
     }
 
     pub fn from_name(name: &str) -> Option<Self> {
-        [Checksum::Sha256, Checksum::Crc32c, Checksum::Off]
-            .into_iter()
-            .find(|c| c.name() == name)
+        Self::ALL.into_iter().find(|c| c.name() == name)
     }
 }
 

@@ -390,7 +390,7 @@ impl S3Client {
             cfg: Arc::new(cfg),
             endpoint: Arc::new(endpoint),
             stats: Arc::new(ClientStats::default()),
-            checksum: Arc::new(checksum_cell(checksum)),
+            checksum: Arc::new(std::sync::atomic::AtomicU8::new(checksum as u8)),
         })
     }
 
@@ -943,12 +943,8 @@ fn digest_body(data: PutBody, checksum: Checksum, with_md5: bool) -> std::io::Re
     })
 }
 
-fn checksum_cell(c: Checksum) -> std::sync::atomic::AtomicU8 {
-    std::sync::atomic::AtomicU8::new(c as u8)
-}
-
 fn checksum_of(v: u8) -> Checksum {
-    [Checksum::Sha256, Checksum::Crc32c, Checksum::Off]
+    Checksum::ALL
         .into_iter()
         .find(|c| *c as u8 == v)
         .unwrap_or_default()
