@@ -767,7 +767,7 @@ fn mount_and_serve(
     mut mounted: impl FnMut(Result<(), String>),
 ) -> Result<(), StartError> {
     let rt = runtime()?;
-    let _entered = rt.enter();
+    let entered = rt.enter();
     let activity = Activity::new();
     let s3 = S3Client::new(plan.client.clone()).map_err(|e| StartError(e.to_string()))?;
     let endpoint = s3.bucket_url();
@@ -962,7 +962,18 @@ fn mount_and_serve(
     crate::status::log_stats(&crate::status::snapshot(&state), false);
     drop(control);
     tracing::info!("unmounted");
+    drop(entered);
+    leave_runtime(rt);
     result.map_err(|e| StartError(format!("the FUSE session ended with an error: {e}")))
+}
+
+/// Ends the mount's runtime without shutting its timers down: the process ends right after
+/// (whatever had to reach S3 was awaited by `unmounting`). Dropping the runtime would stop its
+/// timer driver while a task may still run in a blocking section (`local_io`'s
+/// `block_in_place`, which tokio cannot cancel); that task's next timer would then panic
+/// ("the runtime is being shut down", seen once in CI after a failed close).
+fn leave_runtime(rt: tokio::runtime::Runtime) {
+    std::mem::forget(rt);
 }
 
 /// Raises the soft limit of open descriptors to the hard one (as Go programs do at start).
