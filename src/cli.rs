@@ -203,6 +203,17 @@ pub struct Cli {
     #[arg(long, value_parser = parse_size, value_name = "SIZE")]
     pub write_back_max_size: Option<u64>,
 
+    /// A persistent read cache in DIR: blocks of objects read through the mount are kept on
+    /// local disk, checked against the object's ETag, and serve later reads (also after a
+    /// remount) without a GET. One mount per bucket and prefix may use a DIR at a time.
+    #[arg(long = "cache", value_name = "DIR")]
+    pub read_cache: Option<PathBuf>,
+
+    /// The most the read cache (--cache) keeps; least recently used objects go first.
+    /// Default: a quarter of DIR's free space at mount.
+    #[arg(long, value_parser = parse_size, value_name = "SIZE")]
+    pub max_cache_size: Option<u64>,
+
     /// How long --write-back waits after a file's last close before it uploads the file
     /// (default 2s): a burst of writes is not slowed by its own uploads, and a file renamed
     /// or written again meanwhile (rsync's temporary names, editors' saves) is sent once.
@@ -697,6 +708,8 @@ impl Cli {
                     "cache_dir" => self.cache_dir = Some(PathBuf::from(need()?)),
                     "write_back_max_size" => self.write_back_max_size = Some(parse_size(need()?)?),
                     "write_back_delay" => self.write_back_delay = Some(parse_duration(need()?)?),
+                    "cache" => self.read_cache = Some(PathBuf::from(need()?)),
+                    "max_cache_size" => self.max_cache_size = Some(parse_size(need()?)?),
                     // mount(8)'s own names, or atime=MODE as --atime takes it.
                     "atime" | "strictatime" | "relatime" | "noatime" => {
                         self.atime = parse_atime(value.unwrap_or(name))?
@@ -795,6 +808,14 @@ impl Cli {
                 "--cache-dir, --write-back-max-size and --write-back-delay are \
                         settings of --write-back; add it"
                     .into(),
+            );
+        }
+        if self.max_cache_size.is_some() && self.read_cache.is_none() {
+            return Err("--max-cache-size is a setting of --cache DIR; add it".into());
+        }
+        if self.max_cache_size == Some(0) {
+            return Err(
+                "--max-cache-size must be more than 0 (leave out --cache for no cache)".into(),
             );
         }
         if self.write_back && self.read_only {

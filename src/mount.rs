@@ -24,6 +24,7 @@ use std::time::Duration;
 use crate::activity::{Activity, Observed};
 use crate::cli::Cli;
 use crate::fs::content_type::ContentTypes;
+use crate::fs::disk_cache::DiskCache;
 use crate::fs::writeback::Queue;
 use crate::fs::{FsConfig, S3Filesystem};
 use crate::fuse::{FuseAdapter, Ownership};
@@ -293,6 +294,13 @@ fn plan_with(cli: Cli, client: &mut ClientConfig) -> Result<MountPlan, StartErro
                 delay: cli.write_back_delay.unwrap_or(DEFAULT_WRITE_BACK_DELAY),
             }
         }),
+        read_cache: cli.read_cache.clone().map(|dir| {
+            let max_bytes = cli.max_cache_size.unwrap_or_else(|| {
+                let _ = std::fs::create_dir_all(&dir);
+                crate::status::free_bytes(&dir).map_or(DEFAULT_READ_CACHE, |free| (free / 4).max(1))
+            });
+            crate::fs::disk_cache::DiskCacheConfig { dir, max_bytes }
+        }),
     };
     Ok(MountPlan {
         source: cli
@@ -466,6 +474,9 @@ pub async fn check_bucket(cfg: &ClientConfig, prefix: &str) -> Result<(), StartE
 
 /// `--write-back-max-size` when not given, at most.
 const DEFAULT_WRITE_BACK_MAX: u64 = 10 << 30;
+/// The read cache's size when `--max-cache-size` is not given and the directory's free space
+/// (of which it takes a quarter) cannot be read.
+const DEFAULT_READ_CACHE: u64 = 1 << 30;
 /// How long write-back waits after a last close before it uploads (`--write-back-delay`).
 const DEFAULT_WRITE_BACK_DELAY: Duration = Duration::from_secs(2);
 
@@ -790,6 +801,16 @@ fn mount_and_serve(
         raise_open_file_limit();
         match Queue::open(cfg, &plan.client.bucket, &plan.fs.prefix) {
             Ok(q) => fs = fs.with_write_back(q),
+            Err(e) => return report(e),
+        }
+    }
+    if let Some(cfg) = &plan.fs.read_cache {
+        let block = plan.fs.read.block_size;
+        match DiskCache::open(cfg, &plan.client.bucket, &plan.fs.prefix, block) {
+            Ok(cache) => {
+                tracing::info!(dir = %cache.dir().display(), max_bytes = cfg.max_bytes, "read cache");
+                fs = fs.with_read_cache(cache);
+            }
             Err(e) => return report(e),
         }
     }

@@ -198,6 +198,14 @@ pub fn snapshot(m: &MountState) -> Value {
         "uploads": uploads,
         "resumable_uploads": resumable,
         "write_back": write_back(m, prefix),
+        "read_cache": m.fs.read_cache_stats().map(|c| json!({
+            "bytes": c.used_bytes,
+            "max_bytes": c.max_bytes,
+            "objects": c.objects,
+            "hits": c.hits,
+            "hit_bytes": c.hit_bytes,
+            "corrupt_blocks": c.corrupt_blocks,
+        })),
         "resume_window_seconds": m.fs.config().write.resume_window.as_secs(),
         "reads": reads,
         "totals": {
@@ -358,6 +366,18 @@ pub fn render_text(v: &Value) -> String {
     }
     let _ = write!(out, "{}", render_resumable(v));
     let _ = write!(out, "{}", render_write_back(v));
+    let rc = &v["read_cache"];
+    if !rc.is_null() {
+        let _ = writeln!(
+            out,
+            "  read cache: {} objects, {} of {}  served {} reads ({})",
+            u(rc, &["objects"]),
+            bytes(u(rc, &["bytes"])),
+            bytes(u(rc, &["max_bytes"])),
+            u(rc, &["hits"]),
+            bytes(u(rc, &["hit_bytes"])),
+        );
+    }
     let reads = v.get("reads").and_then(Value::as_array);
     let _ = writeln!(out, "  reads in flight: {}", reads.map_or(0, |a| a.len()));
     for r in reads.into_iter().flatten() {
@@ -643,6 +663,20 @@ pub fn render_prometheus(v: &Value) -> String {
             "counter",
             "Files stored beside an object another client changed meanwhile.",
             one(f(v, &["write_back", "conflicts"])),
+        );
+    }
+    if !v["read_cache"].is_null() {
+        metric(
+            "s3mount_read_cache_bytes",
+            "gauge",
+            "Bytes of objects kept in the read cache (--cache).",
+            one(f(v, &["read_cache", "bytes"])),
+        );
+        metric(
+            "s3mount_read_cache_hit_bytes_total",
+            "counter",
+            "Bytes of reads served from the read cache.",
+            one(f(v, &["read_cache", "hit_bytes"])),
         );
     }
     metric(

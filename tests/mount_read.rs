@@ -453,3 +453,83 @@ fn background_mode_returns_once_mounted() {
     assert!(listed.is_ok());
     assert!(unmount.success(), "umount works");
 }
+
+/// GETs this mount has sent, from its status report.
+fn gets_sent(m: &common::mount::Mounted) -> u64 {
+    let status = common::mount::report(m, "status");
+    status["totals"]["requests_by_operation"]["GetObject"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("GetObject in {status:#}"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_read_cache_serves_a_second_read_and_the_next_mount_without_a_get() {
+    let env = ServerEnv::main();
+    let c = env.client();
+    let prefix = unique_prefix("cache");
+    let spec = format!("{}:{prefix}", env.bucket);
+    let data = pattern((6 << 20) + 4321, 9);
+    put(&c, &format!("{prefix}f.bin"), data.clone()).await;
+    let cache = tempfile::tempdir().unwrap();
+    let dir = cache.path().to_str().unwrap();
+    let args = ["--cache", dir, "--max-cache-size", "64M"];
+    {
+        let m = mount(&env, &spec, &args);
+        let file = m.path().join("f.bin");
+        assert_eq!(
+            sha256_hex(&std::fs::read(&file).unwrap()),
+            sha256_hex(&data)
+        );
+        // Blocks are written off the reader's path: wait (bounded) until all are there.
+        let start = std::time::Instant::now();
+        while common::mount::report(&m, "status")["read_cache"]["bytes"].as_u64()
+            != Some(data.len() as u64)
+        {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "the cache never filled"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let before = gets_sent(&m);
+        // Another open (the kernel's page cache is dropped at open: the reads reach the mount).
+        let f = std::fs::File::open(&file).unwrap();
+        for offset in [5_000_000u64, 0, 3 << 20, (6 << 20) - 10] {
+            let mut buf = vec![0u8; 100_000];
+            let n = f.read_at(&mut buf, offset).unwrap();
+            let end = (offset as usize + 100_000).min(data.len());
+            assert_eq!(&buf[..n], &data[offset as usize..end], "at {offset}");
+        }
+        drop(f);
+        assert_eq!(
+            sha256_hex(&std::fs::read(&file).unwrap()),
+            sha256_hex(&data)
+        );
+        assert_eq!(gets_sent(&m), before, "no GET once cached");
+        // A second mount of the same bucket and prefix may not share the cache.
+        let other = tempfile::tempdir().unwrap();
+        let out = run_to_exit(command(&env).arg(&spec).arg(other.path()).args(args));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains("in use by another s3mount"),
+            "{err}"
+        );
+    }
+    // The next mount reads it from the cache.
+    let m = mount(&env, &spec, &args);
+    let file = m.path().join("f.bin");
+    assert_eq!(
+        sha256_hex(&std::fs::read(&file).unwrap()),
+        sha256_hex(&data)
+    );
+    assert_eq!(gets_sent(&m), 0, "no GET after a remount");
+    // Another client replaces the object: the mount reads the new version, not the cache.
+    let newer = pattern(3 << 20, 11);
+    put(&c, &format!("{prefix}f.bin"), newer.clone()).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        sha256_hex(&std::fs::read(&file).unwrap()),
+        sha256_hex(&newer)
+    );
+    assert!(gets_sent(&m) > 0);
+}

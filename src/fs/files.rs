@@ -521,7 +521,13 @@ impl<C: ObjectClient> S3Filesystem<C> {
                 self.release_held(fh).await;
             }
             None => {
-                super::lock(&self.handles.files).remove(&fh);
+                let was_read = matches!(
+                    super::lock(&self.handles.files).remove(&fh),
+                    Some(OpenFile::Read(_))
+                );
+                if was_read {
+                    self.flush_read_cache().await;
+                }
             }
         }
     }

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 
+use super::disk_cache::DiskCache;
 use super::error::{from_client, FsError, FsResult};
 use super::memory::{MemoryBudget, PartBuffer};
 use crate::s3::ObjectClient;
@@ -85,6 +86,20 @@ pub struct ReadContext<C> {
     pub budget: Arc<MemoryBudget>,
     pub blocks: Arc<BlockCache>,
     pub config: ReadConfig,
+    /// The persistent read cache (`--cache`), if on.
+    pub disk: Option<Arc<DiskCache>>,
+}
+
+impl<C> ReadContext<C> {
+    /// Hands what a GET brought (bytes `offset..` of an object of `size` bytes) to the
+    /// persistent read cache, if there is one, off the reader's path.
+    pub(super) fn keep(&self, key: &str, etag: &str, size: u64, offset: u64, data: &Bytes) {
+        let Some(disk) = self.disk.clone() else {
+            return;
+        };
+        let (key, etag, data) = (key.to_string(), etag.to_string(), data.clone());
+        tokio::task::spawn_blocking(move || disk.insert(&key, &etag, size, offset, &data));
+    }
 }
 
 impl<C> Clone for ReadContext<C> {
@@ -94,6 +109,7 @@ impl<C> Clone for ReadContext<C> {
             budget: self.budget.clone(),
             blocks: self.blocks.clone(),
             config: self.config.clone(),
+            disk: self.disk.clone(),
         }
     }
 }

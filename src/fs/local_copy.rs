@@ -245,6 +245,7 @@ async fn fetch_chunks<C: ObjectClient>(
     };
     let bytes = span.start * s.chunk..(span.end * s.chunk).min(s.size);
     let data = fetch(ctx, key, etag, bytes.clone()).await?;
+    ctx.keep(key, etag, s.size, bytes.start, &data);
     if let Err(e) = local_io(|| s.file.write_all_at(&data, bytes.start)) {
         s.broken.store(true, std::sync::atomic::Ordering::Relaxed);
         return Err(io_error(e));

@@ -27,6 +27,7 @@
 pub mod attributes;
 pub mod content_type;
 pub mod copy;
+pub mod disk_cache;
 pub mod error;
 pub mod files;
 pub mod get;
@@ -107,6 +108,9 @@ pub struct FsConfig {
     pub atime: AtimeMode,
     /// Durable write-back (`--write-back`), if on.
     pub write_back: Option<writeback::WriteBackConfig>,
+    /// The persistent read cache (`--cache`), if on; opened by the mount
+    /// ([`S3Filesystem::with_read_cache`]).
+    pub read_cache: Option<disk_cache::DiskCacheConfig>,
 }
 
 impl Default for FsConfig {
@@ -126,6 +130,7 @@ impl Default for FsConfig {
             content_types: content_type::ContentTypes::default(),
             atime: AtimeMode::default(),
             write_back: None,
+            read_cache: None,
         }
     }
 }
@@ -259,6 +264,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
             budget: Arc::new(MemoryBudget::new(config.max_memory - config.max_memory / 8)),
             blocks: Arc::new(BlockCache::new(cache_blocks)),
             config: config.read.clone(),
+            disk: None,
         };
         let journal =
             config.journal_dir.clone().and_then(|dir| {
@@ -322,6 +328,24 @@ impl<C: ObjectClient> S3Filesystem<C> {
                     .await
             }
             None => 0,
+        }
+    }
+
+    /// Reads keep what they fetch in `cache` and are served from it (`--cache`).
+    pub fn with_read_cache(mut self, cache: disk_cache::DiskCache) -> Self {
+        self.read_ctx.disk = Some(Arc::new(cache));
+        self
+    }
+
+    /// The persistent read cache's counters, if it is on.
+    pub fn read_cache_stats(&self) -> Option<disk_cache::DiskCacheStats> {
+        self.read_ctx.disk.as_ref().map(|d| d.stats())
+    }
+
+    /// Writes the read cache's indexes that are behind, off the async workers.
+    pub(super) async fn flush_read_cache(&self) {
+        if let Some(disk) = self.read_ctx.disk.clone() {
+            let _ = tokio::task::spawn_blocking(move || disk.flush()).await;
         }
     }
 

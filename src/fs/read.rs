@@ -37,6 +37,7 @@ use super::get::{fetch, fetch_into};
 pub use super::get::{BlockCache, ReadConfig, ReadContext};
 use super::growth::{Change, Growth};
 use super::local_copy::LocalCopy;
+use super::local_io;
 use super::memory::PartBuffer;
 
 /// Prefetch requests end on multiples of this where they can (see `top_up`).
@@ -170,6 +171,9 @@ pub struct ReadHandle<C> {
     state: tokio::sync::Mutex<Prefetcher>,
     /// Set once reads turn random: from then on every read is served from it.
     local: Mutex<Option<Arc<LocalCopy<C>>>>,
+    /// Where the last read served by the read cache ended (0: none since the window last
+    /// looked).
+    cached_to: std::sync::atomic::AtomicU64,
 }
 
 impl<C: ObjectClient> ReadHandle<C> {
@@ -188,6 +192,7 @@ impl<C: ObjectClient> ReadHandle<C> {
                 window,
             }),
             local: Mutex::new(None),
+            cached_to: Default::default(),
         }
     }
 
@@ -221,13 +226,26 @@ impl<C: ObjectClient> ReadHandle<C> {
         local.clone()
     }
 
-    /// A read served from the local copy without waiting, if it can be (`None` otherwise).
+    /// A read served from the read cache or the local copy without waiting, if it can be
+    /// (`None` otherwise).
     pub fn read_now(&self, offset: u64, len: u64) -> Option<FsResult<Bytes>> {
         let end = offset.saturating_add(len).min(self.size);
         if offset >= end {
             return None;
         }
+        if let Some(data) = self.read_cached(offset, end) {
+            return Some(Ok(data));
+        }
         self.local_copy()?.read_now(offset, end)
+    }
+
+    /// `offset..end` from the persistent read cache, if it has all of it.
+    fn read_cached(&self, offset: u64, end: u64) -> Option<Bytes> {
+        let disk = self.ctx.disk.as_ref()?;
+        let data = local_io(|| disk.read(&self.key, &self.etag, self.size, offset, end))?;
+        self.cached_to
+            .store(end, std::sync::atomic::Ordering::Relaxed);
+        Some(data)
     }
 
     /// Reads up to `len` bytes at `offset` (fewer only at the end of the object).
@@ -236,10 +254,18 @@ impl<C: ObjectClient> ReadHandle<C> {
         if offset >= end {
             return Ok(Bytes::new());
         }
+        if let Some(data) = self.read_cached(offset, end) {
+            return Ok(data);
+        }
         if let Some(local) = self.local_copy() {
             return self.read_local(&local, offset, end).await;
         }
         let mut p = self.state.lock().await;
+        let cached_to = self.cached_to.swap(0, std::sync::atomic::Ordering::Relaxed);
+        if cached_to != 0 {
+            // The reader went on through the read cache: where it reads next is no seek.
+            p.expected = cached_to;
+        }
         let slack = self.ctx.config.max_request;
         // Inside the window, or just past it: the kernel's readahead requests arrive slightly
         // out of order, and none of them is a seek.
@@ -403,6 +429,7 @@ impl<C: ObjectClient> ReadHandle<C> {
         let ctx = self.ctx.clone();
         let key = self.key.clone();
         let etag = self.etag.clone();
+        let size = self.size;
         tokio::spawn(async move {
             let buffer = match buffer {
                 Some(b) => b,
@@ -415,7 +442,10 @@ impl<C: ObjectClient> ReadHandle<C> {
                     b
                 }
             };
-            fetch_into(&ctx, &key, &etag, range, buffer).await
+            let start = range.start;
+            let data = fetch_into(&ctx, &key, &etag, range, buffer).await?;
+            ctx.keep(&key, &etag, size, start, &data);
+            Ok(data)
         })
     }
 
@@ -450,6 +480,8 @@ impl<C: ObjectClient> ReadHandle<C> {
         ) {
             let span = (first + lo as u64) * bs..((first + hi as u64 + 1) * bs).min(self.size);
             let data = fetch(&self.ctx, &self.key, &self.etag, span.clone()).await?;
+            self.ctx
+                .keep(&self.key, &self.etag, self.size, span.start, &data);
             for (i, slot) in blocks.iter_mut().enumerate().take(hi + 1).skip(lo) {
                 let b = first + i as u64;
                 let from = b * bs - span.start;
@@ -498,6 +530,7 @@ mod tests {
                 fill_request: 128 * 1024,
                 fill_requests: 2,
             },
+            disk: None,
         };
         ReadHandle::new("k".into(), etag, size as u64, ctx)
     }

@@ -1126,3 +1126,91 @@ async fn another_clients_new_key_shows_once_the_listing_expires() {
     tokio::time::sleep(Duration::from_millis(80)).await;
     assert_eq!(fs.lookup(d, "b").await.unwrap().size, 6);
 }
+
+/// A filesystem over `mock` whose reads keep what they fetch in the read cache at `dir`.
+fn fs_with_read_cache(mock: Arc<MockClient>, dir: &std::path::Path) -> S3Filesystem<MockClient> {
+    let config = FsConfig {
+        metadata_ttl: Duration::ZERO,
+        ..FsConfig::default()
+    };
+    let cache_config = disk_cache::DiskCacheConfig {
+        dir: dir.to_path_buf(),
+        max_bytes: 64 << 20,
+    };
+    let cache =
+        disk_cache::DiskCache::open(&cache_config, "b", "", config.read.block_size).unwrap();
+    S3Filesystem::new(mock, config).with_read_cache(cache)
+}
+
+/// The whole file at `name`, read from start to end in the kernel's 1 MiB pieces.
+async fn read_through(fs: &S3Filesystem<MockClient>, name: &str) -> Vec<u8> {
+    let f = path(fs, name).await.unwrap();
+    let fh = fs.open(f.ino, false, false).await.unwrap();
+    let mut out = Vec::new();
+    loop {
+        let piece = fs.read(fh, out.len() as u64, 1 << 20).await.unwrap();
+        if piece.is_empty() {
+            break;
+        }
+        out.extend_from_slice(&piece);
+    }
+    fs.release_file(fh).await;
+    out
+}
+
+/// Waits (a bounded time) until the read cache holds `bytes`: blocks are written off the
+/// reader's path.
+async fn cache_holds(fs: &S3Filesystem<MockClient>, bytes: u64) {
+    for _ in 0..500 {
+        if fs.read_cache_stats().unwrap().used_bytes == bytes {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!(
+        "the read cache holds {:?}, not {bytes} bytes",
+        fs.read_cache_stats()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_read_cache_serves_later_opens_and_mounts_without_a_get() {
+    let dir = tempfile::tempdir().unwrap();
+    let mock = Arc::new(MockClient::new("b"));
+    let size = (5 << 20) + 12_345;
+    let data: Vec<u8> = (0..size as u32).map(|i| (i % 251) as u8).collect();
+    mock.insert("f", data.clone());
+    {
+        let fs = fs_with_read_cache(mock.clone(), dir.path());
+        assert_eq!(read_through(&fs, "f").await, data);
+        cache_holds(&fs, size as u64).await;
+        let gets = mock.count(Operation::GetObject);
+        assert_eq!(read_through(&fs, "f").await, data);
+        // Random reads too.
+        let f = path(&fs, "f").await.unwrap();
+        let fh = fs.open(f.ino, false, false).await.unwrap();
+        for offset in [4_000_000u64, 17, 5 << 20, 2_000_000] {
+            let got = fs.read(fh, offset, 70_000).await.unwrap();
+            let end = (offset as usize + 70_000).min(size);
+            assert_eq!(&got[..], &data[offset as usize..end]);
+        }
+        fs.release_file(fh).await;
+        assert_eq!(mock.count(Operation::GetObject), gets, "no GET once cached");
+        fs.unmounting().await;
+    }
+    // The next mount finds it.
+    let fs = fs_with_read_cache(mock.clone(), dir.path());
+    let gets = mock.count(Operation::GetObject);
+    assert_eq!(read_through(&fs, "f").await, data);
+    assert_eq!(
+        mock.count(Operation::GetObject),
+        gets,
+        "no GET after a remount"
+    );
+    // Another client replaces the object: the next open reads the new version from S3.
+    let newer = vec![7u8; 3 << 20];
+    mock.insert("f", newer.clone());
+    assert_eq!(read_through(&fs, "f").await, newer);
+    assert!(mock.count(Operation::GetObject) > gets);
+    cache_holds(&fs, newer.len() as u64).await;
+}

@@ -1,0 +1,691 @@
+//! The persistent read cache (`--cache DIR`): blocks of objects read through the mount, kept
+//! on local disk across opens and across mounts, so a second read of an object needs no GET.
+//!
+//! **Layout.** One directory per bucket and prefix under DIR, locked (flock) by the mount that
+//! uses it: a second mount of the same bucket and prefix on the same DIR is refused at mount
+//! time, so two processes never write one object's blocks. Each cached object is two files
+//! named by a hash of its key: `NAME.data`, sparse, each block at its own offset in the
+//! object, and `NAME.idx`, the object's key, ETag and size and, for each block present, its
+//! CRC32C.
+//!
+//! **Validity.** Blocks belong to one ETag: a handle opened on another version of the object
+//! (the object replaced, here or by another client) finds none, and the old blocks go. The
+//! data file is never synced and the index is written without sync (a cache need not survive
+//! a power loss), so after a crash an index may name blocks whose bytes never reached the
+//! disk: every block that a mount did not write itself is checked against its CRC32C the first
+//! time it is read, and one that does not match is dropped and fetched again. A block is never
+//! served unless it is known to hold the bytes S3 sent.
+//!
+//! **Size.** `max_bytes` bounds the bytes of blocks kept. Objects are evicted whole, least
+//! recently used first; an object larger than the whole cache keeps only its first
+//! `max_bytes`.
+//!
+//! **When.** Blocks are written by whichever read fetched them (prefetch, random-read blocks,
+//! local copies), off the reader's path; only whole blocks (or an object's last, short one)
+//! are kept. Indexes are written when a read handle closes and at unmount; a crash between
+//! loses only the record of blocks, which are fetched again.
+
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use base64::Engine;
+use bytes::{Bytes, BytesMut};
+use sha2::Digest;
+
+/// What `--cache` and `--max-cache-size` say.
+#[derive(Debug, Clone)]
+pub struct DiskCacheConfig {
+    pub dir: PathBuf,
+    pub max_bytes: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Block {
+    Missing,
+    /// On disk, with this CRC32C, as an earlier mount (or a crash) left it: checked when
+    /// first read.
+    Unchecked(u32),
+    /// Written by this mount, or checked since.
+    Good(u32),
+}
+
+struct Entry {
+    /// File stem of `.data` and `.idx`.
+    name: String,
+    etag: String,
+    size: u64,
+    blocks: Vec<Block>,
+    data: Arc<std::fs::File>,
+    /// Bytes of blocks present.
+    bytes: u64,
+    /// The index on disk is behind.
+    dirty: bool,
+}
+
+impl Entry {
+    fn covers(&self, first: usize, last: usize) -> bool {
+        last < self.blocks.len()
+            && self.blocks[first..=last]
+                .iter()
+                .all(|b| *b != Block::Missing)
+    }
+}
+
+/// Counters for `s3mount status`.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct DiskCacheStats {
+    pub used_bytes: u64,
+    pub max_bytes: u64,
+    pub objects: u64,
+    /// Reads served from the cache, and bytes.
+    pub hits: u64,
+    pub hit_bytes: u64,
+    /// Blocks dropped because their bytes did not match their CRC32C.
+    pub corrupt_blocks: u64,
+}
+
+struct State {
+    /// By key, least recently used first.
+    objects: lru::LruCache<String, Entry>,
+    used: u64,
+}
+
+pub struct DiskCache {
+    dir: PathBuf,
+    block: u64,
+    max_bytes: u64,
+    state: Mutex<State>,
+    hits: AtomicU64,
+    hit_bytes: AtomicU64,
+    corrupt: AtomicU64,
+    /// Held for the cache's life: the flock that keeps other mounts out.
+    _lock: std::fs::File,
+}
+
+fn lock_state(m: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl DiskCache {
+    /// Opens (making it if needed) the cache of one bucket and prefix under `cfg.dir`, takes
+    /// its lock, and loads what earlier mounts left. `block` is the unit of caching.
+    pub fn open(
+        cfg: &DiskCacheConfig,
+        bucket: &str,
+        prefix: &str,
+        block: u64,
+    ) -> Result<Self, String> {
+        let tag = hex::encode(&sha2::Sha256::digest(prefix.as_bytes())[..8]);
+        let dir = cfg.dir.join(format!("{bucket}-{tag}"));
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| format!("cannot make the cache directory {}: {e}", dir.display()))?;
+        let lock_path = dir.join("lock");
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| format!("cannot open {}: {e}", lock_path.display()))?;
+        use std::os::fd::AsRawFd;
+        // SAFETY: flock on a descriptor this function owns.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return Err(format!(
+                "the read cache {} is in use by another s3mount of s3://{bucket}/{prefix}; give this mount another --cache directory",
+                dir.display()
+            ));
+        }
+        let cache = Self {
+            dir,
+            block: block.max(4096),
+            max_bytes: cfg.max_bytes,
+            state: Mutex::new(State {
+                objects: lru::LruCache::unbounded(),
+                used: 0,
+            }),
+            hits: AtomicU64::new(0),
+            hit_bytes: AtomicU64::new(0),
+            corrupt: AtomicU64::new(0),
+            _lock: lock,
+        };
+        cache.load();
+        Ok(cache)
+    }
+
+    /// Enters the objects of the indexes on disk, oldest use first; drops what is not whole
+    /// (a data file without index, an index that cannot be read, temporary files).
+    fn load(&self) {
+        let Ok(dir) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        let mut found: Vec<(std::time::SystemTime, String, Entry)> = Vec::new();
+        let mut names = std::collections::HashSet::new();
+        let mut strays = Vec::new();
+        for item in dir.flatten() {
+            let file = item.file_name().to_string_lossy().into_owned();
+            if let Some(name) = file.strip_suffix(".idx") {
+                match self.read_index(name) {
+                    Some((key, entry, used)) => {
+                        names.insert(name.to_string());
+                        found.push((used, key, entry));
+                    }
+                    None => strays.push(item.path()),
+                }
+            } else if file.ends_with(".data") || file.ends_with(".tmp") {
+                strays.push(item.path());
+            }
+        }
+        for path in strays {
+            let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned());
+            let indexed = stem.is_some_and(|s| names.contains(&s))
+                && path.extension().is_some_and(|e| e == "data");
+            if !indexed {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+        found.sort_by_key(|(used, _, _)| *used);
+        let mut st = lock_state(&self.state);
+        for (_, key, entry) in found {
+            st.used += entry.bytes;
+            st.objects.put(key, entry);
+        }
+        let objects = st.objects.len();
+        let used = st.used;
+        self.evict(&mut st, None);
+        drop(st);
+        if objects > 0 {
+            tracing::info!(objects, bytes = used, dir = %self.dir.display(), "read cache loaded");
+        }
+    }
+
+    fn read_index(&self, name: &str) -> Option<(String, Entry, std::time::SystemTime)> {
+        let path = self.dir.join(format!("{name}.idx"));
+        let text = std::fs::read(&path).ok()?;
+        let used = std::fs::metadata(&path).and_then(|m| m.modified()).ok()?;
+        let v: serde_json::Value = serde_json::from_slice(&text).ok()?;
+        let key = v.get("key")?.as_str()?.to_string();
+        let etag = v.get("etag")?.as_str()?.to_string();
+        let size = v.get("size")?.as_u64()?;
+        if v.get("block")?.as_u64()? != self.block || name != stem_of(&key) {
+            return None;
+        }
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let present = b64.decode(v.get("present")?.as_str()?).ok()?;
+        let crcs = b64.decode(v.get("crc")?.as_str()?).ok()?;
+        let count = block_count(size, self.block);
+        if present.len() != count.div_ceil(8) || crcs.len() != 4 * count {
+            return None;
+        }
+        let data = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(self.dir.join(format!("{name}.data")))
+            .ok()?;
+        let on_disk = data.metadata().ok()?.len();
+        let mut bytes = 0;
+        let blocks = (0..count)
+            .map(|i| {
+                let crc = u32::from_le_bytes(crcs[4 * i..4 * i + 4].try_into().expect("4 bytes"));
+                let span = block_span(i, size, self.block);
+                if present[i / 8] & (1 << (i % 8)) != 0 && span.end <= on_disk {
+                    bytes += span.end - span.start;
+                    Block::Unchecked(crc)
+                } else {
+                    Block::Missing
+                }
+            })
+            .collect();
+        Some((
+            key,
+            Entry {
+                name: name.to_string(),
+                etag,
+                size,
+                blocks,
+                data: Arc::new(data),
+                bytes,
+                dirty: false,
+            },
+            used,
+        ))
+    }
+
+    /// `offset..end` of `key` at `etag`, if every block it touches is here (and, for blocks an
+    /// earlier mount wrote, matches its CRC32C).
+    pub fn read(&self, key: &str, etag: &str, size: u64, offset: u64, end: u64) -> Option<Bytes> {
+        if offset >= end {
+            return None;
+        }
+        let (first, last) = (
+            (offset / self.block) as usize,
+            ((end - 1) / self.block) as usize,
+        );
+        let (file, unchecked) = {
+            let mut st = lock_state(&self.state);
+            let e = st.objects.get(key)?;
+            if e.etag != etag || e.size != size || !e.covers(first, last) {
+                return None;
+            }
+            let unchecked: Vec<(usize, u32)> = (first..=last)
+                .filter_map(|i| match e.blocks[i] {
+                    Block::Unchecked(crc) => Some((i, crc)),
+                    _ => None,
+                })
+                .collect();
+            (e.data.clone(), unchecked)
+        };
+        for (i, crc) in unchecked {
+            let span = block_span(i, size, self.block);
+            let mut buf = vec![0u8; (span.end - span.start) as usize];
+            let good =
+                file.read_exact_at(&mut buf, span.start).is_ok() && crc32c::crc32c(&buf) == crc;
+            self.mark_checked(key, etag, i, good);
+            if !good {
+                return None;
+            }
+        }
+        let mut buf = BytesMut::zeroed((end - offset) as usize);
+        if let Err(e) = file.read_exact_at(&mut buf, offset) {
+            tracing::warn!(
+                key,
+                "the read cache could not read its copy ({e}); reading from S3"
+            );
+            return None;
+        }
+        self.hits.fetch_add(1, Ordering::Relaxed);
+        self.hit_bytes.fetch_add(end - offset, Ordering::Relaxed);
+        Some(buf.freeze())
+    }
+
+    fn mark_checked(&self, key: &str, etag: &str, i: usize, good: bool) {
+        let mut st = lock_state(&self.state);
+        let Some(e) = st.objects.peek_mut(key).filter(|e| e.etag == etag) else {
+            return;
+        };
+        let Block::Unchecked(crc) = e.blocks[i] else {
+            return;
+        };
+        if good {
+            e.blocks[i] = Block::Good(crc);
+            return;
+        }
+        let span = block_span(i, e.size, self.block);
+        e.blocks[i] = Block::Missing;
+        e.bytes -= span.end - span.start;
+        e.dirty = true;
+        st.used -= span.end - span.start;
+        self.corrupt.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            key,
+            block = i,
+            "a block of the read cache did not match its checksum; it is fetched again"
+        );
+    }
+
+    /// Keeps the whole blocks of `data` (bytes `offset..` of `key` at `etag`, an object of
+    /// `size` bytes) that are not here yet.
+    pub fn insert(&self, key: &str, etag: &str, size: u64, offset: u64, data: &[u8]) {
+        let end = offset + data.len() as u64;
+        let first = offset.div_ceil(self.block) as usize;
+        let count = block_count(size, self.block);
+        let wanted: Vec<usize> = (first..count)
+            .take_while(|&i| block_span(i, size, self.block).end <= end)
+            .collect();
+        if wanted.is_empty() {
+            return;
+        }
+        let Some((file, missing)) = self.prepare(key, etag, size, &wanted) else {
+            return;
+        };
+        let mut written = Vec::with_capacity(missing.len());
+        for i in missing {
+            let span = block_span(i, size, self.block);
+            let bytes = &data[(span.start - offset) as usize..(span.end - offset) as usize];
+            if let Err(e) = file.write_all_at(bytes, span.start) {
+                tracing::warn!(
+                    key,
+                    "the read cache could not write a block ({e}); it is not kept"
+                );
+                break;
+            }
+            written.push((i, crc32c::crc32c(bytes)));
+        }
+        let mut st = lock_state(&self.state);
+        let mut added = 0;
+        if let Some(e) = st
+            .objects
+            .peek_mut(key)
+            .filter(|e| Arc::ptr_eq(&e.data, &file))
+        {
+            for (i, crc) in written {
+                if e.blocks[i] == Block::Missing {
+                    let span = block_span(i, size, self.block);
+                    e.blocks[i] = Block::Good(crc);
+                    e.bytes += span.end - span.start;
+                    added += span.end - span.start;
+                    e.dirty = true;
+                }
+            }
+        }
+        st.used += added;
+        self.evict(&mut st, Some(key));
+    }
+
+    /// The data file of `key` at `etag` (made, or remade for a new version), and which of
+    /// `wanted` it lacks and has room for.
+    fn prepare(
+        &self,
+        key: &str,
+        etag: &str,
+        size: u64,
+        wanted: &[usize],
+    ) -> Option<(Arc<std::fs::File>, Vec<usize>)> {
+        let mut st = lock_state(&self.state);
+        let stale = st
+            .objects
+            .peek(key)
+            .is_some_and(|e| e.etag != etag || e.size != size);
+        if stale {
+            if let Some(old) = st.objects.pop(key) {
+                st.used -= old.bytes;
+                self.remove_files(&old.name);
+            }
+        }
+        if st.objects.get(key).is_none() {
+            let name = stem_of(key);
+            let data = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(self.dir.join(format!("{name}.data")));
+            let data = match data {
+                Ok(f) => f,
+                Err(e) => {
+                    tracing::warn!(key, "the read cache cannot make a file ({e})");
+                    return None;
+                }
+            };
+            st.objects.put(
+                key.to_string(),
+                Entry {
+                    name,
+                    etag: etag.to_string(),
+                    size,
+                    blocks: vec![Block::Missing; block_count(size, self.block)],
+                    data: Arc::new(data),
+                    bytes: 0,
+                    dirty: true,
+                },
+            );
+        }
+        let e = st.objects.peek(key)?;
+        // Room for what this object alone may hold: the whole cache at most.
+        let mut room = self.max_bytes.saturating_sub(e.bytes);
+        let missing = wanted
+            .iter()
+            .copied()
+            .filter(|&i| e.blocks[i] == Block::Missing)
+            .take_while(|&i| {
+                let span = block_span(i, size, self.block);
+                let len = span.end - span.start;
+                let fits = len <= room;
+                room = room.saturating_sub(len);
+                fits
+            })
+            .collect();
+        Some((e.data.clone(), missing))
+    }
+
+    /// Evicts least recently used objects, never `keep`, until the cache is within its size.
+    fn evict(&self, st: &mut State, keep: Option<&str>) {
+        while st.used > self.max_bytes {
+            let victim = st
+                .objects
+                .iter()
+                .rev()
+                .map(|(k, _)| k.clone())
+                .find(|k| Some(k.as_str()) != keep);
+            let Some(victim) = victim else { break };
+            if let Some(old) = st.objects.pop(&victim) {
+                st.used -= old.bytes;
+                self.remove_files(&old.name);
+                tracing::debug!(
+                    key = victim,
+                    bytes = old.bytes,
+                    "evicted from the read cache"
+                );
+            }
+        }
+    }
+
+    fn remove_files(&self, name: &str) {
+        for ext in ["idx", "data"] {
+            let _ = std::fs::remove_file(self.dir.join(format!("{name}.{ext}")));
+        }
+    }
+
+    /// Writes the indexes that are behind (each to a temporary name, then renamed).
+    pub fn flush(&self) {
+        let pending: Vec<(String, serde_json::Value)> = {
+            let mut st = lock_state(&self.state);
+            let b64 = base64::engine::general_purpose::STANDARD;
+            st.objects
+                .iter_mut()
+                .filter(|(_, e)| e.dirty)
+                .map(|(key, e)| {
+                    e.dirty = false;
+                    let mut present = vec![0u8; e.blocks.len().div_ceil(8)];
+                    let mut crcs = Vec::with_capacity(4 * e.blocks.len());
+                    for (i, b) in e.blocks.iter().enumerate() {
+                        let crc = match b {
+                            Block::Missing => 0,
+                            Block::Unchecked(c) | Block::Good(c) => {
+                                present[i / 8] |= 1 << (i % 8);
+                                *c
+                            }
+                        };
+                        crcs.extend_from_slice(&crc.to_le_bytes());
+                    }
+                    let index = serde_json::json!({
+                        "key": key,
+                        "etag": e.etag,
+                        "size": e.size,
+                        "block": self.block,
+                        "present": b64.encode(&present),
+                        "crc": b64.encode(&crcs),
+                    });
+                    (e.name.clone(), index)
+                })
+                .collect()
+        };
+        for (name, index) in pending {
+            let tmp = self.dir.join(format!("{name}.idx.tmp"));
+            let done = std::fs::write(&tmp, index.to_string())
+                .and_then(|()| std::fs::rename(&tmp, self.dir.join(format!("{name}.idx"))));
+            if let Err(e) = done {
+                tracing::warn!(dir = %self.dir.display(), "cannot write an index of the read cache ({e})");
+            }
+        }
+    }
+
+    pub fn stats(&self) -> DiskCacheStats {
+        let st = lock_state(&self.state);
+        DiskCacheStats {
+            used_bytes: st.used,
+            max_bytes: self.max_bytes,
+            objects: st.objects.len() as u64,
+            hits: self.hits.load(Ordering::Relaxed),
+            hit_bytes: self.hit_bytes.load(Ordering::Relaxed),
+            corrupt_blocks: self.corrupt.load(Ordering::Relaxed),
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+fn stem_of(key: &str) -> String {
+    hex::encode(&sha2::Sha256::digest(key.as_bytes())[..16])
+}
+
+fn block_count(size: u64, block: u64) -> usize {
+    size.div_ceil(block) as usize
+}
+
+fn block_span(i: usize, size: u64, block: u64) -> std::ops::Range<u64> {
+    let start = i as u64 * block;
+    start..(start + block).min(size)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const B: u64 = 4096;
+
+    fn data(n: usize) -> Vec<u8> {
+        (0..n).map(|i| (i * 7 % 251) as u8).collect()
+    }
+
+    fn open(dir: &Path, max: u64) -> DiskCache {
+        let cfg = DiskCacheConfig {
+            dir: dir.to_path_buf(),
+            max_bytes: max,
+        };
+        DiskCache::open(&cfg, "b", "p/", B).unwrap()
+    }
+
+    #[test]
+    fn whole_blocks_are_kept_and_served_across_opens() {
+        let dir = tempfile::tempdir().unwrap();
+        let obj = data(10_000); // blocks of 4096, 4096 and 1808
+        {
+            let c = open(dir.path(), 1 << 20);
+            // A piece that starts mid-block keeps only the whole blocks after it.
+            c.insert("k", "e1", 10_000, 100, &obj[100..8192]);
+            assert_eq!(
+                c.read("k", "e1", 10_000, 4096, 8192).as_deref(),
+                Some(&obj[4096..8192])
+            );
+            assert_eq!(
+                c.read("k", "e1", 10_000, 0, 10),
+                None,
+                "block 0 was not whole"
+            );
+            c.insert("k", "e1", 10_000, 0, &obj);
+            assert_eq!(
+                c.read("k", "e1", 10_000, 0, 10_000).as_deref(),
+                Some(&obj[..])
+            );
+            assert_eq!(c.stats().used_bytes, 10_000);
+            c.flush();
+        }
+        let c = open(dir.path(), 1 << 20);
+        assert_eq!(c.stats().used_bytes, 10_000);
+        assert_eq!(
+            c.read("k", "e1", 10_000, 5000, 9999).as_deref(),
+            Some(&obj[5000..9999])
+        );
+        assert_eq!(c.read("k", "e2", 10_000, 0, 10), None, "another version");
+    }
+
+    #[test]
+    fn a_new_version_replaces_the_old_blocks() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = open(dir.path(), 1 << 20);
+        c.insert("k", "e1", 8192, 0, &data(8192));
+        let newer = vec![9u8; 8192];
+        c.insert("k", "e2", 8192, 0, &newer);
+        assert_eq!(c.read("k", "e1", 8192, 0, 8192), None);
+        assert_eq!(
+            c.read("k", "e2", 8192, 0, 8192).as_deref(),
+            Some(&newer[..])
+        );
+        assert_eq!(c.stats().used_bytes, 8192);
+    }
+
+    #[test]
+    fn a_block_whose_bytes_changed_on_disk_is_fetched_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let obj = data(8192);
+        {
+            let c = open(dir.path(), 1 << 20);
+            c.insert("k", "e", 8192, 0, &obj);
+            c.flush();
+        }
+        let file = std::fs::read_dir(dir.path().join(format!(
+            "b-{}",
+            hex::encode(&sha2::Sha256::digest(b"p/")[..8])
+        )))
+        .unwrap()
+        .flatten()
+        .find(|f| f.file_name().to_string_lossy().ends_with(".data"))
+        .unwrap();
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(file.path())
+            .unwrap();
+        f.write_all_at(b"X", 5000).unwrap();
+        let c = open(dir.path(), 1 << 20);
+        assert_eq!(
+            c.read("k", "e", 8192, 0, 100).as_deref(),
+            Some(&obj[..100]),
+            "block 0 is intact"
+        );
+        assert_eq!(c.read("k", "e", 8192, 4096, 8192), None, "block 1 is not");
+        assert_eq!(c.stats().corrupt_blocks, 1);
+        assert_eq!(c.stats().used_bytes, 4096);
+        c.insert("k", "e", 8192, 4096, &obj[4096..]);
+        assert_eq!(c.read("k", "e", 8192, 0, 8192).as_deref(), Some(&obj[..]));
+    }
+
+    #[test]
+    fn least_recently_used_objects_go_first_and_the_size_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = open(dir.path(), 3 * B);
+        for k in ["a", "b", "c"] {
+            c.insert(k, "e", B, 0, &data(B as usize));
+        }
+        assert!(
+            c.read("a", "e", B, 0, 1).is_some(),
+            "a is now the most recent"
+        );
+        c.insert("d", "e", B, 0, &data(B as usize));
+        assert!(
+            c.read("b", "e", B, 0, 1).is_none(),
+            "b was the least recently used"
+        );
+        for k in ["a", "c", "d"] {
+            assert!(c.read(k, "e", B, 0, 1).is_some(), "{k} stays");
+        }
+        // An object larger than the cache keeps what fits.
+        let big = data(5 * B as usize);
+        c.insert("big", "e", 5 * B, 0, &big);
+        let s = c.stats();
+        assert!(s.used_bytes <= 3 * B, "{s:?}");
+        assert_eq!(
+            c.read("big", "e", 5 * B, 0, 3 * B).as_deref(),
+            Some(&big[..3 * B as usize])
+        );
+        assert!(c.read("big", "e", 5 * B, 3 * B, 4 * B).is_none());
+    }
+
+    #[test]
+    fn a_second_mount_of_the_same_bucket_and_prefix_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let _first = open(dir.path(), 1 << 20);
+        let cfg = DiskCacheConfig {
+            dir: dir.path().to_path_buf(),
+            max_bytes: 1 << 20,
+        };
+        let err = DiskCache::open(&cfg, "b", "p/", B).err().unwrap();
+        assert!(err.contains("in use by another s3mount"), "{err}");
+        assert!(
+            DiskCache::open(&cfg, "b", "other/", B).is_ok(),
+            "another prefix has its own"
+        );
+    }
+}
