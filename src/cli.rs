@@ -1018,10 +1018,11 @@ mod tests {
                 let v = sample(arg);
                 (vec![format!("--{long}={v}")], format!("{o_name}={v}"))
             };
-            // sse_kms_key_id needs an sse, the cache settings write-back; give both forms
-            // the same.
+            // sse_kms_key_id needs an sse, the cache settings write-back, the read cache's
+            // size the read cache; give both forms the same.
             let extra = match long {
                 "sse-kms-key-id" => vec!["--sse".to_string(), "aws:kms".to_string()],
+                "max-cache-size" => vec!["--cache".to_string(), "/c".to_string()],
                 "cache-dir" | "write-back-max-size" | "write-back-delay" => {
                     vec!["--write-back".to_string()]
                 }

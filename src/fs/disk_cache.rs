@@ -60,8 +60,6 @@ struct Entry {
     data: Arc<std::fs::File>,
     /// Bytes of blocks present.
     bytes: u64,
-    /// The index on disk is behind.
-    dirty: bool,
 }
 
 impl Entry {
@@ -90,6 +88,8 @@ struct State {
     /// By key, least recently used first.
     objects: lru::LruCache<String, Entry>,
     used: u64,
+    /// Keys whose index on disk is behind.
+    dirty: std::collections::HashSet<String>,
 }
 
 pub struct DiskCache {
@@ -143,6 +143,7 @@ impl DiskCache {
             state: Mutex::new(State {
                 objects: lru::LruCache::unbounded(),
                 used: 0,
+                dirty: Default::default(),
             }),
             hits: AtomicU64::new(0),
             hit_bytes: AtomicU64::new(0),
@@ -245,7 +246,6 @@ impl DiskCache {
                 blocks,
                 data: Arc::new(data),
                 bytes,
-                dirty: false,
             },
             used,
         ))
@@ -313,8 +313,8 @@ impl DiskCache {
         let span = block_span(i, e.size, self.block);
         e.blocks[i] = Block::Missing;
         e.bytes -= span.end - span.start;
-        e.dirty = true;
         st.used -= span.end - span.start;
+        st.dirty.insert(key.to_string());
         self.corrupt.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(
             key,
@@ -364,11 +364,13 @@ impl DiskCache {
                     e.blocks[i] = Block::Good(crc);
                     e.bytes += span.end - span.start;
                     added += span.end - span.start;
-                    e.dirty = true;
                 }
             }
         }
         st.used += added;
+        if added > 0 {
+            st.dirty.insert(key.to_string());
+        }
         self.evict(&mut st, Some(key));
     }
 
@@ -416,9 +418,9 @@ impl DiskCache {
                     blocks: vec![Block::Missing; block_count(size, self.block)],
                     data: Arc::new(data),
                     bytes: 0,
-                    dirty: true,
                 },
             );
+            st.dirty.insert(key.to_string());
         }
         let e = st.objects.peek(key)?;
         // Room for what this object alone may hold: the whole cache at most.
@@ -471,11 +473,11 @@ impl DiskCache {
         let pending: Vec<(String, serde_json::Value)> = {
             let mut st = lock_state(&self.state);
             let b64 = base64::engine::general_purpose::STANDARD;
-            st.objects
-                .iter_mut()
-                .filter(|(_, e)| e.dirty)
+            let dirty: Vec<String> = st.dirty.drain().collect();
+            dirty
+                .into_iter()
+                .filter_map(|key| st.objects.peek(&key).map(|e| (key, e)))
                 .map(|(key, e)| {
-                    e.dirty = false;
                     let mut present = vec![0u8; e.blocks.len().div_ceil(8)];
                     let mut crcs = Vec::with_capacity(4 * e.blocks.len());
                     for (i, b) in e.blocks.iter().enumerate() {
