@@ -34,6 +34,8 @@ use base64::Engine;
 use bytes::{Bytes, BytesMut};
 use sha2::Digest;
 
+use super::memory::MemoryBudget;
+
 /// What `--cache` and `--max-cache-size` say.
 #[derive(Debug, Clone)]
 pub struct DiskCacheConfig {
@@ -252,8 +254,16 @@ impl DiskCache {
     }
 
     /// `offset..end` of `key` at `etag`, if every block it touches is here (and, for blocks an
-    /// earlier mount wrote, matches its CRC32C).
-    pub fn read(&self, key: &str, etag: &str, size: u64, offset: u64, end: u64) -> Option<Bytes> {
+    /// earlier mount wrote, matches its CRC32C); in a buffer of `budget` when it has one free.
+    pub fn read(
+        &self,
+        key: &str,
+        etag: &str,
+        size: u64,
+        offset: u64,
+        end: u64,
+        budget: Option<&Arc<MemoryBudget>>,
+    ) -> Option<Bytes> {
         if offset >= end {
             return None;
         }
@@ -275,27 +285,48 @@ impl DiskCache {
                 .collect();
             (e.data.clone(), unchecked)
         };
+        // Blocks to check are read whole, with the rest of the read, in one pass.
+        let from = if unchecked.is_empty() {
+            offset
+        } else {
+            first as u64 * self.block
+        };
+        let to = if unchecked.is_empty() {
+            end
+        } else {
+            block_span(last, size, self.block).end
+        };
+        let len = (to - from) as usize;
+        let read = match budget.and_then(|b| b.part_buffer_now(len)) {
+            Some(mut reused) => reused.read_from(&file, from, len).map(|()| reused.freeze()),
+            None => {
+                let mut fresh = BytesMut::zeroed(len);
+                file.read_exact_at(&mut fresh, from)
+                    .map(|()| fresh.freeze())
+            }
+        };
+        let buf = match read {
+            Ok(buf) => buf,
+            Err(e) => {
+                tracing::warn!(
+                    key,
+                    "the read cache could not read its copy ({e}); reading from S3"
+                );
+                return None;
+            }
+        };
         for (i, crc) in unchecked {
             let span = block_span(i, size, self.block);
-            let mut buf = vec![0u8; (span.end - span.start) as usize];
-            let good =
-                file.read_exact_at(&mut buf, span.start).is_ok() && crc32c::crc32c(&buf) == crc;
+            let bytes = &buf[(span.start - from) as usize..(span.end - from) as usize];
+            let good = crc32c::crc32c(bytes) == crc;
             self.mark_checked(key, etag, i, good);
             if !good {
                 return None;
             }
         }
-        let mut buf = BytesMut::zeroed((end - offset) as usize);
-        if let Err(e) = file.read_exact_at(&mut buf, offset) {
-            tracing::warn!(
-                key,
-                "the read cache could not read its copy ({e}); reading from S3"
-            );
-            return None;
-        }
         self.hits.fetch_add(1, Ordering::Relaxed);
         self.hit_bytes.fetch_add(end - offset, Ordering::Relaxed);
-        Some(buf.freeze())
+        Some(buf.slice((offset - from) as usize..(end - from) as usize))
     }
 
     fn mark_checked(&self, key: &str, etag: &str, i: usize, good: bool) {
@@ -569,17 +600,17 @@ mod tests {
             // A piece that starts mid-block keeps only the whole blocks after it.
             c.insert("k", "e1", 10_000, 100, &obj[100..8192]);
             assert_eq!(
-                c.read("k", "e1", 10_000, 4096, 8192).as_deref(),
+                c.read("k", "e1", 10_000, 4096, 8192, None).as_deref(),
                 Some(&obj[4096..8192])
             );
             assert_eq!(
-                c.read("k", "e1", 10_000, 0, 10),
+                c.read("k", "e1", 10_000, 0, 10, None),
                 None,
                 "block 0 was not whole"
             );
             c.insert("k", "e1", 10_000, 0, &obj);
             assert_eq!(
-                c.read("k", "e1", 10_000, 0, 10_000).as_deref(),
+                c.read("k", "e1", 10_000, 0, 10_000, None).as_deref(),
                 Some(&obj[..])
             );
             assert_eq!(c.stats().used_bytes, 10_000);
@@ -588,10 +619,14 @@ mod tests {
         let c = open(dir.path(), 1 << 20);
         assert_eq!(c.stats().used_bytes, 10_000);
         assert_eq!(
-            c.read("k", "e1", 10_000, 5000, 9999).as_deref(),
+            c.read("k", "e1", 10_000, 5000, 9999, None).as_deref(),
             Some(&obj[5000..9999])
         );
-        assert_eq!(c.read("k", "e2", 10_000, 0, 10), None, "another version");
+        assert_eq!(
+            c.read("k", "e2", 10_000, 0, 10, None),
+            None,
+            "another version"
+        );
     }
 
     #[test]
@@ -601,9 +636,9 @@ mod tests {
         c.insert("k", "e1", 8192, 0, &data(8192));
         let newer = vec![9u8; 8192];
         c.insert("k", "e2", 8192, 0, &newer);
-        assert_eq!(c.read("k", "e1", 8192, 0, 8192), None);
+        assert_eq!(c.read("k", "e1", 8192, 0, 8192, None), None);
         assert_eq!(
-            c.read("k", "e2", 8192, 0, 8192).as_deref(),
+            c.read("k", "e2", 8192, 0, 8192, None).as_deref(),
             Some(&newer[..])
         );
         assert_eq!(c.stats().used_bytes, 8192);
@@ -633,15 +668,22 @@ mod tests {
         f.write_all_at(b"X", 5000).unwrap();
         let c = open(dir.path(), 1 << 20);
         assert_eq!(
-            c.read("k", "e", 8192, 0, 100).as_deref(),
+            c.read("k", "e", 8192, 0, 100, None).as_deref(),
             Some(&obj[..100]),
             "block 0 is intact"
         );
-        assert_eq!(c.read("k", "e", 8192, 4096, 8192), None, "block 1 is not");
+        assert_eq!(
+            c.read("k", "e", 8192, 4096, 8192, None),
+            None,
+            "block 1 is not"
+        );
         assert_eq!(c.stats().corrupt_blocks, 1);
         assert_eq!(c.stats().used_bytes, 4096);
         c.insert("k", "e", 8192, 4096, &obj[4096..]);
-        assert_eq!(c.read("k", "e", 8192, 0, 8192).as_deref(), Some(&obj[..]));
+        assert_eq!(
+            c.read("k", "e", 8192, 0, 8192, None).as_deref(),
+            Some(&obj[..])
+        );
     }
 
     #[test]
@@ -652,16 +694,16 @@ mod tests {
             c.insert(k, "e", B, 0, &data(B as usize));
         }
         assert!(
-            c.read("a", "e", B, 0, 1).is_some(),
+            c.read("a", "e", B, 0, 1, None).is_some(),
             "a is now the most recent"
         );
         c.insert("d", "e", B, 0, &data(B as usize));
         assert!(
-            c.read("b", "e", B, 0, 1).is_none(),
+            c.read("b", "e", B, 0, 1, None).is_none(),
             "b was the least recently used"
         );
         for k in ["a", "c", "d"] {
-            assert!(c.read(k, "e", B, 0, 1).is_some(), "{k} stays");
+            assert!(c.read(k, "e", B, 0, 1, None).is_some(), "{k} stays");
         }
         // An object larger than the cache keeps what fits.
         let big = data(5 * B as usize);
@@ -669,10 +711,10 @@ mod tests {
         let s = c.stats();
         assert!(s.used_bytes <= 3 * B, "{s:?}");
         assert_eq!(
-            c.read("big", "e", 5 * B, 0, 3 * B).as_deref(),
+            c.read("big", "e", 5 * B, 0, 3 * B, None).as_deref(),
             Some(&big[..3 * B as usize])
         );
-        assert!(c.read("big", "e", 5 * B, 3 * B, 4 * B).is_none());
+        assert!(c.read("big", "e", 5 * B, 3 * B, 4 * B, None).is_none());
     }
 
     #[test]

@@ -172,6 +172,24 @@ impl PartBuffer {
         self.buf.extend_from_slice(bytes);
     }
 
+    /// Appends `len` bytes of `file` from `offset` (a read of the read cache: a reused buffer
+    /// costs no page faults).
+    pub fn read_from(
+        &mut self,
+        file: &std::fs::File,
+        offset: u64,
+        len: usize,
+    ) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let start = self.buf.len();
+        self.buf.resize(start + len, 0);
+        let read = file.read_exact_at(&mut self.buf[start..], offset);
+        if read.is_err() {
+            self.buf.truncate(start);
+        }
+        read
+    }
+
     /// The data as shared bytes; the memory comes back when the last of them is dropped.
     pub fn freeze(self) -> Bytes {
         Bytes::from_owner(self)

@@ -174,6 +174,9 @@ pub struct ReadHandle<C> {
     /// Where the last read served by the read cache ended (0: none since the window last
     /// looked).
     cached_to: std::sync::atomic::AtomicU64,
+    /// The prefetch window holds chunks: reads go there first, so that data fetched ahead is
+    /// served from memory and not read back from the read cache it was just written to.
+    window_busy: std::sync::atomic::AtomicBool,
 }
 
 impl<C: ObjectClient> ReadHandle<C> {
@@ -193,6 +196,7 @@ impl<C: ObjectClient> ReadHandle<C> {
             }),
             local: Mutex::new(None),
             cached_to: Default::default(),
+            window_busy: Default::default(),
         }
     }
 
@@ -233,8 +237,10 @@ impl<C: ObjectClient> ReadHandle<C> {
         if offset >= end {
             return None;
         }
-        if let Some(data) = self.read_cached(offset, end) {
-            return Some(Ok(data));
+        if !self.window_busy.load(std::sync::atomic::Ordering::Relaxed) {
+            if let Some(data) = self.read_cached(offset, end) {
+                return Some(Ok(data));
+            }
         }
         self.local_copy()?.read_now(offset, end)
     }
@@ -242,7 +248,8 @@ impl<C: ObjectClient> ReadHandle<C> {
     /// `offset..end` from the persistent read cache, if it has all of it.
     fn read_cached(&self, offset: u64, end: u64) -> Option<Bytes> {
         let disk = self.ctx.disk.as_ref()?;
-        let data = local_io(|| disk.read(&self.key, &self.etag, self.size, offset, end))?;
+        let budget = Some(&self.ctx.budget);
+        let data = local_io(|| disk.read(&self.key, &self.etag, self.size, offset, end, budget))?;
         self.cached_to
             .store(end, std::sync::atomic::Ordering::Relaxed);
         Some(data)
@@ -254,8 +261,10 @@ impl<C: ObjectClient> ReadHandle<C> {
         if offset >= end {
             return Ok(Bytes::new());
         }
-        if let Some(data) = self.read_cached(offset, end) {
-            return Ok(data);
+        if !self.window_busy.load(std::sync::atomic::Ordering::Relaxed) {
+            if let Some(data) = self.read_cached(offset, end) {
+                return Ok(data);
+            }
         }
         if let Some(local) = self.local_copy() {
             return self.read_local(&local, offset, end).await;
@@ -276,6 +285,11 @@ impl<C: ObjectClient> ReadHandle<C> {
             .is_some_and(|(f, b)| f.range.start <= offset && offset < b.range.end + slack);
         if !in_window {
             p.chunks.clear();
+            self.window_busy
+                .store(false, std::sync::atomic::Ordering::Relaxed);
+            if let Some(data) = self.read_cached(offset, end) {
+                return Ok(data);
+            }
             p.next_request = self.ctx.config.first_request;
             if offset.abs_diff(p.expected) > self.ctx.config.sequential_tolerance {
                 // A seek: serve it from a local copy, or from blocks; in the second case
@@ -364,6 +378,8 @@ impl<C: ObjectClient> ReadHandle<C> {
         } else {
             self.top_up(&mut p, pos);
         }
+        self.window_busy
+            .store(!p.chunks.is_empty(), std::sync::atomic::Ordering::Relaxed);
         Ok(match out {
             Some(buf) => buf.freeze(),
             None => single.unwrap_or_default(),
