@@ -36,6 +36,9 @@ use sha2::Digest;
 
 use super::memory::MemoryBudget;
 
+/// How long the cache writes nothing after the disk refused a block.
+const WRITE_PAUSE: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// What `--cache` and `--max-cache-size` say.
 #[derive(Debug, Clone)]
 pub struct DiskCacheConfig {
@@ -102,6 +105,10 @@ pub struct DiskCache {
     hits: AtomicU64,
     hit_bytes: AtomicU64,
     corrupt: AtomicU64,
+    /// After the disk refused a block (full, failing), nothing is written until this time
+    /// (seconds since the mount's start), and the warning is logged once per such pause.
+    paused_until: AtomicU64,
+    started: std::time::Instant,
     /// Held for the cache's life: the flock that keeps other mounts out.
     _lock: std::fs::File,
 }
@@ -119,25 +126,13 @@ impl DiskCache {
         prefix: &str,
         block: u64,
     ) -> Result<Self, String> {
-        let tag = hex::encode(&sha2::Sha256::digest(prefix.as_bytes())[..8]);
-        let dir = cfg.dir.join(format!("{bucket}-{tag}"));
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| format!("cannot make the cache directory {}: {e}", dir.display()))?;
-        let lock_path = dir.join("lock");
-        let lock = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(|e| format!("cannot open {}: {e}", lock_path.display()))?;
-        use std::os::fd::AsRawFd;
-        // SAFETY: flock on a descriptor this function owns.
-        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let Some((dir, lock)) = super::locked_dir(&cfg.dir, bucket, prefix)? else {
             return Err(format!(
-                "the read cache {} is in use by another s3mount of s3://{bucket}/{prefix}; give this mount another --cache directory",
-                dir.display()
+                "the read cache {} is in use by another s3mount of s3://{bucket}/{prefix}; \
+                 give this mount another --cache directory",
+                cfg.dir.display()
             ));
-        }
+        };
         let cache = Self {
             dir,
             block: block.max(4096),
@@ -150,6 +145,8 @@ impl DiskCache {
             hits: AtomicU64::new(0),
             hit_bytes: AtomicU64::new(0),
             corrupt: AtomicU64::new(0),
+            paused_until: AtomicU64::new(0),
+            started: std::time::Instant::now(),
             _lock: lock,
         };
         cache.load();
@@ -363,7 +360,8 @@ impl DiskCache {
         let wanted: Vec<usize> = (first..count)
             .take_while(|&i| block_span(i, size, self.block).end <= end)
             .collect();
-        if wanted.is_empty() {
+        let now = self.started.elapsed().as_secs();
+        if wanted.is_empty() || now < self.paused_until.load(Ordering::Relaxed) {
             return;
         }
         let Some((file, missing)) = self.prepare(key, etag, size, &wanted) else {
@@ -374,10 +372,15 @@ impl DiskCache {
             let span = block_span(i, size, self.block);
             let bytes = &data[(span.start - offset) as usize..(span.end - offset) as usize];
             if let Err(e) = file.write_all_at(bytes, span.start) {
-                tracing::warn!(
-                    key,
-                    "the read cache could not write a block ({e}); it is not kept"
-                );
+                let until = now + WRITE_PAUSE.as_secs();
+                if self.paused_until.swap(until, Ordering::Relaxed) <= now {
+                    tracing::warn!(
+                        key,
+                        dir = %self.dir.display(),
+                        "the read cache could not write a block ({e}); it keeps nothing new for {}s, reads go on from S3",
+                        WRITE_PAUSE.as_secs()
+                    );
+                }
                 break;
             }
             written.push((i, crc32c::crc32c(bytes)));

@@ -243,6 +243,33 @@ pub(crate) fn local_io<R>(f: impl FnOnce() -> R) -> R {
     }
 }
 
+/// The directory of one bucket and prefix under `root` (made if needed), with the flock that
+/// keeps every other mount of them out for as long as the file is held. `Ok(None)`: another
+/// mount holds it.
+pub(crate) fn locked_dir(
+    root: &std::path::Path,
+    bucket: &str,
+    prefix: &str,
+) -> Result<Option<(std::path::PathBuf, std::fs::File)>, String> {
+    use std::os::fd::AsRawFd;
+    let tag = hex::encode(&<sha2::Sha256 as sha2::Digest>::digest(prefix.as_bytes())[..8]);
+    let dir = root.join(format!("{bucket}-{tag}"));
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| format!("cannot make the cache directory {}: {e}", dir.display()))?;
+    let lock_path = dir.join("lock");
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| format!("cannot open {}: {e}", lock_path.display()))?;
+    // SAFETY: flock on a descriptor this function owns.
+    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Ok(None);
+    }
+    Ok(Some((dir, lock)))
+}
+
 /// Whether a key segment can be a file name here.
 fn valid_name(name: &str) -> bool {
     !name.is_empty()

@@ -225,26 +225,13 @@ const INLINE_MAX: u64 = 128 << 10;
 impl Queue {
     /// The queue of `bucket` and `prefix` under `cfg.dir`, locked for this mount.
     pub fn open(cfg: &WriteBackConfig, bucket: &str, prefix: &str) -> Result<Self, String> {
-        use std::os::unix::io::AsRawFd;
-        let tag = hex::encode(&<sha2::Sha256 as sha2::Digest>::digest(prefix.as_bytes())[..8]);
-        let dir = cfg.dir.join(format!("{bucket}-{tag}"));
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| format!("cannot make the cache directory {}: {e}", dir.display()))?;
-        let lock_path = dir.join("lock");
-        let lock_file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(|e| format!("cannot open {}: {e}", lock_path.display()))?;
-        // SAFETY: flock on a descriptor we own.
-        if unsafe { libc::flock(lock_file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let Some((dir, lock_file)) = super::locked_dir(&cfg.dir, bucket, prefix)? else {
             return Err(format!(
                 "another s3mount of {bucket}:{prefix} uses the cache directory {}; give this \
                  mount a --cache-dir of its own",
                 cfg.dir.display()
             ));
-        }
+        };
         let (log, found) = QueueLog::open(&dir)
             .map_err(|e| format!("cannot read the write-back queue in {}: {e}", dir.display()))?;
         let mut queued: Vec<(PathBuf, Option<Entry>)> = found
