@@ -17,7 +17,8 @@
 //! served unless it is known to hold the bytes S3 sent.
 //!
 //! **Size.** `max_bytes` bounds the bytes of blocks kept. Objects are evicted whole, least
-//! recently used first; an object larger than the whole cache keeps only its first
+//! recently used first (across mounts by their index's mtime, which the first read of an
+//! object in a mount brings up to date); an object larger than the whole cache keeps only its first
 //! `max_bytes`.
 //!
 //! **When.** Blocks are written by whichever read fetched them (prefetch, random-read blocks,
@@ -65,6 +66,9 @@ struct Entry {
     data: Arc<std::fs::File>,
     /// Bytes of blocks present.
     bytes: u64,
+    /// Read from since this mount loaded it: its index's mtime, which orders objects for
+    /// eviction across mounts, has been brought up to date.
+    used_here: bool,
 }
 
 impl Entry {
@@ -245,6 +249,7 @@ impl DiskCache {
                 blocks,
                 data: Arc::new(data),
                 bytes,
+                used_here: false,
             },
             used,
         ))
@@ -270,9 +275,21 @@ impl DiskCache {
         );
         let (file, unchecked) = {
             let mut st = lock_state(&self.state);
-            let e = st.objects.get(key)?;
+            let e = st.objects.get_mut(key)?;
             if e.etag != etag || e.size != size || !e.covers(first, last) {
                 return None;
+            }
+            if !e.used_here {
+                // The next mount orders objects by their index's mtime: this one is in use.
+                e.used_here = true;
+                let index = self.dir.join(format!("{}.idx", e.name));
+                let touched = std::fs::File::options()
+                    .write(true)
+                    .open(index)
+                    .and_then(|f| f.set_modified(std::time::SystemTime::now()));
+                if let Err(err) = touched {
+                    tracing::debug!(key, "cannot mark the read cache's index used: {err}");
+                }
             }
             let unchecked: Vec<(usize, u32)> = (first..=last)
                 .filter_map(|i| match e.blocks[i] {
@@ -452,6 +469,7 @@ impl DiskCache {
                     blocks: vec![Block::Missing; block_count(size, self.block)],
                     data: Arc::new(data),
                     bytes: 0,
+                    used_here: true,
                 },
             );
             st.dirty.insert(key.to_string());
@@ -718,6 +736,32 @@ mod tests {
             Some(&big[..3 * B as usize])
         );
         assert!(c.read("big", "e", 5 * B, 3 * B, 4 * B, None).is_none());
+    }
+
+    #[test]
+    fn what_a_mount_read_outlives_what_it_did_not_in_the_next_mount() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let c = open(dir.path(), 1 << 20);
+            c.insert("a", "e", B, 0, &data(B as usize));
+            c.flush();
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            c.insert("b", "e", B, 0, &data(B as usize));
+            c.flush();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        {
+            // Written before b, but read since.
+            let c = open(dir.path(), 1 << 20);
+            assert!(c.read("a", "e", B, 0, 1, None).is_some());
+        }
+        let c = open(dir.path(), 2 * B);
+        c.insert("c", "e", B, 0, &data(B as usize));
+        assert!(
+            c.read("b", "e", B, 0, 1, None).is_none(),
+            "b was the least recently used"
+        );
+        assert!(c.read("a", "e", B, 0, 1, None).is_some());
     }
 
     #[test]
