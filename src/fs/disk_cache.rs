@@ -18,8 +18,8 @@
 //!
 //! **Size.** `max_bytes` bounds the bytes of blocks kept. Objects are evicted whole, least
 //! recently used first (across mounts by their index's mtime, which the first read of an
-//! object in a mount brings up to date); an object larger than the whole cache keeps only its first
-//! `max_bytes`.
+//! object in a mount brings up to date); an object larger than the whole cache keeps only its
+//! first `max_bytes`.
 //!
 //! **When.** Blocks are written by whichever read fetched them (prefetch, random-read blocks,
 //! local copies), off the reader's path; only whole blocks (or an object's last, short one)
@@ -117,10 +117,6 @@ pub struct DiskCache {
     _lock: std::fs::File,
 }
 
-fn lock_state(m: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 impl DiskCache {
     /// Opens (making it if needed) the cache of one bucket and prefix under `cfg.dir`, takes
     /// its lock, and loads what earlier mounts left. `block` is the unit of caching.
@@ -189,7 +185,7 @@ impl DiskCache {
             }
         }
         found.sort_by_key(|(used, _, _)| *used);
-        let mut st = lock_state(&self.state);
+        let mut st = super::lock(&self.state);
         for (_, key, entry) in found {
             st.used += entry.bytes;
             st.objects.put(key, entry);
@@ -273,42 +269,39 @@ impl DiskCache {
             (offset / self.block) as usize,
             ((end - 1) / self.block) as usize,
         );
-        let (file, unchecked) = {
-            let mut st = lock_state(&self.state);
+        let (file, unchecked, first_use) = {
+            let mut st = super::lock(&self.state);
             let e = st.objects.get_mut(key)?;
             if e.etag != etag || e.size != size || !e.covers(first, last) {
                 return None;
             }
-            if !e.used_here {
-                // The next mount orders objects by their index's mtime: this one is in use.
-                e.used_here = true;
-                let index = self.dir.join(format!("{}.idx", e.name));
-                let touched = std::fs::File::options()
-                    .write(true)
-                    .open(index)
-                    .and_then(|f| f.set_modified(std::time::SystemTime::now()));
-                if let Err(err) = touched {
-                    tracing::debug!(key, "cannot mark the read cache's index used: {err}");
-                }
-            }
+            let first_use = !std::mem::replace(&mut e.used_here, true);
             let unchecked: Vec<(usize, u32)> = (first..=last)
                 .filter_map(|i| match e.blocks[i] {
                     Block::Unchecked(crc) => Some((i, crc)),
                     _ => None,
                 })
                 .collect();
-            (e.data.clone(), unchecked)
+            (e.data.clone(), unchecked, first_use.then(|| e.name.clone()))
         };
+        if let Some(name) = first_use {
+            // The next mount orders objects by their index's mtime: this one is in use.
+            let touched = std::fs::File::options()
+                .write(true)
+                .open(self.dir.join(format!("{name}.idx")))
+                .and_then(|f| f.set_modified(std::time::SystemTime::now()));
+            if let Err(err) = touched {
+                tracing::debug!(key, "cannot mark the read cache's index used: {err}");
+            }
+        }
         // Blocks to check are read whole, with the rest of the read, in one pass.
-        let from = if unchecked.is_empty() {
-            offset
+        let (from, to) = if unchecked.is_empty() {
+            (offset, end)
         } else {
-            first as u64 * self.block
-        };
-        let to = if unchecked.is_empty() {
-            end
-        } else {
-            block_span(last, size, self.block).end
+            (
+                first as u64 * self.block,
+                block_span(last, size, self.block).end,
+            )
         };
         let len = (to - from) as usize;
         let read = match budget.and_then(|b| b.part_buffer_now(len)) {
@@ -344,7 +337,7 @@ impl DiskCache {
     }
 
     fn mark_checked(&self, key: &str, etag: &str, i: usize, good: bool) {
-        let mut st = lock_state(&self.state);
+        let mut st = super::lock(&self.state);
         let Some(e) = st.objects.peek_mut(key).filter(|e| e.etag == etag) else {
             return;
         };
@@ -371,14 +364,17 @@ impl DiskCache {
     /// Keeps the whole blocks of `data` (bytes `offset..` of `key` at `etag`, an object of
     /// `size` bytes) that are not here yet.
     pub fn insert(&self, key: &str, etag: &str, size: u64, offset: u64, data: &[u8]) {
+        let now = self.started.elapsed().as_secs();
+        if now < self.paused_until.load(Ordering::Relaxed) {
+            return;
+        }
         let end = offset + data.len() as u64;
         let first = offset.div_ceil(self.block) as usize;
         let count = block_count(size, self.block);
         let wanted: Vec<usize> = (first..count)
             .take_while(|&i| block_span(i, size, self.block).end <= end)
             .collect();
-        let now = self.started.elapsed().as_secs();
-        if wanted.is_empty() || now < self.paused_until.load(Ordering::Relaxed) {
+        if wanted.is_empty() {
             return;
         }
         let Some((file, missing)) = self.prepare(key, etag, size, &wanted) else {
@@ -402,7 +398,7 @@ impl DiskCache {
             }
             written.push((i, crc32c::crc32c(bytes)));
         }
-        let mut st = lock_state(&self.state);
+        let mut st = super::lock(&self.state);
         let mut added = 0;
         if let Some(e) = st
             .objects
@@ -434,7 +430,7 @@ impl DiskCache {
         size: u64,
         wanted: &[usize],
     ) -> Option<(Arc<std::fs::File>, Vec<usize>)> {
-        let mut st = lock_state(&self.state);
+        let mut st = super::lock(&self.state);
         let stale = st
             .objects
             .peek(key)
@@ -523,7 +519,7 @@ impl DiskCache {
     /// Writes the indexes that are behind (each to a temporary name, then renamed).
     pub fn flush(&self) {
         let pending: Vec<(String, serde_json::Value)> = {
-            let mut st = lock_state(&self.state);
+            let mut st = super::lock(&self.state);
             let b64 = base64::engine::general_purpose::STANDARD;
             let dirty: Vec<String> = st.dirty.drain().collect();
             dirty
@@ -565,7 +561,7 @@ impl DiskCache {
     }
 
     pub fn stats(&self) -> DiskCacheStats {
-        let st = lock_state(&self.state);
+        let st = super::lock(&self.state);
         DiskCacheStats {
             used_bytes: st.used,
             max_bytes: self.max_bytes,

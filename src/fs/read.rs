@@ -261,7 +261,10 @@ impl<C: ObjectClient> ReadHandle<C> {
         if offset >= end {
             return Ok(Bytes::new());
         }
-        if !self.window_busy.load(std::sync::atomic::Ordering::Relaxed) {
+        // With the window idle the read cache is asked here, else only if the window turns
+        // out not to cover the read.
+        let cache_asked = !self.window_busy.load(std::sync::atomic::Ordering::Relaxed);
+        if cache_asked {
             if let Some(data) = self.read_cached(offset, end) {
                 return Ok(data);
             }
@@ -287,8 +290,10 @@ impl<C: ObjectClient> ReadHandle<C> {
             p.chunks.clear();
             self.window_busy
                 .store(false, std::sync::atomic::Ordering::Relaxed);
-            if let Some(data) = self.read_cached(offset, end) {
-                return Ok(data);
+            if !cache_asked {
+                if let Some(data) = self.read_cached(offset, end) {
+                    return Ok(data);
+                }
             }
             p.next_request = self.ctx.config.first_request;
             if offset.abs_diff(p.expected) > self.ctx.config.sequential_tolerance {
