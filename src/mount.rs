@@ -283,8 +283,7 @@ fn plan_with(cli: Cli, client: &mut ClientConfig) -> Result<MountPlan, StartErro
                 .clone()
                 .unwrap_or_else(|| state_dir().join("write-back"));
             let max_bytes = cli.write_back_max_size.unwrap_or_else(|| {
-                let _ = std::fs::create_dir_all(&dir);
-                crate::status::free_bytes(&dir).map_or(DEFAULT_WRITE_BACK_MAX, |free| {
+                free_share(&dir, DEFAULT_WRITE_BACK_MAX, |free| {
                     (free / 2).clamp(1 << 30, DEFAULT_WRITE_BACK_MAX)
                 })
             });
@@ -295,10 +294,9 @@ fn plan_with(cli: Cli, client: &mut ClientConfig) -> Result<MountPlan, StartErro
             }
         }),
         read_cache: cli.read_cache.clone().map(|dir| {
-            let max_bytes = cli.max_cache_size.unwrap_or_else(|| {
-                let _ = std::fs::create_dir_all(&dir);
-                crate::status::free_bytes(&dir).map_or(DEFAULT_READ_CACHE, |free| (free / 4).max(1))
-            });
+            let max_bytes = cli
+                .max_cache_size
+                .unwrap_or_else(|| free_share(&dir, DEFAULT_READ_CACHE, |free| (free / 4).max(1)));
             crate::fs::disk_cache::DiskCacheConfig { dir, max_bytes }
         }),
     };
@@ -583,10 +581,16 @@ pub fn log_target(plan: &MountPlan, journal: bool) -> Target {
     ))
 }
 
+/// A default size taken from the free space of `dir` (made first, so it can be asked), or
+/// `otherwise` where that cannot be read.
+fn free_share(dir: &Path, otherwise: u64, share: impl FnOnce(u64) -> u64) -> u64 {
+    let _ = std::fs::create_dir_all(dir);
+    crate::status::free_bytes(dir).map_or(otherwise, share)
+}
+
 /// The upload journal of one bucket and prefix.
 fn journal_dir(bucket: &str, prefix: &str) -> PathBuf {
-    let tag = hex::encode(&<sha2::Sha256 as sha2::Digest>::digest(prefix.as_bytes())[..8]);
-    state_dir().join("uploads").join(format!("{bucket}-{tag}"))
+    crate::fs::bucket_dir(&state_dir().join("uploads"), bucket, prefix)
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, StartError> {

@@ -243,6 +243,13 @@ pub(crate) fn local_io<R>(f: impl FnOnce() -> R) -> R {
     }
 }
 
+/// The directory of one bucket and prefix under `root`: `BUCKET-TAG`, TAG a hash of the
+/// prefix (the upload journal, the write-back queue and the read cache each keep one).
+pub fn bucket_dir(root: &std::path::Path, bucket: &str, prefix: &str) -> std::path::PathBuf {
+    let tag = hex::encode(&<sha2::Sha256 as sha2::Digest>::digest(prefix.as_bytes())[..8]);
+    root.join(format!("{bucket}-{tag}"))
+}
+
 /// The directory of one bucket and prefix under `root` (made if needed), with the flock that
 /// keeps every other mount of them out for as long as the file is held. `Ok(None)`: another
 /// mount holds it.
@@ -252,8 +259,7 @@ pub(crate) fn locked_dir(
     prefix: &str,
 ) -> Result<Option<(std::path::PathBuf, std::fs::File)>, String> {
     use std::os::fd::AsRawFd;
-    let tag = hex::encode(&<sha2::Sha256 as sha2::Digest>::digest(prefix.as_bytes())[..8]);
-    let dir = root.join(format!("{bucket}-{tag}"));
+    let dir = bucket_dir(root, bucket, prefix);
     std::fs::create_dir_all(&dir)
         .map_err(|e| format!("cannot make the cache directory {}: {e}", dir.display()))?;
     let lock_path = dir.join("lock");
