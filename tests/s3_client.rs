@@ -525,3 +525,78 @@ async fn strict_server_checks_signature_and_payload_hash() {
     );
     c.delete_object(&key).await.unwrap();
 }
+
+/// A front for `upstream` that writes each answer's header block and the rest in two writes,
+/// with Nagle's algorithm on, as Garage and many HTTP servers do: the rest goes out only once
+/// the client has acknowledged the headers.
+async fn split_answer_front(upstream: String) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((conn, _)) = listener.accept().await {
+            let upstream = upstream.clone();
+            tokio::spawn(async move {
+                let Ok(up) = tokio::net::TcpStream::connect(&upstream).await else {
+                    return;
+                };
+                let (mut from_client, mut to_client) = conn.into_split();
+                let (mut from_server, mut to_server) = up.into_split();
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut from_client, &mut to_server).await;
+                });
+                let mut buf = vec![0u8; 1 << 16];
+                while let Ok(n @ 1..) = from_server.read(&mut buf).await {
+                    // The front's own side acknowledges at once, so the server's Nagle
+                    // does not hold the rest here.
+                    let _ = socket2::SockRef::from(from_server.as_ref()).set_tcp_quickack(true);
+                    let data = &buf[..n];
+                    let split = data
+                        .windows(4)
+                        .position(|w| w == b"\r\n\r\n")
+                        .map_or(n, |i| i + 4);
+                    for piece in [&data[..split], &data[split..]] {
+                        if !piece.is_empty() && to_client.write_all(piece).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A small GET on a kept-alive connection does not wait for the delayed ACK of its headers
+/// (Linux holds it 40 ms or more; a server with Nagle's algorithm holds the body until then).
+#[tokio::test(flavor = "multi_thread")]
+async fn small_gets_do_not_wait_for_a_delayed_ack() {
+    let env = ServerEnv::main();
+    let key = format!("{}small", unique_prefix("quickack"));
+    env.client()
+        .put_object(
+            &key,
+            PutBody::from(vec![7u8; 5000]),
+            &ObjectAttributes::default(),
+        )
+        .await
+        .unwrap();
+    let front = split_answer_front(env.authority()).await;
+    let mut cfg = env.config();
+    cfg.endpoint_url = Some(format!("http://{front}"));
+    let c = S3Client::new(cfg).unwrap();
+    let mut took = Vec::new();
+    for _ in 0..9 {
+        let started = std::time::Instant::now();
+        assert_eq!(common::read_object(&c, &key, None).await.len(), 5000);
+        took.push(started.elapsed());
+    }
+    took.sort();
+    // Each GET takes a few ms on a loopback server; with the ACK delayed, 40 ms or more. The
+    // median of nine leaves room for a busy machine.
+    assert!(
+        took[4] < Duration::from_millis(25),
+        "a small GET takes {:?} (all: {took:?})",
+        took[4]
+    );
+}

@@ -7,6 +7,7 @@ pub mod credentials;
 pub mod error;
 pub mod http;
 pub mod mock;
+mod quickack;
 pub mod retry;
 pub mod sigv4;
 pub mod sts;
