@@ -622,15 +622,11 @@ impl<C: ObjectClient> Filesystem for FuseAdapter<C> {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        match self.fs.readdir(ino.0, fh.0, offset) {
-            Ok(entries) => {
-                for (next, e) in entries {
-                    if reply.add(INodeNo(e.attr.ino), next, file_type(e.attr.kind), &e.name) {
-                        break;
-                    }
-                }
-                reply.ok();
-            }
+        let added = self.fs.readdir_with(ino.0, fh.0, offset, |next, e| {
+            reply.add(INodeNo(e.attr.ino), next, file_type(e.attr.kind), &e.name)
+        });
+        match added {
+            Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e, "readdir")),
         }
     }
@@ -643,27 +639,24 @@ impl<C: ObjectClient> Filesystem for FuseAdapter<C> {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        match self.fs.readdir(ino.0, fh.0, offset) {
-            Ok(entries) => {
-                let ttl = self.fs.ttl();
-                for (next, e) in entries {
-                    if reply.add(
-                        INodeNo(e.attr.ino),
-                        next,
-                        &e.name,
-                        &ttl,
-                        &self.ownership.apply(file_attr(&e.attr)),
-                        Generation(0),
-                    ) {
-                        break;
-                    }
-                    // The kernel holds a reference on every entry but `.` and `..`.
-                    if e.name != "." && e.name != ".." {
-                        self.fs.entry_returned(e.attr.ino);
-                    }
-                }
-                reply.ok();
+        let ttl = self.fs.ttl();
+        let added = self.fs.readdir_with(ino.0, fh.0, offset, |next, e| {
+            let full = reply.add(
+                INodeNo(e.attr.ino),
+                next,
+                &e.name,
+                &ttl,
+                &self.ownership.apply(file_attr(&e.attr)),
+                Generation(0),
+            );
+            // The kernel holds a reference on every entry but `.` and `..`.
+            if !full && e.name != "." && e.name != ".." {
+                self.fs.entry_returned(e.attr.ino);
             }
+            full
+        });
+        match added {
+            Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e, "readdirplus")),
         }
     }

@@ -34,25 +34,64 @@ pub(super) const REVALIDATION_PAGE: u32 = 200;
 
 pub(super) struct DirHandle {
     entries: Arc<Vec<DirEntry>>,
+    /// When this directory's listing was prefetched as one of a walk's: the walk's next
+    /// directories start from here (see [`S3Filesystem::prefetch_subdirectories`]).
+    walk: Option<Walk>,
 }
 
-/// A listing started ahead of its `opendir` (see [`S3Filesystem::prefetch_subdirectories`]):
-/// when it was started, and its entries once done (`None` if it failed).
-pub(super) type PrefetchedListing = (
-    Instant,
+/// The subdirectories of one directory in the order `readdir` gave them, which is the order a
+/// program walking the tree opens them, and the place of one of them.
+#[derive(Clone)]
+pub(super) struct Walk {
+    dirs: Arc<Vec<Ino>>,
+    at: usize,
+    /// Entries of the listing opened at `at`.
+    entries: usize,
+}
+
+/// A listing started ahead of its `opendir` (see [`S3Filesystem::prefetch_subdirectories`]),
+/// with its place in the walk, and its entries once done (`None` if it failed) with when it
+/// was done.
+pub(super) struct PrefetchedListing {
     // The directory's changes when it started: a listing older than a change is not used.
-    u64,
-    futures_util::future::Shared<
-        futures_util::future::BoxFuture<'static, Option<Arc<Vec<DirEntry>>>>,
-    >,
-);
+    changes: u64,
+    walk: Walk,
+    listing: futures_util::future::Shared<futures_util::future::BoxFuture<'static, Listing>>,
+}
+
+/// A listing's entries and when it was done, or `None` if it failed.
+type Listing = Option<(Instant, Arc<Vec<DirEntry>>)>;
+
+impl PrefetchedListing {
+    /// Whether it is still of use: running, or done less than `ttl` ago.
+    fn fresh(&self, ttl: Duration) -> bool {
+        match self.listing.peek() {
+            None => true,
+            Some(Some((done, _))) => done.elapsed() < ttl,
+            Some(None) => false,
+        }
+    }
+}
 
 /// A revalidation of a directory's children (see [`S3Filesystem::revalidate_children`]): when
 /// it started, and whether its listing worked once done.
 pub(super) type Revalidation = (Instant, Arc<tokio::sync::OnceCell<bool>>);
 
-/// Subdirectories whose listings one `opendir` starts ahead.
+/// Subdirectories whose listings a walk keeps started ahead of the one it opens, after a
+/// directory of one listing page or less, whose listing takes a few milliseconds.
 pub(super) const SUBDIRECTORIES_PREFETCHED: usize = 8;
+
+/// The same when a directory is opened, before the walk has seen how large its
+/// subdirectories are.
+pub(super) const FIRST_SUBDIRECTORIES_PREFETCHED: usize = 2;
+
+/// The same after a directory of more than one page. Its listing takes longer than the metadata
+/// TTL lets a prefetched listing wait (a second for 10,000 keys on a local server): listings
+/// further ahead would be done, and too old, by the time they are opened, and be made twice.
+pub(super) const LARGE_SUBDIRECTORIES_PREFETCHED: usize = 1;
+
+/// Entries in one listing page.
+const LISTING_PAGE: usize = 1000;
 
 /// What the mount knows of names: the inode table, and what listings and lookups have learnt
 /// besides it. Each map is a leaf lock (see docs/ARCHITECTURE.md, "Lock order").
@@ -69,7 +108,7 @@ pub(super) struct Namespace {
     pub(super) prefetched: Mutex<HashMap<Ino, PrefetchedListing>>,
     /// Directories whose children a lookup revalidated with one listing, since when, and
     /// whether it worked (see [`S3Filesystem::revalidate_children`]).
-    pub(super) revalidations: Mutex<HashMap<Ino, Revalidation>>,
+    pub(super) revalidations: Mutex<HashMap<(Ino, Option<String>), Revalidation>>,
     /// Directories with more keys below them than one listing page: revalidated by their own
     /// entries only.
     pub(super) large_trees: Mutex<HashSet<Ino>>,
@@ -156,7 +195,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
             // One listing of the directory revalidates all the children it knows: a program
             // that stats every file of a tree (rsync, make) sends one request per directory
             // instead of two per file.
-            if self.revalidate_children(&dir).await {
+            if self.revalidate_children(&dir, Some(name)).await {
                 if child.is_fresh() {
                     return Ok(child);
                 }
@@ -274,7 +313,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
                 if self.offline() {
                     return !stale.contains(name);
                 }
-                if !self.revalidate_children(dir).await {
+                if !self.revalidate_children(dir, None).await {
                     if self.queue.is_none() {
                         return false;
                     }
@@ -307,28 +346,39 @@ impl<C: ObjectClient> S3Filesystem<C> {
     /// the listing shows unchanged is confirmed (see [`Inode::confirm`]); changed, missing or
     /// unlisted ones stay stale, for a lookup of their own. Runs at most once per directory
     /// per TTL, shared by concurrent lookups. Returns false when the listing failed.
-    pub(super) async fn revalidate_children(&self, dir: &Arc<Inode>) -> bool {
+    pub(super) async fn revalidate_children(&self, dir: &Arc<Inode>, near: Option<&str>) -> bool {
         let ttl = self.config.metadata_ttl;
         if ttl.is_zero() {
             return false;
         }
+        let recursive = !lock(&self.ns.large_trees).contains(&dir.ino);
+        // In a large directory, the page from just before the name asked about: `ls -l` and
+        // rsync stat its entries in name order, so one page answers the next thousand.
+        let from = near
+            .filter(|_| !recursive)
+            .map(|name| name[..name.char_indices().last().map_or(0, |(i, _)| i)].to_string());
         let done = {
             let mut revalidations = lock(&self.ns.revalidations);
             revalidations.retain(|_, (started, _)| started.elapsed() < ttl);
             let (_, done) = revalidations
-                .entry(dir.ino)
+                .entry((dir.ino, from.clone()))
                 .or_insert_with(|| (Instant::now(), Default::default()));
             done.clone()
         };
-        *done
+        let done = *done
             .get_or_init(|| async {
                 let dir_key = dir.key();
-                let recursive = !lock(&self.ns.large_trees).contains(&dir.ino);
+                let start_after = from.as_ref().map(|f| format!("{dir_key}{f}"));
                 self.stats.listings.fetch_add(1, Ordering::Relaxed);
                 let request = ListRequest {
                     prefix: &dir_key,
                     delimiter: (!recursive).then_some("/"),
-                    max_keys: Some(if recursive { 1000 } else { REVALIDATION_PAGE }),
+                    start_after: start_after.as_deref(),
+                    max_keys: Some(if recursive || from.is_some() {
+                        LISTING_PAGE as u32
+                    } else {
+                        REVALIDATION_PAGE
+                    }),
                     ..Default::default()
                 };
                 let page = match self.client.list_objects(&request).await {
@@ -339,19 +389,25 @@ impl<C: ObjectClient> S3Filesystem<C> {
                     // Too large to list whole each time: its own entries from now on.
                     lock(&self.ns.large_trees).insert(dir.ino);
                 }
-                self.confirm_listed(dir, &dir_key, &page, ttl);
+                self.confirm_listed(dir, &dir_key, &page, from.is_none(), ttl);
                 true
             })
-            .await
+            .await;
+        if done && recursive && near.is_some() && lock(&self.ns.large_trees).contains(&dir.ino) {
+            // The tree turned out too large: the page around the name, now.
+            return Box::pin(self.revalidate_children(dir, near)).await;
+        }
+        done
     }
 
     /// Confirms the known inodes below `dir` that `page` (a listing of `dir_key`, with or
-    /// without delimiter) shows unchanged.
+    /// without delimiter, from its start or not) shows unchanged.
     pub(super) fn confirm_listed(
         &self,
         dir: &Arc<Inode>,
         dir_key: &str,
         page: &ListPage,
+        from_start: bool,
         ttl: Duration,
     ) {
         // Directories seen, as paths below `dir` ending in `/`: those of common prefixes and
@@ -372,8 +428,8 @@ impl<C: ObjectClient> S3Filesystem<C> {
             .map(|o| &o.key[dir_key.len()..])
             .max(page.common_prefixes.last().map(|p| &p[dir_key.len()..]))
             .unwrap_or("");
-        let complete = page.next_continuation_token.is_none();
-        if complete {
+        let to_the_end = page.next_continuation_token.is_none();
+        if from_start && to_the_end {
             let names = page
                 .objects
                 .iter()
@@ -409,7 +465,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
             // A file is one only if no directory of the same name shadows it, which a later
             // page could show unless this one went past where it would sort.
             let as_dir = format!("{path}/");
-            let past = complete || (last > as_dir.as_str() && !last.starts_with(&as_dir));
+            let past = to_the_end || (last > as_dir.as_str() && !last.starts_with(&as_dir));
             if !past || directories.contains(as_dir.as_str()) {
                 continue;
             }
@@ -459,7 +515,11 @@ impl<C: ObjectClient> S3Filesystem<C> {
             return Ok(self.attr_of(&inode));
         }
         if let Some(parent) = self.ns.inodes.get(inode.parent()) {
-            if self.revalidate_children(&parent).await && inode.is_fresh() {
+            if self
+                .revalidate_children(&parent, Some(&inode.location().name))
+                .await
+                && inode.is_fresh()
+            {
                 return Ok(self.attr_of(&inode));
             }
         }
@@ -487,31 +547,38 @@ impl<C: ObjectClient> S3Filesystem<C> {
     }
 
     /// Lists a directory whole (paged ListObjectsV2) and keeps the entries for `readdir`. A
-    /// listing prefetched less than the metadata TTL ago is used instead, once.
+    /// listing prefetched for it and done less than the metadata TTL ago (or still running)
+    /// is used instead, once.
     pub async fn opendir(&self, ino: Ino) -> FsResult<u64> {
         let dir = self.dir_inode(ino)?;
         let prefetched = lock(&self.ns.prefetched).remove(&ino);
         let mut entries = None;
-        if let Some((started, changes, listing)) = prefetched {
-            if let Some(listed) = listing.await {
-                if started.elapsed() < self.config.metadata_ttl && dir.changes() == changes {
+        let mut walk = None;
+        if let Some(p) = prefetched {
+            if let Some((done, listed)) = p.listing.await {
+                if done.elapsed() < self.config.metadata_ttl && dir.changes() == p.changes {
                     entries = Some(listed);
                 }
             }
+            walk = Some(p.walk);
         }
         let entries = match entries {
             Some(entries) => entries,
             None => Arc::new(self.list_dir(&dir).await?),
         };
+        if let Some(w) = &mut walk {
+            w.entries = entries.len();
+        }
         let entries = self.as_it_is_now(&dir, &entries);
         let fh = self.handles.next_number();
-        lock(&self.ns.dirs).insert(fh, Arc::new(DirHandle { entries }));
+        lock(&self.ns.dirs).insert(fh, Arc::new(DirHandle { entries, walk }));
         Ok(fh)
     }
 
-    /// Starts listing the first subdirectories of directory handle `fh` in the background:
-    /// programs that walk a tree (find, du, rsync, ls -R) open them next, one after another,
-    /// and would otherwise wait for one listing at a time.
+    /// Starts listings ahead of a program that walks a tree (find, du, rsync, ls -R), which
+    /// opens the subdirectories one after another and would otherwise wait for one listing at a
+    /// time: the first subdirectories of directory handle `fh`, and, when `fh`'s own listing
+    /// was prefetched in such a walk, the directories after it.
     pub fn prefetch_subdirectories(self: &Arc<Self>, fh: u64)
     where
         C: 'static,
@@ -522,17 +589,39 @@ impl<C: ObjectClient> S3Filesystem<C> {
         let Some(handle) = lock(&self.ns.dirs).get(&fh).cloned() else {
             return;
         };
-        let mut prefetched = lock(&self.ns.prefetched);
-        // Listings nobody opened in time are no use any more.
-        let ttl = self.config.metadata_ttl;
-        prefetched.retain(|_, (started, _, _)| started.elapsed() < ttl);
-        let subdirectories = handle
+        if let Some(walk) = &handle.walk {
+            let ahead = if walk.entries > LISTING_PAGE {
+                LARGE_SUBDIRECTORIES_PREFETCHED
+            } else {
+                SUBDIRECTORIES_PREFETCHED
+            };
+            self.prefetch_listings(&walk.dirs, walk.at + 1, ahead);
+        }
+        let subdirectories: Vec<Ino> = handle
             .entries
             .iter()
             .filter(|e| e.attr.kind == Kind::Directory)
-            .take(SUBDIRECTORIES_PREFETCHED);
-        for entry in subdirectories {
-            let ino = entry.attr.ino;
+            .map(|e| e.attr.ino)
+            .collect();
+        if !subdirectories.is_empty() {
+            self.prefetch_listings(
+                &Arc::new(subdirectories),
+                0,
+                FIRST_SUBDIRECTORIES_PREFETCHED,
+            );
+        }
+    }
+
+    /// Starts the listings of `dirs[from..from + count]` that are not started yet.
+    fn prefetch_listings(self: &Arc<Self>, dirs: &Arc<Vec<Ino>>, from: usize, count: usize)
+    where
+        C: 'static,
+    {
+        let mut prefetched = lock(&self.ns.prefetched);
+        // Listings nobody opened in time are no use any more.
+        let ttl = self.config.metadata_ttl;
+        prefetched.retain(|_, p| p.fresh(ttl));
+        for (at, &ino) in dirs.iter().enumerate().skip(from).take(count) {
             if prefetched.contains_key(&ino) {
                 continue;
             }
@@ -541,42 +630,58 @@ impl<C: ObjectClient> S3Filesystem<C> {
             };
             let changes = dir.changes();
             let fs = self.clone();
-            let listing = async move { fs.list_dir(&dir).await.ok().map(Arc::new) }
-                .boxed()
-                .shared();
+            let listing = async move {
+                let listed = fs.list_dir(&dir).await.ok()?;
+                Some((Instant::now(), Arc::new(listed)))
+            }
+            .boxed()
+            .shared();
             // Driven by its own task, whether or not anyone opens the directory.
             tokio::spawn(listing.clone());
-            prefetched.insert(ino, (Instant::now(), changes, listing));
+            let walk = Walk {
+                dirs: dirs.clone(),
+                at,
+                entries: 0,
+            };
+            prefetched.insert(
+                ino,
+                PrefetchedListing {
+                    changes,
+                    walk,
+                    listing,
+                },
+            );
         }
     }
 
     /// The entries of a listing of `dir` as this mount sees them now: each with its inode's
     /// current attributes (a file being written shows its size so far), and the files being
     /// written there that S3 does not have yet added.
+    /// `listed` is in name order, as listings are.
     pub(super) fn as_it_is_now(&self, dir: &Inode, listed: &[DirEntry]) -> Arc<Vec<DirEntry>> {
-        let mut entries: BTreeMap<String, DirEntry> = listed
+        let mut entries: Vec<DirEntry> = listed
             .iter()
-            .map(|e| {
-                let attr = self
+            .map(|e| DirEntry {
+                name: e.name.clone(),
+                attr: self
                     .ns
                     .inodes
                     .get(e.attr.ino)
-                    .map_or_else(|| e.attr.clone(), |i| self.attr_of(&i));
-                (
-                    e.name.clone(),
-                    DirEntry {
-                        name: e.name.clone(),
-                        attr,
-                    },
-                )
+                    .map_or_else(|| e.attr.clone(), |i| self.attr_of(&i)),
             })
             .collect();
         for inode in self.being_written_in(dir) {
             let name = inode.location().name;
-            let attr = self.attr_of(&inode);
-            entries.insert(name.clone(), DirEntry { name, attr });
+            let entry = DirEntry {
+                attr: self.attr_of(&inode),
+                name,
+            };
+            match entries.binary_search_by(|e| e.name.cmp(&entry.name)) {
+                Ok(i) => entries[i] = entry,
+                Err(i) => entries.insert(i, entry),
+            }
         }
-        Arc::new(entries.into_values().collect())
+        Arc::new(entries)
     }
 
     /// The files being written in `dir` and still linked there (not unlinked, not replaced).
@@ -763,35 +868,59 @@ impl<C: ObjectClient> S3Filesystem<C> {
 
     /// Entries from `offset` on. Offsets: 0 is the start, `i + 1` follows entry `i`; `.` and
     /// `..` come first.
+    /// The entries of an open directory from `offset` on (`.` and `..` first), each with the
+    /// offset of the next, as a `Vec`; see [`Self::readdir_with`].
     pub fn readdir(&self, ino: Ino, fh: u64, offset: u64) -> FsResult<Vec<(u64, DirEntry)>> {
+        let mut out = Vec::new();
+        self.readdir_with(ino, fh, offset, |next, e| {
+            out.push((next, e.clone()));
+            false
+        })?;
+        Ok(out)
+    }
+
+    /// Hands `add` the entries of an open directory from `offset` on, each with the offset of
+    /// the next, until it returns `true` (the reply is full). Only what `add` takes is looked at,
+    /// so reading a directory of N entries in pages costs O(N), not O(N^2).
+    pub fn readdir_with(
+        &self,
+        ino: Ino,
+        fh: u64,
+        offset: u64,
+        mut add: impl FnMut(u64, &DirEntry) -> bool,
+    ) -> FsResult<()> {
         let dir = self.dir_inode(ino)?;
         let handle = lock(&self.ns.dirs)
             .get(&fh)
             .cloned()
             .ok_or(FsError::BadHandle)?;
-        let parent_attr = self
-            .ns
-            .inodes
-            .get(dir.parent())
-            .map(|p| self.attr_of(&p))
-            .unwrap_or_else(|| self.attr_of(&dir));
-        let dots = [
-            DirEntry {
-                name: ".".into(),
-                attr: self.attr_of(&dir),
-            },
-            DirEntry {
-                name: "..".into(),
-                attr: parent_attr,
-            },
-        ];
-        Ok(dots
-            .into_iter()
-            .chain(handle.entries.iter().cloned())
-            .enumerate()
-            .skip(offset as usize)
-            .map(|(i, e)| (i as u64 + 1, e))
-            .collect())
+        let mut next = offset;
+        if next < 2 {
+            let dot = |name: &str, attr| DirEntry {
+                name: name.into(),
+                attr,
+            };
+            if next == 0 && add(1, &dot(".", self.attr_of(&dir))) {
+                return Ok(());
+            }
+            let parent_attr = self
+                .ns
+                .inodes
+                .get(dir.parent())
+                .map(|p| self.attr_of(&p))
+                .unwrap_or_else(|| self.attr_of(&dir));
+            if add(2, &dot("..", parent_attr)) {
+                return Ok(());
+            }
+            next = 2;
+        }
+        let start = usize::try_from(next - 2).unwrap_or(usize::MAX);
+        for (i, e) in handle.entries.iter().enumerate().skip(start) {
+            if add(i as u64 + 3, e) {
+                break;
+            }
+        }
+        Ok(())
     }
 
     pub fn releasedir(&self, fh: u64) {

@@ -198,6 +198,64 @@ async fn subdirectory_listings_are_prefetched_and_used_once() {
     assert_eq!(names_of(names(&fs, b).await), ["late", "x"]);
 }
 
+/// A walk (find, du) opens subdirectories in order: each opened directory starts the listings
+/// of the ones after it, many ahead after small directories, one ahead after large ones (whose
+/// listings would be done, and too old, long before they are opened).
+#[tokio::test]
+async fn a_walk_keeps_listings_started_ahead_sized_to_its_directories() {
+    let mut keys: Vec<String> = (0..6).map(|i| format!("small/d{i}/f")).collect();
+    for d in 0..4 {
+        keys.extend((0..=1000).map(|i| format!("large/d{d}/f{i:04}")));
+    }
+    let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+    let (mock, fs) = fs_with(&keys, Duration::from_secs(30));
+    let fs = Arc::new(fs);
+    let settle = || async { tokio::time::sleep(Duration::from_millis(50)).await };
+    let walk = |top: &'static str| {
+        let (fs, mock) = (fs.clone(), mock.clone());
+        async move {
+            let top = path(&fs, top).await.unwrap().ino;
+            let start = mock.count(Operation::ListObjectsV2);
+            let fh = fs.opendir(top).await.unwrap();
+            fs.prefetch_subdirectories(fh);
+            let dirs: Vec<Ino> = fs
+                .readdir(top, fh, 2)
+                .unwrap()
+                .iter()
+                .map(|(_, e)| e.attr.ino)
+                .collect();
+            fs.releasedir(fh);
+            // Listings made by the time each directory is opened (prefetches included).
+            let mut made = Vec::new();
+            for d in dirs {
+                settle().await;
+                made.push(mock.count(Operation::ListObjectsV2));
+                let fh = fs.opendir(d).await.unwrap();
+                fs.prefetch_subdirectories(fh);
+                fs.releasedir(fh);
+            }
+            settle().await;
+            (made, mock.count(Operation::ListObjectsV2) - start)
+        }
+    };
+    let (made, listings) = walk("small").await;
+    // The first two at the start; after the first small one, the other four: no listing
+    // waits for the opendir, and none is made twice.
+    let made: Vec<u64> = made.iter().map(|n| n - made[0]).collect();
+    assert_eq!(
+        made,
+        [0, 4, 4, 4, 4, 4],
+        "listings made before each opendir"
+    );
+    assert_eq!(listings, 1 + 6, "each directory listed once");
+
+    let (made, listings) = walk("large").await;
+    // Two pages each. d0 and d1 at the start, then one directory ahead at a time.
+    let made: Vec<u64> = made.iter().map(|n| n - made[0]).collect();
+    assert_eq!(made, [0, 0, 2, 4], "listings made before each opendir");
+    assert_eq!(listings, 1 + 4 * 2, "each directory listed once");
+}
+
 #[tokio::test]
 async fn zero_ttl_always_asks_s3() {
     let (mock, fs) = fs_with(&["f"], Duration::ZERO);
@@ -722,11 +780,11 @@ async fn a_tree_over_one_page_is_revalidated_by_its_own_entries() {
         count(Operation::ListObjectsV2),
     );
     // The whole tree does not fit: "a" comes before the page's end, "z" after it, so "z" is
-    // looked up on its own (HEAD and a one-key listing).
+    // revalidated by a page of the root's own entries from just before its name (no HEAD).
     assert_eq!(fs.getattr(a.ino).await.unwrap().size, a.size);
     assert_eq!(fs.lookup(ROOT_INO, "z").await.unwrap().ino, z.ino);
     assert_eq!(count(Operation::ListObjectsV2) - lists, 2);
-    assert_eq!(count(Operation::HeadObject) - heads, 1);
+    assert_eq!(count(Operation::HeadObject) - heads, 0);
     // From then on the root's own entries, one page with delimiter, cover both.
     tokio::time::sleep(ttl + Duration::from_millis(50)).await;
     let (heads, lists) = (
@@ -737,6 +795,50 @@ async fn a_tree_over_one_page_is_revalidated_by_its_own_entries() {
     fs.lookup(ROOT_INO, "z").await.unwrap();
     assert_eq!(count(Operation::ListObjectsV2) - lists, 1);
     assert_eq!(count(Operation::HeadObject), heads);
+}
+
+/// rsync and `ls -l` stat a directory's entries in name order after reading it, often more
+/// than the TTL later. In a tree too large for one page, each stale entry is revalidated with a
+/// page of its directory from just before its name, which answers the entries after it too:
+/// no HEAD per entry.
+#[tokio::test]
+async fn entries_statted_in_order_are_revalidated_a_page_at_a_time() {
+    // 999 files and a subdirectory of 2,000 keys, which sorts first.
+    let mut keys: Vec<String> = (0..2000).map(|i| format!("big/a/{i:05}")).collect();
+    keys.extend((0..999).map(|i| format!("big/k{i:05}")));
+    let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+    let ttl = Duration::from_millis(300);
+    let (mock, fs) = fs_with(&refs, ttl);
+    let big = path(&fs, "big").await.unwrap().ino;
+    // As readdirplus does: the kernel keeps a reference to every entry.
+    let fh = fs.opendir(big).await.unwrap();
+    let names: Vec<String> = fs
+        .readdir(big, fh, 3)
+        .unwrap()
+        .into_iter()
+        .map(|(_, e)| {
+            fs.entry_returned(e.attr.ino);
+            e.name
+        })
+        .collect();
+    fs.releasedir(fh);
+    assert_eq!(names.len(), 999);
+    tokio::time::sleep(ttl + Duration::from_millis(50)).await;
+    let (heads, lists) = (
+        mock.count(Operation::HeadObject),
+        mock.count(Operation::ListObjectsV2),
+    );
+    for name in &names {
+        fs.lookup(big, name).await.unwrap();
+    }
+    assert_eq!(
+        mock.count(Operation::HeadObject),
+        heads,
+        "no HEAD per entry"
+    );
+    // The tree's first page (which shows it is too large), then a page of the directory.
+    let made = mock.count(Operation::ListObjectsV2) - lists;
+    assert!((2..=3).contains(&made), "{made} listings for 999 lookups");
 }
 
 #[tokio::test]
