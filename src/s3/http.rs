@@ -884,7 +884,12 @@ impl S3Client {
                     .with_status(200)
                     .with_message(not_s3_message(content_type.as_deref(), &text)));
             }
-            if let Some(doc) = xml::parse(&text).ok().and_then(|r| xml::error_document(&r)) {
+            // Only an `<Error>` document is read whole here: the answer's own parser reads
+            // the rest once (a listing page is 8,000 elements).
+            let error = (xml::root_name(&text).as_deref() == Some("Error"))
+                .then(|| xml::parse(&text).ok().and_then(|r| xml::error_document(&r)))
+                .flatten();
+            if let Some(doc) = error {
                 let mut e = self
                     .error(req, ErrorKind::from_code(&doc.code))
                     .with_message(doc.message)
