@@ -1,6 +1,7 @@
 //! XML in and out. Responses are read with quick-xml into a small element tree (listings, the
-//! bulk of what is read, as a stream), then into the plain structs of [`super::client`]; request bodies (CompleteMultipartUpload, DeleteObjects)
-//! are written by hand with escaping. Parsers take `&str` and do no I/O.
+//! bulk of what is read, as a stream), then into the plain structs of [`super::client`];
+//! request bodies (CompleteMultipartUpload, DeleteObjects) are written by hand with escaping.
+//! Parsers take `&str` and do no I/O.
 
 use std::time::SystemTime;
 
@@ -165,7 +166,8 @@ pub fn parse_timestamp(text: &str) -> Option<SystemTime> {
 ///
 /// Read as a stream, not through [`parse`]'s tree: a page of 1,000 keys is 8,000 elements, and
 /// a tree of them cost a name and a text allocation each; listings of large trees spent half
-/// the mount's CPU in the allocator.
+/// the mount's CPU in the allocator. Here element names are matched to a `Name`, not kept, and only the
+/// texts of the fields read are kept.
 pub fn list_objects(text: &str, url_encoded: bool) -> Result<ListPage, XmlError> {
     /// The fields of one `<Contents>` as they arrive.
     #[derive(Default)]
@@ -176,20 +178,51 @@ pub fn list_objects(text: &str, url_encoded: bool) -> Result<ListPage, XmlError>
         last_modified: Option<String>,
         storage_class: Option<String>,
     }
+    /// The elements a listing is read for; every other is `Other`.
+    #[derive(Clone, Copy, PartialEq, Eq)]
+    enum Name {
+        Contents,
+        CommonPrefixes,
+        Key,
+        Size,
+        ETag,
+        LastModified,
+        StorageClass,
+        Prefix,
+        IsTruncated,
+        NextContinuationToken,
+        Other,
+    }
+    fn name_of(name: &[u8]) -> Name {
+        match name {
+            b"Contents" => Name::Contents,
+            b"CommonPrefixes" => Name::CommonPrefixes,
+            b"Key" => Name::Key,
+            b"Size" => Name::Size,
+            b"ETag" => Name::ETag,
+            b"LastModified" => Name::LastModified,
+            b"StorageClass" => Name::StorageClass,
+            b"Prefix" => Name::Prefix,
+            b"IsTruncated" => Name::IsTruncated,
+            b"NextContinuationToken" => Name::NextContinuationToken,
+            _ => Name::Other,
+        }
+    }
     let decode = |s: &str| decode_if(s, url_encoded);
     let mut reader = Reader::from_str(text);
     let mut page = ListPage::default();
-    // Names of the open elements below the root (only the first two levels matter).
-    let mut open: Vec<Vec<u8>> = Vec::new();
+    // The open elements below the root (only the first two levels matter).
+    let mut open: Vec<Name> = Vec::new();
     let mut root_open = false;
     let mut text = String::new();
+    // Filled inside a `<Contents>` or `<CommonPrefixes>`, taken when it ends.
     let mut object = Object::default();
     let mut prefix: Option<String> = None;
     let (mut truncated, mut token) = (false, None);
     loop {
-        let (name, ends) = match reader.read_event() {
-            Ok(Event::Start(e)) => (Some(e.local_name().as_ref().to_vec()), false),
-            Ok(Event::Empty(e)) => (Some(e.local_name().as_ref().to_vec()), true),
+        let (started, ends) = match reader.read_event() {
+            Ok(Event::Start(e)) => (Some(name_of(e.local_name().as_ref())), false),
+            Ok(Event::Empty(e)) => (Some(name_of(e.local_name().as_ref())), true),
             Ok(Event::End(_)) => (None, true),
             Ok(Event::Text(t)) => {
                 text.push_str(&t.unescape().map_err(|e| XmlError(e.to_string()))?);
@@ -204,7 +237,7 @@ pub fn list_objects(text: &str, url_encoded: bool) -> Result<ListPage, XmlError>
             Ok(_) => continue,
             Err(e) => return Err(XmlError(e.to_string())),
         };
-        if let Some(name) = name {
+        if let Some(started) = started {
             text.clear();
             if !root_open {
                 root_open = true;
@@ -213,40 +246,32 @@ pub fn list_objects(text: &str, url_encoded: bool) -> Result<ListPage, XmlError>
                 }
                 continue;
             }
-            if open.is_empty() {
-                // A new entry starts clean.
-                match name.as_slice() {
-                    b"Contents" => object = Object::default(),
-                    b"CommonPrefixes" => prefix = None,
-                    _ => {}
-                }
-            }
-            open.push(name);
+            open.push(started);
             if !ends {
                 continue;
             }
         }
         // An element ends: the innermost open one, or the root.
-        let Some(name) = open.pop() else {
+        let Some(ended) = open.pop() else {
             break; // the root
         };
         let value = std::mem::take(&mut text);
-        match (open.first().map(Vec::as_slice), name.as_slice()) {
-            (Some(b"Contents"), field) if open.len() == 1 => {
+        match (open.as_slice(), ended) {
+            ([Name::Contents], field) => {
                 let slot = match field {
-                    b"Key" => &mut object.key,
-                    b"Size" => &mut object.size,
-                    b"ETag" => &mut object.etag,
-                    b"LastModified" => &mut object.last_modified,
-                    b"StorageClass" => &mut object.storage_class,
+                    Name::Key => &mut object.key,
+                    Name::Size => &mut object.size,
+                    Name::ETag => &mut object.etag,
+                    Name::LastModified => &mut object.last_modified,
+                    Name::StorageClass => &mut object.storage_class,
                     _ => continue,
                 };
                 slot.get_or_insert(value);
             }
-            (Some(b"CommonPrefixes"), b"Prefix") if open.len() == 1 => {
+            ([Name::CommonPrefixes], Name::Prefix) => {
                 prefix.get_or_insert(value);
             }
-            (None, b"Contents") => {
+            ([], Name::Contents) => {
                 let o = std::mem::take(&mut object);
                 let key = o
                     .key
@@ -269,14 +294,14 @@ pub fn list_objects(text: &str, url_encoded: bool) -> Result<ListPage, XmlError>
                     storage_class: o.storage_class,
                 });
             }
-            (None, b"CommonPrefixes") => {
+            ([], Name::CommonPrefixes) => {
                 let p = prefix
                     .take()
                     .ok_or_else(|| XmlError("<CommonPrefixes> has no <Prefix>".into()))?;
                 page.common_prefixes.push(decode(&p));
             }
-            (None, b"IsTruncated") => truncated = value == "true",
-            (None, b"NextContinuationToken") => {
+            ([], Name::IsTruncated) => truncated = value == "true",
+            ([], Name::NextContinuationToken) => {
                 token.get_or_insert(value);
             }
             _ => {}
