@@ -837,9 +837,7 @@ impl S3Client {
                 .map(|b| String::from_utf8_lossy(&b).into_owned())
                 .unwrap_or_default()
         };
-        let doc = xml::parse(&text)
-            .ok()
-            .and_then(|root| xml::error_document(&root));
+        let doc = xml::error_document(&text);
         let mut err = match &doc {
             Some(d) => self
                 .error(req, ErrorKind::from_code(&d.code))
@@ -884,12 +882,7 @@ impl S3Client {
                     .with_status(200)
                     .with_message(not_s3_message(content_type.as_deref(), &text)));
             }
-            // Only an `<Error>` document is read whole here: the answer's own parser reads
-            // the rest once (a listing page is 8,000 elements).
-            let error = (xml::root_name(&text).as_deref() == Some("Error"))
-                .then(|| xml::parse(&text).ok().and_then(|r| xml::error_document(&r)))
-                .flatten();
-            if let Some(doc) = error {
+            if let Some(doc) = xml::error_document(&text) {
                 let mut e = self
                     .error(req, ErrorKind::from_code(&doc.code))
                     .with_message(doc.message)

@@ -91,7 +91,7 @@ pub fn parse(text: &str) -> Result<Element, XmlError> {
 }
 
 /// The local name of the root element, read without the rest of the document.
-pub fn root_name(text: &str) -> Option<String> {
+fn root_name(text: &str) -> Option<String> {
     let mut reader = Reader::from_str(text);
     loop {
         match reader.read_event() {
@@ -116,9 +116,15 @@ pub struct ErrorDocument {
     pub request_id: Option<String>,
 }
 
-/// Reads an `<Error>` document; `None` if `root` is something else.
-pub fn error_document(root: &Element) -> Option<ErrorDocument> {
-    (root.name == "Error").then(|| ErrorDocument {
+/// Reads an `<Error>` document; `None` if the text is another document, or not XML.
+pub fn error_document(text: &str) -> Option<ErrorDocument> {
+    // Only the root is read of other documents: a listing page is 8,000 elements, which its
+    // own parser reads once.
+    if root_name(text)? != "Error" {
+        return None;
+    }
+    let root = parse(text).ok()?;
+    Some(ErrorDocument {
         code: root.text_of("Code").unwrap_or("").to_string(),
         message: root.text_of("Message").unwrap_or("").to_string(),
         request_id: root.text_of("RequestId").map(str::to_string),
@@ -484,15 +490,14 @@ mod tests {
 
     #[test]
     fn error_document_is_recognised() {
-        let root = parse(
+        let e = error_document(
             "<Error><Code>NoSuchKey</Code><Message>gone</Message><RequestId>r1</RequestId></Error>",
         )
         .unwrap();
-        let e = error_document(&root).unwrap();
         assert_eq!(e.code, "NoSuchKey");
         assert_eq!(e.message, "gone");
         assert_eq!(e.request_id.as_deref(), Some("r1"));
-        assert!(error_document(&parse("<ListBucketResult/>").unwrap()).is_none());
+        assert!(error_document("<ListBucketResult/>").is_none());
         assert_eq!(
             root_name("<?xml version=\"1.0\"?>\n<Error><Code>x</Code></Error>").as_deref(),
             Some("Error")
