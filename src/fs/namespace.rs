@@ -656,8 +656,8 @@ impl<C: ObjectClient> S3Filesystem<C> {
 
     /// The entries of a listing of `dir` as this mount sees them now: each with its inode's
     /// current attributes (a file being written shows its size so far), and the files being
-    /// written there that S3 does not have yet added.
-    /// `listed` is in name order, as listings are.
+    /// written there that S3 does not have yet added. `listed` is in name order, as listings
+    /// are.
     pub(super) fn as_it_is_now(&self, dir: &Inode, listed: &[DirEntry]) -> Arc<Vec<DirEntry>> {
         let mut entries: Vec<DirEntry> = listed
             .iter()
@@ -866,10 +866,9 @@ impl<C: ObjectClient> S3Filesystem<C> {
         Ok(entries)
     }
 
-    /// Entries from `offset` on. Offsets: 0 is the start, `i + 1` follows entry `i`; `.` and
-    /// `..` come first.
-    /// The entries of an open directory from `offset` on (`.` and `..` first), each with the
-    /// offset of the next, as a `Vec`; see [`Self::readdir_with`].
+    /// The entries of an open directory from `offset` on, each with the offset of the next, as
+    /// a `Vec`. Offsets: 0 is the start, `i + 1` follows entry `i`; `.` and `..` come first. See
+    /// [`Self::readdir_with`].
     pub fn readdir(&self, ino: Ino, fh: u64, offset: u64) -> FsResult<Vec<(u64, DirEntry)>> {
         let mut out = Vec::new();
         self.readdir_with(ino, fh, offset, |next, e| {
