@@ -214,6 +214,13 @@ pub struct Cli {
     #[arg(long, value_parser = parse_size, value_name = "SIZE")]
     pub max_cache_size: Option<u64>,
 
+    /// Objects held whole in the read cache (--cache) are read by the kernel straight from
+    /// the cache's file (FUSE passthrough; Linux 6.9+, as root): near the local disk's speed.
+    /// While such a reader has a file open, opening it for writing fails with ETXTBSY, and a
+    /// newer version of it cannot be opened (EBUSY) until those readers close.
+    #[arg(long)]
+    pub cache_passthrough: bool,
+
     /// How long --write-back waits after a file's last close before it uploads the file
     /// (default 2s): a burst of writes is not slowed by its own uploads, and a file renamed
     /// or written again meanwhile (rsync's temporary names, editors' saves) is sent once.
@@ -710,6 +717,7 @@ impl Cli {
                     "write_back_delay" => self.write_back_delay = Some(parse_duration(need()?)?),
                     "cache" => self.read_cache = Some(PathBuf::from(need()?)),
                     "max_cache_size" => self.max_cache_size = Some(parse_size(need()?)?),
+                    "cache_passthrough" => self.cache_passthrough = true,
                     // mount(8)'s own names, or atime=MODE as --atime takes it.
                     "atime" | "strictatime" | "relatime" | "noatime" => {
                         self.atime = parse_atime(value.unwrap_or(name))?
@@ -810,8 +818,11 @@ impl Cli {
                     .into(),
             );
         }
-        if self.max_cache_size.is_some() && self.read_cache.is_none() {
-            return Err("--max-cache-size is a setting of --cache DIR; add it".into());
+        if (self.max_cache_size.is_some() || self.cache_passthrough) && self.read_cache.is_none() {
+            return Err(
+                "--max-cache-size and --cache-passthrough are settings of --cache DIR; add it"
+                    .into(),
+            );
         }
         if self.max_cache_size == Some(0) {
             return Err(
@@ -1022,7 +1033,9 @@ mod tests {
             // size the read cache; give both forms the same.
             let extra = match long {
                 "sse-kms-key-id" => vec!["--sse".to_string(), "aws:kms".to_string()],
-                "max-cache-size" => vec!["--cache".to_string(), "/c".to_string()],
+                "max-cache-size" | "cache-passthrough" => {
+                    vec!["--cache".to_string(), "/c".to_string()]
+                }
                 "cache-dir" | "write-back-max-size" | "write-back-delay" => {
                     vec!["--write-back".to_string()]
                 }

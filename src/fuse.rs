@@ -24,6 +24,7 @@ use crate::fs::error::{FsError, FsResult};
 use crate::fs::inode::Kind;
 use crate::fs::{Attr, S3Filesystem};
 use crate::fs::{Caller, SetAttr, WrittenNow};
+use crate::iomode::{IoModes, Refused};
 use crate::s3::ObjectClient;
 
 /// Largest read and write the kernel sends us (it asks for at most this much readahead too).
@@ -34,6 +35,7 @@ pub struct FuseAdapter<C: ObjectClient> {
     runtime: tokio::runtime::Handle,
     ownership: Ownership,
     activity: Option<Arc<Activity>>,
+    io: Arc<IoModes>,
 }
 
 /// Owner and permission bits the mount shows for every entry whatever S3's metadata says
@@ -80,6 +82,7 @@ impl<C: ObjectClient> FuseAdapter<C> {
             runtime,
             ownership: Ownership::default(),
             activity: None,
+            io: Arc::default(),
         }
     }
 
@@ -236,6 +239,13 @@ impl<C: ObjectClient> Filesystem for FuseAdapter<C> {
                 | InitFlags::FUSE_CACHE_SYMLINKS,
         );
         let _ = config.set_max_background(64);
+        // Whole objects of the read cache are read by the kernel itself (see iomode.rs).
+        if self.fs.cache_passthrough()
+            && config.set_max_stack_depth(1).is_ok()
+            && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+        {
+            self.io.enable();
+        }
         Ok(())
     }
 
@@ -471,12 +481,29 @@ impl<C: ObjectClient> Filesystem for FuseAdapter<C> {
         let write = !matches!(flags.acc_mode(), OpenAccMode::O_RDONLY);
         let truncate = flags.0 & libc::O_TRUNC != 0;
         let opener = write.then(|| process_of(req.pid()));
+        let io = self.io.clone();
         self.spawn(|fs| async move {
+            // An open for writing is refused, before it truncates anything, while readers
+            // have the file open in passthrough.
+            if write {
+                if let Err(Refused(e)) = io.start_write_open(ino.0).await {
+                    return reply.error(e);
+                }
+            }
             match fs.open_by(ino.0, write, truncate, opener).await {
-                // The page cache may keep data across opens only while the object is unchanged;
-                // open always checks the ETag, so keeping it is safe within one version.
-                Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
-                Err(e) => reply.error(errno(&e, "open")),
+                Ok(fh) => {
+                    let answered = io.reply_open(&fs, ino.0, fh, write, reply).await;
+                    if let Err((Refused(e), reply)) = answered {
+                        fs.release_file(fh).await;
+                        reply.error(e);
+                    }
+                }
+                Err(e) => {
+                    if write {
+                        io.write_open_failed(ino.0);
+                    }
+                    reply.error(errno(&e, "open"))
+                }
             }
         });
     }
@@ -581,6 +608,7 @@ impl<C: ObjectClient> Filesystem for FuseAdapter<C> {
         // unmount can complete while it is in flight; answered after the work, the reply would
         // then fail ("Failed to send FUSE reply") on a clean unmount. Answered first, it cannot.
         reply.ok();
+        self.io.released(fh.0);
         self.spawn(|fs| async move {
             fs.release_file(fh.0).await;
         });
@@ -778,15 +806,19 @@ impl<C: ObjectClient> Filesystem for FuseAdapter<C> {
         };
         let caller = caller(req);
         let own = self.ownership;
+        let io = self.io.clone();
         self.spawn(|fs| async move {
             match fs.create(parent.0, &name, mode, caller).await {
-                Ok((attr, fh)) => reply.created(
-                    &fs.ttl(),
-                    &own.apply(file_attr(&attr)),
-                    Generation(0),
-                    FileHandle(fh),
-                    FopenFlags::empty(),
-                ),
+                Ok((attr, fh)) => {
+                    io.opened(attr.ino, fh);
+                    reply.created(
+                        &fs.ttl(),
+                        &own.apply(file_attr(&attr)),
+                        Generation(0),
+                        FileHandle(fh),
+                        FopenFlags::empty(),
+                    )
+                }
                 Err(e) => reply.error(errno(&e, "create")),
             }
         });

@@ -22,6 +22,7 @@ pub mod control;
 pub mod fs;
 pub mod fuse;
 pub mod fusemount;
+pub mod iomode;
 pub mod logging;
 pub mod mount;
 pub mod presign;

@@ -297,7 +297,11 @@ fn plan_with(cli: Cli, client: &mut ClientConfig) -> Result<MountPlan, StartErro
             let max_bytes = cli
                 .max_cache_size
                 .unwrap_or_else(|| free_share(&dir, DEFAULT_READ_CACHE, |free| (free / 4).max(1)));
-            crate::fs::disk_cache::DiskCacheConfig { dir, max_bytes }
+            crate::fs::disk_cache::DiskCacheConfig {
+                dir,
+                max_bytes,
+                passthrough: cli.cache_passthrough,
+            }
         }),
     };
     Ok(MountPlan {

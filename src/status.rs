@@ -205,6 +205,7 @@ pub fn snapshot(m: &MountState) -> Value {
             "hits": c.hits,
             "hit_bytes": c.hit_bytes,
             "corrupt_blocks": c.corrupt_blocks,
+            "passthrough_opens": c.passthrough_opens,
         })),
         "resume_window_seconds": m.fs.config().write.resume_window.as_secs(),
         "reads": reads,
@@ -370,12 +371,13 @@ pub fn render_text(v: &Value) -> String {
     if !rc.is_null() {
         let _ = writeln!(
             out,
-            "  read cache: {} objects, {} of {}  served {} reads ({})",
+            "  read cache: {} objects, {} of {}  served {} reads ({}), {} opens read by the kernel",
             u(rc, &["objects"]),
             bytes(u(rc, &["bytes"])),
             bytes(u(rc, &["max_bytes"])),
             u(rc, &["hits"]),
             bytes(u(rc, &["hit_bytes"])),
+            u(rc, &["passthrough_opens"]),
         );
     }
     let reads = v.get("reads").and_then(Value::as_array);

@@ -533,3 +533,147 @@ async fn the_read_cache_serves_a_second_read_and_the_next_mount_without_a_get() 
     );
     assert!(gets_sent(&m) > 0);
 }
+
+/// Whether this kernel has FUSE passthrough (Linux 6.9 and later).
+fn kernel_has_passthrough() -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut v = release
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|n| n.parse::<u32>().ok());
+    (v.next().unwrap_or(0), v.next().unwrap_or(0)) >= (6, 9)
+}
+
+/// Waits (bounded) until the mount's read cache holds `bytes`.
+fn wait_cached(m: &common::mount::Mounted, bytes: u64) {
+    let start = std::time::Instant::now();
+    while common::mount::report(m, "status")["read_cache"]["bytes"].as_u64() != Some(bytes) {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the cache never filled"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cache_passthrough_hands_whole_objects_to_the_kernel_and_keeps_writers_safe() {
+    if !kernel_has_passthrough() {
+        eprintln!("skipped: this kernel has no FUSE passthrough (Linux 6.9 and later)");
+        return;
+    }
+    let env = ServerEnv::main();
+    let c = env.client();
+    let prefix = unique_prefix("passthrough");
+    let spec = format!("{}:{prefix}", env.bucket);
+    let key = format!("{prefix}f.bin");
+    let data = pattern((5 << 20) + 999, 21);
+    put(&c, &key, data.clone()).await;
+    let cache = tempfile::tempdir().unwrap();
+    let dir = cache.path().to_str().unwrap();
+    let args = ["--cache", dir, "--cache-passthrough", "--metadata-ttl", "1"];
+    let cache_report =
+        |m: &common::mount::Mounted| common::mount::report(m, "status")["read_cache"].clone();
+    {
+        let m = mount(&env, &spec, &args);
+        let file = m.path().join("f.bin");
+        // The first read goes through the mount and fills the cache.
+        assert_eq!(
+            sha256_hex(&std::fs::read(&file).unwrap()),
+            sha256_hex(&data)
+        );
+        wait_cached(&m, data.len() as u64);
+        assert_eq!(cache_report(&m)["passthrough_opens"], 0);
+        let (gets, hits) = (gets_sent(&m), cache_report(&m)["hits"].clone());
+        // The next open is read by the kernel from the cache's file: no read reaches the mount.
+        let reader = std::fs::File::open(&file).unwrap();
+        let mut buf = vec![0u8; 300_000];
+        let n = reader.read_at(&mut buf, 4 << 20).unwrap();
+        assert_eq!(&buf[..n], &data[4 << 20..(4 << 20) + n]);
+        assert_eq!(
+            sha256_hex(&std::fs::read(&file).unwrap()),
+            sha256_hex(&data)
+        );
+        assert_eq!(cache_report(&m)["passthrough_opens"], 2);
+        assert_eq!(cache_report(&m)["hits"], hits, "no read reached the mount");
+        assert_eq!(gets_sent(&m), gets);
+        // While a passthrough reader has it open, it cannot be opened for writing, and the
+        // refused open changes nothing (O_TRUNC included).
+        let err = std::fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(&file)
+            .unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ETXTBSY), "{err}");
+        assert_eq!(std::fs::metadata(&file).unwrap().len(), data.len() as u64);
+        assert_eq!(c.head_object(&key).await.unwrap().size, data.len() as u64);
+        let n = reader.read_at(&mut buf, 0).unwrap();
+        assert_eq!(&buf[..n], &data[..n]);
+        // Once it is closed, writing works at once (its RELEASE is waited for).
+        drop(reader);
+        let newer = pattern(1 << 20, 22);
+        std::fs::write(&file, &newer).unwrap();
+        assert_eq!(c.head_object(&key).await.unwrap().size, newer.len() as u64);
+        assert_eq!(
+            sha256_hex(&std::fs::read(&file).unwrap()),
+            sha256_hex(&newer)
+        );
+        wait_cached(&m, newer.len() as u64);
+        // A reader of one version holds it while another client replaces the object: a new
+        // open of the newer version is refused (EBUSY) while that reader stays.
+        let reader = std::fs::File::open(&file).unwrap();
+        let opens = cache_report(&m)["passthrough_opens"].as_u64().unwrap();
+        assert!(opens >= 3, "{opens}");
+        put(&c, &key, data.clone()).await;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let err = std::fs::File::open(&file).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EBUSY), "{err}");
+        let n = reader.read_at(&mut buf, 0).unwrap();
+        assert_eq!(
+            &buf[..n],
+            &newer[..n],
+            "the reader keeps the version it opened"
+        );
+        drop(reader);
+        assert_eq!(
+            sha256_hex(&std::fs::read(&file).unwrap()),
+            sha256_hex(&data)
+        );
+        wait_cached(&m, data.len() as u64);
+    }
+    // The unmount sealed the cache: the next mount trusts it and hands it to the kernel
+    // without a GET.
+    {
+        let m = mount(&env, &spec, &args);
+        let file = m.path().join("f.bin");
+        assert_eq!(
+            sha256_hex(&std::fs::read(&file).unwrap()),
+            sha256_hex(&data)
+        );
+        assert_eq!(cache_report(&m)["passthrough_opens"], 1);
+        assert_eq!(gets_sent(&m), 0);
+    }
+    // A byte of the cache's file changed after the seal (its mtime put back): the next mount
+    // checks every block, reads the right bytes, and does not hand that file to the kernel.
+    let data_file = walk(cache.path())
+        .into_iter()
+        .find(|p| p.ends_with(".data"))
+        .map(|p| cache.path().join(p))
+        .unwrap();
+    let before = std::fs::metadata(&data_file).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&data_file)
+        .unwrap();
+    f.write_all_at(b"\xff", 3 << 20).unwrap();
+    f.set_modified(before.modified().unwrap()).unwrap();
+    drop(f);
+    let m = mount(&env, &spec, &args);
+    let file = m.path().join("f.bin");
+    assert_eq!(
+        sha256_hex(&std::fs::read(&file).unwrap()),
+        sha256_hex(&data)
+    );
+    let report = cache_report(&m);
+    assert_eq!(report["passthrough_opens"], 0, "{report:#}");
+    assert_eq!(report["corrupt_blocks"], 1, "{report:#}");
+}

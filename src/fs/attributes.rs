@@ -195,7 +195,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
     pub async fn unmounting(&self) -> bool {
         let stored = self.store_pending_metadata(Duration::ZERO).await;
         self.write_back_unmounting();
-        self.flush_read_cache().await;
+        self.flush_read_cache(true).await;
         stored
     }
 

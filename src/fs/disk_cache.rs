@@ -9,17 +9,30 @@
 //! CRC32C.
 //!
 //! **Validity.** Blocks belong to one ETag: a handle opened on another version of the object
-//! (the object replaced, here or by another client) finds none, and the old blocks go. The
-//! data file is never synced and the index is written without sync (a cache need not survive
-//! a power loss), so after a crash an index may name blocks whose bytes never reached the
-//! disk: every block that a mount did not write itself is checked against its CRC32C the first
-//! time it is read, and one that does not match is dropped and fetched again. A block is never
-//! served unless it is known to hold the bytes S3 sent.
+//! (the object replaced, here or by another client) finds none, and the old blocks go. While
+//! mounted, data files are not synced and indexes are written without sync (a cache need not
+//! survive a power loss), so after a crash an index may name blocks whose bytes never reached
+//! the disk: such blocks are checked against their CRC32C the first time they are read, and
+//! one that does not match is dropped and fetched again. At unmount the cache is *sealed*:
+//! each data file is synced (`fdatasync`) before its index is written, and the index records
+//! the data file's inode number and change time (ctime) as they were after the sync. The next
+//! mount trusts the blocks of a sealed index whose data file still has that inode and ctime
+//! (nothing has written to it since; a write, even one that restores the mtime, moves the
+//! ctime); the blocks of any other index are checked as after a crash. A block is never served
+//! unless it is known to hold the bytes S3 sent.
 //!
-//! **Size.** `max_bytes` bounds the bytes of blocks kept. Objects are evicted whole, least
-//! recently used first (across mounts by their index's mtime, which the first read of an
-//! object in a mount brings up to date); an object larger than the whole cache keeps only its
-//! first `max_bytes`.
+//! **Whole objects.** An object whose blocks are all present and trusted can be handed to the
+//! kernel whole ([`DiskCache::whole`]): the mount opens it in FUSE passthrough, and reads go
+//! from the data file to the reader without passing through the mount. A data file is never
+//! written in place once it is whole: a new version or an eviction unlinks it, so a reader
+//! that holds it keeps the version it opened.
+//!
+//! **Size.** `max_bytes` bounds the bytes of blocks kept, and the space reserved for blocks
+//! to come: an object of 4 MiB or more (up to a quarter of the cache) read from its start has
+//! its whole size reserved on disk at once, so that its file lies in few extents and reads at
+//! the disk's sequential speed. Objects are evicted whole, least recently used first (across
+//! mounts by their index's mtime, which the first read of an object in a mount brings up to
+//! date); an object larger than the whole cache keeps only its first `max_bytes`.
 //!
 //! **When.** Blocks are written by whichever read fetched them (prefetch, random-read blocks,
 //! local copies), off the reader's path; only whole blocks (or an object's last, short one)
@@ -45,6 +58,8 @@ const WRITE_PAUSE: std::time::Duration = std::time::Duration::from_secs(60);
 pub struct DiskCacheConfig {
     pub dir: PathBuf,
     pub max_bytes: u64,
+    /// Whole objects are handed to the kernel (`--cache-passthrough`).
+    pub passthrough: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,9 +84,19 @@ struct Entry {
     /// Read from since this mount loaded it: its index's mtime, which orders objects for
     /// eviction across mounts, has been brought up to date.
     used_here: bool,
+    /// The index on disk is sealed for these blocks (see the module's doc).
+    sealed: bool,
+    /// Bytes the data file holds on disk, blocks to come included: the whole object's size
+    /// once reserved (see [`DiskCache::prepare`]).
+    reserved: u64,
 }
 
 impl Entry {
+    /// Disk space reserved beyond the blocks present.
+    fn extra(&self) -> u64 {
+        self.reserved.saturating_sub(self.bytes)
+    }
+
     fn covers(&self, first: usize, last: usize) -> bool {
         last < self.blocks.len()
             && self.blocks[first..=last]
@@ -91,24 +116,33 @@ pub struct DiskCacheStats {
     pub hit_bytes: u64,
     /// Blocks dropped because their bytes did not match their CRC32C.
     pub corrupt_blocks: u64,
+    /// Opens of whole objects handed to the kernel (FUSE passthrough): their reads are not
+    /// in `hits`.
+    pub passthrough_opens: u64,
 }
 
 struct State {
     /// By key, least recently used first.
     objects: lru::LruCache<String, Entry>,
+    /// Bytes of blocks present.
     used: u64,
+    /// Disk space reserved beyond them (the sum of [`Entry::extra`]): counted against the
+    /// size too.
+    extra: u64,
     /// Keys whose index on disk is behind.
     dirty: std::collections::HashSet<String>,
 }
 
 pub struct DiskCache {
     dir: PathBuf,
+    passthrough: bool,
     block: u64,
     max_bytes: u64,
     state: Mutex<State>,
     hits: AtomicU64,
     hit_bytes: AtomicU64,
     corrupt: AtomicU64,
+    passthrough_opens: AtomicU64,
     /// After the disk refused a block (full, failing), nothing is written until this time
     /// (seconds since the mount's start), and the warning is logged once per such pause.
     paused_until: AtomicU64,
@@ -135,16 +169,19 @@ impl DiskCache {
         };
         let cache = Self {
             dir,
+            passthrough: cfg.passthrough,
             block: block.max(4096),
             max_bytes: cfg.max_bytes,
             state: Mutex::new(State {
                 objects: lru::LruCache::unbounded(),
                 used: 0,
+                extra: 0,
                 dirty: Default::default(),
             }),
             hits: AtomicU64::new(0),
             hit_bytes: AtomicU64::new(0),
             corrupt: AtomicU64::new(0),
+            passthrough_opens: AtomicU64::new(0),
             paused_until: AtomicU64::new(0),
             started: std::time::Instant::now(),
             _lock: lock,
@@ -188,6 +225,7 @@ impl DiskCache {
         let mut st = super::lock(&self.state);
         for (_, key, entry) in found {
             st.used += entry.bytes;
+            st.extra += entry.extra();
             st.objects.put(key, entry);
         }
         let objects = st.objects.len();
@@ -222,17 +260,27 @@ impl DiskCache {
             .write(true)
             .open(self.dir.join(format!("{name}.data")))
             .ok()?;
-        let on_disk = data.metadata().ok()?.len();
+        let meta = data.metadata().ok()?;
+        let on_disk = meta.len();
+        let allocated = {
+            use std::os::unix::fs::MetadataExt;
+            meta.blocks() * 512
+        };
+        let sealed = v.get("sealed").and_then(Seal::from_json) == Some(Seal::of(&meta));
         let mut bytes = 0;
         let blocks = (0..count)
             .map(|i| {
                 let crc = u32::from_le_bytes(crcs[4 * i..4 * i + 4].try_into().expect("4 bytes"));
                 let span = block_span(i, size, self.block);
-                if present[i / 8] & (1 << (i % 8)) != 0 && span.end <= on_disk {
-                    bytes += span.end - span.start;
-                    Block::Unchecked(crc)
-                } else {
+                if present[i / 8] & (1 << (i % 8)) == 0 || span.end > on_disk {
                     Block::Missing
+                } else {
+                    bytes += span.end - span.start;
+                    if sealed {
+                        Block::Good(crc)
+                    } else {
+                        Block::Unchecked(crc)
+                    }
                 }
             })
             .collect();
@@ -246,6 +294,8 @@ impl DiskCache {
                 data: Arc::new(data),
                 bytes,
                 used_here: false,
+                sealed,
+                reserved: allocated,
             },
             used,
         ))
@@ -285,14 +335,7 @@ impl DiskCache {
             (e.data.clone(), unchecked, first_use.then(|| e.name.clone()))
         };
         if let Some(name) = first_use {
-            // The next mount orders objects by their index's mtime: this one is in use.
-            let touched = std::fs::File::options()
-                .write(true)
-                .open(self.dir.join(format!("{name}.idx")))
-                .and_then(|f| f.set_modified(std::time::SystemTime::now()));
-            if let Err(err) = touched {
-                tracing::debug!(key, "cannot mark the read cache's index used: {err}");
-            }
+            self.touch(key, &name);
         }
         // Blocks to check are read whole, with the rest of the read, in one pass.
         let (from, to) = if unchecked.is_empty() {
@@ -336,6 +379,48 @@ impl DiskCache {
         Some(buf.slice((offset - from) as usize..(end - from) as usize))
     }
 
+    /// The data file of `key` at `etag`, if it holds the whole object and every block is
+    /// trusted (written by this mount, checked since, or sealed): for a reader to be handed
+    /// by the kernel. Counts as a use of the object (not as a passthrough open: see
+    /// [`DiskCache::passthrough_opened`]).
+    pub fn whole(&self, key: &str, etag: &str, size: u64) -> Option<Arc<std::fs::File>> {
+        let (file, first_use) = {
+            let mut st = super::lock(&self.state);
+            let e = st.objects.get_mut(key)?;
+            let trusted = e.blocks.iter().all(|b| matches!(b, Block::Good(_)));
+            if e.etag != etag || e.size != size || size == 0 || !trusted {
+                return None;
+            }
+            let first_use = !std::mem::replace(&mut e.used_here, true);
+            (e.data.clone(), first_use.then(|| e.name.clone()))
+        };
+        // Only whole blocks are written, the last one last-byte included: the length checks
+        // that no block was cut short by a full disk.
+        if file.metadata().ok()?.len() != size {
+            return None;
+        }
+        if let Some(name) = first_use {
+            self.touch(key, &name);
+        }
+        Some(file)
+    }
+
+    /// Counts an open handed to the kernel.
+    pub fn passthrough_opened(&self) {
+        self.passthrough_opens.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Brings the index's mtime up to date: the next mount orders objects by it.
+    fn touch(&self, key: &str, name: &str) {
+        let touched = std::fs::File::options()
+            .write(true)
+            .open(self.dir.join(format!("{name}.idx")))
+            .and_then(|f| f.set_modified(std::time::SystemTime::now()));
+        if let Err(err) = touched {
+            tracing::debug!(key, "cannot mark the read cache's index used: {err}");
+        }
+    }
+
     fn mark_checked(&self, key: &str, etag: &str, i: usize, good: bool) {
         let mut st = super::lock(&self.state);
         let Some(e) = st.objects.peek_mut(key).filter(|e| e.etag == etag) else {
@@ -349,9 +434,12 @@ impl DiskCache {
             return;
         }
         let span = block_span(i, e.size, self.block);
+        let extra = e.extra();
         e.blocks[i] = Block::Missing;
         e.bytes -= span.end - span.start;
+        let extra = e.extra() - extra;
         st.used -= span.end - span.start;
+        st.extra += extra;
         st.dirty.insert(key.to_string());
         self.corrupt.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(
@@ -380,11 +468,21 @@ impl DiskCache {
         let Some((file, missing)) = self.prepare(key, etag, size, &wanted) else {
             return;
         };
+        // Runs of consecutive blocks go in one write each.
         let mut written = Vec::with_capacity(missing.len());
-        for i in missing {
-            let span = block_span(i, size, self.block);
-            let bytes = &data[(span.start - offset) as usize..(span.end - offset) as usize];
-            if let Err(e) = file.write_all_at(bytes, span.start) {
+        let mut rest = &missing[..];
+        while let Some(&first) = rest.first() {
+            let run = rest
+                .iter()
+                .enumerate()
+                .take_while(|&(n, &i)| i == first + n)
+                .count();
+            let (start, end) = (
+                block_span(first, size, self.block).start,
+                block_span(first + run - 1, size, self.block).end,
+            );
+            let bytes = &data[(start - offset) as usize..(end - offset) as usize];
+            if let Err(e) = file.write_all_at(bytes, start) {
                 let until = now + WRITE_PAUSE.as_secs();
                 if self.paused_until.swap(until, Ordering::Relaxed) <= now {
                     tracing::warn!(
@@ -396,15 +494,22 @@ impl DiskCache {
                 }
                 break;
             }
-            written.push((i, crc32c::crc32c(bytes)));
+            for &i in &rest[..run] {
+                let span = block_span(i, size, self.block);
+                let bytes = &data[(span.start - offset) as usize..(span.end - offset) as usize];
+                written.push((i, crc32c::crc32c(bytes)));
+            }
+            rest = &rest[run..];
         }
         let mut st = super::lock(&self.state);
         let mut added = 0;
+        let mut unreserved = 0;
         if let Some(e) = st
             .objects
             .peek_mut(key)
             .filter(|e| Arc::ptr_eq(&e.data, &file))
         {
+            let extra = e.extra();
             for (i, crc) in written {
                 if e.blocks[i] == Block::Missing {
                     let span = block_span(i, size, self.block);
@@ -413,8 +518,10 @@ impl DiskCache {
                     added += span.end - span.start;
                 }
             }
+            unreserved = extra - e.extra();
         }
         st.used += added;
+        st.extra -= unreserved;
         if added > 0 {
             st.dirty.insert(key.to_string());
         }
@@ -438,6 +545,7 @@ impl DiskCache {
         if stale {
             if let Some(old) = st.objects.pop(key) {
                 st.used -= old.bytes;
+                st.extra -= old.extra();
                 self.remove_files(&old.name);
             }
         }
@@ -456,6 +564,18 @@ impl DiskCache {
                     return None;
                 }
             };
+            // An object read from its start is likely read whole: its space is reserved at
+            // once (beyond the file's end), so the file lies in few extents and a whole read
+            // of it runs at the disk's sequential speed, whatever order its blocks come in.
+            // Counted against the size until its blocks fill it.
+            let reserved =
+                if wanted.first() == Some(&0) && size >= RESERVE_FROM && size <= self.max_bytes / 4
+                {
+                    reserve(&data, size)
+                } else {
+                    0
+                };
+            st.extra += reserved;
             st.objects.put(
                 key.to_string(),
                 Entry {
@@ -466,6 +586,8 @@ impl DiskCache {
                     data: Arc::new(data),
                     bytes: 0,
                     used_here: true,
+                    sealed: false,
+                    reserved,
                 },
             );
             st.dirty.insert(key.to_string());
@@ -490,7 +612,7 @@ impl DiskCache {
 
     /// Evicts least recently used objects, never `keep`, until the cache is within its size.
     fn evict(&self, st: &mut State, keep: Option<&str>) {
-        while st.used > self.max_bytes {
+        while st.used + st.extra > self.max_bytes {
             let victim = st
                 .objects
                 .iter()
@@ -500,6 +622,7 @@ impl DiskCache {
             let Some(victim) = victim else { break };
             if let Some(old) = st.objects.pop(&victim) {
                 st.used -= old.bytes;
+                st.extra -= old.extra();
                 self.remove_files(&old.name);
                 tracing::debug!(
                     key = victim,
@@ -516,46 +639,86 @@ impl DiskCache {
         }
     }
 
-    /// Writes the indexes that are behind (each to a temporary name, then renamed).
-    pub fn flush(&self) {
-        let pending: Vec<(String, serde_json::Value)> = {
+    /// Writes the indexes that are behind (each to a temporary name, then renamed); with
+    /// `seal` (at unmount), also seals every index not sealed yet: its data file is synced
+    /// first, and the index records the file as it is after the sync.
+    pub fn flush(&self, seal: bool) {
+        let pending: Vec<(String, String, Arc<std::fs::File>, serde_json::Value)> = {
             let mut st = super::lock(&self.state);
             let b64 = base64::engine::general_purpose::STANDARD;
-            let dirty: Vec<String> = st.dirty.drain().collect();
-            dirty
-                .into_iter()
-                .filter_map(|key| st.objects.peek(&key).map(|e| (key, e)))
-                .map(|(key, e)| {
-                    let mut present = vec![0u8; e.blocks.len().div_ceil(8)];
-                    let mut crcs = Vec::with_capacity(4 * e.blocks.len());
-                    for (i, b) in e.blocks.iter().enumerate() {
-                        let crc = match b {
-                            Block::Missing => 0,
-                            Block::Unchecked(c) | Block::Good(c) => {
-                                present[i / 8] |= 1 << (i % 8);
-                                *c
-                            }
-                        };
-                        crcs.extend_from_slice(&crc.to_le_bytes());
-                    }
-                    let index = serde_json::json!({
-                        "key": key,
-                        "etag": e.etag,
-                        "size": e.size,
-                        "block": self.block,
-                        "present": b64.encode(&present),
-                        "crc": b64.encode(&crcs),
-                    });
-                    (e.name.clone(), index)
-                })
-                .collect()
+            let mut keys: std::collections::HashSet<String> = st.dirty.drain().collect();
+            if seal {
+                keys.extend(
+                    st.objects
+                        .iter()
+                        .filter(|(_, e)| !e.sealed)
+                        .map(|(k, _)| k.clone()),
+                );
+            }
+            let mut pending = Vec::with_capacity(keys.len());
+            for key in keys {
+                let Some(e) = st.objects.peek_mut(&key) else {
+                    continue;
+                };
+                e.sealed = false;
+                let mut present = vec![0u8; e.blocks.len().div_ceil(8)];
+                let mut crcs = Vec::with_capacity(4 * e.blocks.len());
+                for (i, b) in e.blocks.iter().enumerate() {
+                    let crc = match b {
+                        Block::Missing => 0,
+                        Block::Unchecked(c) | Block::Good(c) => {
+                            present[i / 8] |= 1 << (i % 8);
+                            *c
+                        }
+                    };
+                    crcs.extend_from_slice(&crc.to_le_bytes());
+                }
+                let index = serde_json::json!({
+                    "key": key,
+                    "etag": e.etag,
+                    "size": e.size,
+                    "block": self.block,
+                    "present": b64.encode(&present),
+                    "crc": b64.encode(&crcs),
+                });
+                pending.push((key, e.name.clone(), e.data.clone(), index));
+            }
+            pending
         };
-        for (name, index) in pending {
+        for (key, name, data, mut index) in pending {
+            let sealed = seal
+                .then(|| data.sync_data().and_then(|()| data.metadata()))
+                .and_then(|r| match r {
+                    Ok(meta) => Some(Seal::of(&meta)),
+                    Err(e) => {
+                        tracing::warn!(key, "cannot sync the read cache's copy ({e}); its blocks are checked when next read");
+                        None
+                    }
+                });
+            if let Some(s) = &sealed {
+                index["sealed"] = s.to_json();
+            }
             let tmp = self.dir.join(format!("{name}.idx.tmp"));
             let done = std::fs::write(&tmp, index.to_string())
                 .and_then(|()| std::fs::rename(&tmp, self.dir.join(format!("{name}.idx"))));
-            if let Err(e) = done {
-                tracing::warn!(dir = %self.dir.display(), "cannot write an index of the read cache ({e})");
+            match done {
+                Err(e) => {
+                    tracing::warn!(dir = %self.dir.display(), "cannot write an index of the read cache ({e})")
+                }
+                Ok(()) if sealed.is_some() => {
+                    // Unless blocks came meanwhile (they will be indexed, unsealed, next time).
+                    let mut st = super::lock(&self.state);
+                    if !st.dirty.contains(&key) {
+                        if let Some(e) = st
+                            .objects
+                            .peek_mut(&key)
+                            .filter(|e| Arc::ptr_eq(&e.data, &data))
+                        {
+                            e.sealed = true;
+                        }
+                    }
+                }
+                Ok(()) => {}
             }
         }
     }
@@ -569,11 +732,76 @@ impl DiskCache {
             hits: self.hits.load(Ordering::Relaxed),
             hit_bytes: self.hit_bytes.load(Ordering::Relaxed),
             corrupt_blocks: self.corrupt.load(Ordering::Relaxed),
+            passthrough_opens: self.passthrough_opens.load(Ordering::Relaxed),
         }
     }
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Whole objects are to be handed to the kernel (`--cache-passthrough`).
+    pub fn passthrough(&self) -> bool {
+        self.passthrough
+    }
+}
+
+/// Objects smaller than this are not reserved ahead: their few blocks are written together.
+const RESERVE_FROM: u64 = 4 << 20;
+
+/// Reserves `size` bytes of disk for `file` past its end (`FALLOC_FL_KEEP_SIZE`: its length,
+/// which tells how far blocks were written, does not change); how many, 0 where the
+/// filesystem cannot.
+fn reserve(file: &std::fs::File, size: u64) -> u64 {
+    use std::os::fd::AsRawFd;
+    let Ok(len) = libc::off_t::try_from(size) else {
+        return 0;
+    };
+    // SAFETY: fallocate on a descriptor this function borrows; no memory is passed.
+    let done = unsafe { libc::fallocate(file.as_raw_fd(), libc::FALLOC_FL_KEEP_SIZE, 0, len) };
+    if done == 0 {
+        size
+    } else {
+        tracing::debug!(
+            "the read cache cannot reserve space ({})",
+            std::io::Error::last_os_error()
+        );
+        0
+    }
+}
+
+/// What a sealed index records of its data file, as it was after the sync.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Seal {
+    ino: u64,
+    ctime_ns: i128,
+    len: u64,
+}
+
+impl Seal {
+    fn of(meta: &std::fs::Metadata) -> Self {
+        use std::os::unix::fs::MetadataExt;
+        Self {
+            ino: meta.ino(),
+            ctime_ns: meta.ctime() as i128 * 1_000_000_000 + meta.ctime_nsec() as i128,
+            len: meta.len(),
+        }
+    }
+
+    fn to_json(self) -> serde_json::Value {
+        serde_json::json!({
+            "ino": self.ino,
+            "ctime_ns": self.ctime_ns.to_string(),
+            "len": self.len,
+        })
+    }
+
+    fn from_json(v: &serde_json::Value) -> Option<Self> {
+        Some(Self {
+            ino: v.get("ino")?.as_u64()?,
+            ctime_ns: v.get("ctime_ns")?.as_str()?.parse().ok()?,
+            len: v.get("len")?.as_u64()?,
+        })
     }
 }
 
@@ -604,6 +832,7 @@ mod tests {
         let cfg = DiskCacheConfig {
             dir: dir.to_path_buf(),
             max_bytes: max,
+            passthrough: false,
         };
         DiskCache::open(&cfg, "b", "p/", B).unwrap()
     }
@@ -631,7 +860,7 @@ mod tests {
                 Some(&obj[..])
             );
             assert_eq!(c.stats().used_bytes, 10_000);
-            c.flush();
+            c.flush(false);
         }
         let c = open(dir.path(), 1 << 20);
         assert_eq!(c.stats().used_bytes, 10_000);
@@ -668,7 +897,7 @@ mod tests {
         {
             let c = open(dir.path(), 1 << 20);
             c.insert("k", "e", 8192, 0, &obj);
-            c.flush();
+            c.flush(false);
         }
         let file = std::fs::read_dir(dir.path().join(format!(
             "b-{}",
@@ -701,6 +930,62 @@ mod tests {
             c.read("k", "e", 8192, 0, 8192, None).as_deref(),
             Some(&obj[..])
         );
+    }
+
+    #[test]
+    fn a_sealed_cache_is_trusted_whole_by_the_next_mount_unless_its_file_changed() {
+        let dir = tempfile::tempdir().unwrap();
+        let obj = data(10_000);
+        {
+            let c = open(dir.path(), 1 << 20);
+            assert!(c.whole("k", "e", 10_000).is_none(), "nothing yet");
+            c.insert("k", "e", 10_000, 0, &obj[..8192]);
+            assert!(c.whole("k", "e", 10_000).is_none(), "not whole");
+            c.insert("k", "e", 10_000, 8192, &obj[8192..]);
+            assert!(c.whole("k", "e", 10_000).is_some(), "written here");
+            assert!(c.whole("k", "other", 10_000).is_none(), "another version");
+            c.flush(false);
+        }
+        {
+            // Not sealed (as after a crash): checked block by block first.
+            let c = open(dir.path(), 1 << 20);
+            assert!(c.whole("k", "e", 10_000).is_none());
+            assert_eq!(
+                c.read("k", "e", 10_000, 0, 10_000, None).as_deref(),
+                Some(&obj[..])
+            );
+            assert!(c.whole("k", "e", 10_000).is_some(), "checked since");
+            c.flush(true);
+        }
+        {
+            let c = open(dir.path(), 1 << 20);
+            let file = c.whole("k", "e", 10_000).expect("sealed");
+            let mut back = vec![0u8; 10_000];
+            file.read_exact_at(&mut back, 0).unwrap();
+            assert_eq!(back, obj);
+            // Blocks that come after the seal unseal it until the next.
+            c.insert("k2", "e", 4096, 0, &obj[..4096]);
+            c.flush(true);
+        }
+        // A byte changed after the seal, its mtime put back: the ctime still moved.
+        let path = dir.path().join(format!(
+            "b-{}/{}.data",
+            hex::encode(&sha2::Sha256::digest(b"p/")[..8]),
+            stem_of("k")
+        ));
+        let mtime = std::fs::metadata(&path).unwrap().modified().unwrap();
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.write_all_at(b"X", 5000).unwrap();
+        f.set_modified(mtime).unwrap();
+        drop(f);
+        let c = open(dir.path(), 1 << 20);
+        assert!(
+            c.whole("k", "e", 10_000).is_none(),
+            "changed since the seal"
+        );
+        assert_eq!(c.read("k", "e", 10_000, 4096, 8192, None), None);
+        assert_eq!(c.stats().corrupt_blocks, 1);
+        assert!(c.whole("k2", "e", 4096).is_some(), "k2 was sealed too");
     }
 
     #[test]
@@ -740,10 +1025,10 @@ mod tests {
         {
             let c = open(dir.path(), 1 << 20);
             c.insert("a", "e", B, 0, &data(B as usize));
-            c.flush();
+            c.flush(false);
             std::thread::sleep(std::time::Duration::from_millis(20));
             c.insert("b", "e", B, 0, &data(B as usize));
-            c.flush();
+            c.flush(false);
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
         {
@@ -767,6 +1052,7 @@ mod tests {
         let cfg = DiskCacheConfig {
             dir: dir.path().to_path_buf(),
             max_bytes: 1 << 20,
+            passthrough: false,
         };
         let err = DiskCache::open(&cfg, "b", "p/", B).err().unwrap();
         assert!(err.contains("in use by another s3mount"), "{err}");

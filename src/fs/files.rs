@@ -526,7 +526,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
                     Some(OpenFile::Read(_))
                 );
                 if was_read {
-                    self.flush_read_cache().await;
+                    self.flush_read_cache(false).await;
                 }
             }
         }

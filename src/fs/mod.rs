@@ -375,11 +375,44 @@ impl<C: ObjectClient> S3Filesystem<C> {
         self.read_ctx.disk.as_ref().map(|d| d.stats())
     }
 
-    /// Writes the read cache's indexes that are behind, off the async workers.
-    pub(super) async fn flush_read_cache(&self) {
+    /// Writes the read cache's indexes that are behind, off the async workers; with `seal`
+    /// (at unmount), seals them (see [`disk_cache`]).
+    pub(super) async fn flush_read_cache(&self, seal: bool) {
         if let Some(disk) = self.read_ctx.disk.clone() {
-            let _ = tokio::task::spawn_blocking(move || disk.flush()).await;
+            let _ = tokio::task::spawn_blocking(move || disk.flush(seal)).await;
         }
+    }
+
+    /// The read cache's data file of the object open for reading as `fh`, if it holds the
+    /// whole object and can be handed to the kernel (see [`disk_cache::DiskCache::whole`]).
+    pub fn whole_in_cache(&self, fh: u64) -> Option<Arc<std::fs::File>> {
+        let disk = self.read_ctx.disk.as_ref()?;
+        let handle = match lock(&self.handles.files).get(&fh) {
+            Some(OpenFile::Read(handle)) => handle.clone(),
+            _ => return None,
+        };
+        disk.whole(&handle.key, &handle.etag, handle.size)
+    }
+
+    /// Counts an open of the read cache's file handed to the kernel.
+    pub fn passthrough_opened(&self) {
+        if let Some(disk) = &self.read_ctx.disk {
+            disk.passthrough_opened();
+        }
+    }
+
+    /// The ETag an open file handle reads, if it is open for reading only.
+    pub fn read_version(&self, fh: u64) -> Option<String> {
+        match lock(&self.handles.files).get(&fh) {
+            Some(OpenFile::Read(handle)) => Some(handle.etag.clone()),
+            _ => None,
+        }
+    }
+
+    /// Whole objects of the read cache are to be handed to the kernel
+    /// (`--cache-passthrough`).
+    pub fn cache_passthrough(&self) -> bool {
+        self.read_ctx.disk.as_ref().is_some_and(|d| d.passthrough())
     }
 
     pub fn config(&self) -> &FsConfig {

@@ -1238,6 +1238,7 @@ fn fs_with_read_cache(mock: Arc<MockClient>, dir: &std::path::Path) -> S3Filesys
     let cache_config = disk_cache::DiskCacheConfig {
         dir: dir.to_path_buf(),
         max_bytes: 64 << 20,
+        passthrough: false,
     };
     let cache =
         disk_cache::DiskCache::open(&cache_config, "b", "", config.read.block_size).unwrap();
