@@ -92,6 +92,12 @@ struct Entry {
 }
 
 impl Entry {
+    /// Every block present is known good here (written or checked by this mount): a seal
+    /// may vouch for them. One left unchecked (by a crash) is not vouched for until read.
+    fn sealable(&self) -> bool {
+        !self.blocks.iter().any(|b| matches!(b, Block::Unchecked(_)))
+    }
+
     /// Disk space reserved beyond the blocks present.
     fn extra(&self) -> u64 {
         self.reserved.saturating_sub(self.bytes)
@@ -643,7 +649,7 @@ impl DiskCache {
     /// `seal` (at unmount), also seals every index not sealed yet: its data file is synced
     /// first, and the index records the file as it is after the sync.
     pub fn flush(&self, seal: bool) {
-        let pending: Vec<(String, String, Arc<std::fs::File>, serde_json::Value)> = {
+        let pending: Vec<(String, String, Arc<std::fs::File>, serde_json::Value, bool)> = {
             let mut st = super::lock(&self.state);
             let b64 = base64::engine::general_purpose::STANDARD;
             let mut keys: std::collections::HashSet<String> = st.dirty.drain().collect();
@@ -651,7 +657,7 @@ impl DiskCache {
                 keys.extend(
                     st.objects
                         .iter()
-                        .filter(|(_, e)| !e.sealed)
+                        .filter(|(_, e)| !e.sealed && e.sealable())
                         .map(|(k, _)| k.clone()),
                 );
             }
@@ -681,11 +687,12 @@ impl DiskCache {
                     "present": b64.encode(&present),
                     "crc": b64.encode(&crcs),
                 });
-                pending.push((key, e.name.clone(), e.data.clone(), index));
+                let seal = seal && e.sealable();
+                pending.push((key, e.name.clone(), e.data.clone(), index, seal));
             }
             pending
         };
-        for (key, name, data, mut index) in pending {
+        for (key, name, data, mut index, seal) in pending {
             let sealed = seal
                 .then(|| data.sync_data().and_then(|()| data.metadata()))
                 .and_then(|r| match r {
@@ -945,6 +952,11 @@ mod tests {
             assert!(c.whole("k", "e", 10_000).is_some(), "written here");
             assert!(c.whole("k", "other", 10_000).is_none(), "another version");
             c.flush(false);
+        }
+        {
+            // A mount that did not read them cannot vouch for them at its unmount.
+            let c = open(dir.path(), 1 << 20);
+            c.flush(true);
         }
         {
             // Not sealed (as after a crash): checked block by block first.
