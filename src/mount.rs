@@ -985,7 +985,17 @@ fn mount_and_serve(
     fs.start_write_back(rt.handle());
     // Ends when the kernel lets go of the connection: an unmount, or after a detach, the
     // last open file closed.
-    let result = session.run();
+    let result = session.run().or_else(|e| {
+        // The kernel tears the connection down when the mount ends (an unmount, or after a
+        // detach the last close); a read of /dev/fuse that meets that teardown fails with
+        // ECONNABORTED rather than ENODEV, and fuser takes only ENODEV for the end.
+        if e.raw_os_error() == Some(libc::ECONNABORTED) {
+            tracing::info!("the kernel ended the FUSE connection ({e})");
+            Ok(())
+        } else {
+            Err(e)
+        }
+    });
     // What is still deferred goes now, before the process ends.
     rt.block_on(fs.unmounting());
     crate::status::log_stats(&crate::status::snapshot(&state), false);
