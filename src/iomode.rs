@@ -23,7 +23,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use fuser::{BackingId, Errno, FileHandle, FopenFlags, ReplyOpen};
 
@@ -67,6 +67,37 @@ struct Table {
     handles: HashMap<u64, (u64, Mode)>,
 }
 
+/// An open being answered by [`IoModes::reply_open`].
+#[derive(Clone, Copy)]
+struct Open<'a> {
+    ino: u64,
+    fh: u64,
+    /// Counted by [`IoModes::start_write_open`].
+    write: bool,
+    /// The ETag it reads, if it is open for reading only.
+    version: Option<&'a str>,
+    /// The read cache's file holding its whole object, if passthrough may be given.
+    whole: Option<&'a Arc<std::fs::File>>,
+}
+
+/// Tries `attempt` (which hands `state` back when it cannot go ahead) until it can or
+/// [`RELEASE_WAIT`] has passed.
+async fn until_released<S, T>(
+    mut state: S,
+    mut attempt: impl FnMut(S) -> Result<T, S>,
+) -> Result<T, S> {
+    let until = std::time::Instant::now() + RELEASE_WAIT;
+    loop {
+        match attempt(state) {
+            Err(back) if std::time::Instant::now() < until => {
+                state = back;
+                tokio::time::sleep(RELEASE_POLL).await;
+            }
+            done => return done,
+        }
+    }
+}
+
 /// The open files' modes of one mount.
 #[derive(Default)]
 pub struct IoModes {
@@ -90,26 +121,24 @@ impl IoModes {
     /// passthrough is given meanwhile) until [`IoModes::reply_open`] or
     /// [`IoModes::write_open_failed`].
     pub async fn start_write_open(&self, ino: u64) -> Result<(), Refused> {
-        let until = std::time::Instant::now() + RELEASE_WAIT;
-        loop {
-            {
-                let mut table = lock(&self.table);
-                let io = table.inodes.entry(ino).or_default();
-                if io.passthrough.is_none() {
-                    io.cached += 1;
-                    return Ok(());
-                }
+        let counted = until_released((), |()| {
+            let mut table = lock(&self.table);
+            let io = table.inodes.entry(ino).or_default();
+            if io.passthrough.is_some() {
+                return Err(());
             }
-            if std::time::Instant::now() >= until {
-                tracing::warn!(
-                    ino,
-                    "an open for writing is refused (ETXTBSY): readers have the file open in \
-                     passthrough (--cache-passthrough)"
-                );
-                return Err(Refused(Errno::ETXTBSY));
-            }
-            tokio::time::sleep(RELEASE_POLL).await;
-        }
+            io.cached += 1;
+            Ok(())
+        })
+        .await;
+        counted.map_err(|()| {
+            tracing::warn!(
+                ino,
+                "an open for writing is refused (ETXTBSY): readers have the file open in \
+                 passthrough (--cache-passthrough)"
+            );
+            Refused(Errno::ETXTBSY)
+        })
     }
 
     /// An open for writing counted by [`IoModes::start_write_open`] failed.
@@ -133,38 +162,50 @@ impl IoModes {
         ino: u64,
         fh: u64,
         write: bool,
-        mut reply: ReplyOpen,
+        reply: ReplyOpen,
     ) -> Result<(), (Refused, ReplyOpen)> {
-        let until = std::time::Instant::now() + RELEASE_WAIT;
-        loop {
-            match self.try_reply_open(fs, ino, fh, write, reply) {
-                Err((_, back)) if std::time::Instant::now() < until => {
-                    reply = back;
-                    tokio::time::sleep(RELEASE_POLL).await;
-                }
-                Err(refused) => {
-                    tracing::warn!(
-                        ino,
-                        "an open of a newer version is refused (EBUSY) until the readers of \
-                         the older one in passthrough (--cache-passthrough) close"
-                    );
-                    return Err(refused);
-                }
-                Ok(()) => return Ok(()),
-            }
-        }
+        // Looked up once, and outside the table's lock (the cache's check touches files).
+        let version = if write { None } else { fs.read_version(fh) };
+        let whole = version
+            .as_ref()
+            .filter(|_| self.enabled.load(Ordering::Relaxed))
+            .and_then(|_| fs.whole_in_cache(fh));
+        let answered = until_released(reply, |reply| {
+            let open = Open {
+                ino,
+                fh,
+                write,
+                version: version.as_deref(),
+                whole: whole.as_ref(),
+            };
+            self.try_reply_open(fs, &open, reply)
+        })
+        .await;
+        answered.map_err(|reply| {
+            tracing::warn!(
+                ino,
+                "an open of a newer version is refused (EBUSY) until the readers of the older \
+                 one in passthrough (--cache-passthrough) close"
+            );
+            (Refused(Errno::EBUSY), reply)
+        })
     }
 
+    /// One try of [`IoModes::reply_open`]; the reply back if the inode's passthrough readers
+    /// have another version open.
     fn try_reply_open<C: ObjectClient>(
         &self,
         fs: &S3Filesystem<C>,
-        ino: u64,
-        fh: u64,
-        write: bool,
+        open: &Open<'_>,
         reply: ReplyOpen,
-    ) -> Result<(), (Refused, ReplyOpen)> {
-        let version = if write { None } else { fs.read_version(fh) };
-        let enabled = self.enabled.load(Ordering::Relaxed);
+    ) -> Result<(), ReplyOpen> {
+        let Open {
+            ino,
+            fh,
+            write,
+            version,
+            whole,
+        } = *open;
         let mut guard = lock(&self.table);
         let table = &mut *guard;
         let io = table.inodes.entry(ino).or_default();
@@ -178,19 +219,21 @@ impl IoModes {
                     fs.passthrough_opened();
                     Ok(())
                 }
-                _ => Err((Refused(Errno::EBUSY), reply)),
+                _ => Err(reply),
             };
         }
-        let whole = version
-            .filter(|_| enabled && io.cached == 0)
-            .and_then(|etag| Some((etag, fs.whole_in_cache(fh)?)));
+        let whole = version.zip(whole).filter(|_| io.cached == 0);
         if let Some((etag, file)) = whole {
-            match reply.open_backing(&*file) {
+            match reply.open_backing(&**file) {
                 Ok(id) => {
                     // Answered under the lock: no other open of the inode is decided before
                     // the kernel has this one.
                     reply.opened_passthrough(FileHandle(fh), FopenFlags::FOPEN_PASSTHROUGH, &id);
-                    io.passthrough = Some(Backing { id, etag, opens: 1 });
+                    io.passthrough = Some(Backing {
+                        id,
+                        etag: etag.to_string(),
+                        opens: 1,
+                    });
                     table.handles.insert(fh, (ino, Mode::Passthrough));
                     fs.passthrough_opened();
                     return Ok(());

@@ -141,11 +141,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
 
     /// A read that needs no waiting (data already on local disk), or `None`.
     pub fn read_now(&self, fh: u64, offset: u64, size: u32) -> Option<FsResult<Bytes>> {
-        let handle = match lock(&self.handles.files).get(&fh) {
-            Some(OpenFile::Read(handle)) => handle.clone(),
-            _ => return None,
-        };
-        let data = handle.read_now(offset, size as u64)?;
+        let data = self.read_handle(fh)?.read_now(offset, size as u64)?;
         if let Ok(data) = &data {
             self.count_read(data);
         }

@@ -387,10 +387,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
     /// whole object and can be handed to the kernel (see [`disk_cache::DiskCache::whole`]).
     pub fn whole_in_cache(&self, fh: u64) -> Option<Arc<std::fs::File>> {
         let disk = self.read_ctx.disk.as_ref()?;
-        let handle = match lock(&self.handles.files).get(&fh) {
-            Some(OpenFile::Read(handle)) => handle.clone(),
-            _ => return None,
-        };
+        let handle = self.read_handle(fh)?;
         disk.whole(&handle.key, &handle.etag, handle.size)
     }
 
@@ -403,8 +400,13 @@ impl<C: ObjectClient> S3Filesystem<C> {
 
     /// The ETag an open file handle reads, if it is open for reading only.
     pub fn read_version(&self, fh: u64) -> Option<String> {
+        self.read_handle(fh).map(|handle| handle.etag.clone())
+    }
+
+    /// The read handle of file handle `fh`, if it is open for reading only.
+    pub(super) fn read_handle(&self, fh: u64) -> Option<Arc<ReadHandle<C>>> {
         match lock(&self.handles.files).get(&fh) {
-            Some(OpenFile::Read(handle)) => Some(handle.etag.clone()),
+            Some(OpenFile::Read(handle)) => Some(handle.clone()),
             _ => None,
         }
     }
