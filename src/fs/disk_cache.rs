@@ -550,9 +550,7 @@ impl DiskCache {
             .is_some_and(|e| e.etag != etag || e.size != size);
         if stale {
             if let Some(old) = st.objects.pop(key) {
-                st.used -= old.bytes;
-                st.extra -= old.extra();
-                self.remove_files(&old.name);
+                self.drop_entry(&mut st, &old);
             }
         }
         if st.objects.get(key).is_none() {
@@ -627,9 +625,7 @@ impl DiskCache {
                 .find(|k| Some(k.as_str()) != keep);
             let Some(victim) = victim else { break };
             if let Some(old) = st.objects.pop(&victim) {
-                st.used -= old.bytes;
-                st.extra -= old.extra();
-                self.remove_files(&old.name);
+                self.drop_entry(st, &old);
                 tracing::debug!(
                     key = victim,
                     bytes = old.bytes,
@@ -639,9 +635,12 @@ impl DiskCache {
         }
     }
 
-    fn remove_files(&self, name: &str) {
+    /// `old`, taken out of `st.objects`, leaves the counts and the disk.
+    fn drop_entry(&self, st: &mut State, old: &Entry) {
+        st.used -= old.bytes;
+        st.extra -= old.extra();
         for ext in ["idx", "data"] {
-            let _ = std::fs::remove_file(self.dir.join(format!("{name}.{ext}")));
+            let _ = std::fs::remove_file(self.dir.join(format!("{}.{ext}", old.name)));
         }
     }
 
