@@ -155,7 +155,11 @@ fn required<'a>(el: &'a Element, name: &str) -> Result<&'a str, XmlError> {
 }
 
 fn parse_number<T: std::str::FromStr>(el: &Element, name: &str) -> Result<T, XmlError> {
-    let text = required(el, name)?;
+    number(name, required(el, name)?)
+}
+
+/// The text of element `name` as a number.
+fn number<T: std::str::FromStr>(name: &str, text: &str) -> Result<T, XmlError> {
     text.trim()
         .parse()
         .map_err(|_| XmlError(format!("<{name}> is not a number: {text:?}")))
@@ -287,10 +291,7 @@ pub fn list_objects(text: &str, url_encoded: bool) -> Result<ListPage, XmlError>
                     .ok_or_else(|| XmlError("<Contents> has no <Size>".into()))?;
                 page.objects.push(ObjectInfo {
                     key: decode(&key),
-                    size: size
-                        .trim()
-                        .parse()
-                        .map_err(|_| XmlError(format!("<Size> is not a number: {size:?}")))?,
+                    size: number("Size", &size)?,
                     etag: o.etag.unwrap_or_default(),
                     last_modified: o
                         .last_modified
