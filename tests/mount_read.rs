@@ -481,16 +481,7 @@ async fn the_read_cache_serves_a_second_read_and_the_next_mount_without_a_get() 
             sha256_hex(&data)
         );
         // Blocks are written off the reader's path: wait (bounded) until all are there.
-        let start = std::time::Instant::now();
-        while common::mount::report(&m, "status")["read_cache"]["bytes"].as_u64()
-            != Some(data.len() as u64)
-        {
-            assert!(
-                start.elapsed() < Duration::from_secs(20),
-                "the cache never filled"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_cached(&m, data.len() as u64);
         let before = gets_sent(&m);
         // Another open (the kernel's page cache is dropped at open: the reads reach the mount).
         let f = std::fs::File::open(&file).unwrap();
