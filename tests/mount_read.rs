@@ -476,12 +476,7 @@ async fn the_read_cache_serves_a_second_read_and_the_next_mount_without_a_get() 
     {
         let m = mount(&env, &spec, &args);
         let file = m.path().join("f.bin");
-        assert_eq!(
-            sha256_hex(&std::fs::read(&file).unwrap()),
-            sha256_hex(&data)
-        );
-        // Blocks are written off the reader's path: wait (bounded) until all are there.
-        wait_cached(&m, data.len() as u64);
+        read_fills_the_cache(&m, &file, &data);
         let before = gets_sent(&m);
         // Another open (the kernel's page cache is dropped at open: the reads reach the mount).
         let f = std::fs::File::open(&file).unwrap();
@@ -534,7 +529,14 @@ fn kernel_has_passthrough() -> bool {
     (v.next().unwrap_or(0), v.next().unwrap_or(0)) >= (6, 9)
 }
 
-/// Waits (bounded) until the mount's read cache holds `bytes`.
+/// Reads `file` whole, which must hold `data`, and waits until the read cache has all of it.
+fn read_fills_the_cache(m: &common::mount::Mounted, file: &Path, data: &[u8]) {
+    assert_eq!(sha256_hex(&std::fs::read(file).unwrap()), sha256_hex(data));
+    wait_cached(m, data.len() as u64);
+}
+
+/// Waits (bounded) until the mount's read cache holds `bytes` (blocks are written off the
+/// reader's path).
 fn wait_cached(m: &common::mount::Mounted, bytes: u64) {
     let start = std::time::Instant::now();
     while common::mount::report(m, "status")["read_cache"]["bytes"].as_u64() != Some(bytes) {
@@ -567,12 +569,8 @@ async fn cache_passthrough_hands_whole_objects_to_the_kernel_and_keeps_writers_s
     {
         let m = mount(&env, &spec, &args);
         let file = m.path().join("f.bin");
-        // The first read goes through the mount and fills the cache.
-        assert_eq!(
-            sha256_hex(&std::fs::read(&file).unwrap()),
-            sha256_hex(&data)
-        );
-        wait_cached(&m, data.len() as u64);
+        // The first read goes through the mount.
+        read_fills_the_cache(&m, &file, &data);
         assert_eq!(cache_report(&m)["passthrough_opens"], 0);
         let (gets, hits) = (gets_sent(&m), cache_report(&m)["hits"].clone());
         // The next open is read by the kernel from the cache's file: no read reaches the mount.
@@ -604,11 +602,7 @@ async fn cache_passthrough_hands_whole_objects_to_the_kernel_and_keeps_writers_s
         let newer = pattern(1 << 20, 22);
         std::fs::write(&file, &newer).unwrap();
         assert_eq!(c.head_object(&key).await.unwrap().size, newer.len() as u64);
-        assert_eq!(
-            sha256_hex(&std::fs::read(&file).unwrap()),
-            sha256_hex(&newer)
-        );
-        wait_cached(&m, newer.len() as u64);
+        read_fills_the_cache(&m, &file, &newer);
         // A reader of one version holds it while another client replaces the object: a new
         // open of the newer version is refused (EBUSY) while that reader stays.
         let reader = std::fs::File::open(&file).unwrap();
@@ -625,11 +619,7 @@ async fn cache_passthrough_hands_whole_objects_to_the_kernel_and_keeps_writers_s
             "the reader keeps the version it opened"
         );
         drop(reader);
-        assert_eq!(
-            sha256_hex(&std::fs::read(&file).unwrap()),
-            sha256_hex(&data)
-        );
-        wait_cached(&m, data.len() as u64);
+        read_fills_the_cache(&m, &file, &data);
     }
     // The unmount sealed the cache: the next mount trusts it and hands it to the kernel
     // without a GET.
