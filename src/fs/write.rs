@@ -286,6 +286,9 @@ struct Upload {
     /// A digest of the attributes it was created with: S3 gives the object these, whatever
     /// changed since.
     attrs: String,
+    /// [`WriteState::attrs_set`] when it was created: a change set after it is not in `attrs`
+    /// (times moved by writes and truncations alone are not such a change).
+    attrs_set: u64,
     /// What its parts are sent with, fixed when it was created.
     checksum: Checksum,
     entry: Option<JournalEntry>,
@@ -515,6 +518,9 @@ pub struct WriteState {
     /// The last commit stored an object without `attrs` as they were then (a chmod or touch
     /// after its multipart upload was created): they need a copy of their own.
     pub attrs_left_behind: bool,
+    /// Attribute changes made while the file is open (see [`WriteState::attrs_set`]); an
+    /// upload created before the last of them was created without it.
+    attrs_set: u64,
     /// The last commit completed an interrupted upload it resumed, created with other
     /// attributes than the file has: all of them need a copy.
     pub attrs_of_another_write: bool,
@@ -680,6 +686,13 @@ impl WriteState {
 
     /// Something besides the data changed (metadata, the key): commit again.
     pub fn touch(&mut self) {
+        self.changed();
+    }
+
+    /// Attributes were set on the open file (chmod, chown, touch, an extended attribute): the
+    /// next commit stores them, with a copy if its upload was created before.
+    pub fn attrs_set(&mut self) {
+        self.attrs_set += 1;
         self.changed();
     }
 
@@ -865,6 +878,7 @@ impl<C: ObjectClient> WriteHandle<C> {
                 completed: None,
                 unlinked: false,
                 attrs_left_behind: false,
+                attrs_set: 0,
                 attrs_of_another_write: false,
                 spool_path: None,
                 keep_spool: false,
@@ -1372,6 +1386,7 @@ impl<C: ObjectClient> WriteHandle<C> {
             parts: BTreeMap::new(),
             created: entry.as_ref().map_or_else(SystemTime::now, |e| e.started()),
             attrs: attrs_digest(&s.attrs),
+            attrs_set: s.attrs_set,
             checksum,
             log: entry.as_ref().map(JournalEntry::part_log),
             entry,
@@ -1463,9 +1478,10 @@ impl<C: ObjectClient> WriteHandle<C> {
             .map(|j| j.begin(&s.key, part_size));
         let mut lost = Vec::new();
         // Parts copied from a base object carry no checksum of ours, and an upload created
-        // with CRC32C wants one on every part.
+        // with CRC32C wants one on every part. A base with no bytes left (the empty object a
+        // new file is created as, or one truncated to nothing) has nothing to copy.
         let checksum = match self.ctx.client.upload_checksum() {
-            Checksum::Crc32c if s.base.is_some() => Checksum::Sha256,
+            Checksum::Crc32c if s.base.as_ref().is_some_and(|b| b.len > 0) => Checksum::Sha256,
             c => c,
         };
         let id = loop {
@@ -1867,7 +1883,8 @@ impl<C: ObjectClient> WriteHandle<C> {
         match answer {
             Ok(etag) => {
                 let differs = upload.attrs != attrs_digest(&s.attrs);
-                s.attrs_left_behind = differs;
+                // The writes' own times differ too, but are not worth a copy of the object.
+                s.attrs_left_behind = differs && upload.attrs_set != s.attrs_set;
                 s.attrs_of_another_write = differs && upload.resumed;
                 if upload.resumed {
                     use std::sync::atomic::Ordering::Relaxed;

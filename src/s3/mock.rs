@@ -46,6 +46,8 @@ struct State {
     objects: BTreeMap<String, MockObject>,
     uploads: BTreeMap<String, Upload>,
     failures: HashMap<Operation, VecDeque<Injected>>,
+    /// What each multipart upload was created with, in order.
+    created_with: Vec<Checksum>,
 }
 
 /// A failure planned for a call.
@@ -185,6 +187,11 @@ impl MockClient {
     /// Removes an object directly, without counting a call (another client's delete).
     pub fn remove(&self, key: &str) {
         self.lock().objects.remove(key);
+    }
+
+    /// What each multipart upload made so far was created with, in order.
+    pub fn upload_checksums(&self) -> Vec<Checksum> {
+        self.lock().created_with.clone()
     }
 
     /// The ids of the uploads in progress.
@@ -662,6 +669,7 @@ impl MockClient {
         checksum: Checksum,
     ) -> Result<String> {
         let id = self.new_id();
+        self.lock().created_with.push(checksum);
         self.lock().uploads.insert(
             id.clone(),
             Upload {

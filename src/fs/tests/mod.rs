@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use super::*;
 use crate::s3::{
-    MetadataDirective, MockClient, ObjectAttributes, ObjectClient, Operation, PutBody,
+    Checksum, MetadataDirective, MockClient, ObjectAttributes, ObjectClient, Operation, PutBody,
 };
 
 fn fs_with(keys: &[&str], ttl: Duration) -> (Arc<MockClient>, S3Filesystem<MockClient>) {
@@ -839,6 +839,64 @@ async fn entries_statted_in_order_are_revalidated_a_page_at_a_time() {
     // The tree's first page (which shows it is too large), then a page of the directory.
     let made = mock.count(Operation::ListObjectsV2) - lists;
     assert!((2..=3).contains(&made), "{made} listings for 999 lookups");
+}
+
+#[tokio::test]
+async fn cp_over_an_existing_file_stores_it_once_and_a_chmod_during_the_upload_is_copied() {
+    let mock = Arc::new(MockClient::new("b"));
+    mock.crc32c
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    mock.insert("f", "the old version");
+    let config = FsConfig {
+        metadata_ttl: Duration::from_secs(1),
+        write: WriteConfig {
+            part_size: 1000,
+            ..WriteConfig::default()
+        },
+        ..FsConfig::default()
+    };
+    let fs = S3Filesystem::new(mock.clone(), config);
+    let f = path(&fs, "f").await.unwrap();
+    let data: Vec<u8> = (0..3500u32).map(|i| (i % 251) as u8).collect();
+    let truncate = attributes::SetAttr {
+        size: Some(0),
+        ..Default::default()
+    };
+    // What cp does over an existing file, as the kernel passes it on: open for writing
+    // (O_TRUNC comes apart, as a truncation), write several parts in order, close.
+    let fh = fs.open(f.ino, true, false).await.unwrap();
+    fs.setattr(f.ino, truncate.clone()).await.unwrap();
+    for (i, chunk) in data.chunks(500).enumerate() {
+        fs.write(fh, i as u64 * 500, chunk).await.unwrap();
+    }
+    fs.flush(fh).await.unwrap();
+    fs.release_file(fh).await;
+    assert_eq!(&mock.object("f").unwrap().data[..], &data[..]);
+    // The upload carried the truncation's times: no copy of the object after it, and its
+    // parts went with CRC32C (nothing of the old version was left to copy server-side).
+    assert_eq!(mock.count(Operation::CopyObject), 0);
+    assert_eq!(mock.count(Operation::UploadPartCopy), 0);
+    assert_eq!(mock.upload_checksums(), vec![Checksum::Crc32c]);
+
+    // A chmod after the upload was made is not in it: one copy stores it.
+    let fh = fs.open(f.ino, true, false).await.unwrap();
+    fs.setattr(f.ino, truncate).await.unwrap();
+    fs.write(fh, 0, &data[..2500]).await.unwrap();
+    let chmod = attributes::SetAttr {
+        mode: Some(0o600),
+        ..Default::default()
+    };
+    fs.setattr(f.ino, chmod).await.unwrap();
+    fs.write(fh, 2500, &data[2500..]).await.unwrap();
+    fs.flush(fh).await.unwrap();
+    fs.release_file(fh).await;
+    assert_eq!(&mock.object("f").unwrap().data[..], &data[..]);
+    assert_eq!(mock.count(Operation::CopyObject), 1);
+    assert_eq!(mock.count(Operation::CreateMultipartUpload), 2);
+    assert_eq!(
+        meta(&mock, "f").await.get("mode").map(String::as_str),
+        Some("33152")
+    );
 }
 
 #[tokio::test]
