@@ -418,12 +418,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
             return Ok(self.attr_of(inode));
         }
         // Set by the caller, not only moved by a truncation.
-        let set = size.is_none()
-            || attrs.mode.is_some()
-            || attrs.uid.is_some()
-            || attrs.gid.is_some()
-            || attrs.atime.is_some()
-            || attrs.xattrs.is_some();
+        let set = size.is_none() || attrs.sets_more_than_times();
         inode.change_attrs(attrs, writer.is_none() && size.is_none());
         match (inode.kind, writer) {
             (Kind::File, Some(w)) => {
@@ -437,13 +432,13 @@ impl<C: ObjectClient> S3Filesystem<C> {
                 // Into an upload created from now on, too. Times a truncation moves, as a
                 // write's, are not worth a copy of an object stored without them.
                 self.attrs_to_writer(inode, &w).await;
-                let mut s = w.state.lock().await;
-                if set {
-                    s.attrs_set();
-                } else {
+                {
+                    let mut s = w.state.lock().await;
+                    if set {
+                        s.attrs_set();
+                    }
                     s.touch();
                 }
-                drop(s);
                 self.pending_changed(ino).await?;
             }
             (Kind::File, None) => {

@@ -110,6 +110,20 @@ impl AttrChange {
     pub fn is_empty(&self) -> bool {
         *self == AttrChange::default()
     }
+
+    /// Whether it sets more than mtime and ctime, the times a write or truncation moves.
+    pub fn sets_more_than_times(&self) -> bool {
+        let Self {
+            mode,
+            uid,
+            gid,
+            mtime: _,
+            ctime: _,
+            atime,
+            xattrs,
+        } = self;
+        mode.is_some() || uid.is_some() || gid.is_some() || atime.is_some() || xattrs.is_some()
+    }
 }
 
 impl Stat {

@@ -689,11 +689,10 @@ impl WriteState {
         self.changed();
     }
 
-    /// Attributes were set on the open file (chmod, chown, touch, an extended attribute): the
-    /// next commit stores them, with a copy if its upload was created before.
+    /// Attributes were set on the open file (chmod, chown, touch, an extended attribute): an
+    /// upload created before does not carry them, and its commit stores them with a copy.
     pub fn attrs_set(&mut self) {
         self.attrs_set += 1;
-        self.changed();
     }
 
     /// The object at `from` with ETag `etag` was copied to `to` as `new_etag` (a rename while
@@ -1478,8 +1477,8 @@ impl<C: ObjectClient> WriteHandle<C> {
             .map(|j| j.begin(&s.key, part_size));
         let mut lost = Vec::new();
         // Parts copied from a base object carry no checksum of ours, and an upload created
-        // with CRC32C wants one on every part. A base with no bytes left (the empty object a
-        // new file is created as, or one truncated to nothing) has nothing to copy.
+        // with CRC32C wants one on every part. A base with no bytes left (an empty object, or
+        // one truncated to nothing, as `cp` over an existing file does) has nothing to copy.
         let checksum = match self.ctx.client.upload_checksum() {
             Checksum::Crc32c if s.base.as_ref().is_some_and(|b| b.len > 0) => Checksum::Sha256,
             c => c,

@@ -669,8 +669,9 @@ impl MockClient {
         checksum: Checksum,
     ) -> Result<String> {
         let id = self.new_id();
-        self.lock().created_with.push(checksum);
-        self.lock().uploads.insert(
+        let mut state = self.lock();
+        state.created_with.push(checksum);
+        state.uploads.insert(
             id.clone(),
             Upload {
                 key: key.to_string(),
