@@ -5,6 +5,7 @@
 use std::num::NonZeroUsize;
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
@@ -41,7 +42,7 @@ impl Default for ReadConfig {
             first_request: 256 * 1024,
             max_request: 8 * 1024 * 1024,
             requests_ahead: 16,
-            window_start: 16 * 1024 * 1024,
+            window_start: 8 * 1024 * 1024,
             block_size: 128 * 1024,
             sequential_tolerance: 2 * 1024 * 1024,
             local_copy_max: 2 << 30,
@@ -88,6 +89,38 @@ pub struct ReadContext<C> {
     pub config: ReadConfig,
     /// The persistent read cache (`--cache`), if on.
     pub disk: Option<Arc<DiskCache>>,
+    /// How long GETs take to start answering, which read-ahead must cover.
+    pub first_byte: Arc<FirstByteDelay>,
+}
+
+/// How long a GET takes to start answering (from the request to the response's headers): the
+/// least seen in the last [`DELAY_KEPT`], as BBR keeps the least round trip. Shared by all
+/// readers of a mount, since they share the link. A busy server's queue lengthens some
+/// requests, never the quickest, so the least is the link's and the server's own delay: what
+/// read-ahead must cover.
+#[derive(Debug, Default)]
+pub struct FirstByteDelay {
+    least: Mutex<Option<(Duration, Instant)>>,
+}
+
+/// How long the least delay stands before any newer one replaces it (the route or the server
+/// may have changed).
+const DELAY_KEPT: Duration = Duration::from_secs(10);
+
+impl FirstByteDelay {
+    pub(super) fn record(&self, took: Duration) {
+        let now = Instant::now();
+        if let Ok(mut least) = self.least.lock() {
+            match *least {
+                Some((d, at)) if d <= took && now.duration_since(at) < DELAY_KEPT => {}
+                _ => *least = Some((took, now)),
+            }
+        }
+    }
+
+    pub(super) fn least(&self) -> Option<Duration> {
+        self.least.lock().ok().and_then(|l| l.map(|(d, _)| d))
+    }
 }
 
 impl<C> ReadContext<C> {
@@ -110,6 +143,7 @@ impl<C> Clone for ReadContext<C> {
             blocks: self.blocks.clone(),
             config: self.config.clone(),
             disk: self.disk.clone(),
+            first_byte: self.first_byte.clone(),
         }
     }
 }
@@ -142,11 +176,13 @@ pub(super) async fn fetch_into<C: ObjectClient>(
 ) -> FsResult<Bytes> {
     let len = range.end - range.start;
     let (range_start, range_end) = (range.start, range.end);
+    let asked = Instant::now();
     let mut out = ctx
         .client
         .get_object(key, Some(range), Some(etag))
         .await
         .map_err(from_client)?;
+    ctx.first_byte.record(asked.elapsed());
     while let Some(part) = out.body.next_chunk().await.map_err(from_client)? {
         if buf.len() + part.len() as u64 > len {
             break;
@@ -160,4 +196,22 @@ pub(super) async fn fetch_into<C: ObjectClient>(
         )));
     }
     Ok(buf.freeze())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_byte_delay_is_the_least_seen() {
+        let d = FirstByteDelay::default();
+        assert_eq!(d.least(), None);
+        let ms = Duration::from_millis;
+        d.record(ms(30));
+        // A request that queued behind others at a busy server does not raise it.
+        d.record(ms(90));
+        assert_eq!(d.least(), Some(ms(30)));
+        d.record(ms(12));
+        assert_eq!(d.least(), Some(ms(12)));
+    }
 }

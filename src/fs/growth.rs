@@ -61,6 +61,21 @@ impl Growth {
         }
     }
 
+    /// Raises the size to `floor` (at most the largest), a need measured apart from the trials,
+    /// at `now`. False if the size was enough. A trial in progress is called off, and the
+    /// epoch starts again: an epoch that saw the size change measures neither size.
+    pub fn raise_to(&mut self, floor: u64, now: Instant) -> bool {
+        let floor = floor.min(self.largest);
+        if floor <= self.size {
+            return false;
+        }
+        self.size = floor;
+        self.before = None;
+        self.rate = 0.0;
+        (self.epoch_start, self.epoch_bytes, self.waited) = (now, 0, false);
+        true
+    }
+
     /// `n` bytes moved, the application having waited for some of them if `waited`; an epoch
     /// is `epoch` bytes long.
     pub fn moved_at(&mut self, n: u64, waited: bool, epoch: u64, now: Instant) -> Change {

@@ -298,6 +298,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
             blocks: Arc::new(BlockCache::new(cache_blocks)),
             config: config.read.clone(),
             disk: None,
+            first_byte: Default::default(),
         };
         let journal =
             config.journal_dir.clone().and_then(|dir| {

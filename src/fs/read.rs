@@ -101,15 +101,25 @@ impl Drop for Chunk {
 }
 
 /// How much a sequential reader reads ahead, sized to the link by measurement rather than set
-/// for the fastest one: bytes in flight that cover the link's bandwidth and delay, and no more
-/// ([`Growth`], over epochs of four windows and 128 MiB at least). The first epoch, requests
-/// still growing from `first_request`, is only the first measure to compare with. It starts at
-/// 16 MiB (8 requests of 2 MiB): on a loopback server that gives what 32 MiB did (measured, a
-/// 1 GiB cat: 299-342 against 316-323 MiB/s, at 45-51 against 75-82 MiB of peak RSS; 32 MiB had
-/// matched 64 MiB before); a long fat link grows it as far as it pays, up to `requests_ahead`
-/// of `max_request`.
+/// for the fastest one: bytes in flight that cover the link's bandwidth and delay, and no more.
+/// Two measures raise it, up to `requests_ahead` of `max_request`:
+/// - the bandwidth-delay product: after each window's worth of reading, the window is at least
+///   twice the rate of that round times the least time to first byte of the mount's GETs
+///   ([`super::get::FirstByteDelay`]). On a link where the delay is what limits, each round
+///   raises the rate and so the next floor, until the link's bandwidth is covered;
+/// - trials ([`Growth`], over epochs of four windows and 128 MiB at least): a step up by half
+///   after an epoch in which the reader waited, kept only if it pays. The first epoch, requests
+///   still growing from `first_request`, is only the first measure to compare with.
+///
+/// It starts at 8 MiB (8 requests of 1 MiB): on a loopback server that reads as fast as 16 MiB
+/// (measured, a 2 GiB cat: 229-269 against 234-256 MiB/s, at 40 against 47-48 MiB of peak RSS;
+/// 16 MiB had matched 32 MiB before), and a link with a long delay is raised from it within a
+/// few windows rather than epochs.
 struct Window {
     growth: Growth,
+    /// The round in progress (one window's worth of reading): its start and bytes so far.
+    round_start: std::time::Instant,
+    round_bytes: u64,
 }
 
 /// Epochs are at least this long, so that one is long enough to measure (a quarter of a
@@ -119,8 +129,11 @@ const EPOCH_MIN: u64 = 128 << 20;
 impl Window {
     fn new(cfg: &ReadConfig) -> Self {
         let largest = cfg.max_request * cfg.requests_ahead as u64;
+        let growth = Growth::new(cfg.window_start, largest);
         Self {
-            growth: Growth::new(cfg.window_start, largest),
+            round_start: growth.epoch_start,
+            round_bytes: 0,
+            growth,
         }
     }
 
@@ -134,12 +147,19 @@ impl Window {
         ((self.growth.size / self.request_size(cfg)) as usize).clamp(2, cfg.requests_ahead.max(2))
     }
 
-    /// `n` bytes were served to the reader, who had to wait for some of them if `waited`.
-    fn served(&mut self, n: u64, waited: bool) {
-        self.served_at(n, waited, std::time::Instant::now());
+    /// `n` bytes were served to the reader, who had to wait for some of them if `waited`; GETs
+    /// take `delay` at least to start answering, if known.
+    fn served(&mut self, n: u64, waited: bool, delay: Option<std::time::Duration>) {
+        self.served_at(n, waited, delay, std::time::Instant::now());
     }
 
-    fn served_at(&mut self, n: u64, waited: bool, now: std::time::Instant) {
+    fn served_at(
+        &mut self,
+        n: u64,
+        waited: bool,
+        delay: Option<std::time::Duration>,
+        now: std::time::Instant,
+    ) {
         let epoch = (4 * self.growth.size).max(EPOCH_MIN);
         let change = self.growth.moved_at(n, waited, epoch, now);
         let window = self.growth.size;
@@ -147,6 +167,24 @@ impl Window {
             Change::Kept => {}
             Change::Grown(_) => tracing::debug!(window, "read-ahead window grown"),
             Change::Settled(_) => tracing::debug!(window, "read-ahead window settled"),
+        }
+        self.round_bytes += n;
+        if self.round_bytes < window {
+            return;
+        }
+        let took = now.saturating_duration_since(self.round_start);
+        let rate = self.round_bytes as f64 / took.as_secs_f64().max(1e-6);
+        (self.round_start, self.round_bytes) = (now, 0);
+        if let Some(delay) = delay {
+            let floor = (2.0 * rate * delay.as_secs_f64()) as u64;
+            if self.growth.raise_to(floor.next_multiple_of(1 << 20), now) {
+                let window = self.growth.size;
+                tracing::debug!(
+                    window,
+                    ?delay,
+                    "read-ahead window raised to the link's delay"
+                );
+            }
         }
     }
 }
@@ -374,7 +412,8 @@ impl<C: ObjectClient> ReadHandle<C> {
             }
         }
         p.expected = p.expected.max(end);
-        p.window.served(end - offset, waited);
+        p.window
+            .served(end - offset, waited, self.ctx.first_byte.least());
         if self.local_copy().is_some() {
             // Another read switched the handle to a local copy while this one was served from
             // the window: every later read goes there, so the window's memory goes back now
@@ -530,6 +569,7 @@ impl<C: ObjectClient> ReadHandle<C> {
 mod tests {
     use super::*;
     use crate::s3::{MockClient, Operation};
+    use std::time::Duration;
 
     fn handle(mock: Arc<MockClient>, size: usize, budget: u64) -> ReadHandle<MockClient> {
         let data: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
@@ -552,6 +592,7 @@ mod tests {
                 fill_requests: 2,
             },
             disk: None,
+            first_byte: Default::default(),
         };
         ReadHandle::new("k".into(), etag, size as u64, ctx)
     }
@@ -645,18 +686,37 @@ mod tests {
         }
     }
 
-    /// Reads `total` bytes in 1 MiB reads through `w`, the link delivering `rate(window)`
-    /// bytes per second; the window at the end.
-    fn window_after(w: &mut Window, total: u64, waits: bool, rate: impl Fn(u64) -> f64) -> u64 {
-        let mut now = w.growth.epoch_start;
-        let mut done = 0;
-        while done < total {
-            let n = 1 << 20;
-            now += std::time::Duration::from_secs_f64(n as f64 / rate(w.growth.size));
-            w.served_at(n, waits, now);
-            done += n;
+    /// A sequential reader's window, and the time on its own clock.
+    struct Reader {
+        w: Window,
+        now: std::time::Instant,
+    }
+
+    impl Reader {
+        fn new(cfg: &ReadConfig) -> Self {
+            let w = Window::new(cfg);
+            let now = w.growth.epoch_start;
+            Self { w, now }
         }
-        w.growth.size
+
+        /// Reads `total` bytes more in 1 MiB reads, the link delivering `rate(window)` bytes
+        /// per second, its GETs starting to answer after `delay`; the window at the end.
+        fn read(
+            &mut self,
+            total: u64,
+            waits: bool,
+            delay: Option<Duration>,
+            rate: impl Fn(u64) -> f64,
+        ) -> u64 {
+            let mut done = 0;
+            while done < total {
+                let n = 1 << 20;
+                self.now += Duration::from_secs_f64(n as f64 / rate(self.w.growth.size));
+                self.w.served_at(n, waits, delay, self.now);
+                done += n;
+            }
+            self.w.growth.size
+        }
     }
 
     #[test]
@@ -664,26 +724,52 @@ mod tests {
         let cfg = ReadConfig::default();
         let start = cfg.window_start;
         let largest = cfg.max_request * cfg.requests_ahead as u64;
+        // A loopback server: GETs answer within a millisecond, so twice the bandwidth-delay
+        // product (here 2 MB) is below the start and raises nothing.
+        let loopback = Some(Duration::from_millis(1));
         // A reader that never waits for data needs no more than it has.
-        let mut w = Window::new(&cfg);
-        assert_eq!(window_after(&mut w, 4 << 30, false, |_| 1e9), start);
+        let mut r = Reader::new(&cfg);
+        assert_eq!(r.read(4 << 30, false, loopback, |_| 1e9), start);
         // A link that goes as much faster as the window grows (a long fat pipe): up to the
         // largest window, short of a last step that would add less than a fifth.
-        let mut w = Window::new(&cfg);
-        let grown = window_after(&mut w, 8 << 30, true, |b| b as f64 * 10.0);
+        let mut r = Reader::new(&cfg);
+        let grown = r.read(8 << 30, true, None, |b| b as f64 * 10.0);
         assert!(grown > largest * 5 / 6 && grown <= largest, "{grown}");
         // A link at its limit already: one step is tried, found useless, and undone.
-        let mut w = Window::new(&cfg);
-        assert_eq!(window_after(&mut w, 4 << 30, true, |_| 500e6), start);
-        assert!(w.growth.settled);
-        // Faster up to 64 MiB in flight, then flat: 24, 36 and 54 MiB paid, 81 did not.
-        let mut w = Window::new(&cfg);
+        let mut r = Reader::new(&cfg);
+        assert_eq!(r.read(4 << 30, true, loopback, |_| 500e6), start);
+        assert!(r.w.growth.settled);
+        // Faster up to 64 MiB in flight, then flat: steps by half from 8 MiB paid up to
+        // 60.75 MiB, the one to 91 did not.
+        let mut r = Reader::new(&cfg);
         let rate = |b: u64| (b.min(64 << 20) as f64) * 20.0;
-        assert_eq!(window_after(&mut w, 8 << 30, true, rate), 54 << 20);
-        assert!(w.growth.settled);
-        assert_eq!(w.requests(&cfg), 8);
+        assert_eq!(r.read(8 << 30, true, None, rate), 63_700_992);
+        assert!(r.w.growth.settled);
+        assert_eq!(r.w.requests(&cfg), 8);
         let w = Window::new(&cfg);
-        assert_eq!((w.request_size(&cfg), w.requests(&cfg)), (2 << 20, 8));
+        assert_eq!((w.request_size(&cfg), w.requests(&cfg)), (1 << 20, 8));
+    }
+
+    #[test]
+    fn the_read_ahead_window_covers_the_links_delay_within_a_few_windows() {
+        let cfg = ReadConfig::default();
+        // GETs that take 50 ms to answer, on a link of 800 MB/s: a window of W bytes moves
+        // W per 50 ms, up to the link. Twice the bandwidth-delay product is 80 MB.
+        let delay = Duration::from_millis(50);
+        let link = |w: u64| (w as f64 / delay.as_secs_f64()).min(800e6);
+        let mut r = Reader::new(&cfg);
+        // Within 128 MiB, before the first trial could even be judged: each window's worth of
+        // reading doubles the window.
+        let raised = r.read(128 << 20, true, Some(delay), link);
+        assert!(raised >= 80_000_000, "{raised}");
+        // At the link's speed the floor stays at twice the product, and a step up is tried
+        // and undone.
+        assert_eq!(r.read(4 << 30, true, Some(delay), link), raised);
+        assert!(r.w.growth.settled);
+        // The same link without a measured delay: only trials grow the window, an epoch each.
+        let mut r = Reader::new(&cfg);
+        let slow = r.read(128 << 20, true, None, link);
+        assert!(slow < 16 << 20, "{slow}");
     }
 
     #[tokio::test]
