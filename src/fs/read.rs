@@ -112,10 +112,11 @@ impl Drop for Chunk {
 ///   after an epoch in which the reader waited, kept only if it pays. The first epoch, requests
 ///   still growing from `first_request`, is only the first measure to compare with.
 ///
-/// It starts at 8 MiB (8 requests of 1 MiB): on a loopback server that reads as fast as 16 MiB
-/// (measured, a 2 GiB cat: 229-269 against 234-256 MiB/s, at 40 against 47-48 MiB of peak RSS;
-/// 16 MiB had matched 32 MiB before), and a link with a long delay is raised from it within a
-/// few windows rather than epochs.
+/// It starts at 8 MiB (4 requests of 2 MiB): on a loopback server that reads as fast as 16 MiB
+/// (measured, a 2 GiB cat in alternate runs: 244-266 against 238-244 MiB/s, at 38-40 against
+/// 47-49 MiB of peak RSS; 16 MiB had matched 32 MiB before), and a link with a long delay is
+/// raised from it within a few windows rather than epochs (through a proxy adding 20 ms: 206
+/// against 191-197 MiB/s for 16 MiB, the window raised to 27-31 MiB).
 struct Window {
     growth: Growth,
     /// The round in progress (one window's worth of reading): its start and bytes so far.
@@ -131,6 +132,15 @@ struct Window {
 /// every reply (the proxy's own limit about 200 MiB/s): 2 products, 143-146 MiB/s at a window of
 /// 9-13 MiB; 4 products, 183-200 MiB/s at 23-38 MiB; a fixed 16 MiB, 174-199.
 const DELAYS_AHEAD: f64 = 4.0;
+
+/// The least size of a sequential reader's requests once they have grown from `first_request`.
+/// Each GET in flight also holds memory the budget does not count (its connection's buffers,
+/// up to about 400 KiB each, and the piece of body in hand), so smaller requests for the same
+/// memory mean more of it: 16 readers and 16 writers at `--max-memory 64M` peaked at 114-116
+/// MiB with 1 MiB requests against 101 with 2 MiB. An 8 MiB window of 4 requests of 2 MiB reads
+/// a 2 GiB file from a loopback server as fast as one of 8 of 1 MiB (214-234 against 221-248
+/// MiB/s in alternate runs).
+const STEADY_REQUEST: u64 = 2 << 20;
 
 /// Epochs are at least this long, so that one is long enough to measure (a quarter of a
 /// second at 500 MiB/s), and at least four windows.
@@ -149,9 +159,12 @@ impl Window {
     }
 
     /// The size of requests at this window: an eighth of it, so that several stream at once
-    /// (measured: 8 requests of 4 MiB go as fast as 8 of 8 MiB here, 4 of 8 MiB 7% slower).
+    /// (measured: 8 requests of 4 MiB go as fast as 8 of 8 MiB here, 4 of 8 MiB 7% slower), and
+    /// [`STEADY_REQUEST`] at least.
     fn request_size(&self, cfg: &ReadConfig) -> u64 {
-        (self.growth.size / 8).clamp(cfg.first_request, cfg.max_request)
+        (self.growth.size / 8)
+            .max(STEADY_REQUEST)
+            .clamp(cfg.first_request, cfg.max_request)
     }
 
     fn requests(&self, cfg: &ReadConfig) -> usize {
@@ -760,7 +773,7 @@ mod tests {
         assert!(r.w.growth.settled);
         assert_eq!(r.w.requests(&cfg), 8);
         let w = Window::new(&cfg);
-        assert_eq!((w.request_size(&cfg), w.requests(&cfg)), (1 << 20, 8));
+        assert_eq!((w.request_size(&cfg), w.requests(&cfg)), (2 << 20, 4));
     }
 
     #[test]
