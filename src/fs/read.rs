@@ -137,9 +137,10 @@ const DELAYS_AHEAD: f64 = 4.0;
 /// Each GET in flight also holds memory the budget does not count (its connection's buffers,
 /// up to about 400 KiB each, and the piece of body in hand), so smaller requests for the same
 /// memory mean more of it: 16 readers and 16 writers at `--max-memory 64M` peaked at 114-116
-/// MiB with 1 MiB requests against 101 with 2 MiB. An 8 MiB window of 4 requests of 2 MiB reads
-/// a 2 GiB file from a loopback server as fast as one of 8 of 1 MiB (214-234 against 221-248
-/// MiB/s in alternate runs).
+/// MiB with 1 MiB requests against 101 with 2 MiB (debug builds, whose program text alone is
+/// 18 MiB; the earlier 16 MiB windows of 2 MiB requests, 101-108). An 8 MiB window of 4
+/// requests of 2 MiB reads a 2 GiB file from a loopback server as fast as one of 8 of 1 MiB
+/// (214-234 against 221-248 MiB/s in alternate runs).
 const STEADY_REQUEST: u64 = 2 << 20;
 
 /// Epochs are at least this long, so that one is long enough to measure (a quarter of a
