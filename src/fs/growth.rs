@@ -22,11 +22,44 @@ pub(super) struct Growth {
     /// The size before the last growth, while the epoch that judges it runs.
     before: Option<u64>,
     pub settled: bool,
-    pub epoch_start: Instant,
-    epoch_bytes: u64,
-    waited: bool,
+    pub epoch: Span,
     /// Bytes per second at the current size.
     rate: f64,
+}
+
+/// A stretch of bytes moved, measured: when it began, how many so far, and whether the
+/// application waited for any of them.
+#[derive(Debug)]
+pub(super) struct Span {
+    pub start: Instant,
+    bytes: u64,
+    waited: bool,
+}
+
+impl Span {
+    pub fn new(start: Instant) -> Self {
+        Self {
+            start,
+            bytes: 0,
+            waited: false,
+        }
+    }
+
+    /// `n` bytes moved by `now`, the application having waited for some of them if `waited`.
+    /// Once the span holds `len` bytes it ends, and the next begins: its rate in bytes per
+    /// second, and whether the application waited during it.
+    pub fn moved(&mut self, n: u64, waited: bool, len: u64, now: Instant) -> Option<(f64, bool)> {
+        self.bytes += n;
+        self.waited |= waited;
+        if self.bytes < len {
+            return None;
+        }
+        let took = now.saturating_duration_since(self.start);
+        let rate = self.bytes as f64 / took.as_secs_f64().max(1e-6);
+        let waited = self.waited;
+        *self = Self::new(now);
+        Some((rate, waited))
+    }
 }
 
 /// What an epoch's end did to the size.
@@ -46,9 +79,7 @@ impl Growth {
             largest,
             before: None,
             settled: false,
-            epoch_start: Instant::now(),
-            epoch_bytes: 0,
-            waited: false,
+            epoch: Span::new(Instant::now()),
             rate: 0.0,
         }
     }
@@ -72,23 +103,16 @@ impl Growth {
         self.size = floor;
         self.before = None;
         self.rate = 0.0;
-        (self.epoch_start, self.epoch_bytes, self.waited) = (now, 0, false);
+        self.epoch = Span::new(now);
         true
     }
 
     /// `n` bytes moved, the application having waited for some of them if `waited`; an epoch
     /// is `epoch` bytes long.
     pub fn moved_at(&mut self, n: u64, waited: bool, epoch: u64, now: Instant) -> Change {
-        self.epoch_bytes += n;
-        self.waited |= waited;
-        if self.epoch_bytes < epoch {
+        let Some((rate, waited)) = self.epoch.moved(n, waited, epoch, now) else {
             return Change::Kept;
-        }
-        let took = now.saturating_duration_since(self.epoch_start);
-        let rate = self.epoch_bytes as f64 / took.as_secs_f64().max(1e-6);
-        let waited = std::mem::take(&mut self.waited);
-        self.epoch_bytes = 0;
-        self.epoch_start = now;
+        };
         if let Some(before) = self.before.take() {
             // This epoch ran at a grown size: it stays only if it paid.
             if rate < self.rate * GAIN {

@@ -33,9 +33,9 @@ use bytes::{Bytes, BytesMut};
 use tokio::task::JoinHandle;
 
 use super::error::{FsError, FsResult};
-use super::get::{fetch, fetch_into};
+use super::get::{fetch, fetch_into, FirstByteDelay};
 pub use super::get::{BlockCache, ReadConfig, ReadContext};
-use super::growth::{Change, Growth};
+use super::growth::{Change, Growth, Span};
 use super::local_copy::LocalCopy;
 use super::local_io;
 use super::memory::PartBuffer;
@@ -105,9 +105,9 @@ impl Drop for Chunk {
 /// Two measures raise it, up to `requests_ahead` of `max_request`:
 /// - the bandwidth-delay product: after each window's worth of reading in which the reader
 ///   waited, the window is at least [`DELAYS_AHEAD`] times the rate of that round times the
-///   least time to first byte of the mount's GETs
-///   ([`super::get::FirstByteDelay`]). On a link where the delay is what limits, each round
-///   raises the rate and so the next floor, until the link's bandwidth is covered;
+///   least time to first byte of the mount's GETs ([`FirstByteDelay`]). On a link where the
+///   delay is what limits, each round raises the rate and so the next floor, until the link's
+///   bandwidth is covered;
 /// - trials ([`Growth`], over epochs of four windows and 128 MiB at least): a step up by half
 ///   after an epoch in which the reader waited, kept only if it pays. The first epoch, requests
 ///   still growing from `first_request`, is only the first measure to compare with.
@@ -119,10 +119,9 @@ impl Drop for Chunk {
 /// against 191-197 MiB/s for 16 MiB, the window raised to 27-31 MiB).
 struct Window {
     growth: Growth,
-    /// The round in progress (one window's worth of reading): its start and bytes so far.
-    round_start: std::time::Instant,
-    round_bytes: u64,
-    round_waited: bool,
+    /// The round in progress: one window's worth of reading, after which the delay floor is
+    /// applied.
+    round: Span,
 }
 
 /// How many times the bandwidth-delay product a reader that waited keeps in flight. A request
@@ -152,9 +151,7 @@ impl Window {
         let largest = cfg.max_request * cfg.requests_ahead as u64;
         let growth = Growth::new(cfg.window_start, largest);
         Self {
-            round_start: growth.epoch_start,
-            round_bytes: 0,
-            round_waited: false,
+            round: Span::new(growth.epoch.start),
             growth,
         }
     }
@@ -172,17 +169,18 @@ impl Window {
         ((self.growth.size / self.request_size(cfg)) as usize).clamp(2, cfg.requests_ahead.max(2))
     }
 
-    /// `n` bytes were served to the reader, who had to wait for some of them if `waited`; GETs
-    /// take `delay` at least to start answering, if known.
-    fn served(&mut self, n: u64, waited: bool, delay: Option<std::time::Duration>) {
-        self.served_at(n, waited, delay, std::time::Instant::now());
+    /// `n` bytes were served to the reader, who had to wait for some of them if `waited`;
+    /// `delay` tells how long GETs take at least to start answering, if known (asked only at
+    /// the end of a round).
+    fn served(&mut self, n: u64, waited: bool, delay: &FirstByteDelay) {
+        self.served_at(n, waited, || delay.least(), std::time::Instant::now());
     }
 
     fn served_at(
         &mut self,
         n: u64,
         waited: bool,
-        delay: Option<std::time::Duration>,
+        delay: impl FnOnce() -> Option<std::time::Duration>,
         now: std::time::Instant,
     ) {
         let epoch = (4 * self.growth.size).max(EPOCH_MIN);
@@ -193,16 +191,10 @@ impl Window {
             Change::Grown(_) => tracing::debug!(window, "read-ahead window grown"),
             Change::Settled(_) => tracing::debug!(window, "read-ahead window settled"),
         }
-        self.round_bytes += n;
-        self.round_waited |= waited;
-        if self.round_bytes < window {
+        let Some((rate, true)) = self.round.moved(n, waited, window, now) else {
             return;
-        }
-        let took = now.saturating_duration_since(self.round_start);
-        let rate = self.round_bytes as f64 / took.as_secs_f64().max(1e-6);
-        (self.round_start, self.round_bytes) = (now, 0);
-        let waited = std::mem::take(&mut self.round_waited);
-        if let (true, Some(delay)) = (waited, delay) {
+        };
+        if let Some(delay) = delay() {
             let floor = (DELAYS_AHEAD * rate * delay.as_secs_f64()) as u64;
             if self.growth.raise_to(floor.next_multiple_of(1 << 20), now) {
                 let window = self.growth.size;
@@ -439,8 +431,7 @@ impl<C: ObjectClient> ReadHandle<C> {
             }
         }
         p.expected = p.expected.max(end);
-        p.window
-            .served(end - offset, waited, self.ctx.first_byte.least());
+        p.window.served(end - offset, waited, &self.ctx.first_byte);
         if self.local_copy().is_some() {
             // Another read switched the handle to a local copy while this one was served from
             // the window: every later read goes there, so the window's memory goes back now
@@ -722,7 +713,7 @@ mod tests {
     impl Reader {
         fn new(cfg: &ReadConfig) -> Self {
             let w = Window::new(cfg);
-            let now = w.growth.epoch_start;
+            let now = w.growth.epoch.start;
             Self { w, now }
         }
 
@@ -739,7 +730,7 @@ mod tests {
             while done < total {
                 let n = 1 << 20;
                 self.now += Duration::from_secs_f64(n as f64 / rate(self.w.growth.size));
-                self.w.served_at(n, waits, delay, self.now);
+                self.w.served_at(n, waits, || delay, self.now);
                 done += n;
             }
             self.w.growth.size

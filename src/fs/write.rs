@@ -2157,7 +2157,7 @@ mod tests {
         waits: bool,
         rate: impl Fn(usize) -> f64,
     ) -> usize {
-        let (mut now, mut size) = (u.growth.epoch_start, 0);
+        let (mut now, mut size) = (u.growth.epoch.start, 0);
         while size < total {
             now += Duration::from_secs_f64((1 << 20) as f64 / rate(u.now()));
             size += 1 << 20;
