@@ -154,7 +154,7 @@ pub struct Cli {
     #[arg(long, value_parser = parse_seconds, default_value = "1", value_name = "SECONDS")]
     pub metadata_ttl: Duration,
 
-    /// Memory for read-ahead and write buffers together, e.g. 256M or 1G.
+    /// Memory for read-ahead, write buffers and the connections of GETs together, e.g. 256M or 1G.
     #[arg(long, value_parser = parse_size, default_value = "256M", value_name = "SIZE")]
     pub max_memory: u64,
 

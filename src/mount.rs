@@ -243,6 +243,7 @@ fn plan_with(cli: Cli, client: &mut ClientConfig) -> Result<MountPlan, StartErro
     client.upload_checksums = cli.upload_checksums;
     client.expected_bucket_owner = cli.expected_bucket_owner.clone();
     client.max_idle_connections = 128;
+    client.max_read_connections = crate::fs::get::read_connections(cli.max_memory);
     client.retry.max_attempts = cli.retry_attempts;
     client.retry.max_elapsed = cli.retry_max_time;
     client.connect_timeout = cli.connect_timeout;

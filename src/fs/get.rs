@@ -14,6 +14,18 @@ use super::error::{from_client, FsError, FsResult};
 use super::memory::{MemoryBudget, PartBuffer};
 use crate::s3::ObjectClient;
 
+/// What one connection carrying GETs of file data holds besides the data: hyper reads a
+/// response into a buffer of its own that grows to about 408 KiB while a large body streams,
+/// and keeps it while the connection waits in the pool for its next request.
+pub const CONNECTION_MEMORY: u64 = 512 * 1024;
+
+/// How many GETs of file data run at once across the mount, and how many connections are kept
+/// for them: their buffers take one eighth of `--max-memory` (4 connections at least, 64 at
+/// most), which the budget for data leaves them.
+pub fn read_connections(max_memory: u64) -> usize {
+    (max_memory / 8 / CONNECTION_MEMORY).clamp(4, 64) as usize
+}
+
 #[derive(Debug, Clone)]
 pub struct ReadConfig {
     pub first_request: u64,
@@ -91,6 +103,9 @@ pub struct ReadContext<C> {
     pub disk: Option<Arc<DiskCache>>,
     /// How long GETs take to start answering, which read-ahead must cover.
     pub first_byte: Arc<FirstByteDelay>,
+    /// GETs of file data in flight across the mount ([`read_connections`] of them at most):
+    /// each holds a connection, and its buffers, that the budget counts only this way.
+    pub gets: Arc<tokio::sync::Semaphore>,
 }
 
 /// How long a GET takes to start answering (from the request to the response's headers): the
@@ -144,6 +159,7 @@ impl<C> Clone for ReadContext<C> {
             config: self.config.clone(),
             disk: self.disk.clone(),
             first_byte: self.first_byte.clone(),
+            gets: self.gets.clone(),
         }
     }
 }
@@ -166,7 +182,8 @@ pub(super) async fn fetch<C: ObjectClient>(
     fetch_into(ctx, key, etag, range, buffer).await
 }
 
-/// [`fetch`] into `buf`, a buffer of the budget for it.
+/// [`fetch`] into `buf`, a buffer of the budget for it, once one of the mount's GETs in flight
+/// is free; it is held until the body is in.
 pub(super) async fn fetch_into<C: ObjectClient>(
     ctx: &ReadContext<C>,
     key: &str,
@@ -176,6 +193,11 @@ pub(super) async fn fetch_into<C: ObjectClient>(
 ) -> FsResult<Bytes> {
     let len = range.end - range.start;
     let (range_start, range_end) = (range.start, range.end);
+    let _get = ctx
+        .gets
+        .acquire()
+        .await
+        .expect("the GETs' semaphore is never closed");
     let asked = Instant::now();
     let mut out = ctx
         .client

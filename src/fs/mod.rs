@@ -290,15 +290,23 @@ impl<C: ObjectClient> S3Filesystem<C> {
         if !config.prefix.is_empty() && !config.prefix.ends_with('/') {
             config.prefix.push('/');
         }
-        // One eighth of the memory for the random-read block cache, the rest for prefetch.
+        // One eighth of the memory for the random-read block cache, at most one eighth for the
+        // connections of GETs, the rest for prefetch and part buffers.
         let cache_blocks = (config.max_memory / 8 / config.read.block_size.max(1)) as usize;
+        let gets = get::read_connections(config.max_memory);
+        let connections = gets as u64 * get::CONNECTION_MEMORY;
         let read_ctx = ReadContext {
             client: client.clone(),
-            budget: Arc::new(MemoryBudget::new(config.max_memory - config.max_memory / 8)),
+            budget: Arc::new(MemoryBudget::new(
+                config
+                    .max_memory
+                    .saturating_sub(config.max_memory / 8 + connections),
+            )),
             blocks: Arc::new(BlockCache::new(cache_blocks)),
             config: config.read.clone(),
             disk: None,
             first_byte: Default::default(),
+            gets: Arc::new(tokio::sync::Semaphore::new(gets)),
         };
         let journal =
             config.journal_dir.clone().and_then(|dir| {

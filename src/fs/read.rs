@@ -611,6 +611,7 @@ mod tests {
             },
             disk: None,
             first_byte: Default::default(),
+            gets: Arc::new(tokio::sync::Semaphore::new(16)),
         };
         ReadHandle::new("k".into(), etag, size as u64, ctx)
     }
@@ -897,6 +898,36 @@ mod tests {
         let err = h.read(3_500_000, 10).await.unwrap_err();
         assert!(matches!(err, FsError::Stale), "{err:?}");
         assert_eq!(err.errno(), libc::ESTALE);
+    }
+
+    #[tokio::test]
+    async fn reads_wait_for_one_of_the_mounts_gets_in_flight() {
+        let mock = Arc::new(MockClient::new("b"));
+        let h = Arc::new(handle(mock.clone(), 1 << 20, 8 << 20));
+        // Every GET the mount may run at once is taken (by other readers).
+        let all = h.ctx.gets.clone().acquire_many_owned(16).await.unwrap();
+        let reader = {
+            let h = h.clone();
+            tokio::spawn(async move { h.read(0, 4096).await })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            !reader.is_finished(),
+            "a read sent a GET past the mount's limit"
+        );
+        assert_eq!(mock.count(Operation::GetObject), 0);
+        drop(all);
+        let got = tokio::time::timeout(Duration::from_secs(5), reader)
+            .await
+            .expect("the read goes on once a GET is free")
+            .unwrap()
+            .unwrap();
+        assert_eq!(got.to_vec(), expected(0, 4096, 1 << 20));
+        assert_eq!(
+            h.ctx.gets.available_permits(),
+            16,
+            "every GET gave its place back"
+        );
     }
 
     #[tokio::test]

@@ -92,6 +92,10 @@ pub struct ClientConfig {
     pub stall_timeout: Duration,
     /// Idle connections kept per host; at least the number of concurrent requests wanted.
     pub max_idle_connections: usize,
+    /// Idle connections kept for GetObject, which has a pool of its own: a connection that
+    /// streamed a large body keeps a read buffer of about 408 KiB (hyper's), so the mount
+    /// bounds how many of them there are, and counts them in its memory.
+    pub max_read_connections: usize,
     /// Trust roots and proxies.
     pub transport: TransportConfig,
     pub write: WriteDefaults,
@@ -116,6 +120,7 @@ impl ClientConfig {
             request_timeout: Duration::from_secs(10),
             stall_timeout: Duration::from_secs(5),
             max_idle_connections: 64,
+            max_read_connections: 64,
             transport: TransportConfig::default(),
             write: WriteDefaults::default(),
             request_payer: false,
@@ -343,6 +348,8 @@ pub const SLOW_ANSWER_FACTOR: u32 = 12;
 #[derive(Clone)]
 pub struct S3Client {
     http: reqwest::Client,
+    /// GetObject's connections (see [`ClientConfig::max_read_connections`]).
+    reads: reqwest::Client,
     cfg: Arc<ClientConfig>,
     /// What requests are signed with; `None` for anonymous requests.
     keys: Option<Arc<SharedCredentials>>,
@@ -366,17 +373,21 @@ impl std::fmt::Debug for S3Client {
 impl S3Client {
     pub fn new(cfg: ClientConfig) -> std::result::Result<Self, ConfigError> {
         let endpoint = Endpoint::resolve(&cfg)?;
-        let http = transport::builder(&cfg.transport)
-            .map_err(|e| ConfigError::Http(e.to_string()))?
-            .connect_timeout(cfg.connect_timeout)
-            .pool_max_idle_per_host(cfg.max_idle_connections)
-            .pool_idle_timeout(Duration::from_secs(50))
-            .tcp_nodelay(true)
-            .http1_only()
-            .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("s3mount/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| ConfigError::Http(e.to_string()))?;
+        let build = |idle| {
+            transport::builder(&cfg.transport)
+                .map_err(|e| ConfigError::Http(e.to_string()))?
+                .connect_timeout(cfg.connect_timeout)
+                .pool_max_idle_per_host(idle)
+                .pool_idle_timeout(Duration::from_secs(50))
+                .tcp_nodelay(true)
+                .http1_only()
+                .redirect(reqwest::redirect::Policy::none())
+                .user_agent(concat!("s3mount/", env!("CARGO_PKG_VERSION")))
+                .build()
+                .map_err(|e| ConfigError::Http(e.to_string()))
+        };
+        let http = build(cfg.max_idle_connections)?;
+        let reads = build(cfg.max_read_connections)?;
         let keys = match &cfg.auth {
             Auth::Signed(c) => Some(SharedCredentials::fixed(c.clone(), "the given keys")),
             Auth::Chain(shared) => Some(shared.clone()),
@@ -388,6 +399,7 @@ impl S3Client {
         };
         Ok(Self {
             http,
+            reads,
             keys,
             cfg: Arc::new(cfg),
             endpoint: Arc::new(endpoint),
@@ -716,7 +728,11 @@ impl S3Client {
             }
         }
 
-        let mut builder = self.http.request(req.method.clone(), url);
+        let http = match req.op {
+            Operation::GetObject => &self.reads,
+            _ => &self.http,
+        };
+        let mut builder = http.request(req.method.clone(), url);
         let body_len = req.body.as_ref().map_or(0, |b| b.data.len());
         map.insert(reqwest::header::CONTENT_LENGTH, HeaderValue::from(body_len));
         builder = builder.headers(map);
