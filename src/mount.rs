@@ -983,6 +983,7 @@ fn mount_and_serve(
     });
     // Deferred attribute changes of closed files (chmod, utimens) go to S3 shortly after.
     fs.start_deferred_store(rt.handle());
+    fs.start_memory_trim(rt.handle());
     fs.start_write_back(rt.handle());
     // Ends when the kernel lets go of the connection: an unmount, or after a detach, the
     // last open file closed.

@@ -10,9 +10,12 @@
 //! their reservations: mapping fresh memory costs a page fault per 4 KiB (measured: 1.6 CPU-s
 //! per 2 GiB written). They are given back at once whenever someone would otherwise wait, and
 //! kept only while at least half the budget is free: no request is ever larger than half the
-//! budget, so a waiter never waits on an idle buffer.
+//! budget, so a waiter never waits on an idle buffer. Idle buffers that nobody takes or gives
+//! back for [`IDLE_FOR`] are freed (see [`MemoryBudget::start_trim`]): a mount that has
+//! finished writing goes back to its idle size.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -21,13 +24,28 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 const UNIT: u64 = 64 * 1024;
 /// Idle part buffers kept for reuse.
 const IDLE_KEPT: usize = 4;
+/// How long idle part buffers are kept while none is taken or given back.
+pub const IDLE_FOR: std::time::Duration = std::time::Duration::from_secs(5);
 /// Alignment of part buffers (O_DIRECT).
 pub const BUFFER_ALIGN: usize = 4096;
 
 pub struct MemoryBudget {
     semaphore: Arc<Semaphore>,
     total_units: u32,
-    idle: Mutex<Vec<(Vec<u8>, Reservation)>>,
+    idle: Mutex<Idle>,
+}
+
+/// Part buffers kept for reuse, and when one was last taken or given back.
+struct Idle {
+    buffers: Vec<(Vec<u8>, Reservation)>,
+    used: Instant,
+}
+
+impl Idle {
+    fn touch(&mut self) -> &mut Vec<(Vec<u8>, Reservation)> {
+        self.used = Instant::now();
+        &mut self.buffers
+    }
 }
 
 /// Memory held until dropped.
@@ -47,8 +65,15 @@ impl MemoryBudget {
         Self {
             semaphore: Arc::new(Semaphore::new(units as usize)),
             total_units: units,
-            idle: Mutex::new(Vec::new()),
+            idle: Mutex::new(Idle {
+                buffers: Vec::new(),
+                used: Instant::now(),
+            }),
         }
+    }
+
+    fn idle(&self) -> MutexGuard<'_, Idle> {
+        self.idle.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn units_for(&self, bytes: u64) -> u32 {
@@ -78,8 +103,36 @@ impl MemoryBudget {
 
     /// Frees the idle part buffers (their memory goes back to the budget).
     pub fn release_idle(&self) {
-        let idle = std::mem::take(&mut *self.idle.lock().unwrap_or_else(|p| p.into_inner()));
+        let idle = std::mem::take(&mut self.idle().buffers);
         drop(idle);
+    }
+
+    /// Frees the idle part buffers if none was taken or given back for `unused`.
+    pub fn release_idle_unused_for(&self, unused: Duration) {
+        let idle = {
+            let mut idle = self.idle();
+            if idle.used.elapsed() < unused {
+                return;
+            }
+            std::mem::take(&mut idle.buffers)
+        };
+        drop(idle);
+    }
+
+    /// Frees idle part buffers left unused for [`IDLE_FOR`], from a task on `rt` that ends
+    /// with the budget.
+    pub fn start_trim(self: &Arc<Self>, rt: &tokio::runtime::Handle) {
+        let budget = Arc::downgrade(self);
+        rt.spawn(async move {
+            let mut tick = tokio::time::interval(IDLE_FOR);
+            loop {
+                tick.tick().await;
+                match budget.upgrade() {
+                    Some(b) => b.release_idle_unused_for(IDLE_FOR),
+                    None => return,
+                }
+            }
+        });
     }
 
     /// An empty part buffer of at least `capacity` bytes, aligned, with its memory reserved:
@@ -96,7 +149,8 @@ impl MemoryBudget {
     pub fn part_buffer_now(self: &Arc<Self>, capacity: usize) -> Option<PartBuffer> {
         let units = self.units_for(capacity as u64);
         let reused = {
-            let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+            let mut idle = self.idle();
+            let idle = idle.touch();
             idle.iter()
                 .position(|(b, r)| {
                     b.capacity() >= capacity + BUFFER_ALIGN
@@ -131,7 +185,8 @@ impl MemoryBudget {
     /// A buffer that is done with: kept idle if the budget has room to spare, else freed.
     fn give_back(&self, buf: Vec<u8>, memory: Reservation) {
         let spare = self.semaphore.available_permits() as u32 >= self.total_units / 2;
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let mut idle = self.idle();
+        let idle = idle.touch();
         if spare && idle.len() < IDLE_KEPT {
             idle.push((buf, memory));
         }
@@ -253,6 +308,23 @@ mod tests {
             .expect("the whole budget is usable");
         assert_eq!(budget.in_use_bytes(), 16 << 20);
         drop((big, more));
+    }
+
+    #[tokio::test]
+    async fn idle_buffers_go_once_unused_for_a_while() {
+        let budget = Arc::new(MemoryBudget::new(64 << 20));
+        drop(budget.part_buffer(8 << 20).await);
+        assert_eq!(budget.in_use_bytes(), 8 << 20, "kept idle");
+        budget.release_idle_unused_for(Duration::from_secs(3600));
+        assert_eq!(budget.in_use_bytes(), 8 << 20, "used just now: kept");
+        std::thread::sleep(Duration::from_millis(20));
+        // Asking for a buffer of another size touches the idle list too: still in use.
+        drop(budget.part_buffer(1 << 20).await);
+        budget.release_idle_unused_for(Duration::from_millis(15));
+        assert_eq!(budget.in_use_bytes(), 9 << 20);
+        std::thread::sleep(Duration::from_millis(20));
+        budget.release_idle_unused_for(Duration::from_millis(15));
+        assert_eq!(budget.in_use_bytes(), 0, "unused for long enough: freed");
     }
 
     #[tokio::test]

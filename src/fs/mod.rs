@@ -443,6 +443,11 @@ impl<C: ObjectClient> S3Filesystem<C> {
         self.read_ctx.budget.in_use_bytes()
     }
 
+    /// Part buffers kept for reuse are freed once unused for a few seconds.
+    pub fn start_memory_trim(&self, rt: &tokio::runtime::Handle) {
+        self.read_ctx.budget.start_trim(rt);
+    }
+
     pub fn ttl(&self) -> Duration {
         self.config.metadata_ttl
     }
