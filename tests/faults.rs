@@ -608,6 +608,55 @@ async fn sixteen_writers_and_sixteen_readers_stay_within_the_memory_cap() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn gets_in_flight_stay_within_the_connections_the_memory_cap_allows() {
+    let env = ServerEnv::main();
+    let c = std::sync::Arc::new(env.client());
+    let prefix = unique_prefix("gets");
+    let size = 8 << 20;
+    for i in 0..8 {
+        c.put_object(
+            &format!("{prefix}{i}.bin"),
+            PutBody::from(pattern(size, 300 + i)),
+            &ObjectAttributes::default(),
+        )
+        .await
+        .unwrap();
+    }
+    let proxy = FaultProxy::start(env.authority(), vec![]).await;
+    // docs/SEMANTICS.md: at 16M, the connections' share (2 MiB) allows 4 GETs of file data
+    // at once, whatever the readers want (8 readers start 8 GETs at once without the cap).
+    let m = mount(
+        &through(&proxy),
+        &format!("{}:{prefix}", env.bucket),
+        &["--max-memory", "16M"],
+    );
+    let readers: Vec<_> = (0..8u64)
+        .map(|i| {
+            let path = m.path().join(format!("{i}.bin"));
+            run(move || {
+                let mut got = Vec::new();
+                std::fs::File::open(&path)?.read_to_end(&mut got)?;
+                Ok::<_, std::io::Error>(got)
+            })
+        })
+        .collect();
+    for (i, r) in readers.into_iter().enumerate() {
+        let got = r
+            .wait(Duration::from_secs(120), &m)
+            .unwrap_or_else(|e| panic!("{e}\n{}", m.log()));
+        assert!(
+            got == pattern(size, 300 + i as u64),
+            "{i}.bin byte for byte"
+        );
+    }
+    let most = proxy.most_gets_at_once();
+    assert!(
+        (2..=4).contains(&most),
+        "{most} GETs at once through a mount allowed 4 (at least 2 show readers overlapped)"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn completed_uploads_leave_an_empty_journal_and_a_quick_next_mount() {
     let env = ServerEnv::main();
     let prefix = unique_prefix("journal");

@@ -157,6 +157,26 @@ struct Shared {
     down_until: Mutex<Option<Instant>>,
     /// Bumped by a restart: connections of an older generation are dropped.
     generation: tokio::sync::watch::Sender<u64>,
+    /// GetObject requests being served now, and the most at once so far.
+    gets: AtomicUsize,
+    most_gets: AtomicUsize,
+}
+
+/// Counts a GetObject as being served until dropped.
+struct Serving<'a>(&'a Shared);
+
+impl<'a> Serving<'a> {
+    fn start(s: &'a Shared) -> Self {
+        let now = s.gets.fetch_add(1, Ordering::SeqCst) + 1;
+        s.most_gets.fetch_max(now, Ordering::SeqCst);
+        Self(s)
+    }
+}
+
+impl Drop for Serving<'_> {
+    fn drop(&mut self) {
+        self.0.gets.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 pub struct FaultProxy {
@@ -180,6 +200,8 @@ impl FaultProxy {
             black_hole: AtomicBool::new(false),
             down_until: Mutex::new(None),
             generation: tokio::sync::watch::channel(0).0,
+            gets: AtomicUsize::new(0),
+            most_gets: AtomicUsize::new(0),
         });
         let s = shared.clone();
         let task = tokio::spawn(async move {
@@ -216,6 +238,12 @@ impl FaultProxy {
     /// Requests received so far, faulted or forwarded.
     pub fn requests_seen(&self) -> usize {
         self.shared.seen.load(Ordering::SeqCst)
+    }
+
+    /// The most GetObject requests served at once so far (from the request's head to the
+    /// last piece of the answer, before it is sent).
+    pub fn most_gets_at_once(&self) -> usize {
+        self.shared.most_gets.load(Ordering::SeqCst)
     }
 
     /// The faults injected so far, by name.
@@ -358,6 +386,7 @@ async fn serve(mut conn: TcpStream, s: &Shared) -> std::io::Result<()> {
         raw,
     };
     s.seen.fetch_add(1, Ordering::SeqCst);
+    let mut serving = Target::Get.matches(&head).then(|| Serving::start(s));
     // The whole request body is read before anything else, as a server would receive it.
     let mut body = early_body;
     let mut chunk = vec![0u8; 256 * 1024];
@@ -453,8 +482,15 @@ async fn serve(mut conn: TcpStream, s: &Shared) -> std::io::Result<()> {
             }
         }
         sent += piece.len() as u64;
+        if Some(sent) == body_len {
+            // Once this last piece is out, the client has the whole answer and may send its
+            // next request at once, while this task is still being scheduled: so the GET
+            // counts as served now, and the count never exceeds the client's GETs in flight.
+            serving = None;
+        }
         conn.write_all(&piece).await?;
     }
+    drop(serving);
     conn.shutdown().await
 }
 
