@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::disk_cache::DiskCache;
 use super::error::{from_client, FsError, FsResult};
@@ -24,6 +25,14 @@ pub const CONNECTION_MEMORY: u64 = 512 * 1024;
 /// most), which the budget for data leaves them.
 pub fn read_connections(max_memory: u64) -> usize {
     (max_memory / 8 / CONNECTION_MEMORY).clamp(4, 64) as usize
+}
+
+/// Waits for one of the mount's GETs of file data in flight (see [`read_connections`]).
+pub(super) async fn get_slot(gets: &Arc<Semaphore>) -> OwnedSemaphorePermit {
+    gets.clone()
+        .acquire_owned()
+        .await
+        .expect("the GETs' semaphore is never closed")
 }
 
 #[derive(Debug, Clone)]
@@ -105,7 +114,7 @@ pub struct ReadContext<C> {
     pub first_byte: Arc<FirstByteDelay>,
     /// GETs of file data in flight across the mount ([`read_connections`] of them at most):
     /// each holds a connection, and its buffers, that the budget counts only this way.
-    pub gets: Arc<tokio::sync::Semaphore>,
+    pub gets: Arc<Semaphore>,
 }
 
 /// How long a GET takes to start answering (from the request to the response's headers): the
@@ -179,25 +188,25 @@ pub(super) async fn fetch<C: ObjectClient>(
         .budget
         .part_buffer((range.end - range.start) as usize)
         .await;
-    fetch_into(ctx, key, etag, range, buffer).await
+    fetch_into(ctx, key, etag, range, buffer, None).await
 }
 
-/// [`fetch`] into `buf`, a buffer of the budget for it, once one of the mount's GETs in flight
-/// is free; it is held until the body is in.
+/// [`fetch`] into `buf`, a buffer of the budget for it, with `get`, one of the mount's GETs in
+/// flight (waited for if `None`), held until the body is in.
 pub(super) async fn fetch_into<C: ObjectClient>(
     ctx: &ReadContext<C>,
     key: &str,
     etag: &str,
     range: Range<u64>,
     mut buf: PartBuffer,
+    get: Option<OwnedSemaphorePermit>,
 ) -> FsResult<Bytes> {
     let len = range.end - range.start;
     let (range_start, range_end) = (range.start, range.end);
-    let _get = ctx
-        .gets
-        .acquire()
-        .await
-        .expect("the GETs' semaphore is never closed");
+    let _get = match get {
+        Some(get) => get,
+        None => get_slot(&ctx.gets).await,
+    };
     let asked = Instant::now();
     let mut out = ctx
         .client

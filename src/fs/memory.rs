@@ -24,8 +24,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 const UNIT: u64 = 64 * 1024;
 /// Idle part buffers kept for reuse.
 const IDLE_KEPT: usize = 4;
-/// How long idle part buffers are kept while none is taken or given back.
-pub const IDLE_FOR: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long idle part buffers are kept while none is taken or given back (checked every fifth
+/// of it, so they go within 6 s).
+pub const IDLE_FOR: Duration = Duration::from_secs(5);
 /// Alignment of part buffers (O_DIRECT).
 pub const BUFFER_ALIGN: usize = 4096;
 
@@ -107,11 +108,12 @@ impl MemoryBudget {
         drop(idle);
     }
 
-    /// Frees the idle part buffers if none was taken or given back for `unused`.
-    pub fn release_idle_unused_for(&self, unused: Duration) {
+    /// Frees the idle part buffers if, at `now`, none has been taken or given back for
+    /// `unused`.
+    pub fn release_idle_unused(&self, unused: Duration, now: Instant) {
         let idle = {
             let mut idle = self.idle();
-            if idle.used.elapsed() < unused {
+            if now.saturating_duration_since(idle.used) < unused {
                 return;
             }
             std::mem::take(&mut idle.buffers)
@@ -124,11 +126,11 @@ impl MemoryBudget {
     pub fn start_trim(self: &Arc<Self>, rt: &tokio::runtime::Handle) {
         let budget = Arc::downgrade(self);
         rt.spawn(async move {
-            let mut tick = tokio::time::interval(IDLE_FOR);
+            let mut tick = tokio::time::interval(IDLE_FOR / 5);
             loop {
                 tick.tick().await;
                 match budget.upgrade() {
-                    Some(b) => b.release_idle_unused_for(IDLE_FOR),
+                    Some(b) => b.release_idle_unused(IDLE_FOR, Instant::now()),
                     None => return,
                 }
             }
@@ -312,19 +314,21 @@ mod tests {
 
     #[tokio::test]
     async fn idle_buffers_go_once_unused_for_a_while() {
+        let hour = Duration::from_secs(3600);
         let budget = Arc::new(MemoryBudget::new(64 << 20));
         drop(budget.part_buffer(8 << 20).await);
         assert_eq!(budget.in_use_bytes(), 8 << 20, "kept idle");
-        budget.release_idle_unused_for(Duration::from_secs(3600));
+        budget.release_idle_unused(hour, Instant::now());
         assert_eq!(budget.in_use_bytes(), 8 << 20, "used just now: kept");
-        std::thread::sleep(Duration::from_millis(20));
-        // Asking for a buffer of another size touches the idle list too: still in use.
+        std::thread::sleep(Duration::from_millis(2));
+        let mid = Instant::now();
+        // Asking for a buffer of another size touches the idle list too: an hour after `mid`
+        // (less a millisecond) it has not been unused for an hour, though the first one was.
         drop(budget.part_buffer(1 << 20).await);
-        budget.release_idle_unused_for(Duration::from_millis(15));
+        budget.release_idle_unused(hour, mid + hour - Duration::from_millis(1));
         assert_eq!(budget.in_use_bytes(), 9 << 20);
-        std::thread::sleep(Duration::from_millis(20));
-        budget.release_idle_unused_for(Duration::from_millis(15));
-        assert_eq!(budget.in_use_bytes(), 0, "unused for long enough: freed");
+        budget.release_idle_unused(hour, Instant::now() + hour);
+        assert_eq!(budget.in_use_bytes(), 0, "unused for an hour: freed");
     }
 
     #[tokio::test]

@@ -323,6 +323,7 @@ impl<C: ObjectClient> S3Filesystem<C> {
             config: config.write.clone(),
             journal,
             budget: read_ctx.budget.clone(),
+            gets: read_ctx.gets.clone(),
             offline: Default::default(),
             spools: Default::default(),
         };

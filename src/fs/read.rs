@@ -133,9 +133,9 @@ struct Window {
 const DELAYS_AHEAD: f64 = 4.0;
 
 /// The least size of a sequential reader's requests once they have grown from `first_request`.
-/// Each GET in flight also holds memory the budget does not count (its connection's buffers,
-/// up to about 400 KiB each, and the piece of body in hand), so smaller requests for the same
-/// memory mean more of it: 16 readers and 16 writers at `--max-memory 64M` peaked at 114-116
+/// Each GET in flight also holds its connection's buffers (up to about 400 KiB, counted apart:
+/// see [`super::get::read_connections`]), so smaller requests for the same memory mean more of
+/// them: before that count, 16 readers and 16 writers at `--max-memory 64M` peaked at 114-116
 /// MiB with 1 MiB requests against 101 with 2 MiB (debug builds, whose program text alone is
 /// 18 MiB; the earlier 16 MiB windows of 2 MiB requests, 101-108). An 8 MiB window of 4
 /// requests of 2 MiB reads a 2 GiB file from a loopback server as fast as one of 8 of 1 MiB
@@ -406,7 +406,7 @@ impl<C: ObjectClient> ReadHandle<C> {
                 let has_memory = Arc::new(std::sync::atomic::AtomicBool::new(false));
                 p.chunks[index].has_memory = has_memory.clone();
                 p.chunks[index].data =
-                    ChunkData::Pending(self.spawn_fetch(range, None, has_memory));
+                    ChunkData::Pending(self.spawn_fetch(range, None, None, has_memory));
             }
             let chunk = &mut p.chunks[index];
             waited |= matches!(&chunk.data, ChunkData::Pending(task) if !task.is_finished());
@@ -473,6 +473,15 @@ impl<C: ObjectClient> ReadHandle<C> {
             }
             let range = next..end.min(self.size);
             let needed = range.start <= pos;
+            // Read-ahead goes only with a GET free now: it never queues for one in front of a
+            // chunk that a reader (this one or another) waits for.
+            let ahead_get = match needed {
+                true => None,
+                false => match self.ctx.gets.clone().try_acquire_owned() {
+                    Ok(get) => Some(get),
+                    Err(_) => break,
+                },
+            };
             let buffer = self
                 .ctx
                 .budget
@@ -480,11 +489,18 @@ impl<C: ObjectClient> ReadHandle<C> {
             if buffer.is_none() && !needed {
                 break; // no room to read ahead now; the reader's next read tries again
             }
+            // The chunk the reader needs takes a free GET now only with its memory in hand (a
+            // GET in flight waits on nothing but the network); else it waits for one after.
+            let get = ahead_get.or_else(|| {
+                buffer
+                    .as_ref()
+                    .and_then(|_| self.ctx.gets.clone().try_acquire_owned().ok())
+            });
             let waits = buffer.is_none();
             next = range.end;
             p.next_request = (p.next_request * 2).min(request_size);
             let has_memory = Arc::new(std::sync::atomic::AtomicBool::new(!waits));
-            let task = self.spawn_fetch(range.clone(), buffer, has_memory.clone());
+            let task = self.spawn_fetch(range.clone(), buffer, get, has_memory.clone());
             p.chunks.push_back(Chunk {
                 range,
                 data: ChunkData::Pending(task),
@@ -497,11 +513,13 @@ impl<C: ObjectClient> ReadHandle<C> {
         }
     }
 
-    /// Starts the GET of `range`, into `buffer` (or one it waits for).
+    /// Starts the GET of `range`, into `buffer` (or one it waits for), with `get` (or one it
+    /// waits for, once it has its buffer).
     fn spawn_fetch(
         &self,
         range: Range<u64>,
         buffer: Option<PartBuffer>,
+        get: Option<tokio::sync::OwnedSemaphorePermit>,
         has_memory: Arc<std::sync::atomic::AtomicBool>,
     ) -> Fetch {
         let ctx = self.ctx.clone();
@@ -521,7 +539,7 @@ impl<C: ObjectClient> ReadHandle<C> {
                 }
             };
             let start = range.start;
-            let data = fetch_into(&ctx, &key, &etag, range, buffer).await?;
+            let data = fetch_into(&ctx, &key, &etag, range, buffer, get).await?;
             ctx.keep(&key, &etag, size, start, &data);
             Ok(data)
         })
@@ -916,6 +934,11 @@ mod tests {
             "a read sent a GET past the mount's limit"
         );
         assert_eq!(mock.count(Operation::GetObject), 0);
+        assert_eq!(
+            h.ctx.budget.in_use_bytes(),
+            64 << 10,
+            "only the chunk read waits for a GET (with its memory); no read-ahead queues"
+        );
         drop(all);
         let got = tokio::time::timeout(Duration::from_secs(5), reader)
             .await

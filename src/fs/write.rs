@@ -716,6 +716,9 @@ pub struct WriteContext<C> {
     pub config: WriteConfig,
     pub journal: Option<Arc<UploadJournal>>,
     pub budget: Arc<MemoryBudget>,
+    /// The mount's GETs of file data in flight, shared with reads (see
+    /// [`super::get::read_connections`]): filling the spool from the stored object takes one.
+    pub gets: Arc<tokio::sync::Semaphore>,
     /// S3 cannot be reached (write-back's worker says so): parts are not sent while writing,
     /// only kept in the spool, so a writer never waits on an outage (the commit sends them).
     pub offline: Arc<std::sync::atomic::AtomicBool>,
@@ -730,6 +733,7 @@ impl<C> Clone for WriteContext<C> {
             config: self.config.clone(),
             journal: self.journal.clone(),
             budget: self.budget.clone(),
+            gets: self.gets.clone(),
             offline: self.offline.clone(),
             spools: self.spools.clone(),
         }
@@ -976,6 +980,7 @@ impl<C: ObjectClient> WriteHandle<C> {
             }
         }
         for m in missing {
+            let _get = super::get::get_slot(&self.ctx.gets).await;
             let mut out = self
                 .ctx
                 .client
@@ -2249,6 +2254,7 @@ mod tests {
             config: config(part),
             journal,
             budget: Arc::new(MemoryBudget::new(64 << 20)),
+            gets: Arc::new(tokio::sync::Semaphore::new(4)),
             offline: Default::default(),
             spools: Default::default(),
         }
