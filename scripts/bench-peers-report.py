@@ -62,7 +62,7 @@ WRITES = {
 }
 # Which s3mount a workload measures: write-back's own workload is its mode's.
 OURS = {"create-small-wb": "s3mount-wb"}
-DIRECT_ONLY = {"write", "read", "first-byte"}
+DIRECT_ONLY = {"write", "read", "first-byte", "read-par", "write-par"}
 # The VFS cache mode changes how rclone reads and writes file data, not how it lists.
 LISTINGS = {"ls", "find"}
 # rclone reads a file opened read-only the same way in both modes.
