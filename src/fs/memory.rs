@@ -104,8 +104,7 @@ impl MemoryBudget {
 
     /// Frees the idle part buffers (their memory goes back to the budget).
     pub fn release_idle(&self) {
-        let idle = std::mem::take(&mut self.idle().buffers);
-        drop(idle);
+        self.release_idle_unused(Duration::ZERO, Instant::now());
     }
 
     /// Frees the idle part buffers if, at `now`, none has been taken or given back for
