@@ -475,12 +475,13 @@ impl<C: ObjectClient> ReadHandle<C> {
             let needed = range.start <= pos;
             // Read-ahead goes only with a GET free now: it never queues for one in front of a
             // chunk that a reader (this one or another) waits for.
-            let ahead_get = match needed {
-                true => None,
-                false => match self.ctx.gets.clone().try_acquire_owned() {
+            let ahead_get = if needed {
+                None
+            } else {
+                match self.ctx.gets.clone().try_acquire_owned() {
                     Ok(get) => Some(get),
                     Err(_) => break,
-                },
+                }
             };
             let buffer = self
                 .ctx
