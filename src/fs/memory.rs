@@ -9,11 +9,12 @@
 //! spool, whichever ends last), never before. Idle part buffers, up to an eighth of the budget,
 //! are kept for reuse with their reservations: mapping fresh memory costs a page fault per 4
 //! KiB (measured: 1.6 CPU-s per 2 GiB written). They are given back at once whenever someone
-//! would otherwise wait or find no room, and kept only while at least half the budget is free:
-//! no request is ever larger than half the budget, so a waiter never waits on an idle buffer. Idle buffers that nobody takes or gives
+//! would otherwise wait or finds no room, and none is kept while anyone waits, so a waiter
+//! never waits on an idle buffer. Idle buffers that nobody takes or gives
 //! back for [`IDLE_FOR`] are freed (see [`MemoryBudget::start_trim`]): a mount that has
 //! finished writing goes back to its idle size.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -39,6 +40,24 @@ pub struct MemoryBudget {
     semaphore: Arc<Semaphore>,
     total_units: u32,
     idle: Mutex<Idle>,
+    /// Reservations waiting for room: while there are any, nothing is kept idle.
+    waiting: AtomicUsize,
+}
+
+/// Counts a waiting reservation while it lives (also when the wait is given up).
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn new(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::SeqCst);
+        Self(count)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// Part buffers kept for reuse, and when one was last taken or given back.
@@ -75,6 +94,7 @@ impl MemoryBudget {
                 buffers: Vec::new(),
                 used: Instant::now(),
             }),
+            waiting: AtomicUsize::new(0),
         }
     }
 
@@ -96,7 +116,10 @@ impl MemoryBudget {
         if let Ok(permit) = self.semaphore.clone().try_acquire_many_owned(units) {
             return Reservation { _permit: permit };
         }
-        // Before anyone waits, idle buffers give their memory back.
+        // Before anyone waits, idle buffers give their memory back, and none is kept while it
+        // waits: counted first, then released, both seen under the idle list's lock, so a
+        // buffer given back meanwhile is either released here or not kept (`give_back`).
+        let _waiting = Waiting::new(&self.waiting);
         self.release_idle();
         let permit = self
             .semaphore
@@ -195,24 +218,25 @@ impl MemoryBudget {
         }
     }
 
-    /// A buffer that is done with: kept idle if the budget has room to spare, else freed; the
+    /// A buffer that is done with: kept idle unless someone waits for room, else freed; the
     /// oldest idle buffers go while they hold more than their share.
     fn give_back(&self, buf: Vec<u8>, memory: Reservation) {
-        let spare = self.semaphore.available_permits() as u32 >= self.total_units / 2;
-        if !spare {
-            return;
-        }
+        // Whatever is freed is freed outside the lock.
         let freed = {
             let mut idle = self.idle();
             let idle = idle.touch();
-            idle.push((buf, memory));
-            let mut held: u32 = idle.iter().map(|(_, r)| r.units()).sum();
-            let mut over = 0;
-            while held > self.total_units / IDLE_SHARE && over < idle.len() {
-                held -= idle[over].1.units();
-                over += 1;
+            if self.waiting.load(Ordering::SeqCst) > 0 {
+                vec![(buf, memory)]
+            } else {
+                idle.push((buf, memory));
+                let mut held: u32 = idle.iter().map(|(_, r)| r.units()).sum();
+                let mut over = 0;
+                while held > self.total_units / IDLE_SHARE && over < idle.len() {
+                    held -= idle[over].1.units();
+                    over += 1;
+                }
+                idle.drain(..over).collect::<Vec<_>>()
             }
-            idle.drain(..over).collect::<Vec<_>>()
         };
         drop(freed);
     }
@@ -318,24 +342,31 @@ mod tests {
         let budget = Arc::new(MemoryBudget::new(32 << 20));
         let a = budget.part_buffer(4 << 20).await;
         let b = budget.part_buffer(4 << 20).await;
-        let c = budget.part_buffer(4 << 20).await;
-        let d = budget.part_buffer(4 << 20).await;
-        let e = budget.part_buffer(4 << 20).await;
-        drop(a); // given back: keeping it would leave less than half the budget free
-        assert_eq!(budget.in_use_bytes(), 16 << 20);
-        drop(b); // kept idle: half is free
-        assert_eq!(budget.in_use_bytes(), 16 << 20);
-        drop(c); // kept too, half being still free, and `b` goes: idle ones hold an eighth
-        assert_eq!(budget.in_use_bytes(), 12 << 20);
+        drop(a); // kept idle: nobody waits
+        assert_eq!(budget.in_use_bytes(), 8 << 20);
+        let big = budget.reserve(16 << 20).await;
+        assert_eq!(budget.in_use_bytes(), 24 << 20);
         // Someone wants more than is free without the idle buffer: it is given back.
-        let big = tokio::time::timeout(std::time::Duration::from_secs(1), budget.reserve(16 << 20))
+        let rest = tokio::time::timeout(Duration::from_secs(1), budget.reserve(12 << 20))
             .await
             .expect("not stuck behind an idle buffer");
-        let more = tokio::time::timeout(std::time::Duration::from_secs(1), budget.reserve(8 << 20))
-            .await
-            .expect("the whole budget is usable");
         assert_eq!(budget.in_use_bytes(), 32 << 20);
-        drop((big, more, d, e));
+        // The budget is spent; `b` given back while someone waits goes to the waiter.
+        let waiter = {
+            let budget = budget.clone();
+            tokio::spawn(async move { budget.reserve(4 << 20).await })
+        };
+        while budget.waiting.load(Ordering::SeqCst) == 0 {
+            tokio::task::yield_now().await;
+        }
+        drop(b);
+        let got = tokio::time::timeout(Duration::from_secs(1), waiter)
+            .await
+            .expect("the buffer given back went to the waiter, not to the idle list")
+            .unwrap();
+        assert_eq!(budget.in_use_bytes(), 32 << 20);
+        drop((big, rest, got));
+        assert_eq!(budget.waiting.load(Ordering::SeqCst), 0);
     }
 
     #[tokio::test]
