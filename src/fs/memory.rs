@@ -6,13 +6,13 @@
 //!
 //! **Part buffers** ([`PartBuffer`]) carry their reservation inside: the memory is given back
 //! when the last `Bytes` that shares the buffer is dropped (the upload, and the copy into the
-//! spool, whichever ends last), never before. Idle part buffers, up to an eighth of the budget,
-//! are kept for reuse with their reservations: mapping fresh memory costs a page fault per 4
-//! KiB (measured: 1.6 CPU-s per 2 GiB written). They are given back at once whenever someone
-//! would otherwise wait or finds no room, and none is kept while anyone waits, so a waiter
-//! never waits on an idle buffer. Idle buffers that nobody takes or gives
-//! back for [`IDLE_FOR`] are freed (see [`MemoryBudget::start_trim`]): a mount that has
-//! finished writing goes back to its idle size.
+//! spool, whichever ends last), never before. Idle part buffers (four, and more up to an
+//! eighth of the budget) are kept for reuse with their reservations: mapping fresh memory costs
+//! a page fault per 4 KiB (measured: 1.6 CPU-s per 2 GiB written). They are given back at once
+//! whenever someone would otherwise wait or finds no room (as many as make room), and none is
+//! kept while anyone waits, so a waiter never waits on an idle buffer. Idle buffers that nobody
+//! takes or gives back for [`IDLE_FOR`] are freed (see [`MemoryBudget::start_trim`]): a mount
+//! that has finished writing goes back to its idle size.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -23,13 +23,15 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// The budget is counted in units of this size.
 const UNIT: u64 = 64 * 1024;
-/// The share of the budget (1/8) that idle part buffers may hold, the oldest going first; one
-/// serves a request of its size down to half of it, with its reservation. As many as
-/// several readers or writers give back at once. Four buffers at most made four concurrent
-/// readers of 1 GiB each map fresh memory for most chunks: page faults and munmap took a fifth
-/// of the mount's CPU, 2.5 CPU-s per GiB against 1.5 with room for 16 (measured, 4 `cat`s of
-/// 1 GiB from a loopback server, 205-225 against 233-247 MiB/s).
+/// Idle part buffers hold at most this share of the budget (1/8), beyond [`IDLE_KEPT`] of
+/// them, the oldest going first: room for what several readers or writers give back at once.
+/// Four buffers at most made four concurrent readers of 1 GiB each map fresh memory for most of
+/// their 2 MiB chunks: page faults and munmap took a fifth of the mount's CPU, 2.5 CPU-s per
+/// GiB, against 1.5 with room for 12 chunks (the default 256M; measured, 4 `cat`s of 1 GiB from
+/// a loopback server, 205-225 against 233-247 MiB/s).
 const IDLE_SHARE: u32 = 8;
+/// Idle part buffers kept whatever their size, so that small budgets reuse buffers too.
+const IDLE_KEPT: usize = 4;
 /// How long idle part buffers are kept while none is taken or given back (checked every fifth
 /// of it, so they go within 6 s).
 pub const IDLE_FOR: Duration = Duration::from_secs(5);
@@ -103,8 +105,8 @@ impl MemoryBudget {
     }
 
     fn units_for(&self, bytes: u64) -> u32 {
-        // At most half the budget, so that two requests always fit and idle buffers are never
-        // waited on (see the module comment); a larger buffer overdraws by the difference.
+        // At most half the budget, so that two requests always fit; a larger buffer overdraws
+        // by the difference.
         bytes
             .div_ceil(UNIT)
             .clamp(1, (self.total_units as u64 / 2).max(1)) as u32
@@ -113,8 +115,8 @@ impl MemoryBudget {
     /// Waits until `bytes` fit in the budget.
     pub async fn reserve(&self, bytes: u64) -> Reservation {
         let units = self.units_for(bytes);
-        if let Ok(permit) = self.semaphore.clone().try_acquire_many_owned(units) {
-            return Reservation { _permit: permit };
+        if let Some(memory) = self.reserve_now(units) {
+            return memory;
         }
         // Before anyone waits, idle buffers give their memory back, and none is kept while it
         // waits: counted first, then released, both seen under the idle list's lock, so a
@@ -128,6 +130,32 @@ impl MemoryBudget {
             .await
             .expect("the budget's semaphore is never closed");
         Reservation { _permit: permit }
+    }
+
+    /// `units` of the budget now, freeing the oldest idle buffers if that makes room: idle
+    /// buffers of other sizes are worth less than room now.
+    fn reserve_now(&self, units: u32) -> Option<Reservation> {
+        let permit = self.semaphore.clone().try_acquire_many_owned(units);
+        if let Ok(permit) = permit {
+            return Some(Reservation { _permit: permit });
+        }
+        let freed = {
+            let mut idle = self.idle();
+            let short = units.saturating_sub(self.semaphore.available_permits() as u32);
+            let mut made = 0;
+            let mut take = 0;
+            while made < short && take < idle.buffers.len() {
+                made += idle.buffers[take].1.units();
+                take += 1;
+            }
+            if made < short {
+                return None;
+            }
+            idle.buffers.drain(..take).collect::<Vec<_>>()
+        };
+        drop(freed);
+        let permit = self.semaphore.clone().try_acquire_many_owned(units).ok()?;
+        Some(Reservation { _permit: permit })
     }
 
     /// Frees the idle part buffers (their memory goes back to the budget).
@@ -180,28 +208,24 @@ impl MemoryBudget {
         let reused = {
             let mut idle = self.idle();
             let idle = idle.touch();
+            // The smallest that fits, up to twice the size, holding at least its share.
             idle.iter()
-                .position(|(b, r)| {
+                .enumerate()
+                .filter(|(_, (b, r))| {
                     b.capacity() >= capacity + BUFFER_ALIGN
                         && b.capacity() <= 2 * capacity + BUFFER_ALIGN
                         && r.units() >= units
                 })
+                .min_by_key(|(_, (b, _))| b.capacity())
+                .map(|(i, _)| i)
                 .map(|i| idle.remove(i))
         };
         let (buf, memory) = match reused {
             Some(kept) => kept,
-            None => {
-                let permit = match self.semaphore.clone().try_acquire_many_owned(units) {
-                    Ok(p) => p,
-                    Err(_) => {
-                        // Idle buffers of other sizes are worth less than room now.
-                        self.release_idle();
-                        self.semaphore.clone().try_acquire_many_owned(units).ok()?
-                    }
-                };
-                let memory = Reservation { _permit: permit };
-                (Vec::with_capacity(capacity + BUFFER_ALIGN), memory)
-            }
+            None => (
+                Vec::with_capacity(capacity + BUFFER_ALIGN),
+                self.reserve_now(units)?,
+            ),
         };
         Some(self.buffer_with(buf, memory))
     }
@@ -218,8 +242,9 @@ impl MemoryBudget {
         }
     }
 
-    /// A buffer that is done with: kept idle unless someone waits for room, else freed; the
-    /// oldest idle buffers go while they hold more than their share.
+    /// A buffer that is done with: kept idle unless someone waits for room (then freed, and the
+    /// waiter maps a new one); the oldest idle buffers go while they hold more than their share
+    /// and there are more than [`IDLE_KEPT`].
     fn give_back(&self, buf: Vec<u8>, memory: Reservation) {
         // Whatever is freed is freed outside the lock.
         let freed = {
@@ -231,7 +256,7 @@ impl MemoryBudget {
                 idle.push((buf, memory));
                 let mut held: u32 = idle.iter().map(|(_, r)| r.units()).sum();
                 let mut over = 0;
-                while held > self.total_units / IDLE_SHARE && over < idle.len() {
+                while held > self.total_units / IDLE_SHARE && idle.len() - over > IDLE_KEPT {
                     held -= idle[over].1.units();
                     over += 1;
                 }
@@ -411,8 +436,29 @@ mod tests {
         let other = budget
             .part_buffer_now(8 << 20)
             .expect("the idle ones make room");
-        assert_eq!(budget.in_use_bytes(), 120 << 20);
+        assert_eq!(
+            budget.in_use_bytes(),
+            128 << 20,
+            "only the four oldest idle buffers went, as many as make room"
+        );
+        assert_eq!(budget.idle().buffers.len(), 4);
+        // No room even with every idle buffer gone: nothing is freed for nothing.
+        assert!(budget.part_buffer_now(16 << 20).is_none());
+        assert_eq!(budget.idle().buffers.len(), 4);
         drop((other, rest));
+    }
+
+    #[tokio::test]
+    async fn small_budgets_keep_a_few_buffers_larger_than_their_share() {
+        let budget = Arc::new(MemoryBudget::new(64 << 20));
+        let parts: Vec<_> = (0..5).map(|_| budget.part_buffer_now(8 << 20)).collect();
+        assert!(parts.iter().all(Option::is_some));
+        drop(parts);
+        assert_eq!(
+            budget.in_use_bytes(),
+            32 << 20,
+            "four kept, though over an eighth"
+        );
     }
 
     #[tokio::test]
