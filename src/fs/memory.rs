@@ -75,6 +75,18 @@ impl Idle {
     }
 }
 
+/// How many of the oldest `buffers` together hold `units` or more; `None` if all of them hold
+/// less.
+fn oldest_holding(buffers: &[(Vec<u8>, Reservation)], units: u32) -> Option<usize> {
+    let mut held = 0;
+    let mut count = 0;
+    while held < units {
+        held += buffers.get(count)?.1.units();
+        count += 1;
+    }
+    Some(count)
+}
+
 /// Memory held until dropped.
 pub struct Reservation {
     _permit: OwnedSemaphorePermit,
@@ -142,15 +154,7 @@ impl MemoryBudget {
         let freed = {
             let mut idle = self.idle();
             let short = units.saturating_sub(self.semaphore.available_permits() as u32);
-            let mut made = 0;
-            let mut take = 0;
-            while made < short && take < idle.buffers.len() {
-                made += idle.buffers[take].1.units();
-                take += 1;
-            }
-            if made < short {
-                return None;
-            }
+            let take = oldest_holding(&idle.buffers, short)?;
             idle.buffers.drain(..take).collect::<Vec<_>>()
         };
         drop(freed);
@@ -254,12 +258,10 @@ impl MemoryBudget {
                 vec![(buf, memory)]
             } else {
                 idle.push((buf, memory));
-                let mut held: u32 = idle.iter().map(|(_, r)| r.units()).sum();
-                let mut over = 0;
-                while held > self.total_units / IDLE_SHARE && idle.len() - over > IDLE_KEPT {
-                    held -= idle[over].1.units();
-                    over += 1;
-                }
+                let held: u32 = idle.iter().map(|(_, r)| r.units()).sum();
+                let over = oldest_holding(idle, held.saturating_sub(self.total_units / IDLE_SHARE))
+                    .unwrap_or(idle.len())
+                    .min(idle.len().saturating_sub(IDLE_KEPT));
                 idle.drain(..over).collect::<Vec<_>>()
             }
         };
